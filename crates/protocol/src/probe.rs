@@ -1,0 +1,212 @@
+//! The boot ABI of the intervm probe guest.
+//!
+//! The VMM loads the probe ELF, builds identity page tables and enters it in
+//! 64-bit mode at CPL0 (see `vmm_core::boot::probe`). Before the first
+//! instruction it fills a [`BootInfo`] page at [`BOOT_INFO_GPA`] that tells
+//! the probe which [`Workload`] to run. The probe writes its results back
+//! into the same page and powers off through the debug-exit port, so a test
+//! reads results from guest memory instead of parsing console text.
+
+/// Guest-physical address of the [`BootInfo`] page.
+pub const BOOT_INFO_GPA: u64 = 0x5000;
+
+/// `BootInfo::magic`: ASCII "IVMPROBE", little endian.
+pub const BOOT_INFO_MAGIC: u64 = u64::from_le_bytes(*b"IVMPROBE");
+
+/// Version of this layout; bumped on any incompatible change.
+pub const BOOT_INFO_VERSION: u32 = 1;
+
+/// Debug device port range base (see `vmm_core::devices::debug`).
+pub const DEBUG_PORT_BASE: u16 = 0x500;
+/// Offset of the scratch register inside the debug port range: a write
+/// stores the value, a read returns it. Used for exit round-trip timing.
+pub const DEBUG_SCRATCH_OFFSET: u16 = 0;
+/// Offset of the exit register: writing value `v` powers the VM off with
+/// exit code `v`.
+pub const DEBUG_EXIT_OFFSET: u16 = 4;
+/// Size of the debug port range.
+pub const DEBUG_PORT_LEN: u16 = 8;
+
+/// Exit code the probe uses for success.
+pub const EXIT_OK: u32 = 0;
+/// Exit code base for a fatal CPU exception: `EXIT_EXCEPTION_BASE + vector`.
+pub const EXIT_EXCEPTION_BASE: u32 = 0x100;
+/// Exit code for a workload failure; details are in `BootInfo::results`.
+pub const EXIT_FAILED: u32 = 0x200;
+/// Exit code for a `BootInfo` the probe does not understand.
+pub const EXIT_BAD_BOOT_INFO: u32 = 0x201;
+
+/// First interrupt vector the probe uses for device interrupts (MSI-X vector
+/// `n` of the device under test is programmed to IDT vector
+/// `IRQ_VECTOR_BASE + n`).
+pub const IRQ_VECTOR_BASE: u8 = 0x40;
+/// IDT vector used for INTx (routed through the IOAPIC).
+pub const INTX_VECTOR: u8 = 0x60;
+/// Spurious-interrupt vector programmed into the LAPIC SVR.
+pub const SPURIOUS_VECTOR: u8 = 0xff;
+
+/// What the probe should do after boot.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Workload {
+    /// Print a greeting (argument 0: a number to include) and exit 0.
+    Hello = 1,
+    /// Time port-I/O exits: `args[0]` iterations of `out` to the debug
+    /// scratch port at CPL3, then at CPL0. Results: [`results::PIO_CPL3_CYCLES`],
+    /// [`results::PIO_CPL0_CYCLES`], [`results::PIO_ITERATIONS`].
+    PioRoundTrip = 2,
+    /// Enumerate PCI bus 0 and size every BAR; see [`results::PCI_COUNT`].
+    PciScan = 3,
+    /// Find the device `args[0]` (vendor << 16 | device), enable MSI-X with
+    /// `args[1]` vectors, set state [`State::Ready`], wait until
+    /// `args[2]` interrupts arrived on vector 0 (by `hlt` at CPL0), then exit.
+    MsixWait = 4,
+    /// Find the device `args[0]`, route its INTx through the IOAPIC, set
+    /// state [`State::Ready`], and wait for `args[2]` interrupts.
+    IntxWait = 5,
+    /// Find the device `args[0]`, move its BAR `args[1]` to address
+    /// `args[2]`, and check the pattern `args[3]` (a u64) that the host put
+    /// at offset 0 of the BAR's backing memory is visible there.
+    BarMove = 6,
+    /// Raise the CPU exception given in `args[0]` at CPL3 (6 = #UD is a
+    /// service call and therefore not allowed; 14 = page fault via a
+    /// non-canonical access, 13 = #GP via `cli`... see the probe source).
+    Fault = 7,
+}
+
+impl Workload {
+    /// Decodes a raw workload number.
+    pub fn from_u32(v: u32) -> Option<Self> {
+        Some(match v {
+            1 => Self::Hello,
+            2 => Self::PioRoundTrip,
+            3 => Self::PciScan,
+            4 => Self::MsixWait,
+            5 => Self::IntxWait,
+            6 => Self::BarMove,
+            7 => Self::Fault,
+            _ => return None,
+        })
+    }
+}
+
+/// Progress of the probe, in `BootInfo::state`, for a host that waits for
+/// the guest to reach a point (for example before sending interrupts).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum State {
+    /// Written by the VMM before boot.
+    Booting = 0,
+    /// The probe reached CPL3 and is running its workload.
+    Running = 1,
+    /// The workload is ready for the host's part (e.g. interrupts enabled).
+    Ready = 2,
+    /// The workload finished; results are final.
+    Done = 3,
+}
+
+/// Number of 64-bit argument slots.
+pub const ARG_SLOTS: usize = 16;
+/// Number of 64-bit result slots.
+pub const RESULT_SLOTS: usize = 256;
+
+/// Indices into `BootInfo::results`.
+pub mod results {
+    /// TSC cycles for all CPL3 iterations of the PIO loop.
+    pub const PIO_CPL3_CYCLES: usize = 0;
+    /// TSC cycles for all CPL0 iterations of the PIO loop.
+    pub const PIO_CPL0_CYCLES: usize = 1;
+    /// Iterations run at each level.
+    pub const PIO_ITERATIONS: usize = 2;
+
+    /// Number of PCI functions found on bus 0.
+    pub const PCI_COUNT: usize = 0;
+    /// First per-function record; each is [`PCI_RECORD_LEN`] slots:
+    /// `bdf`, `vendor << 16 | device`, `class << 8 | header type`, then
+    /// six BAR sizes (0 = unimplemented), then the capability-ID bitmap
+    /// (bit n set = capability n present).
+    pub const PCI_FIRST: usize = 1;
+    /// Slots per PCI function record.
+    pub const PCI_RECORD_LEN: usize = 10;
+    /// Most functions recorded.
+    pub const PCI_MAX: usize = 24;
+
+    /// Interrupts counted on the watched vector.
+    pub const IRQ_COUNT: usize = 0;
+    /// TSC when the probe declared itself ready.
+    pub const IRQ_READY_TSC: usize = 1;
+    /// TSC when the last interrupt was seen at CPL3.
+    pub const IRQ_DONE_TSC: usize = 2;
+
+    /// 1 when the pattern was found at the moved BAR.
+    pub const BAR_MOVE_OK: usize = 0;
+    /// The value read at the new address.
+    pub const BAR_MOVE_SEEN: usize = 1;
+
+    /// Exception vector recorded by the probe's fault handler.
+    pub const FAULT_VECTOR: usize = 250;
+    /// Error code pushed by the CPU for the fault.
+    pub const FAULT_ERROR: usize = 251;
+    /// Faulting RIP.
+    pub const FAULT_RIP: usize = 252;
+    /// CR2 is not read (CPL0 cost); slot reserved.
+    pub const FAULT_CR2: usize = 253;
+    /// A code naming which check failed, for `EXIT_FAILED`.
+    pub const FAIL_REASON: usize = 254;
+    /// Detail for `FAIL_REASON`.
+    pub const FAIL_DETAIL: usize = 255;
+}
+
+/// The boot-info page shared by VMM and probe. `#[repr(C)]`, little endian,
+/// fits in one 4 KiB page.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct BootInfo {
+    /// [`BOOT_INFO_MAGIC`].
+    pub magic: u64,
+    /// [`BOOT_INFO_VERSION`].
+    pub version: u32,
+    /// A [`Workload`] as `u32`.
+    pub workload: u32,
+    /// Guest RAM size in bytes.
+    pub mem_size: u64,
+    /// TSC frequency in kHz as KVM reports it (0 if unknown).
+    pub tsc_khz: u64,
+    /// A [`State`] as `u32`, updated by the probe.
+    pub state: u32,
+    /// Number of vCPUs.
+    pub vcpus: u32,
+    /// Workload arguments.
+    pub args: [u64; ARG_SLOTS],
+    /// Workload results, written by the probe.
+    pub results: [u64; RESULT_SLOTS],
+}
+
+impl BootInfo {
+    /// A boot-info page for `workload` with the given arguments.
+    pub const fn new(workload: Workload, mem_size: u64, vcpus: u32) -> Self {
+        Self {
+            magic: BOOT_INFO_MAGIC,
+            version: BOOT_INFO_VERSION,
+            workload: workload as u32,
+            mem_size,
+            tsc_khz: 0,
+            state: State::Booting as u32,
+            vcpus,
+            args: [0; ARG_SLOTS],
+            results: [0; RESULT_SLOTS],
+        }
+    }
+
+    /// Byte offset of `state`, for hosts that poll it in guest memory.
+    pub const STATE_OFFSET: usize = core::mem::offset_of!(BootInfo, state);
+    /// Byte offset of `results`.
+    pub const RESULTS_OFFSET: usize = core::mem::offset_of!(BootInfo, results);
+}
+
+const _: () = assert!(core::mem::size_of::<BootInfo>() <= 4096);
+
+/// PCI vendor ID of the ivshmem device family (Red Hat / Qumranet).
+pub const IVSHMEM_VENDOR: u16 = 0x1af4;
+/// PCI device ID of ivshmem.
+pub const IVSHMEM_DEVICE: u16 = 0x1110;

@@ -1,0 +1,60 @@
+//! CPL3 helpers: port I/O, MMIO, TSC and service calls into the CPL0 part.
+
+use core::arch::asm;
+
+/// `out` of one byte.
+pub fn outb(port: u16, v: u8) {
+    // SAFETY: port I/O has no memory effects; the VMM owns every port.
+    unsafe { asm!("out dx, al", in("dx") port, in("al") v, options(nostack, preserves_flags)) }
+}
+
+/// `out` of a dword.
+pub fn outl(port: u16, v: u32) {
+    // SAFETY: as for `outb`.
+    unsafe { asm!("out dx, eax", in("dx") port, in("eax") v, options(nostack, preserves_flags)) }
+}
+
+/// `in` of a dword.
+pub fn inl(port: u16) -> u32 {
+    let v: u32;
+    // SAFETY: as for `outb`.
+    unsafe { asm!("in eax, dx", in("dx") port, out("eax") v, options(nostack, preserves_flags)) }
+    v
+}
+
+/// Reads the time-stamp counter.
+pub fn rdtsc() -> u64 {
+    let (lo, hi): (u32, u32);
+    // SAFETY: rdtsc only reads a counter (CR4.TSD is clear).
+    unsafe { asm!("lfence", "rdtsc", out("eax") lo, out("edx") hi, options(nostack)) }
+    ((hi as u64) << 32) | lo as u64
+}
+
+/// Volatile 32-bit MMIO write.
+pub fn mmio_write32(addr: u64, v: u32) {
+    // SAFETY: as for `mmio_read32`.
+    unsafe { core::ptr::write_volatile(addr as *mut u32, v) }
+}
+
+/// Volatile 64-bit memory read.
+pub fn read64(addr: u64) -> u64 {
+    // SAFETY: as for `mmio_read32`.
+    unsafe { core::ptr::read_volatile(addr as *const u64) }
+}
+
+/// Service 0: sleep at CPL0 with interrupts enabled until an interrupt
+/// arrives, unless `*counter != seen` already (checked with IF=0, so no
+/// wake-up is lost).
+pub fn wait_for_interrupt(counter: &core::sync::atomic::AtomicU64, seen: u64) {
+    // SAFETY: `ud2` traps to the probe's #UD handler, which implements the
+    // service and returns after the instruction; it preserves all registers.
+    unsafe {
+        asm!("ud2", in("rax") 0u64, in("rdi") counter.as_ptr(), in("rsi") seen, options(nostack))
+    }
+}
+
+/// Service 1: `count` iterations of `out dx, eax` to `port` at CPL0.
+pub fn pio_loop_cpl0(count: u64, port: u16) {
+    // SAFETY: as for `wait_for_interrupt`.
+    unsafe { asm!("ud2", in("rax") 1u64, in("rdi") count, in("rsi") port as u64, options(nostack)) }
+}

@@ -1,0 +1,235 @@
+//! The intervm probe guest.
+//!
+//! A bare-metal x86-64 program that the intervm VMM boots for fast tests and
+//! benchmarks. Its CPL0 part ([`cpl0`]) only sets up descriptor tables and
+//! interrupt entry; everything else runs at CPL3, where PVM executes guest
+//! code natively. The VMM tells it what to do through the boot-info page
+//! (`intervm_protocol::probe`), and it answers in the same page.
+#![no_std]
+#![no_main]
+
+mod arch;
+mod console;
+mod cpl0;
+mod mem;
+mod pci;
+
+use core::sync::atomic::Ordering;
+use intervm_protocol::probe::{
+    results, BootInfo, State, Workload, BOOT_INFO_GPA, BOOT_INFO_MAGIC, BOOT_INFO_VERSION,
+    DEBUG_EXIT_OFFSET, DEBUG_PORT_BASE, DEBUG_SCRATCH_OFFSET, EXIT_BAD_BOOT_INFO, EXIT_FAILED,
+    EXIT_OK, INTX_VECTOR, IRQ_VECTOR_BASE,
+};
+
+fn info() -> *mut BootInfo {
+    BOOT_INFO_GPA as *mut BootInfo
+}
+
+fn arg(i: usize) -> u64 {
+    // SAFETY: the boot-info page is identity mapped and owned by the probe.
+    unsafe { core::ptr::read_volatile(&(*info()).args[i]) }
+}
+
+fn set_result(i: usize, v: u64) {
+    // SAFETY: as for `arg`; volatile because the host may read it live.
+    unsafe { core::ptr::write_volatile(&mut (*info()).results[i], v) }
+}
+
+fn set_state(s: State) {
+    core::sync::atomic::fence(Ordering::SeqCst);
+    // SAFETY: as for `set_result`.
+    unsafe { core::ptr::write_volatile(&mut (*info()).state, s as u32) }
+}
+
+/// Powers off through the debug port with `code`.
+fn exit(code: u32) -> ! {
+    arch::outl(DEBUG_PORT_BASE + DEBUG_EXIT_OFFSET, code);
+    // The VMM stops this vCPU at the write above; never reached.
+    loop {
+        core::hint::spin_loop();
+    }
+}
+
+fn fail(reason: u64, detail: u64) -> u32 {
+    set_result(results::FAIL_REASON, reason);
+    set_result(results::FAIL_DETAIL, detail);
+    println!("probe: FAILED reason={} detail={:#x}", reason, detail);
+    EXIT_FAILED
+}
+
+/// CPL3 entry, reached by `iretq` from [`cpl0`].
+#[no_mangle]
+extern "C" fn probe_main() -> ! {
+    // SAFETY: fixed boot-info address, written by the VMM before boot.
+    let (magic, version, workload) = unsafe {
+        let p = info();
+        (
+            core::ptr::read_volatile(&(*p).magic),
+            core::ptr::read_volatile(&(*p).version),
+            core::ptr::read_volatile(&(*p).workload),
+        )
+    };
+    if magic != BOOT_INFO_MAGIC || version != BOOT_INFO_VERSION {
+        println!("probe: bad boot info (magic {:#x}, version {})", magic, version);
+        exit(EXIT_BAD_BOOT_INFO);
+    }
+    set_state(State::Running);
+    let code = match Workload::from_u32(workload) {
+        Some(Workload::Hello) => hello(),
+        Some(Workload::PioRoundTrip) => pio_round_trip(),
+        Some(Workload::PciScan) => pci_scan(),
+        Some(Workload::MsixWait) => irq_wait(true),
+        Some(Workload::IntxWait) => irq_wait(false),
+        Some(Workload::BarMove) => bar_move(),
+        Some(Workload::Fault) => fault(),
+        None => {
+            println!("probe: unknown workload {}", workload);
+            EXIT_BAD_BOOT_INFO
+        }
+    };
+    set_state(State::Done);
+    exit(code)
+}
+
+fn hello() -> u32 {
+    println!("intervm probe: hello from CPL3, tag {}", arg(0));
+    EXIT_OK
+}
+
+fn pio_round_trip() -> u32 {
+    let n = arg(0);
+    let port = DEBUG_PORT_BASE + DEBUG_SCRATCH_OFFSET;
+    let t0 = arch::rdtsc();
+    for i in 0..n {
+        arch::outl(port, i as u32);
+    }
+    let t1 = arch::rdtsc();
+    arch::pio_loop_cpl0(n, port);
+    let t2 = arch::rdtsc();
+    set_result(results::PIO_ITERATIONS, n);
+    set_result(results::PIO_CPL3_CYCLES, t1 - t0);
+    set_result(results::PIO_CPL0_CYCLES, t2 - t1);
+    EXIT_OK
+}
+
+fn pci_scan() -> u32 {
+    let mut count = 0usize;
+    pci::for_each(|b| {
+        if count >= results::PCI_MAX {
+            return;
+        }
+        let base = results::PCI_FIRST + count * results::PCI_RECORD_LEN;
+        set_result(base, b.raw() as u64);
+        set_result(base + 1, b.id().unwrap_or(0) as u64);
+        let class = b.read(0x08) >> 8;
+        let htype = (b.read(0x0c) >> 16) & 0xff;
+        set_result(base + 2, ((class as u64) << 8) | htype as u64);
+        if htype & 0x7f == 0 {
+            let mut i = 0u8;
+            while i < 6 {
+                let bar = pci::size_bar(b, i);
+                set_result(base + 3 + i as usize, bar.size);
+                i += if bar.is64 { 2 } else { 1 };
+            }
+        }
+        set_result(base + 9, pci::cap_bitmap(b));
+        println!("probe: pci 00:{:02x}.{} id {:08x} class {:06x}", b.0, b.1, b.id().unwrap_or(0), class);
+        count += 1;
+    });
+    set_result(results::PCI_COUNT, count as u64);
+    EXIT_OK
+}
+
+const IOAPIC: u64 = 0xfec0_0000;
+
+fn ioapic_write(reg: u32, v: u32) {
+    arch::mmio_write32(IOAPIC, reg);
+    arch::mmio_write32(IOAPIC + 0x10, v);
+}
+
+fn irq_wait(msix: bool) -> u32 {
+    let Some(dev) = pci::find(arg(0) as u32) else {
+        return fail(1, arg(0));
+    };
+    let vector = if msix {
+        if pci::enable_msix(dev, arg(1).max(1) as u32, IRQ_VECTOR_BASE).is_none() {
+            return fail(2, 0);
+        }
+        IRQ_VECTOR_BASE
+    } else {
+        let pin = dev.read(0x3c) & 0xff;
+        if pin >= 24 {
+            return fail(3, pin as u64);
+        }
+        // Level triggered, active high, fixed delivery to APIC 0.
+        ioapic_write(0x10 + 2 * pin, INTX_VECTOR as u32 | (1 << 15));
+        ioapic_write(0x11 + 2 * pin, 0);
+        dev.write(0x04, (dev.read(0x04) & 0xffff & !0x400) | 0x6);
+        INTX_VECTOR
+    };
+    let counter = &cpl0::PROBE_IRQ_COUNTS[vector as usize];
+    let want = arg(2);
+    set_result(results::IRQ_READY_TSC, arch::rdtsc());
+    set_state(State::Ready);
+    loop {
+        let seen = counter.load(Ordering::SeqCst);
+        set_result(results::IRQ_COUNT, seen);
+        if seen >= want {
+            break;
+        }
+        arch::wait_for_interrupt(counter, seen);
+    }
+    set_result(results::IRQ_DONE_TSC, arch::rdtsc());
+    println!("probe: {} interrupts on vector {:#x}", counter.load(Ordering::SeqCst), vector);
+    EXIT_OK
+}
+
+fn bar_move() -> u32 {
+    let Some(dev) = pci::find(arg(0) as u32) else {
+        return fail(1, arg(0));
+    };
+    let i = arg(1) as u8;
+    let new = arg(2);
+    let reg = 0x10 + 4 * i;
+    let cmd = dev.read(0x04);
+    dev.write(0x04, cmd & !0x3);
+    let lo = dev.read(reg);
+    dev.write(reg, (new as u32 & !0xf) | (lo & 0xf));
+    if (lo >> 1) & 3 == 2 {
+        dev.write(reg + 4, (new >> 32) as u32);
+    }
+    dev.write(0x04, cmd | 0x2);
+    let seen = arch::read64(new);
+    set_result(results::BAR_MOVE_SEEN, seen);
+    set_result(results::BAR_MOVE_OK, (seen == arg(3)) as u64);
+    println!("probe: BAR{} now at {:#x}, read {:#x}", i, pci::bar_addr(dev, i), seen);
+    if seen == arg(3) {
+        EXIT_OK
+    } else {
+        fail(4, seen)
+    }
+}
+
+fn fault() -> u32 {
+    match arg(0) {
+        // SAFETY (all arms): deliberately faulting instructions; the CPL0
+        // handler records the exception and powers off.
+        0 => unsafe { core::arch::asm!("xor edx, edx", "xor eax, eax", "div rcx", in("rcx") 0u64, out("rdx") _, out("rax") _) },
+        13 => unsafe { core::arch::asm!("mov qword ptr [rax], 0", in("rax") 0x8000_0000_0000_0000u64) },
+        14 => unsafe { core::arch::asm!("mov qword ptr [rax], 0", in("rax") 0x7f_0000_0000u64) },
+        _ => return fail(5, arg(0)),
+    }
+    fail(6, arg(0))
+}
+
+/// libcore's precompiled unwinding tables name this symbol even though the
+/// probe is built with `panic = "abort"`; it is never called.
+#[no_mangle]
+extern "C" fn rust_eh_personality() {}
+
+#[panic_handler]
+fn panic(p: &core::panic::PanicInfo) -> ! {
+    println!("probe: panic: {}", p);
+    set_result(results::FAIL_REASON, 0xdead);
+    exit(EXIT_FAILED)
+}
