@@ -28,7 +28,10 @@ fn main() {
     let out = PathBuf::from(env::var("OUT_DIR").expect("OUT_DIR"));
     watch(&probe);
     watch(&root.join("crates/protocol/src"));
-    println!("cargo:rerun-if-changed={}", root.join("crates/protocol/Cargo.toml").display());
+    println!(
+        "cargo:rerun-if-changed={}",
+        root.join("crates/protocol/Cargo.toml").display()
+    );
 
     let cargo = env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = Command::new(cargo);
@@ -38,7 +41,11 @@ fn main() {
     // Do not leak the outer build's settings (clippy wrappers, flags, target
     // dir) into the guest build; the guest has its own .cargo/config.toml.
     for (k, _) in env::vars() {
-        if (k.starts_with("CARGO_") && k != "CARGO_HOME") || k.starts_with("RUSTC") || k == "RUSTFLAGS" || k == "RUSTDOCFLAGS" {
+        if (k.starts_with("CARGO_") && k != "CARGO_HOME")
+            || k.starts_with("RUSTC")
+            || k == "RUSTFLAGS"
+            || k == "RUSTDOCFLAGS"
+        {
             cmd.env_remove(&k);
         }
     }

@@ -17,7 +17,11 @@ mod tests {
     fn is_a_static_x86_64_elf_loaded_at_one_mib() {
         assert_eq!(&PROBE_ELF[..4], b"\x7fELF");
         assert_eq!(PROBE_ELF[4], 2, "ELFCLASS64");
-        assert_eq!(u16::from_le_bytes([PROBE_ELF[18], PROBE_ELF[19]]), 62, "EM_X86_64");
+        assert_eq!(
+            u16::from_le_bytes([PROBE_ELF[18], PROBE_ELF[19]]),
+            62,
+            "EM_X86_64"
+        );
         let entry = u64::from_le_bytes(PROBE_ELF[24..32].try_into().unwrap());
         assert_eq!(entry, 0x10_0000);
     }

@@ -3,8 +3,9 @@
 //! On PVM every CPL0 instruction is emulated (~0.75 µs each), so this file
 //! does the minimum at CPL0: load a GDT with user segments and a TSS, build
 //! the IDT, software-enable the LAPIC, and `iretq` to [`crate::probe_main`]
-//! at CPL3 with IF=1 and IOPL=3 (PVM forces IOPL to 0, where `in`/`out`
-//! still reach the VMM).
+//! at CPL3 with IF=1 and IOPL=3. PVM forces IOPL to 0; there `in`/`out` at
+//! CPL3 reach the VMM only if the TSS I/O permission bitmap allows the port,
+//! so the TSS carries a bitmap that allows all of them.
 //!
 //! Interrupt and exception entry:
 //! - vectors >= 32: count in `PROBE_IRQ_COUNTS[vector]`, EOI, return;
@@ -58,7 +59,7 @@ _start:
     and rcx, 0xff
     shl rcx, 56
     or rdx, rcx
-    mov rcx, 0x0000890000000067
+    mov rcx, 0x0000890000002068
     or rdx, rcx
     mov [rip + probe_gdt + 40], rdx
     shr rax, 32
@@ -66,6 +67,7 @@ _start:
     lea rax, [rip + probe_kstack_top]
     mov [rip + probe_tss + 4], rax
     mov word ptr [rip + probe_tss + 102], 104
+    mov byte ptr [rip + probe_tss + 104 + 8192], 0xff
     mov ax, 0x28
     ltr ax
 
@@ -223,7 +225,10 @@ probe_idt_ptr:
 probe_idt:
     .zero 4096
 probe_tss:
-    .zero 128
+    /* 104-byte TSS, then an all-zero I/O permission bitmap (every port
+       allowed) and its 0xff terminator. KVM's emulator consults the bitmap
+       for `in`/`out` at CPL3 because PVM forces IOPL to 0. */
+    .zero 104 + 8192 + 8
     .p2align 4
 probe_kstack:
     .zero 16384

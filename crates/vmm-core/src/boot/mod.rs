@@ -1,0 +1,3 @@
+//! Loading guests: the bare-metal probe (Linux boot comes with its own module).
+
+pub mod probe;

@@ -1,0 +1,89 @@
+//! Booting the intervm probe guest.
+//!
+//! The probe's boot ABI (`intervm_protocol::probe`): the ELF is loaded at
+//! its physical addresses, the CPU enters it in 64-bit mode at CPL0 with
+//! identity paging (see [`crate::x86::paging`]) and a [`BootInfo`] page at
+//! [`BOOT_INFO_GPA`].
+
+use std::io::Cursor;
+
+use intervm_protocol::probe::{BootInfo, State, BOOT_INFO_GPA};
+use linux_loader::loader::{elf::Elf, KernelLoader};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::vm::Vm;
+use crate::x86::{paging, regs};
+use crate::{Error, Result};
+
+fn info_bytes(info: &BootInfo) -> &[u8] {
+    // SAFETY: BootInfo is repr(C), made only of integers and arrays of
+    // integers without padding, so every byte is initialised.
+    unsafe {
+        std::slice::from_raw_parts(
+            info as *const BootInfo as *const u8,
+            std::mem::size_of::<BootInfo>(),
+        )
+    }
+}
+
+/// Loads `elf` (the probe image) into `vm` and points vCPU 0 at it, with
+/// `info` in the boot-info page. `info.mem_size`/`vcpus`/`tsc_khz` are filled in.
+pub fn load(vm: &Vm, elf: &[u8], info: &BootInfo) -> Result<()> {
+    let mem = vm.memory();
+    let ram: u64 = mem.iter().map(|r| r.len()).sum();
+    if ram < 4 << 20 {
+        return Err(Error::Load("the probe needs at least 4 MiB of RAM".into()));
+    }
+    let loaded = Elf::load(mem, None, &mut Cursor::new(elf), None)
+        .map_err(|e| Error::Load(format!("probe ELF: {e}")))?;
+    regs::write_boot_gdt(mem)?;
+    let cr3 = paging::write_identity_tables(mem)?;
+    let mut info = *info;
+    info.mem_size = ram;
+    info.vcpus = vm.vcpus().len() as u32;
+    let vcpu0 = vm
+        .vcpus()
+        .first()
+        .ok_or_else(|| Error::Load("no vCPU".into()))?;
+    info.tsc_khz = vcpu0.get_tsc_khz().unwrap_or(0) as u64;
+    mem.write_slice(info_bytes(&info), GuestAddress(BOOT_INFO_GPA))
+        .map_err(|e| Error::Load(format!("writing boot info: {e}")))?;
+    regs::setup_long_mode(vcpu0, cr3, loaded.kernel_load.0, 0x8000, 0)
+}
+
+/// Reads the boot-info page back (results written by the probe).
+pub fn read_info(mem: &crate::memory::GuestMemoryMmap) -> Result<BootInfo> {
+    let mut info = BootInfo::new(intervm_protocol::probe::Workload::Hello, 0, 0);
+    // SAFETY: as in `info_bytes`; any byte pattern is a valid BootInfo.
+    let bytes = unsafe {
+        std::slice::from_raw_parts_mut(
+            &mut info as *mut BootInfo as *mut u8,
+            std::mem::size_of::<BootInfo>(),
+        )
+    };
+    mem.read_slice(bytes, GuestAddress(BOOT_INFO_GPA))
+        .map_err(|e| Error::Load(format!("reading boot info: {e}")))?;
+    Ok(info)
+}
+
+/// The probe's current [`State`] as a raw value.
+pub fn state(mem: &crate::memory::GuestMemoryMmap) -> u32 {
+    mem.read_obj::<u32>(GuestAddress(BOOT_INFO_GPA + BootInfo::STATE_OFFSET as u64))
+        .unwrap_or(0)
+}
+
+/// Polls until the probe reaches `want` or `timeout` passes.
+pub fn wait_state(
+    mem: &crate::memory::GuestMemoryMmap,
+    want: State,
+    timeout: std::time::Duration,
+) -> bool {
+    let start = std::time::Instant::now();
+    while start.elapsed() < timeout {
+        if state(mem) >= want as u32 {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_micros(200));
+    }
+    false
+}

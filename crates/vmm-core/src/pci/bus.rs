@@ -1,0 +1,382 @@
+//! The PCI bus: configuration mechanism #1, BAR placement and decoding.
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use kvm_ioctls::VmFd;
+use vm_device::bus::{MmioAddress, MmioAddressOffset, PioAddress, PioAddressOffset};
+use vm_device::{DeviceMmio, DevicePio};
+
+use super::config::{command, BarKind, NUM_BARS};
+use super::{HostBridge, PciDevice};
+use crate::irq::{IntxLine, KvmIntxLine};
+use crate::layout;
+use crate::memory::MemorySlots;
+use crate::{Error, Result};
+
+/// What the bus needs from the platform: mapping memory BARs and INTx lines.
+pub trait PciPlatform: Send + Sync {
+    /// Maps `len` bytes of host memory at `host` to guest address `gpa`;
+    /// returns a handle for [`PciPlatform::unmap_memory`].
+    ///
+    /// # Safety
+    /// The host range must stay mapped until it is unmapped again.
+    unsafe fn map_memory(&self, gpa: u64, host: u64, len: u64) -> Result<u32>;
+    /// Undoes a [`PciPlatform::map_memory`].
+    fn unmap_memory(&self, handle: u32) -> Result<()>;
+    /// The INTx line for IOAPIC pin `gsi`.
+    fn intx_line(&self, gsi: u32) -> Box<dyn IntxLine>;
+}
+
+/// [`PciPlatform`] on KVM.
+pub struct KvmPciPlatform {
+    vm: Arc<VmFd>,
+    slots: MemorySlots,
+}
+
+impl KvmPciPlatform {
+    /// Maps through `vm`'s memory slots.
+    pub fn new(vm: Arc<VmFd>, slots: MemorySlots) -> Self {
+        Self { vm, slots }
+    }
+}
+
+impl PciPlatform for KvmPciPlatform {
+    unsafe fn map_memory(&self, gpa: u64, host: u64, len: u64) -> Result<u32> {
+        // SAFETY: forwarded contract.
+        unsafe { self.slots.map(&self.vm, gpa, host, len) }
+    }
+    fn unmap_memory(&self, handle: u32) -> Result<()> {
+        self.slots.unmap(&self.vm, handle)
+    }
+    fn intx_line(&self, gsi: u32) -> Box<dyn IntxLine> {
+        Box::new(KvmIntxLine::new(self.vm.clone(), gsi))
+    }
+}
+
+/// Where a device landed on the bus.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SlotInfo {
+    /// Device number on bus 0.
+    pub device: u8,
+    /// Firmware-assigned BAR addresses and sizes.
+    pub bars: [Option<(u64, u64)>; NUM_BARS],
+    /// IOAPIC pin of its INTx, if it has an interrupt pin.
+    pub intx_gsi: Option<u32>,
+}
+
+struct Slot {
+    dev: Arc<Mutex<dyn PciDevice>>,
+    /// BAR specs (fixed once on the bus): size and whether it is I/O.
+    specs: [Option<(u64, bool)>; NUM_BARS],
+    decoded: [Option<u64>; NUM_BARS],
+    mem_handle: [Option<u32>; NUM_BARS],
+}
+
+struct Windows {
+    io_next: u64,
+    mmio32_next: u64,
+    mmio64_next: u64,
+}
+
+struct BusState {
+    slots: Vec<Option<Slot>>,
+    config_address: u32,
+    windows: Windows,
+}
+
+/// PCI bus 0 with its host bridge.
+pub struct PciBus {
+    state: Mutex<BusState>,
+    platform: Box<dyn PciPlatform>,
+}
+
+fn window_of(kind: BarKind) -> (u64, u64) {
+    match kind {
+        BarKind::Io => (layout::PCI_IO_BASE as u64, layout::PCI_IO_SIZE as u64),
+        BarKind::Mem32 => (layout::PCI_MMIO32_BASE, layout::PCI_MMIO32_SIZE),
+        BarKind::Mem64 { .. } => (layout::PCI_MMIO64_BASE, layout::PCI_MMIO64_SIZE),
+    }
+}
+
+fn lock<T: ?Sized>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panicking device must not take the whole VM down with poisoned locks.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl PciBus {
+    /// A bus with a host bridge at 00:00.0.
+    pub fn new(platform: Box<dyn PciPlatform>) -> Self {
+        let bus = Self {
+            state: Mutex::new(BusState {
+                slots: (0..32).map(|_| None).collect(),
+                config_address: 0,
+                windows: Windows {
+                    io_next: layout::PCI_IO_BASE as u64,
+                    mmio32_next: layout::PCI_MMIO32_BASE,
+                    mmio64_next: layout::PCI_MMIO64_BASE,
+                },
+            }),
+            platform,
+        };
+        let bridge: Arc<Mutex<dyn PciDevice>> = Arc::new(Mutex::new(HostBridge::default()));
+        lock(&bus.state).slots[0] = Some(Slot {
+            dev: bridge,
+            specs: [None; NUM_BARS],
+            decoded: [None; NUM_BARS],
+            mem_handle: [None; NUM_BARS],
+        });
+        bus
+    }
+
+    /// Adds `dev` in the first free slot: assigns its BARs from the windows,
+    /// enables decoding (as firmware does), and wires its INTx.
+    pub fn add_device(&self, dev: Arc<Mutex<dyn PciDevice>>) -> Result<SlotInfo> {
+        let mut st = lock(&self.state);
+        let n = st
+            .slots
+            .iter()
+            .position(|s| s.is_none())
+            .ok_or_else(|| Error::Pci("no free slot on bus 0".into()))?;
+        let mut info = SlotInfo {
+            device: n as u8,
+            bars: [None; NUM_BARS],
+            intx_gsi: None,
+        };
+        let mut specs = [None; NUM_BARS];
+        {
+            let mut d = lock(&dev);
+            let mut cmd = d.config().command();
+            for i in 0..NUM_BARS {
+                let Some(spec) = d.config().bar_spec(i) else {
+                    continue;
+                };
+                let (base, size) = window_of(spec.kind);
+                let next = match spec.kind {
+                    BarKind::Io => &mut st.windows.io_next,
+                    BarKind::Mem32 => &mut st.windows.mmio32_next,
+                    BarKind::Mem64 { .. } => &mut st.windows.mmio64_next,
+                };
+                let addr = next.next_multiple_of(spec.size);
+                if addr + spec.size > base + size {
+                    return Err(Error::Pci(format!(
+                        "no room for BAR{i} of {} bytes",
+                        spec.size
+                    )));
+                }
+                *next = addr + spec.size;
+                d.config_mut().set_bar_address(i, addr);
+                info.bars[i] = Some((addr, spec.size));
+                specs[i] = Some((spec.size, spec.kind == BarKind::Io));
+                cmd |= if spec.kind == BarKind::Io {
+                    command::IO
+                } else {
+                    command::MEMORY
+                };
+            }
+            d.config_mut().set_command(cmd);
+            if d.config().interrupt_pin() != 0 {
+                let gsi = layout::PCI_INTX_FIRST_GSI + (n as u32 % 8);
+                d.config_mut().set_interrupt_line(gsi as u8);
+                d.set_intx(self.platform.intx_line(gsi));
+                info.intx_gsi = Some(gsi);
+            }
+        }
+        st.slots[n] = Some(Slot {
+            dev,
+            specs,
+            decoded: [None; NUM_BARS],
+            mem_handle: [None; NUM_BARS],
+        });
+        self.update_decoding(&mut st, n);
+        Ok(info)
+    }
+
+    /// Re-evaluates which BARs of slot `n` are decoded and where, mapping or
+    /// unmapping memory BARs as needed.
+    fn update_decoding(&self, st: &mut BusState, n: usize) {
+        let Some(slot) = st.slots.get_mut(n).and_then(|s| s.as_mut()) else {
+            return;
+        };
+        let mut d = lock(&slot.dev);
+        let cmd = d.config().command();
+        for i in 0..NUM_BARS {
+            let Some(spec) = d.config().bar_spec(i) else {
+                continue;
+            };
+            let enabled =
+                cmd & if spec.kind == BarKind::Io {
+                    command::IO
+                } else {
+                    command::MEMORY
+                } != 0;
+            let (wbase, wsize) = window_of(spec.kind);
+            let want = d.config().bar_address(i).filter(|&a| {
+                enabled
+                    && a >= wbase
+                    && a.checked_add(spec.size)
+                        .is_some_and(|end| end <= wbase + wsize)
+            });
+            if want == slot.decoded[i] {
+                continue;
+            }
+            if let Some(h) = slot.mem_handle[i].take() {
+                if let Err(e) = self.platform.unmap_memory(h) {
+                    log::warn!("PCI 00:{n:02x}.0 BAR{i}: unmap: {e}");
+                }
+            }
+            slot.decoded[i] = want;
+            if let (Some(addr), Some(mem)) = (want, d.bar_memory(i)) {
+                // SAFETY: `bar_memory`'s contract keeps the host range alive
+                // while the device is on the bus; we unmap before dropping it.
+                match unsafe {
+                    self.platform
+                        .map_memory(addr, mem.host_addr, mem.len.min(spec.size))
+                } {
+                    Ok(h) => slot.mem_handle[i] = Some(h),
+                    Err(e) => {
+                        log::warn!("PCI 00:{n:02x}.0 BAR{i} at {addr:#x}: {e}; BAR not decoded");
+                        slot.decoded[i] = None;
+                    }
+                }
+            }
+            d.bar_moved(i, slot.decoded[i]);
+            log::debug!("PCI 00:{n:02x}.0 BAR{i} decoded at {:?}", slot.decoded[i]);
+        }
+    }
+
+    fn config_access(&self, write: Option<&[u8]>, read: Option<&mut [u8]>, port_off: u64) {
+        let mut st = lock(&self.state);
+        let addr = st.config_address;
+        let bus = (addr >> 16) & 0xff;
+        let dev = ((addr >> 11) & 0x1f) as usize;
+        let func = (addr >> 8) & 0x7;
+        let reg_off = (addr & 0xfc) as usize + port_off as usize;
+        let present = addr & 0x8000_0000 != 0 && bus == 0 && func == 0 && st.slots[dev].is_some();
+        if let Some(data) = read {
+            if !present || data.len() > 4 || reg_off % 4 + data.len() > 4 {
+                data.fill(0xff);
+                return;
+            }
+            let Some(slot) = st.slots[dev].as_ref() else {
+                return;
+            };
+            let v = lock(&slot.dev).config().read(reg_off, data.len());
+            data.copy_from_slice(&v.to_le_bytes()[..data.len()]);
+        } else if let Some(data) = write {
+            if !present {
+                return;
+            }
+            let Some(slot) = st.slots[dev].as_ref() else {
+                return;
+            };
+            let reg = {
+                let mut d = lock(&slot.dev);
+                let reg = d.config_mut().write(reg_off, data);
+                if let Some(r) = reg {
+                    d.config_written(r);
+                }
+                reg
+            };
+            if matches!(reg, Some(1) | Some(4..=9)) {
+                self.update_decoding(&mut st, dev);
+            }
+        }
+    }
+
+    /// Finds the device and BAR decoding `addr` in `kind`'s window.
+    fn route(&self, addr: u64, io: bool) -> Option<(Arc<Mutex<dyn PciDevice>>, usize, u64)> {
+        let st = lock(&self.state);
+        for slot in st.slots.iter().flatten() {
+            for (i, dec) in slot.decoded.iter().enumerate() {
+                let (Some(base), Some((size, is_io))) = (*dec, slot.specs[i]) else {
+                    continue;
+                };
+                if slot.mem_handle[i].is_none() && is_io == io && addr >= base && addr - base < size
+                {
+                    return Some((slot.dev.clone(), i, addr - base));
+                }
+            }
+        }
+        None
+    }
+
+    /// Where BAR `bar` of device `device` is decoded now.
+    pub fn decoded_bar(&self, device: u8, bar: usize) -> Option<u64> {
+        let st = lock(&self.state);
+        st.slots
+            .get(device as usize)?
+            .as_ref()?
+            .decoded
+            .get(bar)
+            .copied()
+            .flatten()
+    }
+}
+
+impl Drop for PciBus {
+    fn drop(&mut self) {
+        let st = lock(&self.state);
+        for slot in st.slots.iter().flatten() {
+            for h in slot.mem_handle.iter().flatten() {
+                let _ = self.platform.unmap_memory(*h);
+            }
+        }
+    }
+}
+
+/// Ports 0xCF8..0xD00: CONFIG_ADDRESS (dword at 0xCF8) and CONFIG_DATA (0xCFC..0xCFF).
+pub struct PciConfigIo(pub Arc<PciBus>);
+
+impl DevicePio for PciConfigIo {
+    fn pio_read(&self, _base: PioAddress, offset: PioAddressOffset, data: &mut [u8]) {
+        match offset {
+            0 if data.len() == 4 => {
+                data.copy_from_slice(&lock(&self.0.state).config_address.to_le_bytes())
+            }
+            4..=7 => self.0.config_access(None, Some(data), offset as u64 - 4),
+            _ => data.fill(0xff),
+        }
+    }
+
+    fn pio_write(&self, _base: PioAddress, offset: PioAddressOffset, data: &[u8]) {
+        match offset {
+            0 if data.len() == 4 => {
+                lock(&self.0.state).config_address =
+                    u32::from_le_bytes([data[0], data[1], data[2], data[3]]) & 0x80ff_fffc
+            }
+            4..=7 => self.0.config_access(Some(data), None, offset as u64 - 4),
+            _ => {}
+        }
+    }
+}
+
+/// Dispatches accesses in one PCI window to the BAR that decodes them.
+pub struct PciWindowRouter(pub Arc<PciBus>);
+
+impl DeviceMmio for PciWindowRouter {
+    fn mmio_read(&self, base: MmioAddress, offset: MmioAddressOffset, data: &mut [u8]) {
+        match self.0.route(base.0 + offset, false) {
+            Some((dev, bar, off)) => lock(&dev).bar_read(bar, off, data),
+            None => data.fill(0xff),
+        }
+    }
+    fn mmio_write(&self, base: MmioAddress, offset: MmioAddressOffset, data: &[u8]) {
+        if let Some((dev, bar, off)) = self.0.route(base.0 + offset, false) {
+            lock(&dev).bar_write(bar, off, data)
+        }
+    }
+}
+
+impl DevicePio for PciWindowRouter {
+    fn pio_read(&self, base: PioAddress, offset: PioAddressOffset, data: &mut [u8]) {
+        match self.0.route(base.0 as u64 + offset as u64, true) {
+            Some((dev, bar, off)) => lock(&dev).bar_read(bar, off, data),
+            None => data.fill(0xff),
+        }
+    }
+    fn pio_write(&self, base: PioAddress, offset: PioAddressOffset, data: &[u8]) {
+        if let Some((dev, bar, off)) = self.0.route(base.0 as u64 + offset as u64, true) {
+            lock(&dev).bar_write(bar, off, data)
+        }
+    }
+}

@@ -1,0 +1,247 @@
+//! vCPU threads: the run loop and exit dispatch.
+//!
+//! Each vCPU runs on its own thread. PIO and MMIO exits go to the VM's
+//! `vm-device` [`IoManager`]; an access nobody claims reads as all-ones and
+//! is counted. A stop request (guest exit, host stop, a fatal exit on any
+//! vCPU) reaches a thread inside `KVM_RUN` as a signal whose handler sets
+//! `immediate_exit`, so no vCPU is left running.
+
+use std::cell::Cell;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+
+use kvm_bindings::kvm_run;
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vm_device::bus::{MmioAddress, PioAddress};
+use vm_device::device_manager::{IoManager, MmioManager, PioManager};
+
+use crate::devices::debug::ExitRequest;
+
+/// Why a VM stopped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VmExit {
+    /// The guest wrote this code to the debug exit port.
+    Guest(u32),
+    /// The guest triple-faulted or asked KVM for a shutdown/reset.
+    Shutdown,
+    /// The host asked the VM to stop.
+    Stopped,
+    /// A vCPU hit an error KVM or intervm cannot handle.
+    Error(String),
+}
+
+impl VmExit {
+    /// A process exit status: the guest's code, 0 for a host stop,
+    /// 128+ for shutdown and errors.
+    pub fn status(&self) -> i32 {
+        match self {
+            VmExit::Guest(c) => (*c).min(127) as i32,
+            VmExit::Stopped => 0,
+            VmExit::Shutdown => 129,
+            VmExit::Error(_) => 130,
+        }
+    }
+}
+
+/// Exit counters, per VM.
+#[derive(Debug, Default)]
+pub struct ExitStats {
+    /// Port I/O exits handled.
+    pub pio: AtomicU64,
+    /// MMIO exits handled.
+    pub mmio: AtomicU64,
+    /// Accesses no device claimed.
+    pub unclaimed: AtomicU64,
+}
+
+/// Shared run state of a VM: the first exit reason, and who to kick.
+#[derive(Default)]
+pub struct VmControl {
+    exit: Mutex<Option<VmExit>>,
+    cv: Condvar,
+    stopping: AtomicBool,
+    threads: Mutex<Vec<libc::pthread_t>>,
+    /// Exit counters.
+    pub stats: ExitStats,
+}
+
+thread_local! {
+    static KVM_RUN: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
+}
+
+extern "C" fn kick_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    let p = KVM_RUN.with(|c| c.get());
+    if !p.is_null() {
+        // SAFETY: the pointer is this thread's own mapped kvm_run page, set
+        // while its VcpuFd is alive; immediate_exit is a plain byte.
+        unsafe { (*p).immediate_exit = 1 };
+    }
+}
+
+/// The signal used to kick vCPU threads out of `KVM_RUN`.
+pub fn kick_signal() -> libc::c_int {
+    vmm_sys_util::signal::SIGRTMIN() + 1
+}
+
+/// Installs the kick handler (idempotent).
+pub fn install_kick_handler() -> crate::Result<()> {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    let mut res = Ok(());
+    ONCE.call_once(|| {
+        if let Err(e) = vmm_sys_util::signal::register_signal_handler(kick_signal(), kick_handler) {
+            res = Err(crate::Error::io("installing the vCPU kick signal handler")(
+                std::io::Error::from_raw_os_error(e.errno()),
+            ));
+        }
+    });
+    res
+}
+
+impl VmControl {
+    /// Records `exit` (the first one wins) and kicks every vCPU.
+    pub fn request_stop(&self, exit: VmExit) {
+        {
+            let mut e = self.exit.lock().unwrap_or_else(|p| p.into_inner());
+            if e.is_none() {
+                *e = Some(exit);
+            }
+        }
+        self.stopping.store(true, Ordering::SeqCst);
+        self.cv.notify_all();
+        self.kick_all();
+    }
+
+    /// True once a stop was requested.
+    pub fn stopping(&self) -> bool {
+        self.stopping.load(Ordering::SeqCst)
+    }
+
+    /// Sends the kick signal to every registered vCPU thread.
+    pub fn kick_all(&self) {
+        let threads = self.threads.lock().unwrap_or_else(|p| p.into_inner());
+        for &t in threads.iter() {
+            // SAFETY: t is a live thread of this process; it deregisters
+            // itself before exiting (under this lock).
+            unsafe { libc::pthread_kill(t, kick_signal()) };
+        }
+    }
+
+    /// Blocks until a stop is requested or `timeout` passes.
+    pub fn wait(&self, timeout: Option<std::time::Duration>) -> Option<VmExit> {
+        let guard = self.exit.lock().unwrap_or_else(|p| p.into_inner());
+        let guard = match timeout {
+            Some(t) => self
+                .cv
+                .wait_timeout_while(guard, t, |e| e.is_none())
+                .map(|(g, _)| g)
+                .unwrap_or_else(|p| p.into_inner().0),
+            None => self
+                .cv
+                .wait_while(guard, |e| e.is_none())
+                .unwrap_or_else(|p| p.into_inner()),
+        };
+        guard.clone()
+    }
+
+    /// The exit reason, if the VM stopped.
+    pub fn exit(&self) -> Option<VmExit> {
+        self.exit.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn register_thread(&self) {
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() };
+        self.threads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(me);
+    }
+
+    fn deregister_thread(&self) {
+        // SAFETY: pthread_self has no preconditions.
+        let me = unsafe { libc::pthread_self() };
+        self.threads
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|&t| t != me);
+    }
+}
+
+impl ExitRequest for Arc<VmControl> {
+    fn request_exit(&self, code: u32) {
+        self.request_stop(VmExit::Guest(code));
+    }
+}
+
+/// Runs `vcpu` until the VM stops. Call on the vCPU's own thread.
+pub fn run_loop(mut vcpu: VcpuFd, id: u8, io: Arc<RwLock<IoManager>>, ctl: Arc<VmControl>) {
+    KVM_RUN.with(|c| c.set(vcpu.get_kvm_run() as *mut kvm_run));
+    ctl.register_thread();
+    while !ctl.stopping() {
+        let exit = vcpu.run();
+        let io = io.read().unwrap_or_else(|p| p.into_inner());
+        match exit {
+            Ok(VcpuExit::IoIn(port, data)) => {
+                ctl.stats.pio.fetch_add(1, Ordering::Relaxed);
+                if io.pio_read(PioAddress(port), data).is_err() {
+                    ctl.stats.unclaimed.fetch_add(1, Ordering::Relaxed);
+                    log::debug!("vcpu{id}: unclaimed in from port {port:#x}");
+                    data.fill(0xff);
+                }
+            }
+            Ok(VcpuExit::IoOut(port, data)) => {
+                ctl.stats.pio.fetch_add(1, Ordering::Relaxed);
+                if io.pio_write(PioAddress(port), data).is_err() {
+                    ctl.stats.unclaimed.fetch_add(1, Ordering::Relaxed);
+                    log::debug!("vcpu{id}: unclaimed out to port {port:#x}");
+                }
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                ctl.stats.mmio.fetch_add(1, Ordering::Relaxed);
+                if io.mmio_read(MmioAddress(addr), data).is_err() {
+                    ctl.stats.unclaimed.fetch_add(1, Ordering::Relaxed);
+                    log::debug!("vcpu{id}: unclaimed MMIO read at {addr:#x}");
+                    data.fill(0xff);
+                }
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                ctl.stats.mmio.fetch_add(1, Ordering::Relaxed);
+                if io.mmio_write(MmioAddress(addr), data).is_err() {
+                    ctl.stats.unclaimed.fetch_add(1, Ordering::Relaxed);
+                    log::debug!("vcpu{id}: unclaimed MMIO write at {addr:#x}");
+                }
+            }
+            Ok(VcpuExit::Shutdown) | Ok(VcpuExit::SystemEvent(..)) => {
+                log::info!("vcpu{id}: guest shutdown (triple fault or reset)");
+                ctl.request_stop(VmExit::Shutdown);
+            }
+            Ok(VcpuExit::Hlt) => ctl.request_stop(VmExit::Shutdown),
+            Ok(VcpuExit::IrqWindowOpen) | Ok(VcpuExit::Intr) => {}
+            Ok(other) => {
+                let what = format!("{other:?}");
+                let regs = vcpu_state(&vcpu);
+                ctl.request_stop(VmExit::Error(format!(
+                    "vcpu{id}: unhandled exit {what} ({regs})"
+                )));
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                vcpu.set_kvm_immediate_exit(0);
+            }
+            Err(e) => {
+                ctl.request_stop(VmExit::Error(format!("vcpu{id}: KVM_RUN: {e}")));
+            }
+        }
+    }
+    ctl.deregister_thread();
+    KVM_RUN.with(|c| c.set(std::ptr::null_mut()));
+}
+
+fn vcpu_state(vcpu: &VcpuFd) -> String {
+    match (vcpu.get_regs(), vcpu.get_sregs()) {
+        (Ok(r), Ok(s)) => format!(
+            "rip={:#x} rsp={:#x} cs={:#x} cr0={:#x} cr3={:#x}",
+            r.rip, r.rsp, s.cs.selector, s.cr0, s.cr3
+        ),
+        _ => "registers unavailable".into(),
+    }
+}
