@@ -59,18 +59,24 @@ pub enum Workload {
     PciScan = 3,
     /// Find the device `args[0]` (vendor << 16 | device), enable MSI-X with
     /// `args[1]` vectors, set state [`State::Ready`], wait until
-    /// `args[2]` interrupts arrived on vector 0 (by `hlt` at CPL0), then exit.
+    /// `args[2]` interrupts, reading BAR0 offset `args[3]` (the device's
+    /// interrupt-status register) to ack each one before the EOI.arrived on vector 0 (by `hlt` at CPL0), then exit.
     MsixWait = 4,
     /// Find the device `args[0]`, route its INTx through the IOAPIC, set
-    /// state [`State::Ready`], and wait for `args[2]` interrupts.
+    /// state [`State::Ready`], and wait for `args[2]` interrupts; after each
+    /// one it reads BAR0 offset `args[3]` (the device's interrupt-status
+    /// register, which must deassert the line) and then EOIs. `args[1]`
+    /// bit 0: program the IOAPIC pin edge- instead of level-triggered (PVM
+    /// does not inject level-triggered IOAPIC interrupts); bit 1: poll at
+    /// CPL3 instead of halting.
     IntxWait = 5,
     /// Find the device `args[0]`, move its BAR `args[1]` to address
     /// `args[2]`, and check the pattern `args[3]` (a u64) that the host put
     /// at offset 0 of the BAR's backing memory is visible there.
     BarMove = 6,
-    /// Raise the CPU exception given in `args[0]` at CPL3 (6 = #UD is a
-    /// service call and therefore not allowed; 14 = page fault via a
-    /// non-canonical access, 13 = #GP via `cli`... see the probe source).
+    /// Raise a CPU exception at CPL3: `args[0]` = 0 (#DE, divide by zero),
+    /// 13 (#GP, non-canonical address) or 14 (#PF, unmapped address); 255
+    /// triple-faults instead (the VMM sees a shutdown).
     Fault = 7,
 }
 

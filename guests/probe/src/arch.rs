@@ -30,6 +30,13 @@ pub fn rdtsc() -> u64 {
     ((hi as u64) << 32) | lo as u64
 }
 
+/// Volatile 32-bit MMIO read at a guest-physical (identity-mapped) address.
+pub fn mmio_read32(addr: u64) -> u32 {
+    // SAFETY: the probe identity-maps the address space with user access; the
+    // caller passes an address inside a BAR or a platform MMIO page.
+    unsafe { core::ptr::read_volatile(addr as *const u32) }
+}
+
 /// Volatile 32-bit MMIO write.
 pub fn mmio_write32(addr: u64, v: u32) {
     // SAFETY: as for `mmio_read32`.
@@ -57,4 +64,16 @@ pub fn wait_for_interrupt(counter: &core::sync::atomic::AtomicU64, seen: u64) {
 pub fn pio_loop_cpl0(count: u64, port: u16) {
     // SAFETY: as for `wait_for_interrupt`.
     unsafe { asm!("ud2", in("rax") 1u64, in("rdi") count, in("rsi") port as u64, options(nostack)) }
+}
+
+/// Service 2: LAPIC end-of-interrupt (for the level-triggered INTx vector).
+pub fn eoi() {
+    // SAFETY: as for `wait_for_interrupt`.
+    unsafe { asm!("ud2", in("rax") 2u64, options(nostack)) }
+}
+
+/// Service 3: triple fault (the VMM sees a shutdown).
+pub fn triple_fault() -> ! {
+    // SAFETY: as for `wait_for_interrupt`; never returns.
+    unsafe { asm!("ud2", in("rax") 3u64, options(nostack, noreturn)) }
 }

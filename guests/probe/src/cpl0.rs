@@ -9,6 +9,8 @@
 //!
 //! Interrupt and exception entry:
 //! - vectors >= 32: count in `PROBE_IRQ_COUNTS[vector]`, EOI, return;
+//! - the INTx vector: counted but not EOId; CPL3 acks the device and then
+//!   EOIs with service 2, so a level-triggered line cannot storm;
 //! - #UD (6): a *service call* from CPL3 (`ud2`, service number in rax,
 //!   arguments in rdi/rsi), see [`crate::arch`];
 //! - any other exception: record vector, error code and RIP in the boot-info
@@ -17,7 +19,7 @@
 use core::sync::atomic::AtomicU64;
 use intervm_protocol::probe::{
     results, BootInfo, BOOT_INFO_GPA, DEBUG_EXIT_OFFSET, DEBUG_PORT_BASE, EXIT_EXCEPTION_BASE,
-    SPURIOUS_VECTOR,
+    INTX_VECTOR, SPURIOUS_VECTOR,
 };
 
 /// Interrupts seen per IDT vector, incremented by the CPL0 handler.
@@ -159,6 +161,9 @@ probe_isr_common:
     lock inc qword ptr [rcx + rax * 8]
     cmp rax, {spurious}
     je 9f
+    /* INTx is level triggered: CPL3 acks the device, then EOIs (service 2) */
+    cmp rax, {intx}
+    je 9f
     mov rcx, 0xFEE000B0
     mov dword ptr [rcx], 0
     jmp 9f
@@ -177,6 +182,19 @@ probe_isr_common:
     cli
     jmp 9f
 5:
+    cmp rax, 2
+    jne 10f
+    /* 2: LAPIC EOI (deferred EOI of the INTx vector) */
+    mov rcx, 0xFEE000B0
+    mov dword ptr [rcx], 0
+    jmp 9f
+10:
+    cmp rax, 3
+    jne 11f
+    /* 3: triple fault: empty IDT, then #UD -> #DF -> shutdown */
+    lidt [rip + probe_null_idt_ptr]
+    ud2
+11:
     cmp rax, 1
     jne 9f
     /* 1: rdi iterations of `out dx, eax` to port rsi, at CPL0 */
@@ -219,6 +237,9 @@ probe_gdt_ptr:
 probe_idt_ptr:
     .word 4095
     .quad probe_idt
+probe_null_idt_ptr:
+    .word 0
+    .quad 0
 
     .section .bss
     .p2align 12
@@ -239,6 +260,7 @@ probe_ustack:
 probe_ustack_top:
 "#,
     spurious = const SPURIOUS_VECTOR as u32,
+    intx = const INTX_VECTOR as u32,
     fault_slot = const FAULT_SLOT,
     exc_base = const EXIT_EXCEPTION_BASE,
     exit_port = const DEBUG_PORT_BASE + DEBUG_EXIT_OFFSET,

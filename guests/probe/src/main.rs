@@ -161,8 +161,9 @@ fn irq_wait(msix: bool) -> u32 {
         if pin >= 24 {
             return fail(3, pin as u64);
         }
-        // Level triggered, active high, fixed delivery to APIC 0.
-        ioapic_write(0x10 + 2 * pin, INTX_VECTOR as u32 | (1 << 15));
+        // Level triggered (edge if args[1] bit 0), active high, fixed delivery to APIC 0.
+        let level = if arg(1) & 1 == 1 { 0 } else { 1 << 15 };
+        ioapic_write(0x10 + 2 * pin, INTX_VECTOR as u32 | level);
         ioapic_write(0x11 + 2 * pin, 0);
         dev.write(0x04, (dev.read(0x04) & 0xffff & !0x400) | 0x6);
         INTX_VECTOR
@@ -177,7 +178,20 @@ fn irq_wait(msix: bool) -> u32 {
         if seen >= want {
             break;
         }
-        arch::wait_for_interrupt(counter, seen);
+        if arg(1) & 2 == 2 {
+            // Poll at CPL3 instead of halting (interrupts stay enabled).
+            while counter.load(Ordering::SeqCst) == seen {
+                core::hint::spin_loop();
+            }
+        } else {
+            arch::wait_for_interrupt(counter, seen);
+        }
+        if !msix && counter.load(Ordering::SeqCst) != seen {
+            // Level-triggered: read the device's ack register (args[3], a
+            // BAR0 offset; ivshmem's IntrStatus clears on read), then EOI.
+            let _ = arch::mmio_read32(pci::bar_addr(dev, 0) + arg(3));
+            arch::eoi();
+        }
     }
     set_result(results::IRQ_DONE_TSC, arch::rdtsc());
     println!("probe: {} interrupts on vector {:#x}", counter.load(Ordering::SeqCst), vector);
@@ -217,6 +231,7 @@ fn fault() -> u32 {
         0 => unsafe { core::arch::asm!("xor edx, edx", "xor eax, eax", "div rcx", in("rcx") 0u64, out("rdx") _, out("rax") _) },
         13 => unsafe { core::arch::asm!("mov qword ptr [rax], 0", in("rax") 0x8000_0000_0000_0000u64) },
         14 => unsafe { core::arch::asm!("mov qword ptr [rax], 0", in("rax") 0x7f_0000_0000u64) },
+        255 => arch::triple_fault(),
         _ => return fail(5, arg(0)),
     }
     fail(6, arg(0))

@@ -1,6 +1,8 @@
 //! Helpers shared by the tests that boot real guests on /dev/kvm.
 #![allow(dead_code)]
 
+pub mod testdev;
+
 use std::time::Duration;
 
 use intervm_protocol::probe::BootInfo;
@@ -35,8 +37,14 @@ macro_rules! require_kvm {
 
 /// A probe VM with its console captured.
 pub fn probe_vm(name: &str, info: &BootInfo) -> (Vm, SerialBuffer) {
+    probe_vm_with(name, info, 1)
+}
+
+/// A probe VM with `vcpus` vCPUs (the probe runs on vCPU 0).
+pub fn probe_vm_with(name: &str, info: &BootInfo, vcpus: u8) -> (Vm, SerialBuffer) {
     let buf = SerialBuffer::new();
     let mut cfg = VmConfig::new(name, 32 << 20);
+    cfg.vcpus = vcpus;
     cfg.serial = SerialOutput::Buffer(buf.clone());
     let vm = Vm::new(&cfg).expect("creating the VM");
     probe::load(&vm, probe_image::PROBE_ELF, info).expect("loading the probe");
