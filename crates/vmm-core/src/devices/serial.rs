@@ -55,27 +55,50 @@ impl Write for SerialBuffer {
     }
 }
 
-/// Prefixes each line with a tag and drops carriage returns.
+/// Prefixes each line with a tag, drops carriage returns, and writes whole
+/// lines at once so the consoles of several VMs sharing stdout do not mix
+/// within a line.
 struct LinePrefix<W: Write> {
     prefix: String,
     inner: W,
-    at_line_start: bool,
+    line: Vec<u8>,
+}
+
+impl<W: Write> LinePrefix<W> {
+    fn new(prefix: String, inner: W) -> Self {
+        Self {
+            prefix,
+            inner,
+            line: Vec::new(),
+        }
+    }
+
+    fn emit(&mut self) -> io::Result<()> {
+        let mut out = Vec::with_capacity(self.prefix.len() + self.line.len());
+        out.extend_from_slice(self.prefix.as_bytes());
+        out.append(&mut self.line);
+        self.inner.write_all(&out)?;
+        self.inner.flush()
+    }
 }
 
 impl<W: Write> Write for LinePrefix<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         for &b in buf {
-            if b == b'\r' {
-                continue;
-            }
-            if self.at_line_start {
-                self.inner.write_all(self.prefix.as_bytes())?;
-                self.at_line_start = false;
-            }
-            self.inner.write_all(&[b])?;
-            if b == b'\n' {
-                self.at_line_start = true;
-                self.inner.flush()?;
+            match b {
+                b'\r' => {}
+                b'\n' => {
+                    self.line.push(b);
+                    self.emit()?;
+                }
+                _ => {
+                    self.line.push(b);
+                    // Bound the buffer for guests that never send a newline.
+                    if self.line.len() >= 4096 {
+                        self.line.push(b'\n');
+                        self.emit()?;
+                    }
+                }
             }
         }
         Ok(buf.len())
@@ -85,15 +108,20 @@ impl<W: Write> Write for LinePrefix<W> {
     }
 }
 
+impl<W: Write> Drop for LinePrefix<W> {
+    fn drop(&mut self) {
+        if !self.line.is_empty() {
+            self.line.push(b'\n');
+            let _ = self.emit();
+        }
+    }
+}
+
 impl SerialOutput {
     /// Opens the sink for a VM called `name`.
     pub fn open(&self, name: &str) -> io::Result<Box<dyn Write + Send>> {
         Ok(match self {
-            SerialOutput::Stdout => Box::new(LinePrefix {
-                prefix: format!("[{name}] "),
-                inner: io::stdout(),
-                at_line_start: true,
-            }),
+            SerialOutput::Stdout => Box::new(LinePrefix::new(format!("[{name}] "), io::stdout())),
             SerialOutput::File(p) => Box::new(File::options().create(true).append(true).open(p)?),
             SerialOutput::Buffer(b) => Box::new(b.clone()),
             SerialOutput::Sink => Box::new(io::sink()),
@@ -171,13 +199,13 @@ mod tests {
     fn stdout_lines_get_the_vm_prefix() {
         let mut out = Vec::new();
         {
-            let mut w = LinePrefix {
-                prefix: "[a] ".into(),
-                inner: &mut out,
-                at_line_start: true,
-            };
-            w.write_all(b"one\r\ntwo\n").unwrap();
+            let mut w = LinePrefix::new("[a] ".into(), &mut out);
+            w.write_all(b"one\r\ntw").unwrap();
+            w.write_all(b"o\nunterminated").unwrap();
         }
-        assert_eq!(String::from_utf8(out).unwrap(), "[a] one\n[a] two\n");
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "[a] one\n[a] two\n[a] unterminated\n"
+        );
     }
 }

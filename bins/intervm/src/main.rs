@@ -1,0 +1,113 @@
+//! `intervm`: boot KVM VMs from a TOML file and wire channels between them.
+//!
+//! ```text
+//! intervm run FILE.toml [--vm NAME] [--timeout SECS]
+//! intervm check FILE.toml
+//! ```
+
+mod config;
+mod wire;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "intervm",
+    version,
+    about = "Launch KVM VMs and inter-VM channels from a TOML file"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Boot every [[vm]] of FILE (or only --vm NAME) and wait until all stop.
+    Run {
+        /// Configuration file.
+        file: PathBuf,
+        /// Boot only this VM (run the others in other processes).
+        #[arg(long)]
+        vm: Option<String>,
+        /// Stop VMs still running after this many seconds.
+        #[arg(long, allow_negative_numbers = true)]
+        timeout: Option<f64>,
+    },
+    /// Validate FILE without booting anything.
+    Check {
+        /// Configuration file.
+        file: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Check { file } => match config::Config::load(&file) {
+            Ok(c) => {
+                println!(
+                    "{}: ok ({} VMs, {} channels)",
+                    file.display(),
+                    c.vms.len(),
+                    c.channels.len()
+                );
+                for ch in &c.channels {
+                    println!(
+                        "  channel {}: {} between {}",
+                        ch.name,
+                        ch.kind.as_str(),
+                        ch.members.join(", ")
+                    );
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("intervm: {e}");
+                ExitCode::from(2)
+            }
+        },
+        Cmd::Run { file, vm, timeout } => {
+            let cfg = match config::Config::load(&file) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("intervm: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            let timeout = match timeout {
+                Some(t) if !(t.is_finite() && t > 0.0) => {
+                    eprintln!("intervm: --timeout {t}: must be a positive number of seconds");
+                    return ExitCode::from(2);
+                }
+                t => t.map(Duration::from_secs_f64),
+            };
+            match wire::run(&cfg, vm.as_deref(), timeout) {
+                Ok(outcomes) => {
+                    let mut status = 0;
+                    for o in &outcomes {
+                        eprintln!(
+                            "intervm: {} stopped after {:.3} s: {:?}",
+                            o.name,
+                            o.elapsed.as_secs_f64(),
+                            o.exit
+                        );
+                        if status == 0 {
+                            status = o.exit.status();
+                        }
+                    }
+                    ExitCode::from(status.clamp(0, 255) as u8)
+                }
+                Err(e) => {
+                    eprintln!("intervm: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
+    }
+}
