@@ -29,7 +29,7 @@ pub enum RamBacking {
 
 /// Creates guest RAM of `size` bytes laid out by [`layout::ram_ranges`].
 pub fn create_ram(size: u64, backing: RamBacking) -> Result<GuestMemoryMmap> {
-    if size == 0 || size % 4096 != 0 {
+    if size == 0 || !size.is_multiple_of(4096) {
         return Err(Error::Layout(format!(
             "memory size {size} is not a non-zero multiple of 4 KiB"
         )));

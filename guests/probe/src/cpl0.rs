@@ -26,9 +26,8 @@ use intervm_protocol::probe::{
 #[no_mangle]
 pub static PROBE_IRQ_COUNTS: [AtomicU64; 256] = [const { AtomicU64::new(0) }; 256];
 
-const FAULT_SLOT: u64 = BOOT_INFO_GPA
-    + BootInfo::RESULTS_OFFSET as u64
-    + 8 * results::FAULT_VECTOR as u64;
+const FAULT_SLOT: u64 =
+    BOOT_INFO_GPA + BootInfo::RESULTS_OFFSET as u64 + 8 * results::FAULT_VECTOR as u64;
 
 core::arch::global_asm!(
     r#"

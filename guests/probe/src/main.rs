@@ -70,7 +70,10 @@ extern "C" fn probe_main() -> ! {
         )
     };
     if magic != BOOT_INFO_MAGIC || version != BOOT_INFO_VERSION {
-        println!("probe: bad boot info (magic {:#x}, version {})", magic, version);
+        println!(
+            "probe: bad boot info (magic {:#x}, version {})",
+            magic, version
+        );
         exit(EXIT_BAD_BOOT_INFO);
     }
     set_state(State::Running);
@@ -133,7 +136,13 @@ fn pci_scan() -> u32 {
             }
         }
         set_result(base + 9, pci::cap_bitmap(b));
-        println!("probe: pci 00:{:02x}.{} id {:08x} class {:06x}", b.0, b.1, b.id().unwrap_or(0), class);
+        println!(
+            "probe: pci 00:{:02x}.{} id {:08x} class {:06x}",
+            b.0,
+            b.1,
+            b.id().unwrap_or(0),
+            class
+        );
         count += 1;
     });
     set_result(results::PCI_COUNT, count as u64);
@@ -194,7 +203,11 @@ fn irq_wait(msix: bool) -> u32 {
         }
     }
     set_result(results::IRQ_DONE_TSC, arch::rdtsc());
-    println!("probe: {} interrupts on vector {:#x}", counter.load(Ordering::SeqCst), vector);
+    println!(
+        "probe: {} interrupts on vector {:#x}",
+        counter.load(Ordering::SeqCst),
+        vector
+    );
     EXIT_OK
 }
 
@@ -216,7 +229,12 @@ fn bar_move() -> u32 {
     let seen = arch::read64(new);
     set_result(results::BAR_MOVE_SEEN, seen);
     set_result(results::BAR_MOVE_OK, (seen == arg(3)) as u64);
-    println!("probe: BAR{} now at {:#x}, read {:#x}", i, pci::bar_addr(dev, i), seen);
+    println!(
+        "probe: BAR{} now at {:#x}, read {:#x}",
+        i,
+        pci::bar_addr(dev, i),
+        seen
+    );
     if seen == arg(3) {
         EXIT_OK
     } else {
@@ -228,8 +246,12 @@ fn fault() -> u32 {
     match arg(0) {
         // SAFETY (all arms): deliberately faulting instructions; the CPL0
         // handler records the exception and powers off.
-        0 => unsafe { core::arch::asm!("xor edx, edx", "xor eax, eax", "div rcx", in("rcx") 0u64, out("rdx") _, out("rax") _) },
-        13 => unsafe { core::arch::asm!("mov qword ptr [rax], 0", in("rax") 0x8000_0000_0000_0000u64) },
+        0 => unsafe {
+            core::arch::asm!("xor edx, edx", "xor eax, eax", "div rcx", in("rcx") 0u64, out("rdx") _, out("rax") _)
+        },
+        13 => unsafe {
+            core::arch::asm!("mov qword ptr [rax], 0", in("rax") 0x8000_0000_0000_0000u64)
+        },
         14 => unsafe { core::arch::asm!("mov qword ptr [rax], 0", in("rax") 0x7f_0000_0000u64) },
         255 => arch::triple_fault(),
         _ => return fail(5, arg(0)),

@@ -64,6 +64,9 @@ pub struct SlotInfo {
     pub intx_gsi: Option<u32>,
 }
 
+/// A device and the BAR an access landed in, with the offset inside it.
+type Routed = (Arc<Mutex<dyn PciDevice>>, usize, u64);
+
 struct Slot {
     dev: Arc<Mutex<dyn PciDevice>>,
     /// BAR specs (fixed once on the bus): size and whether it is I/O.
@@ -146,7 +149,7 @@ impl PciBus {
         {
             let mut d = lock(&dev);
             let mut cmd = d.config().command();
-            for i in 0..NUM_BARS {
+            for (i, spec_slot) in specs.iter_mut().enumerate() {
                 let Some(spec) = d.config().bar_spec(i) else {
                     continue;
                 };
@@ -166,7 +169,7 @@ impl PciBus {
                 *next = addr + spec.size;
                 d.config_mut().set_bar_address(i, addr);
                 info.bars[i] = Some((addr, spec.size));
-                specs[i] = Some((spec.size, spec.kind == BarKind::Io));
+                *spec_slot = Some((spec.size, spec.kind == BarKind::Io));
                 cmd |= if spec.kind == BarKind::Io {
                     command::IO
                 } else {
@@ -284,7 +287,7 @@ impl PciBus {
     }
 
     /// Finds the device and BAR decoding `addr` in `kind`'s window.
-    fn route(&self, addr: u64, io: bool) -> Option<(Arc<Mutex<dyn PciDevice>>, usize, u64)> {
+    fn route(&self, addr: u64, io: bool) -> Option<Routed> {
         let st = lock(&self.state);
         for slot in st.slots.iter().flatten() {
             for (i, dec) in slot.decoded.iter().enumerate() {

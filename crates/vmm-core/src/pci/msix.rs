@@ -46,7 +46,12 @@ impl Msix {
         pba_offset: u32,
     ) -> Option<Self> {
         let n = vectors.len();
-        if n == 0 || n > 2048 || bar > 5 || table_offset % 8 != 0 || pba_offset % 8 != 0 {
+        if n == 0
+            || n > 2048
+            || bar > 5
+            || !table_offset.is_multiple_of(8)
+            || !pba_offset.is_multiple_of(8)
+        {
             return None;
         }
         let ctrl = (n - 1) as u16;
@@ -158,7 +163,7 @@ impl Msix {
         let words = [e.addr_lo, e.addr_hi, e.data, e.control];
         match (data.len(), field % 4) {
             (4, 0) => data.copy_from_slice(&words[field / 4].to_le_bytes()),
-            (8, 0) if field % 8 == 0 => {
+            (8, 0) if field.is_multiple_of(8) => {
                 data[..4].copy_from_slice(&words[field / 4].to_le_bytes());
                 data[4..].copy_from_slice(&words[field / 4 + 1].to_le_bytes());
             }
@@ -174,8 +179,8 @@ impl Msix {
         let idx = (offset / ENTRY_SIZE) as usize;
         let field = (offset % ENTRY_SIZE) as usize;
         if idx >= self.entries.len()
-            || field % 4 != 0
-            || !(data.len() == 4 || data.len() == 8 && field % 8 == 0)
+            || !field.is_multiple_of(4)
+            || !(data.len() == 4 || data.len() == 8 && field.is_multiple_of(8))
         {
             self.bad_accesses += 1;
             return;
@@ -196,7 +201,7 @@ impl Msix {
     /// Reads the PBA at `offset` (4- or 8-byte accesses).
     pub fn read_pba(&mut self, offset: u64, data: &mut [u8]) {
         if !(data.len() == 4 || data.len() == 8)
-            || offset % data.len() as u64 != 0
+            || !offset.is_multiple_of(data.len() as u64)
             || offset >= self.pba_size()
         {
             self.bad_accesses += 1;
@@ -220,9 +225,11 @@ mod tests {
     use crate::pci::config::PciIds;
     use std::sync::{Arc, Mutex};
 
+    type ConfigureLog = Arc<Mutex<Vec<(usize, Option<MsiMessage>)>>>;
+
     #[derive(Clone, Default)]
     struct Fake {
-        log: Arc<Mutex<Vec<(usize, Option<MsiMessage>)>>>,
+        log: ConfigureLog,
         fired: Arc<Mutex<Vec<usize>>>,
     }
     impl MsiVectors for Fake {

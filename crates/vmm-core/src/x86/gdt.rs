@@ -32,7 +32,7 @@ pub fn boot_gdt() -> [u64; 4] {
 
 /// Decodes a GDT entry into the form `KVM_SET_SREGS` takes.
 pub fn kvm_segment_from(entry: u64, selector: u16) -> kvm_segment {
-    let base = (((entry >> 16) & 0xff_ffff) | ((entry >> 32) & 0xff00_0000)) as u64;
+    let base = ((entry >> 16) & 0xff_ffff) | ((entry >> 32) & 0xff00_0000);
     let mut limit = ((entry & 0xffff) | ((entry >> 32) & 0xf_0000)) as u32;
     let g = (entry >> 55) & 1;
     if g == 1 {

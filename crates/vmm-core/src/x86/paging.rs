@@ -17,6 +17,8 @@ const PDPT_GPA: u64 = PML4_GPA + 0x1000;
 const PD_GPA: u64 = PML4_GPA + 0x2000;
 /// First byte after the page tables.
 pub const PAGE_TABLES_END: u64 = PD_GPA + 0x1000 * (4 + (layout::PCI_MMIO64_SIZE >> 30));
+// The tables must stay below the probe image at 1 MiB.
+const _: () = assert!(PAGE_TABLES_END <= 0x10_0000);
 
 const PRESENT: u64 = 1;
 const WRITABLE: u64 = 2;
@@ -75,6 +77,5 @@ mod tests {
             walk(layout::PCI_MMIO64_BASE + 0x1234),
             layout::PCI_MMIO64_BASE + 0x1234
         );
-        assert!(PAGE_TABLES_END <= 0x10_0000);
     }
 }
