@@ -27,7 +27,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Boot every [[vm]] of FILE (or only --vm NAME) and wait until all stop.
+    /// Boot every `[[vm]]` of FILE (or only --vm NAME) and wait until all stop.
     Run {
         /// Configuration file.
         file: PathBuf,
