@@ -383,3 +383,184 @@ impl DevicePio for PciWindowRouter {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::pci::config::{BarSpec, PciConfiguration, PciIds};
+    use crate::pci::BarMemory;
+
+    #[derive(Default)]
+    struct FakePlatform {
+        log: Arc<Mutex<Vec<String>>>,
+    }
+    impl PciPlatform for FakePlatform {
+        unsafe fn map_memory(&self, gpa: u64, _host: u64, len: u64) -> Result<u32> {
+            self.log
+                .lock()
+                .unwrap()
+                .push(format!("map {gpa:#x}+{len:#x}"));
+            Ok(7)
+        }
+        fn unmap_memory(&self, handle: u32) -> Result<()> {
+            self.log.lock().unwrap().push(format!("unmap {handle}"));
+            Ok(())
+        }
+        fn intx_line(&self, _gsi: u32) -> Box<dyn IntxLine> {
+            struct Nop;
+            impl IntxLine for Nop {
+                fn set_level(&self, _: bool) {}
+            }
+            Box::new(Nop)
+        }
+    }
+
+    struct Dev {
+        config: PciConfiguration,
+        reads: Vec<(usize, u64)>,
+    }
+    impl PciDevice for Dev {
+        fn config(&self) -> &PciConfiguration {
+            &self.config
+        }
+        fn config_mut(&mut self) -> &mut PciConfiguration {
+            &mut self.config
+        }
+        fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
+            self.reads.push((bar, offset));
+            data.fill(0x5a);
+        }
+        fn bar_write(&mut self, _: usize, _: u64, _: &[u8]) {}
+        fn bar_memory(&self, bar: usize) -> Option<BarMemory> {
+            (bar == 2).then_some(BarMemory {
+                host_addr: 0x7000_0000,
+                len: 1 << 20,
+            })
+        }
+    }
+
+    fn setup() -> (Arc<PciBus>, Arc<Mutex<Vec<String>>>, Arc<Mutex<Dev>>) {
+        let p = FakePlatform::default();
+        let log = p.log.clone();
+        let bus = Arc::new(PciBus::new(Box::new(p)));
+        let ids = PciIds {
+            vendor: 0x1af4,
+            device: 0x1110,
+            subsystem_vendor: 0,
+            subsystem: 0,
+            revision: 0,
+            class: 0x050000,
+        };
+        let mut config = PciConfiguration::new(ids, 1);
+        config
+            .add_bar(
+                0,
+                BarSpec {
+                    kind: BarKind::Mem32,
+                    size: 256,
+                },
+            )
+            .unwrap();
+        config
+            .add_bar(
+                2,
+                BarSpec {
+                    kind: BarKind::Mem64 { prefetchable: true },
+                    size: 1 << 20,
+                },
+            )
+            .unwrap();
+        let dev = Arc::new(Mutex::new(Dev {
+            config,
+            reads: Vec::new(),
+        }));
+        bus.add_device(dev.clone()).unwrap();
+        (bus, log, dev)
+    }
+
+    fn cfg_write(io: &PciConfigIo, dev: u32, reg: u32, v: u32) {
+        io.pio_write(
+            PioAddress(0xcf8),
+            0,
+            &(0x8000_0000 | dev << 11 | reg).to_le_bytes(),
+        );
+        io.pio_write(PioAddress(0xcf8), 4, &v.to_le_bytes());
+    }
+
+    fn cfg_read(io: &PciConfigIo, dev: u32, reg: u32) -> u32 {
+        io.pio_write(
+            PioAddress(0xcf8),
+            0,
+            &(0x8000_0000 | dev << 11 | reg).to_le_bytes(),
+        );
+        let mut d = [0u8; 4];
+        io.pio_read(PioAddress(0xcf8), 4, &mut d);
+        u32::from_le_bytes(d)
+    }
+
+    #[test]
+    fn firmware_assignment_maps_the_memory_bar() {
+        let (bus, log, _) = setup();
+        assert_eq!(bus.decoded_bar(1, 0), Some(layout::PCI_MMIO32_BASE));
+        assert_eq!(bus.decoded_bar(1, 2), Some(layout::PCI_MMIO64_BASE));
+        assert_eq!(
+            *log.lock().unwrap(),
+            vec![format!("map {:#x}+0x100000", layout::PCI_MMIO64_BASE)]
+        );
+    }
+
+    #[test]
+    fn hostile_bar_addresses_are_not_decoded() {
+        let (bus, log, _) = setup();
+        let io = PciConfigIo(bus.clone());
+        // Move the memory BAR onto guest RAM (2 MiB): outside the window.
+        cfg_write(&io, 1, 0x18, 0x20_000c);
+        cfg_write(&io, 1, 0x1c, 0);
+        assert_eq!(bus.decoded_bar(1, 2), None);
+        assert_eq!(log.lock().unwrap().last().unwrap(), "unmap 7");
+        // Just past the 64-bit window (addresses are masked to the BAR's
+        // 1 MiB alignment, so a BAR can only start inside or beyond it).
+        let top = layout::PCI_MMIO64_BASE + layout::PCI_MMIO64_SIZE;
+        cfg_write(&io, 1, 0x18, top as u32 | 0xc);
+        cfg_write(&io, 1, 0x1c, (top >> 32) as u32);
+        assert_eq!(
+            bus.decoded_bar(1, 2),
+            None,
+            "a BAR beyond the window is refused"
+        );
+        // Back inside: mapped again.
+        let ok = layout::PCI_MMIO64_BASE + (1 << 30);
+        cfg_write(&io, 1, 0x18, ok as u32 | 0xc);
+        cfg_write(&io, 1, 0x1c, (ok >> 32) as u32);
+        assert_eq!(bus.decoded_bar(1, 2), Some(ok));
+        // Memory decode off unmaps everything; on maps again.
+        cfg_write(&io, 1, 0x04, 0);
+        assert_eq!((bus.decoded_bar(1, 0), bus.decoded_bar(1, 2)), (None, None));
+        cfg_write(&io, 1, 0x04, 2);
+        assert_eq!(bus.decoded_bar(1, 2), Some(ok));
+    }
+
+    #[test]
+    fn absent_functions_and_odd_accesses_read_all_ones() {
+        let (bus, _, dev) = setup();
+        let io = PciConfigIo(bus.clone());
+        assert_eq!(cfg_read(&io, 5, 0), 0xffff_ffff, "empty slot");
+        io.pio_write(PioAddress(0xcf8), 0, &(0x8001_0800u32).to_le_bytes());
+        let mut d = [0u8; 4];
+        io.pio_read(PioAddress(0xcf8), 4, &mut d);
+        assert_eq!(d, [0xff; 4], "bus 1 does not exist");
+        assert_eq!(cfg_read(&io, 1, 0), 0x1110_1af4);
+        // A 4-byte access at CONFIG_DATA+2 would cross the dword: refused.
+        io.pio_write(PioAddress(0xcf8), 0, &(0x8000_0800u32).to_le_bytes());
+        io.pio_read(PioAddress(0xcf8), 6, &mut d);
+        assert_eq!(d, [0xff; 4]);
+        // Trapped BAR0 accesses reach the device with the offset in the BAR.
+        let r = PciWindowRouter(bus.clone());
+        let mut b = [0u8; 4];
+        r.mmio_read(MmioAddress(layout::PCI_MMIO32_BASE), 0x10, &mut b);
+        assert_eq!(b, [0x5a; 4]);
+        r.mmio_read(MmioAddress(layout::PCI_MMIO32_BASE), 0x100, &mut b);
+        assert_eq!(b, [0xff; 4], "past BAR0's 256 bytes");
+        assert_eq!(dev.lock().unwrap().reads, vec![(0, 0x10)]);
+    }
+}
