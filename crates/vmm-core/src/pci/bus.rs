@@ -390,9 +390,11 @@ mod tests {
     use crate::pci::config::{BarSpec, PciConfiguration, PciIds};
     use crate::pci::BarMemory;
 
+    type Log = Arc<Mutex<Vec<String>>>;
+
     #[derive(Default)]
     struct FakePlatform {
-        log: Arc<Mutex<Vec<String>>>,
+        log: Log,
     }
     impl PciPlatform for FakePlatform {
         unsafe fn map_memory(&self, gpa: u64, _host: u64, len: u64) -> Result<u32> {
@@ -439,7 +441,7 @@ mod tests {
         }
     }
 
-    fn setup() -> (Arc<PciBus>, Arc<Mutex<Vec<String>>>, Arc<Mutex<Dev>>) {
+    fn setup() -> (Arc<PciBus>, Log, Arc<Mutex<Dev>>) {
         let p = FakePlatform::default();
         let log = p.log.clone();
         let bus = Arc::new(PciBus::new(Box::new(p)));
