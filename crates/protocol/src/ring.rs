@@ -1,0 +1,926 @@
+//! The intervm shared-memory transport: one region, one ring per ordered
+//! pair of members.
+//!
+//! ```text
+//! offset 0        RegionHeader (one 4 KiB page): magic, version, geometry,
+//!                 member table (one cache line per member: state, heartbeat)
+//! offset 4096     ring (0 -> 1), ring (0 -> 2), ... ring (N-1 -> N-2)
+//!                 each ring: 256-byte header (head, tail, and two flag
+//!                 lines, each on its own cache line), then `ring_bytes` data
+//! ```
+//!
+//! A ring is a single-producer single-consumer byte stream. `head` and `tail`
+//! are free-running byte counters (published with release, read with
+//! acquire); data wraps around the end of the buffer. Each message is a
+//! frame: `len: u32, seq: u32, checksum: u64`, then the payload padded to 8
+//! bytes.
+//!
+//! Nothing read from shared memory is trusted: each side keeps its own copy
+//! of the index it owns, checks the peer's index against the ring capacity
+//! and alignment, checks frame lengths, copies the payload out before
+//! verifying its checksum and sequence number, and reports violations as
+//! [`RingError`]s instead of reading or writing out of bounds.
+
+use core::sync::atomic::{fence, AtomicU32, AtomicU64, Ordering};
+
+/// `RegionHeader::magic`: "IVMRING1".
+pub const REGION_MAGIC: u64 = u64::from_le_bytes(*b"IVMRING1");
+/// Layout version.
+pub const REGION_VERSION: u32 = 1;
+/// Most members a region can describe.
+pub const MAX_MEMBERS: u32 = 16;
+/// Size of the region header.
+pub const HEADER_BYTES: u64 = 4096;
+/// Size of each ring's header (four cache lines).
+pub const RING_HEADER_BYTES: u64 = 256;
+/// Size of a frame header.
+pub const FRAME_HEADER_BYTES: u64 = 16;
+/// Smallest ring data size.
+pub const MIN_RING_BYTES: u64 = 4096;
+
+const OFF_MAGIC: u64 = 0;
+const OFF_VERSION: u64 = 8;
+const OFF_MEMBERS: u64 = 12;
+const OFF_RING_BYTES: u64 = 16;
+const OFF_RING_STRIDE: u64 = 24;
+const OFF_REGION_SIZE: u64 = 32;
+const OFF_MEMBER_TABLE: u64 = 256;
+const MEMBER_ENTRY: u64 = 64;
+
+const RING_HEAD: u64 = 0;
+const RING_TAIL: u64 = 64;
+/// Offset of the producer's flag line (used by adaptive notification).
+pub const RING_PRODUCER_FLAGS: u64 = 128;
+/// Offset of the consumer's flag line (used by adaptive notification).
+pub const RING_CONSUMER_FLAGS: u64 = 192;
+
+/// State of a member in the member table.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemberState {
+    /// Nobody has joined in this slot.
+    Absent = 0,
+    /// Joined and running.
+    Alive = 1,
+    /// Left or died (written by its VMM, or by a peer that saw its
+    /// heartbeat stop).
+    Gone = 2,
+}
+
+impl MemberState {
+    fn from_u32(v: u32) -> Option<Self> {
+        match v {
+            0 => Some(Self::Absent),
+            1 => Some(Self::Alive),
+            2 => Some(Self::Gone),
+            _ => None,
+        }
+    }
+}
+
+/// Everything that can go wrong with a region or a ring.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RingError {
+    /// The region is too small for the requested geometry.
+    RegionTooSmall {
+        /// Bytes needed.
+        needed: u64,
+        /// Bytes available.
+        have: u64,
+    },
+    /// Bad geometry (members out of range, ring size not a power of two).
+    BadGeometry,
+    /// The header's magic or version does not match.
+    NotInitialized,
+    /// A member index out of range, or sending to oneself.
+    BadMember(u32),
+    /// The peer's index is impossible: ahead of ours by more than the
+    /// capacity, or misaligned. Carries the value read.
+    CorruptIndex(u64),
+    /// A frame header announces a length that cannot be in the ring.
+    CorruptLength(u32),
+    /// The payload does not match its checksum.
+    BadChecksum {
+        /// Sequence number of the frame.
+        seq: u32,
+    },
+    /// A frame arrived out of order (lost, duplicated or forged).
+    BadSequence {
+        /// Expected sequence number.
+        expected: u32,
+        /// Sequence number found.
+        found: u32,
+    },
+    /// The message does not fit in an empty ring, or the receive buffer is
+    /// too small for the next frame (needed bytes given).
+    TooLarge(u64),
+    /// The peer left or died.
+    PeerGone(u32),
+}
+
+impl RingError {
+    /// A small stable number for reporting errors through a port or exit code.
+    pub fn code(&self) -> u64 {
+        match self {
+            RingError::RegionTooSmall { .. } => 1,
+            RingError::BadGeometry => 2,
+            RingError::NotInitialized => 3,
+            RingError::BadMember(_) => 4,
+            RingError::CorruptIndex(_) => 5,
+            RingError::CorruptLength(_) => 6,
+            RingError::BadChecksum { .. } => 7,
+            RingError::BadSequence { .. } => 8,
+            RingError::TooLarge(_) => 9,
+            RingError::PeerGone(_) => 10,
+        }
+    }
+}
+
+/// The geometry of a region, as read from (or written to) its header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Geometry {
+    /// Number of member slots.
+    pub members: u32,
+    /// Data bytes per ring (power of two).
+    pub ring_bytes: u64,
+}
+
+impl Geometry {
+    /// Distance between consecutive rings.
+    pub const fn ring_stride(&self) -> u64 {
+        (RING_HEADER_BYTES + self.ring_bytes).next_multiple_of(4096)
+    }
+
+    /// Number of rings (one per ordered pair).
+    pub const fn ring_count(&self) -> u64 {
+        self.members as u64 * (self.members as u64 - 1)
+    }
+
+    /// Region bytes this geometry needs.
+    pub const fn region_bytes(&self) -> u64 {
+        HEADER_BYTES + self.ring_count() * self.ring_stride()
+    }
+
+    /// Largest payload one frame can carry.
+    pub const fn max_payload(&self) -> u64 {
+        self.ring_bytes - FRAME_HEADER_BYTES
+    }
+
+    /// The largest ring size that fits `members` into `region_bytes`.
+    pub fn fit(members: u32, region_bytes: u64) -> Result<Self, RingError> {
+        if !(2..=MAX_MEMBERS).contains(&members) {
+            return Err(RingError::BadGeometry);
+        }
+        let rings = members as u64 * (members as u64 - 1);
+        let per = region_bytes.saturating_sub(HEADER_BYTES) / rings;
+        let mut ring_bytes = 1u64 << (63 - per.max(1).leading_zeros());
+        while ring_bytes >= MIN_RING_BYTES
+            && (Geometry {
+                members,
+                ring_bytes,
+            })
+            .region_bytes()
+                > region_bytes
+        {
+            ring_bytes /= 2;
+        }
+        if ring_bytes < MIN_RING_BYTES {
+            let needed = (Geometry {
+                members,
+                ring_bytes: MIN_RING_BYTES,
+            })
+            .region_bytes();
+            return Err(RingError::RegionTooSmall {
+                needed,
+                have: region_bytes,
+            });
+        }
+        Ok(Geometry {
+            members,
+            ring_bytes,
+        })
+    }
+
+    fn ring_index(&self, from: u32, to: u32) -> Result<u64, RingError> {
+        if from >= self.members {
+            return Err(RingError::BadMember(from));
+        }
+        if to >= self.members || to == from {
+            return Err(RingError::BadMember(to));
+        }
+        let to_slot = if to < from { to } else { to - 1 };
+        Ok(from as u64 * (self.members as u64 - 1) + to_slot as u64)
+    }
+}
+
+/// Fletcher-style 64-bit checksum: fast (one add chain per 8 bytes), order
+/// sensitive, and different for different lengths.
+pub fn checksum(data: &[u8]) -> u64 {
+    let mut a: u64 = 0x9e37_79b9_7f4a_7c15;
+    let mut b: u64 = data.len() as u64;
+    let mut chunks = data.chunks_exact(8);
+    for c in &mut chunks {
+        let w = u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
+        a = a.wrapping_add(w);
+        b = b.wrapping_add(a);
+    }
+    let rest = chunks.remainder();
+    if !rest.is_empty() {
+        let mut w = [0u8; 8];
+        w[..rest.len()].copy_from_slice(rest);
+        a = a.wrapping_add(u64::from_le_bytes(w));
+        b = b.wrapping_add(a);
+    }
+    a ^ b.rotate_left(32)
+}
+
+/// Folds a frame checksum into a running stream checksum.
+pub fn fold(stream: u64, frame: u64) -> u64 {
+    stream.rotate_left(7) ^ frame
+}
+
+/// A mapped region. All accesses go through raw pointers; the region may be
+/// written concurrently by other VMs.
+#[derive(Clone, Copy, Debug)]
+pub struct Region {
+    base: *mut u8,
+    len: u64,
+}
+
+// SAFETY: Region is a pointer to shared memory accessed only with atomics
+// and raw copies; moving it between threads is as safe as the mapping.
+unsafe impl Send for Region {}
+// SAFETY: as above; all shared state is accessed atomically or copied.
+unsafe impl Sync for Region {}
+
+impl Region {
+    /// Wraps `len` bytes at `base`.
+    ///
+    /// # Safety
+    /// `base..base+len` must be mapped readable and writable, 4 KiB aligned,
+    /// for as long as the `Region` (and anything made from it) is used.
+    pub unsafe fn new(base: *mut u8, len: u64) -> Self {
+        Self { base, len }
+    }
+
+    /// Region size in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// True for a zero-sized region.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    fn u64_at(&self, off: u64) -> &AtomicU64 {
+        debug_assert!(off + 8 <= self.len && off.is_multiple_of(8));
+        // SAFETY: every caller passes an offset checked against the
+        // geometry, which was checked against `len`; alignment holds since
+        // the base is page aligned and offsets are multiples of 8.
+        unsafe { &*(self.base.add(off as usize) as *const AtomicU64) }
+    }
+
+    fn u32_at(&self, off: u64) -> &AtomicU32 {
+        debug_assert!(off + 4 <= self.len && off.is_multiple_of(4));
+        // SAFETY: as for `u64_at`.
+        unsafe { &*(self.base.add(off as usize) as *const AtomicU32) }
+    }
+
+    /// Writes a fresh header for `geo` (host side, before any member runs).
+    /// Rings start empty and every member slot `Absent`.
+    pub fn init(&self, geo: Geometry) -> Result<(), RingError> {
+        if !(2..=MAX_MEMBERS).contains(&geo.members)
+            || !geo.ring_bytes.is_power_of_two()
+            || geo.ring_bytes < MIN_RING_BYTES
+        {
+            return Err(RingError::BadGeometry);
+        }
+        if geo.region_bytes() > self.len {
+            return Err(RingError::RegionTooSmall {
+                needed: geo.region_bytes(),
+                have: self.len,
+            });
+        }
+        self.u64_at(OFF_MAGIC).store(0, Ordering::SeqCst);
+        self.u32_at(OFF_VERSION)
+            .store(REGION_VERSION, Ordering::Relaxed);
+        self.u32_at(OFF_MEMBERS)
+            .store(geo.members, Ordering::Relaxed);
+        self.u64_at(OFF_RING_BYTES)
+            .store(geo.ring_bytes, Ordering::Relaxed);
+        self.u64_at(OFF_RING_STRIDE)
+            .store(geo.ring_stride(), Ordering::Relaxed);
+        self.u64_at(OFF_REGION_SIZE)
+            .store(self.len, Ordering::Relaxed);
+        for m in 0..MAX_MEMBERS as u64 {
+            self.u32_at(OFF_MEMBER_TABLE + m * MEMBER_ENTRY)
+                .store(0, Ordering::Relaxed);
+            self.u64_at(OFF_MEMBER_TABLE + m * MEMBER_ENTRY + 8)
+                .store(0, Ordering::Relaxed);
+        }
+        for r in 0..geo.ring_count() {
+            let base = HEADER_BYTES + r * geo.ring_stride();
+            for line in [
+                RING_HEAD,
+                RING_TAIL,
+                RING_PRODUCER_FLAGS,
+                RING_CONSUMER_FLAGS,
+            ] {
+                self.u64_at(base + line).store(0, Ordering::Relaxed);
+            }
+        }
+        self.u64_at(OFF_MAGIC)
+            .store(REGION_MAGIC, Ordering::Release);
+        Ok(())
+    }
+
+    /// Reads and checks the header (guest side). Never trusts it beyond
+    /// what fits in this mapping.
+    pub fn geometry(&self) -> Result<Geometry, RingError> {
+        if self.len < HEADER_BYTES {
+            return Err(RingError::RegionTooSmall {
+                needed: HEADER_BYTES,
+                have: self.len,
+            });
+        }
+        if self.u64_at(OFF_MAGIC).load(Ordering::Acquire) != REGION_MAGIC
+            || self.u32_at(OFF_VERSION).load(Ordering::Relaxed) != REGION_VERSION
+        {
+            return Err(RingError::NotInitialized);
+        }
+        let geo = Geometry {
+            members: self.u32_at(OFF_MEMBERS).load(Ordering::Relaxed),
+            ring_bytes: self.u64_at(OFF_RING_BYTES).load(Ordering::Relaxed),
+        };
+        if !(2..=MAX_MEMBERS).contains(&geo.members)
+            || !geo.ring_bytes.is_power_of_two()
+            || geo.ring_bytes < MIN_RING_BYTES
+            || geo.ring_bytes > self.len
+        {
+            return Err(RingError::BadGeometry);
+        }
+        if geo.region_bytes() > self.len {
+            return Err(RingError::RegionTooSmall {
+                needed: geo.region_bytes(),
+                have: self.len,
+            });
+        }
+        Ok(geo)
+    }
+
+    fn member_off(&self, geo: &Geometry, m: u32) -> Result<u64, RingError> {
+        if m >= geo.members {
+            return Err(RingError::BadMember(m));
+        }
+        Ok(OFF_MEMBER_TABLE + m as u64 * MEMBER_ENTRY)
+    }
+
+    /// Sets member `m`'s state.
+    pub fn set_member_state(
+        &self,
+        geo: &Geometry,
+        m: u32,
+        s: MemberState,
+    ) -> Result<(), RingError> {
+        let off = self.member_off(geo, m)?;
+        self.u32_at(off).store(s as u32, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Member `m`'s state (an unknown value reads as `Gone`).
+    pub fn member_state(&self, geo: &Geometry, m: u32) -> Result<MemberState, RingError> {
+        let off = self.member_off(geo, m)?;
+        Ok(
+            MemberState::from_u32(self.u32_at(off).load(Ordering::SeqCst))
+                .unwrap_or(MemberState::Gone),
+        )
+    }
+
+    /// Stores member `m`'s heartbeat (its VMM writes a clock value).
+    pub fn set_heartbeat(&self, geo: &Geometry, m: u32, v: u64) -> Result<(), RingError> {
+        let off = self.member_off(geo, m)?;
+        self.u64_at(off + 8).store(v, Ordering::Release);
+        Ok(())
+    }
+
+    /// Member `m`'s heartbeat.
+    pub fn heartbeat(&self, geo: &Geometry, m: u32) -> Result<u64, RingError> {
+        let off = self.member_off(geo, m)?;
+        Ok(self.u64_at(off + 8).load(Ordering::Acquire))
+    }
+
+    /// Byte offset of the ring `from -> to` (its header).
+    pub fn ring_offset(&self, geo: &Geometry, from: u32, to: u32) -> Result<u64, RingError> {
+        Ok(HEADER_BYTES + geo.ring_index(from, to)? * geo.ring_stride())
+    }
+
+    /// The sending end of ring `from -> to`. Resumes from the ring's current
+    /// head (the producer's own index).
+    pub fn producer(&self, geo: Geometry, from: u32, to: u32) -> Result<Producer, RingError> {
+        let off = self.ring_offset(&geo, from, to)?;
+        let head = self.u64_at(off + RING_HEAD).load(Ordering::Acquire);
+        Ok(Producer {
+            ring: RingRef {
+                region: *self,
+                off,
+                geo,
+            },
+            head,
+            seq: 0,
+            peer: to,
+        })
+    }
+
+    /// The receiving end of ring `from -> to`.
+    pub fn consumer(&self, geo: Geometry, from: u32, to: u32) -> Result<Consumer, RingError> {
+        let off = self.ring_offset(&geo, from, to)?;
+        let tail = self.u64_at(off + RING_TAIL).load(Ordering::Acquire);
+        Ok(Consumer {
+            ring: RingRef {
+                region: *self,
+                off,
+                geo,
+            },
+            tail,
+            seq: 0,
+            peer: from,
+        })
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+struct RingRef {
+    region: Region,
+    off: u64,
+    geo: Geometry,
+}
+
+impl RingRef {
+    fn head(&self) -> &AtomicU64 {
+        self.region.u64_at(self.off + RING_HEAD)
+    }
+    fn tail(&self) -> &AtomicU64 {
+        self.region.u64_at(self.off + RING_TAIL)
+    }
+    fn data(&self) -> *mut u8 {
+        // SAFETY: the ring lies inside the region (checked by `geometry`/`init`).
+        unsafe {
+            self.region
+                .base
+                .add((self.off + RING_HEADER_BYTES) as usize)
+        }
+    }
+
+    /// Copies `src` into the ring at stream position `pos` (wrapping).
+    fn write_at(&self, pos: u64, src: &[u8]) {
+        let cap = self.geo.ring_bytes;
+        let start = pos & (cap - 1);
+        let first = (cap - start).min(src.len() as u64) as usize;
+        // SAFETY: start + first <= cap and the rest (< cap) wraps to 0; the
+        // data area is `cap` bytes inside the region. The peer may read
+        // concurrently; it validates what it reads.
+        unsafe {
+            core::ptr::copy_nonoverlapping(src.as_ptr(), self.data().add(start as usize), first);
+            core::ptr::copy_nonoverlapping(src.as_ptr().add(first), self.data(), src.len() - first);
+        }
+    }
+
+    /// Copies from the ring at stream position `pos` into `dst` (wrapping).
+    fn read_at(&self, pos: u64, dst: &mut [u8]) {
+        let cap = self.geo.ring_bytes;
+        let start = pos & (cap - 1);
+        let first = (cap - start).min(dst.len() as u64) as usize;
+        // SAFETY: as for `write_at`; the copy is validated by the caller.
+        unsafe {
+            core::ptr::copy_nonoverlapping(
+                self.data().add(start as usize),
+                dst.as_mut_ptr(),
+                first,
+            );
+            core::ptr::copy_nonoverlapping(
+                self.data(),
+                dst.as_mut_ptr().add(first),
+                dst.len() - first,
+            );
+        }
+    }
+}
+
+fn frame_bytes(len: u64) -> u64 {
+    FRAME_HEADER_BYTES + len.next_multiple_of(8)
+}
+
+/// The sending end of one ring.
+#[derive(Debug)]
+pub struct Producer {
+    ring: RingRef,
+    head: u64,
+    seq: u32,
+    peer: u32,
+}
+
+impl Producer {
+    /// Member this producer sends to.
+    pub fn peer(&self) -> u32 {
+        self.peer
+    }
+
+    /// Largest message this ring takes.
+    pub fn max_message(&self) -> u64 {
+        self.ring.geo.max_payload()
+    }
+
+    /// Free bytes in the ring (for frames, including their headers).
+    pub fn free(&self) -> Result<u64, RingError> {
+        let tail = self.ring.tail().load(Ordering::Acquire);
+        let used = self.head.wrapping_sub(tail);
+        if used > self.ring.geo.ring_bytes || !used.is_multiple_of(8) {
+            return Err(RingError::CorruptIndex(tail));
+        }
+        Ok(self.ring.geo.ring_bytes - used)
+    }
+
+    /// Sends `msg` as one frame if there is room; `Ok(false)` when full.
+    /// Returns the frame's checksum through `sum` for stream accounting.
+    pub fn try_send(&mut self, msg: &[u8]) -> Result<Option<u64>, RingError> {
+        let need = frame_bytes(msg.len() as u64);
+        if msg.len() as u64 > self.max_message() {
+            return Err(RingError::TooLarge(msg.len() as u64));
+        }
+        if self.free()? < need {
+            return Ok(None);
+        }
+        let sum = checksum(msg);
+        let mut hdr = [0u8; 16];
+        hdr[..4].copy_from_slice(&(msg.len() as u32).to_le_bytes());
+        hdr[4..8].copy_from_slice(&self.seq.to_le_bytes());
+        hdr[8..].copy_from_slice(&sum.to_le_bytes());
+        self.ring.write_at(self.head, &hdr);
+        self.ring.write_at(self.head + FRAME_HEADER_BYTES, msg);
+        self.head = self.head.wrapping_add(need);
+        self.seq = self.seq.wrapping_add(1);
+        self.ring.head().store(self.head, Ordering::Release);
+        Ok(Some(sum))
+    }
+}
+
+/// The receiving end of one ring.
+#[derive(Debug)]
+pub struct Consumer {
+    ring: RingRef,
+    tail: u64,
+    seq: u32,
+    peer: u32,
+}
+
+impl Consumer {
+    /// Member this consumer receives from.
+    pub fn peer(&self) -> u32 {
+        self.peer
+    }
+
+    /// Bytes published by the producer and not yet consumed.
+    pub fn available(&self) -> Result<u64, RingError> {
+        let head = self.ring.head().load(Ordering::Acquire);
+        let avail = head.wrapping_sub(self.tail);
+        if avail > self.ring.geo.ring_bytes || !avail.is_multiple_of(8) {
+            return Err(RingError::CorruptIndex(head));
+        }
+        Ok(avail)
+    }
+
+    /// Receives the next frame into `out` if one is there. Returns the
+    /// payload length and checksum. The payload is checked after it was
+    /// copied, so the peer cannot change it between check and use.
+    pub fn try_recv(&mut self, out: &mut [u8]) -> Result<Option<(usize, u64)>, RingError> {
+        let avail = self.available()?;
+        if avail < FRAME_HEADER_BYTES {
+            return Ok(None);
+        }
+        let mut hdr = [0u8; 16];
+        self.ring.read_at(self.tail, &mut hdr);
+        let len = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
+        let seq = u32::from_le_bytes([hdr[4], hdr[5], hdr[6], hdr[7]]);
+        let sum = u64::from_le_bytes([
+            hdr[8], hdr[9], hdr[10], hdr[11], hdr[12], hdr[13], hdr[14], hdr[15],
+        ]);
+        let need = frame_bytes(len as u64);
+        if len as u64 > self.ring.geo.max_payload() || need > avail {
+            return Err(RingError::CorruptLength(len));
+        }
+        if len as usize > out.len() {
+            return Err(RingError::TooLarge(len as u64));
+        }
+        if seq != self.seq {
+            return Err(RingError::BadSequence {
+                expected: self.seq,
+                found: seq,
+            });
+        }
+        let dst = &mut out[..len as usize];
+        self.ring.read_at(self.tail + FRAME_HEADER_BYTES, dst);
+        fence(Ordering::Acquire);
+        if checksum(dst) != sum {
+            return Err(RingError::BadChecksum { seq });
+        }
+        self.tail = self.tail.wrapping_add(need);
+        self.seq = self.seq.wrapping_add(1);
+        self.ring.tail().store(self.tail, Ordering::Release);
+        Ok(Some((len as usize, sum)))
+    }
+}
+
+/// Watches a peer's liveness from its member-table entry while waiting.
+///
+/// Call [`Liveness::check`] now and then from a wait loop with a clock in
+/// milliseconds (the TSC in a guest, `Instant` on the host). The peer is
+/// declared gone when its VMM marked it `Gone`, or when its heartbeat did
+/// not move for `timeout_ms` while we were waiting.
+#[derive(Clone, Copy, Debug)]
+pub struct Liveness {
+    peer: u32,
+    timeout_ms: u64,
+    last_beat: u64,
+    since_ms: u64,
+}
+
+impl Liveness {
+    /// Starts watching `peer` at time `now_ms`.
+    pub fn new(region: &Region, geo: &Geometry, peer: u32, timeout_ms: u64, now_ms: u64) -> Self {
+        let last_beat = region.heartbeat(geo, peer).unwrap_or(0);
+        Self {
+            peer,
+            timeout_ms,
+            last_beat,
+            since_ms: now_ms,
+        }
+    }
+
+    /// Notes that progress was made (resets the stall timer).
+    pub fn progressed(&mut self, now_ms: u64) {
+        self.since_ms = now_ms;
+    }
+
+    /// `Err(PeerGone)` when the peer is gone or stalled.
+    pub fn check(&mut self, region: &Region, geo: &Geometry, now_ms: u64) -> Result<(), RingError> {
+        if region.member_state(geo, self.peer)? == MemberState::Gone {
+            return Err(RingError::PeerGone(self.peer));
+        }
+        let beat = region.heartbeat(geo, self.peer)?;
+        if beat != self.last_beat {
+            self.last_beat = beat;
+            self.since_ms = now_ms;
+            return Ok(());
+        }
+        if now_ms.saturating_sub(self.since_ms) > self.timeout_ms {
+            return Err(RingError::PeerGone(self.peer));
+        }
+        Ok(())
+    }
+}
+
+/// Deterministic test payload: byte `i` of the stream seeded by `seed`.
+/// Fills `buf` with the bytes at stream offset `pos`.
+pub fn fill_pattern(seed: u64, pos: u64, buf: &mut [u8]) {
+    // A counter hashed per 8-byte word (splitmix64), cheap and position
+    // addressable, so any chunk can be generated independently.
+    let mut i = 0usize;
+    while i < buf.len() {
+        let word = (pos + i as u64) / 8;
+        let mut z = seed.wrapping_add(word.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^= z >> 31;
+        let bytes = z.to_le_bytes();
+        let skip = ((pos + i as u64) % 8) as usize;
+        let n = (8 - skip).min(buf.len() - i);
+        buf[i..i + n].copy_from_slice(&bytes[skip..skip + n]);
+        i += n;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    extern crate std;
+    use super::*;
+    use std::vec;
+    use std::vec::Vec;
+
+    struct Mem(Vec<u64>);
+    impl Mem {
+        fn new(bytes: usize) -> Self {
+            Mem(vec![0u64; bytes / 8])
+        }
+        fn region(&mut self) -> Region {
+            // SAFETY: the Vec outlives the region in each test; u64 storage
+            // gives 8-byte alignment, which is all the ring code relies on here.
+            unsafe { Region::new(self.0.as_mut_ptr() as *mut u8, (self.0.len() * 8) as u64) }
+        }
+    }
+
+    fn setup(members: u32, bytes: usize) -> (Mem, Region, Geometry) {
+        let mut m = Mem::new(bytes);
+        let r = m.region();
+        let geo = Geometry::fit(members, bytes as u64).unwrap();
+        r.init(geo).unwrap();
+        (m, r, geo)
+    }
+
+    #[test]
+    fn geometry_fits_the_region() {
+        let g = Geometry::fit(2, 1 << 20).unwrap();
+        assert!(g.region_bytes() <= 1 << 20);
+        assert!(g.ring_bytes >= 256 << 10);
+        let g4 = Geometry::fit(4, 1 << 20).unwrap();
+        assert_eq!(g4.ring_count(), 12);
+        assert!(g4.region_bytes() <= 1 << 20);
+        assert!(matches!(
+            Geometry::fit(16, 64 << 10),
+            Err(RingError::RegionTooSmall { .. })
+        ));
+        assert_eq!(Geometry::fit(1, 1 << 20), Err(RingError::BadGeometry));
+        assert_eq!(g4.ring_index(1, 1), Err(RingError::BadMember(1)));
+        assert_eq!(g4.ring_index(3, 2).unwrap(), 3 * 3 + 2);
+    }
+
+    #[test]
+    fn uninitialised_or_lying_headers_are_refused() {
+        let mut m = Mem::new(1 << 16);
+        let r = m.region();
+        assert_eq!(r.geometry(), Err(RingError::NotInitialized));
+        let geo = Geometry::fit(2, 1 << 16).unwrap();
+        r.init(geo).unwrap();
+        assert_eq!(r.geometry(), Ok(geo));
+        // A member claims rings far larger than the mapping.
+        r.u64_at(OFF_RING_BYTES).store(1 << 40, Ordering::SeqCst);
+        assert_eq!(r.geometry(), Err(RingError::BadGeometry));
+        r.u64_at(OFF_RING_BYTES).store(3 << 12, Ordering::SeqCst);
+        assert_eq!(r.geometry(), Err(RingError::BadGeometry));
+    }
+
+    #[test]
+    fn frames_round_trip_across_the_wrap() {
+        let (_m, r, geo) = setup(2, 64 << 10);
+        let mut p = r.producer(geo, 0, 1).unwrap();
+        let mut c = r.consumer(geo, 0, 1).unwrap();
+        let mut out = vec![0u8; geo.max_payload() as usize];
+        let mut pos = 0u64;
+        for i in 0..500u64 {
+            let len = (i * 7919 % 9000 + 1) as usize;
+            let mut msg = vec![0u8; len];
+            fill_pattern(42, pos, &mut msg);
+            let sent = p.try_send(&msg).unwrap().expect("room after draining");
+            let (n, sum) = c.try_recv(&mut out).unwrap().expect("frame");
+            assert_eq!((n, sum), (len, sent));
+            assert_eq!(&out[..n], &msg[..]);
+            pos += len as u64;
+        }
+        assert_eq!(c.try_recv(&mut out).unwrap(), None);
+    }
+
+    #[test]
+    fn full_ring_applies_backpressure() {
+        let (_m, r, geo) = setup(2, 5 * 4096);
+        let mut p = r.producer(geo, 0, 1).unwrap();
+        let msg = vec![1u8; 1000];
+        let mut sent = 0;
+        while p.try_send(&msg).unwrap().is_some() {
+            sent += 1;
+        }
+        assert_eq!(sent, geo.ring_bytes / frame_bytes(1000));
+        let mut c = r.consumer(geo, 0, 1).unwrap();
+        let mut out = vec![0u8; 1000];
+        c.try_recv(&mut out).unwrap().unwrap();
+        assert!(
+            p.try_send(&msg).unwrap().is_some(),
+            "room again after one receive"
+        );
+        assert_eq!(
+            p.try_send(&vec![0; geo.ring_bytes as usize]),
+            Err(RingError::TooLarge(geo.ring_bytes))
+        );
+    }
+
+    #[test]
+    fn hostile_indices_lengths_and_payloads_are_detected() {
+        let (_m, r, geo) = setup(2, 64 << 10);
+        let off = r.ring_offset(&geo, 0, 1).unwrap();
+        let mut c = r.consumer(geo, 0, 1).unwrap();
+        let mut out = vec![0u8; 4096];
+        // Head far ahead of tail.
+        r.u64_at(off + RING_HEAD).store(1 << 40, Ordering::SeqCst);
+        assert_eq!(c.try_recv(&mut out), Err(RingError::CorruptIndex(1 << 40)));
+        // Misaligned head.
+        r.u64_at(off + RING_HEAD).store(20, Ordering::SeqCst);
+        assert_eq!(c.try_recv(&mut out), Err(RingError::CorruptIndex(20)));
+        // A frame announcing more than is published.
+        r.u64_at(off + RING_HEAD).store(0, Ordering::SeqCst);
+        let mut p = r.producer(geo, 0, 1).unwrap();
+        p.try_send(b"hello, peer").unwrap().unwrap();
+        let data = off + RING_HEADER_BYTES;
+        r.u32_at(data).store(60_000, Ordering::SeqCst);
+        assert_eq!(c.try_recv(&mut out), Err(RingError::CorruptLength(60_000)));
+        // Right length, flipped payload byte.
+        r.u32_at(data).store(11, Ordering::SeqCst);
+        let w = r.u64_at(data + 16);
+        w.store(w.load(Ordering::SeqCst) ^ 1, Ordering::SeqCst);
+        assert_eq!(c.try_recv(&mut out), Err(RingError::BadChecksum { seq: 0 }));
+        // The producer refuses a tail that runs ahead of its head.
+        r.u64_at(off + RING_TAIL)
+            .store(4096 * 1024, Ordering::SeqCst);
+        assert!(matches!(p.try_send(b"x"), Err(RingError::CorruptIndex(_))));
+    }
+
+    #[test]
+    fn replayed_frames_break_the_sequence() {
+        let (_m, r, geo) = setup(2, 64 << 10);
+        let mut p = r.producer(geo, 0, 1).unwrap();
+        let mut c = r.consumer(geo, 0, 1).unwrap();
+        let mut out = vec![0u8; 64];
+        p.try_send(b"first").unwrap().unwrap();
+        c.try_recv(&mut out).unwrap().unwrap();
+        // Rewind the tail by one frame: the same frame shows up again.
+        let off = r.ring_offset(&geo, 0, 1).unwrap();
+        let mut c2 = r.consumer(geo, 0, 1).unwrap();
+        c2.seq = 1;
+        c2.tail = 0;
+        r.u64_at(off + RING_TAIL).store(0, Ordering::SeqCst);
+        assert_eq!(
+            c2.try_recv(&mut out),
+            Err(RingError::BadSequence {
+                expected: 1,
+                found: 0
+            })
+        );
+    }
+
+    #[test]
+    fn liveness_reports_gone_and_stalled_peers() {
+        let (_m, r, geo) = setup(3, 64 << 10);
+        r.set_member_state(&geo, 1, MemberState::Alive).unwrap();
+        let mut l = Liveness::new(&r, &geo, 1, 100, 0);
+        assert_eq!(l.check(&r, &geo, 50), Ok(()));
+        r.set_heartbeat(&geo, 1, 7).unwrap();
+        assert_eq!(l.check(&r, &geo, 120), Ok(()), "heartbeat moved");
+        assert_eq!(l.check(&r, &geo, 200), Ok(()));
+        assert_eq!(
+            l.check(&r, &geo, 221),
+            Err(RingError::PeerGone(1)),
+            "stalled 101 ms"
+        );
+        let mut l2 = Liveness::new(&r, &geo, 2, 1000, 0);
+        r.set_member_state(&geo, 2, MemberState::Gone).unwrap();
+        assert_eq!(l2.check(&r, &geo, 1), Err(RingError::PeerGone(2)));
+        assert_eq!(r.member_state(&geo, 9), Err(RingError::BadMember(9)));
+    }
+
+    #[test]
+    fn threads_stream_a_checksummed_payload() {
+        let (m, r, geo) = setup(2, 256 << 10);
+        const TOTAL: u64 = 16 << 20;
+        let sender = std::thread::spawn(move || {
+            let mut p = r.producer(geo, 0, 1).unwrap();
+            let mut buf = vec![0u8; 16 << 10];
+            let (mut pos, mut stream) = (0u64, 0u64);
+            while pos < TOTAL {
+                let n = buf.len().min((TOTAL - pos) as usize);
+                fill_pattern(7, pos, &mut buf[..n]);
+                loop {
+                    if let Some(sum) = p.try_send(&buf[..n]).unwrap() {
+                        stream = fold(stream, sum);
+                        break;
+                    }
+                    std::hint::spin_loop();
+                }
+                pos += n as u64;
+            }
+            stream
+        });
+        let mut c = r.consumer(geo, 0, 1).unwrap();
+        let mut out = vec![0u8; 64 << 10];
+        let mut expect = vec![0u8; 64 << 10];
+        let (mut pos, mut stream) = (0u64, 0u64);
+        while pos < TOTAL {
+            if let Some((n, sum)) = c.try_recv(&mut out).unwrap() {
+                fill_pattern(7, pos, &mut expect[..n]);
+                assert_eq!(out[..n], expect[..n], "payload at {pos}");
+                stream = fold(stream, sum);
+                pos += n as u64;
+            }
+        }
+        assert_eq!(sender.join().unwrap(), stream);
+        drop(m);
+    }
+
+    #[test]
+    fn pattern_is_position_addressable() {
+        let mut whole = [0u8; 64];
+        fill_pattern(3, 100, &mut whole);
+        let mut part = [0u8; 13];
+        fill_pattern(3, 100 + 21, &mut part);
+        assert_eq!(&whole[21..34], &part[..]);
+        assert_ne!(checksum(&whole[..8]), checksum(&whole[..9]));
+        assert_ne!(checksum(b"ab"), checksum(b"ba"));
+    }
+}
