@@ -78,6 +78,14 @@ pub enum Workload {
     /// 13 (#GP, non-canonical address) or 14 (#PF, unmapped address); 255
     /// triple-faults instead (the VMM sees a shutdown).
     Fault = 7,
+    /// Send over the shared-memory ring transport at CPL3, polling BAR2 of
+    /// an ivshmem device. Arguments in [`shmem_args`], results in
+    /// [`results`] (`SHM_*`).
+    ShmemSend = 8,
+    /// Receive over the shared-memory ring transport from every member in
+    /// the peer bitmask, polling. Arguments in [`shmem_args`], results in
+    /// [`results`] (`SHM_*`, one record per peer).
+    ShmemRecv = 9,
 }
 
 impl Workload {
@@ -91,6 +99,8 @@ impl Workload {
             5 => Self::IntxWait,
             6 => Self::BarMove,
             7 => Self::Fault,
+            8 => Self::ShmemSend,
+            9 => Self::ShmemRecv,
             _ => return None,
         })
     }
@@ -110,6 +120,32 @@ pub enum State {
     /// The workload finished; results are final.
     Done = 3,
 }
+
+/// Argument slots of [`Workload::ShmemSend`] and [`Workload::ShmemRecv`].
+pub mod shmem_args {
+    /// Which ivshmem function to use: the n-th `1af4:1110` on bus 0.
+    pub const DEVICE_INDEX: usize = 0;
+    /// This VM's member index in the channel.
+    pub const ME: usize = 1;
+    /// Send: the receiving member. Receive: bitmask of sending members.
+    pub const PEERS: usize = 2;
+    /// Bytes to send (send) or to receive from each peer (receive).
+    pub const BYTES: usize = 3;
+    /// Send: payload bytes per frame. Receive: buffer size (largest frame).
+    pub const CHUNK: usize = 4;
+    /// Seed of the payload pattern (`ring::fill_pattern`).
+    pub const SEED: usize = 5;
+    /// A peer whose heartbeat does not move for this long is gone.
+    pub const TIMEOUT_MS: usize = 6;
+    /// [`super::SHMEM_CORRUPT_HEAD`] and friends.
+    pub const FLAGS: usize = 7;
+    /// How long to wait for peers to join before giving up.
+    pub const JOIN_TIMEOUT_MS: usize = 8;
+}
+
+/// `shmem_args::FLAGS` bit: the sender behaves like a hostile guest and,
+/// after sending half its bytes, writes an impossible head index.
+pub const SHMEM_CORRUPT_HEAD: u64 = 1;
 
 /// Number of 64-bit argument slots.
 pub const ARG_SLOTS: usize = 16;
@@ -149,6 +185,26 @@ pub mod results {
     /// The value read at the new address.
     pub const BAR_MOVE_SEEN: usize = 1;
 
+    /// Shared memory: 0, or the `ring::RingError::code` that stopped the
+    /// transfer.
+    pub const SHM_ERROR: usize = 0;
+    /// Shared memory: the member the error concerns, or the bad value.
+    pub const SHM_ERROR_DETAIL: usize = 1;
+    /// Shared memory: TSC when the transfer started (after the peers joined).
+    pub const SHM_START_TSC: usize = 2;
+    /// Shared memory: TSC when the last byte was sent or received.
+    pub const SHM_END_TSC: usize = 3;
+    /// Shared memory: polls that found the ring full (send) or empty (receive).
+    pub const SHM_WAITS: usize = 4;
+    /// Shared memory: TSC cycles spent preparing the payload (not timed).
+    pub const SHM_PREPARE_TSC: usize = 5;
+    /// Shared memory: first per-peer record; each is [`SHM_RECORD_LEN`]
+    /// slots: bytes, frames, stream checksum (`ring::fold` of the frame
+    /// checksums), TSC of the last frame. A sender has one record, at its
+    /// peer's index; a receiver one per sending peer.
+    pub const SHM_PEER_FIRST: usize = 16;
+    /// Slots per shared-memory peer record.
+    pub const SHM_RECORD_LEN: usize = 4;
     /// Exception vector recorded by the probe's fault handler.
     pub const FAULT_VECTOR: usize = 250;
     /// Error code pushed by the CPU for the fault.

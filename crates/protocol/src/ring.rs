@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! offset 0        RegionHeader (one 4 KiB page): magic, version, geometry,
-//!                 member table (one cache line per member: state, heartbeat)
+//!                 member table (one cache line per member: state u32 at
+//!                 +0, heartbeat u64 at +8, ready word u64 at +16)
 //! offset 4096     ring (0 -> 1), ring (0 -> 2), ... ring (N-1 -> N-2)
 //!                 each ring: 256-byte header (head, tail, and two flag
 //!                 lines, each on its own cache line), then `ring_bytes` data
@@ -47,8 +48,10 @@ const OFF_REGION_SIZE: u64 = 32;
 const OFF_MEMBER_TABLE: u64 = 256;
 const MEMBER_ENTRY: u64 = 64;
 
-const RING_HEAD: u64 = 0;
-const RING_TAIL: u64 = 64;
+/// Offset of a ring's head index (written by the producer).
+pub const RING_HEAD: u64 = 0;
+/// Offset of a ring's tail index (written by the consumer).
+pub const RING_TAIL: u64 = 64;
 /// Offset of the producer's flag line (used by adaptive notification).
 pub const RING_PRODUCER_FLAGS: u64 = 128;
 /// Offset of the consumer's flag line (used by adaptive notification).
@@ -318,6 +321,8 @@ impl Region {
                 .store(0, Ordering::Relaxed);
             self.u64_at(OFF_MEMBER_TABLE + m * MEMBER_ENTRY + 8)
                 .store(0, Ordering::Relaxed);
+            self.u64_at(OFF_MEMBER_TABLE + m * MEMBER_ENTRY + 16)
+                .store(0, Ordering::Relaxed);
         }
         for r in 0..geo.ring_count() {
             let base = HEADER_BYTES + r * geo.ring_stride();
@@ -408,6 +413,20 @@ impl Region {
     pub fn heartbeat(&self, geo: &Geometry, m: u32) -> Result<u64, RingError> {
         let off = self.member_off(geo, m)?;
         Ok(self.u64_at(off + 8).load(Ordering::Acquire))
+    }
+
+    /// Sets member `m`'s ready word: a guest-defined value its peers can
+    /// wait for (the probe uses it as a start line for timed transfers).
+    pub fn set_ready(&self, geo: &Geometry, m: u32, v: u64) -> Result<(), RingError> {
+        let off = self.member_off(geo, m)?;
+        self.u64_at(off + 16).store(v, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Member `m`'s ready word.
+    pub fn ready(&self, geo: &Geometry, m: u32) -> Result<u64, RingError> {
+        let off = self.member_off(geo, m)?;
+        Ok(self.u64_at(off + 16).load(Ordering::SeqCst))
     }
 
     /// Byte offset of the ring `from -> to` (its header).

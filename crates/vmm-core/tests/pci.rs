@@ -2,6 +2,7 @@
 //! MSI-X from a host eventfd, INTx through the IOAPIC.
 
 mod common;
+use common::require_kvm;
 
 use std::time::{Duration, Instant};
 

@@ -1,6 +1,7 @@
 //! The probe guest on real /dev/kvm: boot, console, exit codes, faults, PIO.
 
 mod common;
+use common::require_kvm;
 
 use intervm_protocol::probe::{results, BootInfo, Workload, EXIT_EXCEPTION_BASE, EXIT_OK};
 use vmm_core::VmExit;

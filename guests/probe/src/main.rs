@@ -13,6 +13,7 @@ mod console;
 mod cpl0;
 mod mem;
 mod pci;
+mod shmem;
 
 use core::sync::atomic::Ordering;
 use intervm_protocol::probe::{
@@ -85,6 +86,8 @@ extern "C" fn probe_main() -> ! {
         Some(Workload::IntxWait) => irq_wait(false),
         Some(Workload::BarMove) => bar_move(),
         Some(Workload::Fault) => fault(),
+        Some(Workload::ShmemSend) => shmem::send(),
+        Some(Workload::ShmemRecv) => shmem::recv(),
         None => {
             println!("probe: unknown workload {}", workload);
             EXIT_BAD_BOOT_INFO

@@ -57,10 +57,20 @@ pub fn for_each(mut f: impl FnMut(Bdf)) {
 
 /// Finds the first function with the given `vendor << 16 | device`.
 pub fn find(id: u32) -> Option<Bdf> {
+    find_nth(id, 0)
+}
+
+/// Finds the `n`-th function (from 0, in bus order) with the given
+/// `vendor << 16 | device`.
+pub fn find_nth(id: u32, n: usize) -> Option<Bdf> {
     let mut found = None;
+    let mut seen = 0;
     for_each(|b| {
         if found.is_none() && b.id() == Some(id) {
-            found = Some(b);
+            if seen == n {
+                found = Some(b);
+            }
+            seen += 1;
         }
     });
     found

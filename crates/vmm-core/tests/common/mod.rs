@@ -1,81 +1,15 @@
 //! Helpers shared by the tests that boot real guests on /dev/kvm.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 pub mod testdev;
 
-use std::time::Duration;
+pub use intervm_testkit::{finish, kvm_available, probe_vm, require_kvm, run_to_exit, RUN_TIMEOUT};
 
-use intervm_protocol::probe::BootInfo;
-use vmm_core::devices::serial::{SerialBuffer, SerialOutput};
-use vmm_core::{boot::probe, Vm, VmConfig, VmExit};
-
-/// Returns false (after printing why) when KVM is unusable and the test
-/// should be skipped; panics instead under `CI=true`, where a missing
-/// /dev/kvm must fail the run.
-pub fn kvm_available() -> bool {
-    match vmm_core::host::kvm_unavailable_reason() {
-        None => true,
-        Some(why) => {
-            if std::env::var("CI").is_ok_and(|v| v == "true") {
-                panic!("CI=true but KVM is unavailable: {why}");
-            }
-            eprintln!("SKIPPED: KVM is unavailable here ({why})");
-            false
-        }
-    }
-}
-
-/// Skips the calling test when KVM is unavailable (see [`kvm_available`]).
-#[macro_export]
-macro_rules! require_kvm {
-    () => {
-        if !common::kvm_available() {
-            return;
-        }
-    };
-}
-
-/// A probe VM with its console captured.
-pub fn probe_vm(name: &str, info: &BootInfo) -> (Vm, SerialBuffer) {
-    probe_vm_with(name, info, 1)
-}
-
-/// A probe VM with `vcpus` vCPUs (the probe runs on vCPU 0).
-pub fn probe_vm_with(name: &str, info: &BootInfo, vcpus: u8) -> (Vm, SerialBuffer) {
-    let buf = SerialBuffer::new();
-    let mut cfg = VmConfig::new(name, 32 << 20);
-    cfg.vcpus = vcpus;
-    cfg.serial = SerialOutput::Buffer(buf.clone());
-    let vm = Vm::new(&cfg).expect("creating the VM");
-    probe::load(&vm, probe_image::PROBE_ELF, info).expect("loading the probe");
-    (vm, buf)
-}
-
-/// Generous bound for a probe run; PVM emulates every CPL0 instruction.
-pub const RUN_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// Runs a VM to completion (stopping it after [`RUN_TIMEOUT`]) and returns
-/// its exit and the boot-info page as the guest left it.
-pub fn run_to_exit(vm: Vm, console: &SerialBuffer) -> (VmExit, BootInfo) {
-    let running = vm.start().expect("starting vCPUs");
-    let exit = running.wait_timeout(RUN_TIMEOUT);
-    let info = probe::read_info(running.vm().memory()).expect("reading boot info");
-    let exit = exit.unwrap_or_else(|| {
-        panic!(
-            "guest did not exit within {RUN_TIMEOUT:?}; console:\n{}",
-            console.contents()
-        )
-    });
-    drop(running);
-    if let VmExit::Guest(code) = exit {
-        if code & 0x100 != 0 && code < 0x200 {
-            eprintln!(
-                "probe exception: vector {} error {:#x} rip {:#x}",
-                info.results[intervm_protocol::probe::results::FAULT_VECTOR],
-                info.results[intervm_protocol::probe::results::FAULT_ERROR],
-                info.results[intervm_protocol::probe::results::FAULT_RIP]
-            );
-        }
-    }
-    (exit, info)
+/// A probe VM with `vcpus` vCPUs and the default RAM.
+pub fn probe_vm_with(
+    name: &str,
+    info: &intervm_protocol::probe::BootInfo,
+    vcpus: u8,
+) -> (vmm_core::Vm, vmm_core::devices::serial::SerialBuffer) {
+    intervm_testkit::probe_vm_with(name, info, vcpus, intervm_testkit::PROBE_MEM)
 }

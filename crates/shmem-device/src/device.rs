@@ -1,0 +1,213 @@
+//! `IvshmemPlain`: QEMU's `ivshmem-plain` as a [`PciDevice`].
+//!
+//! | BAR | what |
+//! |---|---|
+//! | 0 | 256 bytes of 32-bit registers (4-byte accesses only) |
+//! | 2 | the shared region, 64-bit prefetchable memory, mapped into the guest |
+//!
+//! Registers (offsets in BAR0): `0x00` IntrMask, `0x04` IntrStatus (cleared
+//! on read), `0x08` IVPosition, `0x0c` Doorbell. Without interrupts, as in
+//! QEMU's plain device, IntrMask and IntrStatus hold what is written,
+//! IVPosition reads 0 and Doorbell writes are ignored. No BAR1, no interrupt pin.
+
+use std::sync::Arc;
+
+use intervm_protocol::probe::{IVSHMEM_DEVICE, IVSHMEM_VENDOR};
+use vmm_core::pci::{BarKind, BarMemory, BarSpec, PciConfiguration, PciDevice, PciIds};
+
+use crate::region::SharedRegion;
+
+/// Size of BAR0.
+pub const REGS_SIZE: u64 = 256;
+/// IntrMask register offset.
+pub const INTR_MASK: u64 = 0x00;
+/// IntrStatus register offset.
+pub const INTR_STATUS: u64 = 0x04;
+/// IVPosition register offset.
+pub const IV_POSITION: u64 = 0x08;
+/// Doorbell register offset.
+pub const DOORBELL: u64 = 0x0c;
+
+/// The ivshmem identity: Red Hat vendor, ivshmem device, RAM controller class.
+pub fn ivshmem_ids() -> PciIds {
+    PciIds {
+        vendor: IVSHMEM_VENDOR,
+        device: IVSHMEM_DEVICE,
+        subsystem_vendor: IVSHMEM_VENDOR,
+        subsystem: 0x1100,
+        revision: 1,
+        class: 0x050000,
+    }
+}
+
+/// Counters of guest accesses the device ignored.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Ignored {
+    /// Accesses that were not 4 bytes wide or not at a register.
+    pub bad_access: u64,
+    /// Doorbell writes (no interrupts in this personality).
+    pub doorbell: u64,
+}
+
+/// The plain (polling) ivshmem device.
+pub struct IvshmemPlain {
+    config: PciConfiguration,
+    region: Arc<SharedRegion>,
+    intr_mask: u32,
+    intr_status: u32,
+    ignored: Ignored,
+}
+
+impl IvshmemPlain {
+    /// A device exposing `region` as BAR2.
+    pub fn new(region: Arc<SharedRegion>) -> Self {
+        let mut config = PciConfiguration::new(ivshmem_ids(), 0);
+        // Both specs are valid by construction (power-of-two sizes, free slots).
+        let _ = config.add_bar(
+            0,
+            BarSpec {
+                kind: BarKind::Mem32,
+                size: REGS_SIZE,
+            },
+        );
+        let _ = config.add_bar(
+            2,
+            BarSpec {
+                kind: BarKind::Mem64 { prefetchable: true },
+                size: region.size(),
+            },
+        );
+        Self {
+            config,
+            region,
+            intr_mask: 0,
+            intr_status: 0,
+            ignored: Ignored::default(),
+        }
+    }
+
+    /// The shared region.
+    pub fn region(&self) -> &Arc<SharedRegion> {
+        &self.region
+    }
+
+    /// What the guest did that was ignored.
+    pub fn ignored(&self) -> Ignored {
+        self.ignored
+    }
+}
+
+impl PciDevice for IvshmemPlain {
+    fn config(&self) -> &PciConfiguration {
+        &self.config
+    }
+    fn config_mut(&mut self) -> &mut PciConfiguration {
+        &mut self.config
+    }
+
+    fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
+        let v = match (bar, offset, data.len()) {
+            (0, INTR_MASK, 4) => Some(self.intr_mask),
+            (0, INTR_STATUS, 4) => Some(std::mem::take(&mut self.intr_status)),
+            (0, IV_POSITION, 4) => Some(0),
+            (0, DOORBELL, 4) => Some(0),
+            _ => None,
+        };
+        match v {
+            Some(v) => data.copy_from_slice(&v.to_le_bytes()),
+            None => {
+                self.ignored.bad_access += 1;
+                log::debug!(
+                    "ivshmem: ignored read BAR{bar}+{offset:#x} width {}",
+                    data.len()
+                );
+                data.fill(0xff);
+            }
+        }
+    }
+
+    fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
+        let v = match data {
+            [a, b, c, d] if bar == 0 => u32::from_le_bytes([*a, *b, *c, *d]),
+            _ => {
+                self.ignored.bad_access += 1;
+                return;
+            }
+        };
+        match offset {
+            INTR_MASK => self.intr_mask = v,
+            INTR_STATUS => self.intr_status = v,
+            DOORBELL => self.ignored.doorbell += 1,
+            _ => self.ignored.bad_access += 1,
+        }
+    }
+
+    fn bar_memory(&self, bar: usize) -> Option<BarMemory> {
+        (bar == 2).then(|| BarMemory {
+            host_addr: self.region.host_addr() as u64,
+            len: self.region.size(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::region::Backing;
+
+    fn dev() -> IvshmemPlain {
+        IvshmemPlain::new(Arc::new(
+            SharedRegion::open(&Backing::Memfd, 1 << 20).unwrap(),
+        ))
+    }
+
+    fn read(d: &mut IvshmemPlain, off: u64) -> u32 {
+        let mut b = [0u8; 4];
+        d.bar_read(0, off, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    #[test]
+    fn looks_like_qemu_ivshmem_plain() {
+        let d = dev();
+        let c = d.config();
+        assert_eq!(c.read(0, 4), 0x1110_1af4);
+        assert_eq!(c.read(0x08, 4) >> 8, 0x050000);
+        assert_eq!(c.read(0x2c, 4), 0x1100_1af4);
+        assert_eq!(c.bar_spec(0).unwrap().size, 256);
+        assert!(c.bar_spec(1).is_none(), "plain has no MSI-X BAR");
+        assert_eq!(
+            c.bar_spec(2).unwrap().kind,
+            BarKind::Mem64 { prefetchable: true }
+        );
+        assert_eq!(c.bar_spec(2).unwrap().size, 1 << 20);
+        assert_eq!(c.interrupt_pin(), 0);
+        assert_eq!(d.bar_memory(2).unwrap().len, 1 << 20);
+        assert!(d.bar_memory(0).is_none());
+    }
+
+    #[test]
+    fn registers_follow_the_spec_and_ignore_bad_accesses() {
+        let mut d = dev();
+        d.bar_write(0, INTR_MASK, &0xffu32.to_le_bytes());
+        assert_eq!(read(&mut d, INTR_MASK), 0xff);
+        d.bar_write(0, INTR_STATUS, &1u32.to_le_bytes());
+        assert_eq!(read(&mut d, INTR_STATUS), 1);
+        assert_eq!(read(&mut d, INTR_STATUS), 0, "cleared on read");
+        assert_eq!(read(&mut d, IV_POSITION), 0);
+        d.bar_write(0, DOORBELL, &0x0001_0000u32.to_le_bytes());
+        let mut w = [0u8; 2];
+        d.bar_read(0, INTR_MASK, &mut w);
+        assert_eq!(w, [0xff, 0xff], "2-byte access refused");
+        d.bar_write(0, 0x80, &[1, 2, 3, 4]);
+        d.bar_write(0, 0, &[1]);
+        d.bar_write(1, 0, &[1, 2, 3, 4]);
+        assert_eq!(
+            d.ignored(),
+            Ignored {
+                bad_access: 4,
+                doorbell: 1
+            }
+        );
+    }
+}

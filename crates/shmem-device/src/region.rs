@@ -1,0 +1,181 @@
+//! The host memory object behind BAR2.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use vm_memory::{FileOffset, MmapRegion};
+
+use crate::{Error, Result};
+
+/// Where the shared region lives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Backing {
+    /// An anonymous memfd: members must be in this process.
+    Memfd,
+    /// A POSIX shared-memory object, `/dev/shm/NAME`.
+    Shm(String),
+    /// A regular file (tmpfs recommended).
+    File(PathBuf),
+    /// A file on a hugetlbfs mount (size must be a multiple of the huge page size).
+    Hugetlbfs(PathBuf),
+}
+
+/// A mapped shared region.
+pub struct SharedRegion {
+    map: MmapRegion<()>,
+    file: File,
+    size: u64,
+    created: bool,
+    label: String,
+}
+
+impl std::fmt::Debug for SharedRegion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedRegion")
+            .field("label", &self.label)
+            .field("size", &self.size)
+            .finish()
+    }
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> Error {
+    let what = what.into();
+    move |source| Error::Io { what, source }
+}
+
+impl SharedRegion {
+    /// Opens (creating it if needed) the backing and maps `size` bytes shared.
+    /// An existing non-empty backing of another size is an error, never
+    /// truncated or grown.
+    pub fn open(backing: &Backing, size: u64) -> Result<Self> {
+        if size < 4096 || !size.is_power_of_two() {
+            return Err(Error::BadSize(size));
+        }
+        let (file, label, hugetlb) = match backing {
+            Backing::Memfd => (
+                vmm_core::memory::memfd("intervm-shmem", 0).map_err(|e| Error::Io {
+                    what: "memfd".into(),
+                    source: std::io::Error::other(e.to_string()),
+                })?,
+                "memfd".to_string(),
+                false,
+            ),
+            Backing::Shm(name) => {
+                if name.is_empty() || name.len() > 200 || name.contains('/') {
+                    return Err(Error::BadName(name.clone()));
+                }
+                let p = Path::new("/dev/shm").join(name);
+                (open_file(&p)?, p.display().to_string(), false)
+            }
+            Backing::File(p) => (open_file(p)?, p.display().to_string(), false),
+            Backing::Hugetlbfs(p) => (open_file(p)?, p.display().to_string(), true),
+        };
+        let found = file.metadata().map_err(io(format!("{label}: stat")))?.len();
+        let created = found == 0;
+        if created {
+            file.set_len(size)
+                .map_err(io(format!("{label}: sizing to {size} bytes")))?;
+        } else if found != size {
+            return Err(Error::SizeMismatch {
+                path: label,
+                found,
+                wanted: size,
+            });
+        }
+        let fo = FileOffset::new(file.try_clone().map_err(io("dup"))?, 0);
+        let map = vm_memory::mmap::MmapRegionBuilder::new(size as usize)
+            .with_file_offset(fo)
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_SHARED)
+            .with_hugetlbfs(hugetlb)
+            .build()
+            .map_err(|e| Error::Io {
+                what: format!("{label}: mmap"),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+        Ok(Self {
+            map,
+            file,
+            size,
+            created,
+            label,
+        })
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+    /// Host address of the first byte.
+    pub fn host_addr(&self) -> *mut u8 {
+        self.map.as_ptr()
+    }
+    /// True when this call created (sized) the backing.
+    pub fn created(&self) -> bool {
+        self.created
+    }
+    /// The backing file (e.g. to pass to another process).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+    /// A human-readable name of the backing.
+    pub fn label(&self) -> &str {
+        &self.label
+    }
+}
+
+fn open_file(p: &Path) -> Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .open(p)
+        .map_err(io(format!("{}: open", p.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_must_be_powers_of_two() {
+        assert!(matches!(
+            SharedRegion::open(&Backing::Memfd, 3000),
+            Err(Error::BadSize(3000))
+        ));
+        assert!(matches!(
+            SharedRegion::open(&Backing::Memfd, 12288),
+            Err(Error::BadSize(_))
+        ));
+        let r = SharedRegion::open(&Backing::Memfd, 1 << 16).unwrap();
+        assert!(r.created());
+        assert_eq!(r.size(), 1 << 16);
+    }
+
+    #[test]
+    fn shm_backing_is_shared_and_never_resized() {
+        let name = format!("intervm-test-{}", std::process::id());
+        let a = SharedRegion::open(&Backing::Shm(name.clone()), 1 << 16).unwrap();
+        let b = SharedRegion::open(&Backing::Shm(name.clone()), 1 << 16).unwrap();
+        assert!(a.created() && !b.created());
+        // SAFETY: both map 64 KiB; offset 100 is inside.
+        unsafe {
+            a.host_addr().add(100).write_volatile(0x5a);
+            assert_eq!(b.host_addr().add(100).read_volatile(), 0x5a);
+        }
+        let e = SharedRegion::open(&Backing::Shm(name.clone()), 1 << 17).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("exists with 65536 bytes, but the channel wants 131072"),
+            "{e}"
+        );
+        assert!(matches!(
+            SharedRegion::open(&Backing::Shm("a/b".into()), 4096),
+            Err(Error::BadName(_))
+        ));
+        std::fs::remove_file(Path::new("/dev/shm").join(name)).unwrap();
+    }
+}

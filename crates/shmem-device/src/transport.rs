@@ -1,0 +1,285 @@
+//! The host side of the intervm ring transport (`intervm_protocol::ring`).
+//!
+//! A VMM that wires a shared-memory channel into a VM does three things here:
+//!
+//! 1. [`Transport::attach`]: makes sure the region holds a ring layout for
+//!    this channel's number of members. The first VMM to arrive formats it;
+//!    later ones (in this or another process) check the header. An `flock`
+//!    on the backing file serialises this between processes, and a region
+//!    left behind by a previous run (nobody alive in it) is formatted again.
+//! 2. [`Transport::join`]: marks its member slot `Alive` and starts a
+//!    heartbeat (the host's `CLOCK_MONOTONIC` in milliseconds, every
+//!    [`HEARTBEAT_INTERVAL`]). Guests watch their peers' heartbeats, so a VMM
+//!    that is killed outright is noticed within the guests' timeout.
+//! 3. Dropping the [`Membership`] (the VM stopped) marks the slot `Gone`, so
+//!    peers report "peer gone" immediately instead of waiting for the timeout.
+//!
+//! The guest side runs the rings itself; the host never touches ring data.
+
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use intervm_protocol::ring::{self, Geometry, MemberState, RingError};
+
+use crate::{Error, Result, SharedRegion};
+
+/// How often a member's heartbeat is written.
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(10);
+
+/// A heartbeat older than this means its writer is dead (used only to decide
+/// whether a region left over from an earlier run may be formatted again).
+pub const STALE_AFTER_MS: u64 = 1000;
+
+/// Milliseconds of `CLOCK_MONOTONIC`: one clock for every process on the host.
+pub fn monotonic_ms() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid out-pointer; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    // Never 0, so a heartbeat of 0 always means "never beat".
+    (ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000).max(1)
+}
+
+/// A region formatted (or checked) for one channel.
+#[derive(Debug, Clone)]
+pub struct Transport {
+    region: Arc<SharedRegion>,
+    ring: ring::Region,
+    geo: Geometry,
+}
+
+struct FileLock<'a>(&'a std::fs::File);
+
+impl<'a> FileLock<'a> {
+    fn exclusive(file: &'a std::fs::File, label: &str) -> Result<Self> {
+        loop {
+            // SAFETY: flock on a file descriptor we own; no memory involved.
+            let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+            if r == 0 {
+                return Ok(Self(file));
+            }
+            let e = std::io::Error::last_os_error();
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                return Err(Error::Io {
+                    what: format!("{label}: flock"),
+                    source: e,
+                });
+            }
+        }
+    }
+}
+
+impl Drop for FileLock<'_> {
+    fn drop(&mut self) {
+        // SAFETY: as above.
+        unsafe { libc::flock(self.0.as_raw_fd(), libc::LOCK_UN) };
+    }
+}
+
+impl Transport {
+    /// Prepares `region` for a channel of `members` members: formats it when
+    /// it holds no valid layout or nobody alive uses it, otherwise checks
+    /// that its layout was made for the same number of members.
+    pub fn attach(region: Arc<SharedRegion>, members: u32) -> Result<Self> {
+        // SAFETY: the mapping lives as long as `region`, which `Transport`
+        // (and every `Membership`) keeps alive through the Arc.
+        let ring = unsafe { ring::Region::new(region.host_addr(), region.size()) };
+        let lock = FileLock::exclusive(region.file(), region.label())?;
+        let in_use = match ring.geometry() {
+            Ok(geo) => live_members(&ring, &geo) > 0,
+            Err(_) => false,
+        };
+        let geo = if in_use {
+            let geo = ring.geometry().map_err(Error::Ring)?;
+            if geo.members != members {
+                return Err(Error::MemberMismatch {
+                    path: region.label().to_string(),
+                    found: geo.members,
+                    wanted: members,
+                });
+            }
+            geo
+        } else {
+            let geo = Geometry::fit(members, region.size()).map_err(Error::Ring)?;
+            ring.init(geo).map_err(Error::Ring)?;
+            log::debug!(
+                "{}: formatted for {members} members, {} KiB per ring",
+                region.label(),
+                geo.ring_bytes >> 10
+            );
+            geo
+        };
+        drop(lock);
+        Ok(Self { region, ring, geo })
+    }
+
+    /// The layout in use.
+    pub fn geometry(&self) -> Geometry {
+        self.geo
+    }
+
+    /// The region as the ring protocol sees it (for host-side endpoints).
+    pub fn ring_region(&self) -> ring::Region {
+        self.ring
+    }
+
+    /// The shared region.
+    pub fn region(&self) -> &Arc<SharedRegion> {
+        &self.region
+    }
+
+    /// State of member `m`.
+    pub fn member_state(&self, m: u32) -> Result<MemberState> {
+        self.ring.member_state(&self.geo, m).map_err(Error::Ring)
+    }
+
+    /// Joins as member `member`: marks it alive and starts its heartbeat.
+    pub fn join(&self, member: u32) -> Result<Membership> {
+        if member >= self.geo.members {
+            return Err(Error::Ring(RingError::BadMember(member)));
+        }
+        let (ring, geo) = (self.ring, self.geo);
+        ring.set_heartbeat(&geo, member, monotonic_ms())
+            .map_err(Error::Ring)?;
+        ring.set_member_state(&geo, member, MemberState::Alive)
+            .map_err(Error::Ring)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let region = self.region.clone();
+        let stop2 = stop.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("shmem-heartbeat-{member}"))
+            .spawn(move || {
+                let _keep_mapped = region;
+                while !stop2.load(Ordering::Acquire) {
+                    let _ = ring.set_heartbeat(&geo, member, monotonic_ms());
+                    std::thread::park_timeout(HEARTBEAT_INTERVAL);
+                }
+            })
+            .map_err(|source| Error::Io {
+                what: "spawning the heartbeat thread".into(),
+                source,
+            })?;
+        Ok(Membership {
+            transport: self.clone(),
+            member,
+            stop,
+            thread: Some(thread),
+        })
+    }
+}
+
+fn live_members(ring: &ring::Region, geo: &Geometry) -> u32 {
+    let now = monotonic_ms();
+    (0..geo.members)
+        .filter(|&m| {
+            ring.member_state(geo, m) == Ok(MemberState::Alive)
+                && ring
+                    .heartbeat(geo, m)
+                    .is_ok_and(|b| now.saturating_sub(b) < STALE_AFTER_MS)
+        })
+        .count() as u32
+}
+
+/// One member's presence in a channel. Dropping it marks the member `Gone`.
+#[derive(Debug)]
+pub struct Membership {
+    transport: Transport,
+    member: u32,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Membership {
+    /// This member's index.
+    pub fn member(&self) -> u32 {
+        self.member
+    }
+
+    /// The channel's transport.
+    pub fn transport(&self) -> &Transport {
+        &self.transport
+    }
+
+    /// Leaves the channel (same as dropping).
+    pub fn leave(self) {}
+}
+
+impl Drop for Membership {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            t.thread().unpark();
+            let _ = t.join();
+        }
+        let t = &self.transport;
+        let _ = t
+            .ring
+            .set_member_state(&t.geo, self.member, MemberState::Gone);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::Backing;
+
+    fn shm_name(tag: &str) -> String {
+        format!("intervm-test-{tag}-{}", std::process::id())
+    }
+
+    #[test]
+    fn first_attach_formats_and_members_must_agree() {
+        let name = shm_name("agree");
+        let backing = Backing::Shm(name.clone());
+        let r1 = Arc::new(SharedRegion::open(&backing, 1 << 20).unwrap());
+        let t1 = Transport::attach(r1, 3).unwrap();
+        let m0 = t1.join(0).unwrap();
+        // A second opener (as another process would) sees the same layout.
+        let r2 = Arc::new(SharedRegion::open(&backing, 1 << 20).unwrap());
+        let t2 = Transport::attach(r2.clone(), 3).unwrap();
+        assert_eq!(t2.geometry(), t1.geometry());
+        assert_eq!(t2.member_state(0).unwrap(), MemberState::Alive);
+        // A member with another idea of the channel is refused while m0 lives.
+        let err = Transport::attach(r2, 2).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::MemberMismatch {
+                    found: 3,
+                    wanted: 2,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert!(t1.join(3).is_err());
+        drop(m0);
+        assert_eq!(t2.member_state(0).unwrap(), MemberState::Gone);
+        // Nobody alive: the next attach reformats for the new member count.
+        let r3 = Arc::new(SharedRegion::open(&backing, 1 << 20).unwrap());
+        let t3 = Transport::attach(r3, 2).unwrap();
+        assert_eq!(t3.geometry().members, 2);
+        assert_eq!(t3.member_state(0).unwrap(), MemberState::Absent);
+        let _ = std::fs::remove_file(format!("/dev/shm/{name}"));
+    }
+
+    #[test]
+    fn heartbeat_moves_while_joined() {
+        let r = Arc::new(SharedRegion::open(&Backing::Memfd, 64 << 10).unwrap());
+        let t = Transport::attach(r, 2).unwrap();
+        let m = t.join(1).unwrap();
+        let ring = t.ring_region();
+        let geo = t.geometry();
+        let b0 = ring.heartbeat(&geo, 1).unwrap();
+        std::thread::sleep(HEARTBEAT_INTERVAL * 5);
+        assert!(ring.heartbeat(&geo, 1).unwrap() > b0);
+        assert_eq!(m.member(), 1);
+        m.leave();
+        assert_eq!(t.member_state(1).unwrap(), MemberState::Gone);
+    }
+}

@@ -1,0 +1,244 @@
+//! Probe guests on real /dev/kvm exchanging data through an ivshmem-plain
+//! device: checksummed bulk transfer, four members, a member that stops
+//! mid-transfer, and a hostile member that corrupts a ring index.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use intervm_protocol::probe::{
+    results, shmem_args, BootInfo, State, Workload, EXIT_FAILED, EXIT_OK, SHMEM_CORRUPT_HEAD,
+};
+use intervm_protocol::ring::{self, RingError};
+use intervm_testkit::{finish, probe_vm_with, require_kvm, RUN_TIMEOUT};
+use shmem_device::{Backing, IvshmemPlain, Membership, SharedRegion, Transport};
+use vmm_core::boot::probe;
+use vmm_core::devices::serial::SerialBuffer;
+use vmm_core::{RunningVm, VmExit};
+
+const MEM: u64 = 64 << 20;
+const CHUNK: u64 = 64 << 10;
+const SEED: u64 = 0x5eed;
+
+struct Member {
+    vm: RunningVm,
+    console: SerialBuffer,
+    membership: Membership,
+}
+
+fn args(workload: Workload, me: u32, peers: u64, bytes: u64) -> BootInfo {
+    let mut info = BootInfo::new(workload, 0, 0);
+    info.args[shmem_args::ME] = me as u64;
+    info.args[shmem_args::PEERS] = peers;
+    info.args[shmem_args::BYTES] = bytes;
+    info.args[shmem_args::CHUNK] = CHUNK;
+    info.args[shmem_args::SEED] = SEED + me as u64;
+    info.args[shmem_args::TIMEOUT_MS] = 2000;
+    info.args[shmem_args::JOIN_TIMEOUT_MS] = 30_000;
+    info
+}
+
+fn start(name: &str, info: &BootInfo, transport: &Transport) -> Member {
+    let (vm, console) = probe_vm_with(name, info, 1, MEM);
+    let dev = IvshmemPlain::new(transport.region().clone());
+    vm.add_pci_device(Arc::new(Mutex::new(dev)))
+        .expect("adding the ivshmem device");
+    let membership = transport
+        .join(info.args[shmem_args::ME] as u32)
+        .expect("joining");
+    let vm = vm.start().expect("starting");
+    Member {
+        vm,
+        console,
+        membership,
+    }
+}
+
+fn end(m: Member) -> (VmExit, BootInfo, String) {
+    let Member {
+        vm,
+        console,
+        membership,
+    } = m;
+    let (exit, info) = finish(vm, &console, RUN_TIMEOUT);
+    drop(membership);
+    (exit, info, console.contents())
+}
+
+fn record(info: &BootInfo, peer: u32) -> [u64; 4] {
+    let b = results::SHM_PEER_FIRST + peer as usize * results::SHM_RECORD_LEN;
+    [
+        info.results[b],
+        info.results[b + 1],
+        info.results[b + 2],
+        info.results[b + 3],
+    ]
+}
+
+/// The stream checksum a sender with this seed must produce, computed
+/// independently on the host (the probe sends its source buffer of
+/// `min(bytes, 16 MiB)` bytes over and over, `CHUNK` bytes per frame).
+fn expected_stream(seed: u64, bytes: u64) -> u64 {
+    let src_len = bytes.min(16 << 20) / CHUNK * CHUNK;
+    let mut src = vec![0u8; src_len as usize];
+    ring::fill_pattern(seed, 0, &mut src);
+    let sums: Vec<u64> = src.chunks(CHUNK as usize).map(ring::checksum).collect();
+    let mut stream = 0;
+    for i in 0..(bytes / CHUNK) as usize {
+        stream = ring::fold(stream, sums[i % sums.len()]);
+    }
+    stream
+}
+
+fn transport(members: u32, size: u64) -> Transport {
+    let region = SharedRegion::open(&Backing::Memfd, size).expect("region");
+    Transport::attach(Arc::new(region), members).expect("attach")
+}
+
+#[test]
+fn one_gib_moves_between_two_probes_checksummed() {
+    require_kvm!();
+    const BYTES: u64 = 1 << 30;
+    let t = transport(2, 4 << 20);
+    let rx = start("rx", &args(Workload::ShmemRecv, 1, 0b01, BYTES), &t);
+    let tx = start("tx", &args(Workload::ShmemSend, 0, 1, BYTES), &t);
+    let (rx_exit, rx_info, rx_console) = end(rx);
+    let (tx_exit, tx_info, tx_console) = end(tx);
+    assert_eq!(rx_exit, VmExit::Guest(EXIT_OK), "receiver:\n{rx_console}");
+    assert_eq!(tx_exit, VmExit::Guest(EXIT_OK), "sender:\n{tx_console}");
+    let sent = record(&tx_info, 1);
+    let got = record(&rx_info, 0);
+    assert_eq!(sent[0], BYTES);
+    assert_eq!(got[0], BYTES);
+    assert_eq!(got[1], BYTES / CHUNK, "frames");
+    assert_eq!(got[2], sent[2], "stream checksums differ");
+    assert_eq!(
+        got[2],
+        expected_stream(SEED, BYTES),
+        "not the sender's pattern"
+    );
+    let cycles = rx_info.results[results::SHM_END_TSC] - rx_info.results[results::SHM_START_TSC];
+    if rx_info.tsc_khz > 0 {
+        let secs = cycles as f64 / (rx_info.tsc_khz as f64 * 1000.0);
+        eprintln!(
+            "1 GiB in {:.3} s ({:.2} GiB/s), receiver idle polls {}, sender full polls {}",
+            secs,
+            1.0 / secs,
+            rx_info.results[results::SHM_WAITS],
+            tx_info.results[results::SHM_WAITS]
+        );
+    }
+}
+
+#[test]
+fn three_senders_reach_one_receiver() {
+    require_kvm!();
+    const BYTES: u64 = 8 << 20;
+    let t = transport(4, 8 << 20);
+    let rx = start("rx", &args(Workload::ShmemRecv, 3, 0b0111, BYTES), &t);
+    let txs: Vec<Member> = (0..3)
+        .map(|m| {
+            start(
+                &format!("tx{m}"),
+                &args(Workload::ShmemSend, m, 3, BYTES),
+                &t,
+            )
+        })
+        .collect();
+    let (rx_exit, rx_info, rx_console) = end(rx);
+    assert_eq!(rx_exit, VmExit::Guest(EXIT_OK), "receiver:\n{rx_console}");
+    for (m, tx) in txs.into_iter().enumerate() {
+        let (exit, info, console) = end(tx);
+        assert_eq!(exit, VmExit::Guest(EXIT_OK), "sender {m}:\n{console}");
+        let sent = record(&info, 3);
+        let got = record(&rx_info, m as u32);
+        assert_eq!(got[0], BYTES, "bytes from {m}");
+        assert_eq!(got[2], sent[2], "stream checksum from {m}");
+        assert_eq!(got[2], expected_stream(SEED + m as u64, BYTES));
+    }
+}
+
+#[test]
+fn a_member_stopped_mid_transfer_is_reported_gone() {
+    require_kvm!();
+    // Far more than can move before the sender is stopped.
+    const BYTES: u64 = 1 << 40;
+    let t = transport(2, 1 << 20);
+    let rx = start("rx", &args(Workload::ShmemRecv, 1, 0b01, BYTES), &t);
+    let tx = start("tx", &args(Workload::ShmemSend, 0, 1, BYTES), &t);
+    assert!(probe::wait_state(
+        rx.vm.vm().memory(),
+        State::Ready,
+        RUN_TIMEOUT
+    ));
+    std::thread::sleep(Duration::from_millis(200));
+    let (tx_exit, _, _) = {
+        tx.vm.stop();
+        end(tx)
+    };
+    assert_eq!(tx_exit, VmExit::Stopped);
+    let (rx_exit, rx_info, rx_console) = end(rx);
+    assert_eq!(
+        rx_exit,
+        VmExit::Guest(EXIT_FAILED),
+        "receiver:\n{rx_console}"
+    );
+    assert_eq!(
+        rx_info.results[results::SHM_ERROR],
+        RingError::PeerGone(0).code(),
+        "receiver:\n{rx_console}"
+    );
+    assert_eq!(rx_info.results[results::SHM_ERROR_DETAIL], 0);
+    let got = record(&rx_info, 0);
+    assert!(
+        got[0] > 0 && got[0].is_multiple_of(CHUNK),
+        "received {} bytes",
+        got[0]
+    );
+}
+
+#[test]
+fn a_hostile_member_corrupting_the_head_index_is_detected() {
+    require_kvm!();
+    const BYTES: u64 = 4 << 20;
+    let t = transport(2, 1 << 20);
+    let rx = start("rx", &args(Workload::ShmemRecv, 1, 0b01, BYTES), &t);
+    let mut bad = args(Workload::ShmemSend, 0, 1, BYTES);
+    bad.args[shmem_args::FLAGS] = SHMEM_CORRUPT_HEAD;
+    let tx = start("evil", &bad, &t);
+    let (tx_exit, _, tx_console) = end(tx);
+    assert_eq!(
+        tx_exit,
+        VmExit::Guest(EXIT_OK),
+        "hostile sender:\n{tx_console}"
+    );
+    let (rx_exit, rx_info, rx_console) = end(rx);
+    assert_eq!(
+        rx_exit,
+        VmExit::Guest(EXIT_FAILED),
+        "receiver:\n{rx_console}"
+    );
+    assert_eq!(
+        rx_info.results[results::SHM_ERROR],
+        RingError::CorruptIndex(0).code(),
+        "receiver:\n{rx_console}"
+    );
+    assert_eq!(
+        rx_info.results[results::SHM_ERROR_DETAIL],
+        0x1234_5670_0000_0008
+    );
+    // Everything before the corruption arrived intact.
+    assert!(record(&rx_info, 0)[0] >= BYTES / 2 - CHUNK);
+    // Nothing else is harmed: once both have left, the same region is
+    // formatted again and carries a clean transfer.
+    let t = Transport::attach(t.region().clone(), 2).expect("re-attach");
+    let rx = start("rx2", &args(Workload::ShmemRecv, 1, 0b01, 1 << 20), &t);
+    let tx = start("tx2", &args(Workload::ShmemSend, 0, 1, 1 << 20), &t);
+    let (tx_exit, tx_info, _) = end(tx);
+    let (rx_exit, rx_info, rx_console) = end(rx);
+    assert_eq!(
+        (tx_exit, rx_exit),
+        (VmExit::Guest(EXIT_OK), VmExit::Guest(EXIT_OK)),
+        "{rx_console}"
+    );
+    assert_eq!(record(&rx_info, 0)[2], record(&tx_info, 1)[2]);
+}

@@ -1,0 +1,373 @@
+//! Shared memory without interrupts: polling send and receive at CPL3 on
+//! BAR2 of an ivshmem device, with the ring transport of
+//! `intervm_protocol::ring`.
+//!
+//! The payload lives in guest RAM at [`BUF_BASE`]: a sender fills a source
+//! buffer with the seeded pattern once (untimed) and streams it, wrapping,
+//! until it has sent the requested bytes; a receiver lands frames in a
+//! destination buffer the same way. Both sides fold every frame checksum
+//! into a stream checksum, and the host compares the two.
+//!
+//! Timing: the receiver sets its ready word and starts its clock; senders
+//! start when they see it. So the receiver's start-to-last-byte time covers
+//! the whole transfer, measured on one clock.
+
+use crate::{arch, arg, fail, info, pci, set_result, set_state};
+use intervm_protocol::probe::{results, shmem_args, State, EXIT_OK, SHMEM_CORRUPT_HEAD};
+use intervm_protocol::ring::{self, fold, Geometry, Liveness, MemberState, RingError};
+
+/// Guest-physical base of the payload buffer.
+const BUF_BASE: u64 = 32 << 20;
+/// Largest payload buffer.
+const BUF_MAX: u64 = 16 << 20;
+/// Idle polls between liveness checks.
+const CHECK_EVERY: u64 = 4096;
+/// Failure reason base: `FAIL_BASE + RingError::code()`.
+const FAIL_BASE: u64 = 100;
+
+struct Clock {
+    khz: u64,
+}
+
+impl Clock {
+    fn new() -> Self {
+        // SAFETY: the boot-info page is identity mapped.
+        let khz = unsafe { core::ptr::read_volatile(&(*info()).tsc_khz) };
+        // Unknown frequency: assume 1 GHz; only timeouts depend on it.
+        Self {
+            khz: if khz == 0 { 1_000_000 } else { khz },
+        }
+    }
+    fn now_ms(&self) -> u64 {
+        arch::rdtsc() / self.khz
+    }
+}
+
+struct Channel {
+    base: u64,
+    region: ring::Region,
+    geo: Geometry,
+    me: u32,
+}
+
+fn mem_size() -> u64 {
+    // SAFETY: as in `Clock::new`.
+    unsafe { core::ptr::read_volatile(&(*info()).mem_size) }
+}
+
+/// Finds the device, enables memory decode, and checks the region header.
+fn open_channel() -> Result<Channel, u32> {
+    let nth = arg(shmem_args::DEVICE_INDEX) as usize;
+    let id = ((intervm_protocol::probe::IVSHMEM_VENDOR as u32) << 16)
+        | intervm_protocol::probe::IVSHMEM_DEVICE as u32;
+    let Some(dev) = pci::find_nth(id, nth) else {
+        return Err(fail(1, nth as u64));
+    };
+    let bar = pci::size_bar(dev, 2);
+    if bar.size < 4096 || bar.addr == 0 {
+        return Err(fail(2, bar.size));
+    }
+    dev.write(0x04, (dev.read(0x04) & 0xffff) | 0x2);
+    // SAFETY: BAR2 is decoded at `addr` for `size` bytes and identity
+    // mapped by the boot page tables (both MMIO windows are).
+    let region = unsafe { ring::Region::new(bar.addr as *mut u8, bar.size) };
+    let geo = match region.geometry() {
+        Ok(g) => g,
+        Err(e) => return Err(ring_fail(e)),
+    };
+    let me = arg(shmem_args::ME) as u32;
+    if me >= geo.members {
+        return Err(ring_fail(RingError::BadMember(me)));
+    }
+    Ok(Channel {
+        base: bar.addr,
+        region,
+        geo,
+        me,
+    })
+}
+
+fn ring_fail(e: RingError) -> u32 {
+    let detail = match e {
+        RingError::BadMember(m) | RingError::PeerGone(m) => m as u64,
+        RingError::CorruptIndex(v) | RingError::TooLarge(v) => v,
+        RingError::CorruptLength(l) => l as u64,
+        RingError::BadChecksum { seq } => seq as u64,
+        RingError::BadSequence { found, .. } => found as u64,
+        RingError::RegionTooSmall { needed, .. } => needed,
+        RingError::BadGeometry | RingError::NotInitialized => 0,
+    };
+    set_result(results::SHM_ERROR, e.code());
+    set_result(results::SHM_ERROR_DETAIL, detail);
+    fail(FAIL_BASE + e.code(), detail)
+}
+
+/// The payload buffer: `len` bytes at [`BUF_BASE`], `len` a multiple of
+/// `chunk`.
+fn buffer(bytes: u64, chunk: u64) -> Result<&'static mut [u8], u32> {
+    let room = mem_size().saturating_sub(BUF_BASE).min(BUF_MAX);
+    let len = bytes.min(room) / chunk * chunk;
+    if len == 0 {
+        return Err(fail(3, mem_size()));
+    }
+    // SAFETY: [BUF_BASE, BUF_BASE + len) is guest RAM (checked against
+    // mem_size), identity mapped, and used by nothing else in the probe.
+    Ok(unsafe { core::slice::from_raw_parts_mut(BUF_BASE as *mut u8, len as usize) })
+}
+
+fn record(peer: u32, bytes: u64, frames: u64, stream: u64, tsc: u64) {
+    let base = results::SHM_PEER_FIRST + peer as usize * results::SHM_RECORD_LEN;
+    set_result(base, bytes);
+    set_result(base + 1, frames);
+    set_result(base + 2, stream);
+    set_result(base + 3, tsc);
+}
+
+/// Waits until `peer` satisfies `ok`, or fails after `JOIN_TIMEOUT_MS`.
+fn wait_for(
+    ch: &Channel,
+    clock: &Clock,
+    peer: u32,
+    ok: impl Fn(&Channel) -> bool,
+) -> Result<(), u32> {
+    let limit = arg(shmem_args::JOIN_TIMEOUT_MS).max(1);
+    let t0 = clock.now_ms();
+    loop {
+        if ok(ch) {
+            return Ok(());
+        }
+        if ch.region.member_state(&ch.geo, peer) == Ok(MemberState::Gone)
+            || clock.now_ms() - t0 > limit
+        {
+            return Err(ring_fail(RingError::PeerGone(peer)));
+        }
+        core::hint::spin_loop();
+    }
+}
+
+/// [`intervm_protocol::probe::Workload::ShmemSend`].
+pub fn send() -> u32 {
+    match try_send() {
+        Ok(()) => EXIT_OK,
+        Err(code) => code,
+    }
+}
+
+fn try_send() -> Result<(), u32> {
+    let ch = open_channel()?;
+    let clock = Clock::new();
+    let peer = arg(shmem_args::PEERS) as u32;
+    let bytes = arg(shmem_args::BYTES);
+    let mut p = ch.region.producer(ch.geo, ch.me, peer).map_err(ring_fail)?;
+    let chunk = arg(shmem_args::CHUNK)
+        .clamp(1, p.max_message())
+        .min(bytes.max(1));
+    let src = buffer(bytes, chunk)?;
+    let t0 = arch::rdtsc();
+    ring::fill_pattern(arg(shmem_args::SEED), 0, src);
+    set_result(results::SHM_PREPARE_TSC, arch::rdtsc() - t0);
+    set_state(State::Ready);
+
+    // Start line: the receiver's ready word.
+    wait_for(&ch, &clock, peer, |c| c.region.ready(&c.geo, peer) == Ok(1))?;
+    let start = arch::rdtsc();
+    set_result(results::SHM_START_TSC, start);
+    let mut live = Liveness::new(
+        &ch.region,
+        &ch.geo,
+        peer,
+        arg(shmem_args::TIMEOUT_MS),
+        clock.now_ms(),
+    );
+    let (mut sent, mut frames, mut stream, mut waits, mut pos) = (0u64, 0u64, 0u64, 0u64, 0usize);
+    let corrupt = arg(shmem_args::FLAGS) & SHMEM_CORRUPT_HEAD != 0;
+    while sent < bytes {
+        if corrupt && sent >= bytes / 2 {
+            return Err(corrupt_head(&ch, peer));
+        }
+        let n = (chunk.min(bytes - sent) as usize).min(src.len() - pos);
+        match p.try_send(&src[pos..pos + n]).map_err(ring_fail)? {
+            Some(sum) => {
+                stream = fold(stream, sum);
+                sent += n as u64;
+                frames += 1;
+                pos = (pos + n) % src.len();
+            }
+            None => {
+                waits += 1;
+                if waits.is_multiple_of(CHECK_EVERY) {
+                    live.check(&ch.region, &ch.geo, clock.now_ms())
+                        .map_err(ring_fail)?;
+                }
+                core::hint::spin_loop();
+            }
+        }
+    }
+    let end = arch::rdtsc();
+    set_result(results::SHM_END_TSC, end);
+    set_result(results::SHM_WAITS, waits);
+    record(peer, sent, frames, stream, end);
+    Ok(())
+}
+
+/// What a hostile guest would do: publish a head index the consumer can
+/// never have been given.
+fn corrupt_head(ch: &Channel, peer: u32) -> u32 {
+    let Ok(off) = ch.region.ring_offset(&ch.geo, ch.me, peer) else {
+        return fail(4, peer as u64);
+    };
+    let bad = 0x1234_5670_0000_0008u64;
+    // SAFETY: the head word of our own ring, inside the mapped BAR.
+    unsafe {
+        let p = (ch.base + off + ring::RING_HEAD) as *mut u64;
+        core::ptr::write_volatile(p, bad);
+    }
+    crate::println!("probe: shmem: wrote a corrupt head index {:#x}", bad);
+    EXIT_OK
+}
+
+/// [`intervm_protocol::probe::Workload::ShmemRecv`].
+pub fn recv() -> u32 {
+    match try_recv() {
+        Ok(()) => EXIT_OK,
+        Err(code) => code,
+    }
+}
+
+struct Inbound {
+    c: ring::Consumer,
+    live: Liveness,
+    bytes: u64,
+    frames: u64,
+    stream: u64,
+    last: u64,
+}
+
+fn try_recv() -> Result<(), u32> {
+    let ch = open_channel()?;
+    let clock = Clock::new();
+    let mask = arg(shmem_args::PEERS) as u32;
+    let want = arg(shmem_args::BYTES);
+    let timeout = arg(shmem_args::TIMEOUT_MS);
+    let mut peers: [Option<Inbound>; ring::MAX_MEMBERS as usize] =
+        [const { None }; ring::MAX_MEMBERS as usize];
+    for (m, slot) in peers.iter_mut().enumerate() {
+        if mask & (1 << m) == 0 {
+            continue;
+        }
+        let c = ch
+            .region
+            .consumer(ch.geo, m as u32, ch.me)
+            .map_err(ring_fail)?;
+        *slot = Some(Inbound {
+            c,
+            live: Liveness::new(&ch.region, &ch.geo, m as u32, timeout, 0),
+            bytes: 0,
+            frames: 0,
+            stream: 0,
+            last: 0,
+        });
+    }
+    let chunk = match arg(shmem_args::CHUNK) {
+        0 => ch.geo.max_payload(),
+        c => c.clamp(8, ch.geo.max_payload()),
+    };
+    let dst = buffer(want.max(chunk), chunk)?;
+    // Touch the destination once so first-touch faults are not timed.
+    dst.fill(0);
+    for (m, _) in peers.iter().enumerate().filter(|(_, p)| p.is_some()) {
+        let m = m as u32;
+        wait_for(&ch, &clock, m, |c| {
+            c.region.member_state(&c.geo, m) == Ok(MemberState::Alive)
+        })?;
+    }
+    set_state(State::Ready);
+    let now = clock.now_ms();
+    for p in peers.iter_mut().flatten() {
+        p.live.progressed(now);
+    }
+    let start = arch::rdtsc();
+    set_result(results::SHM_START_TSC, start);
+    ch.region.set_ready(&ch.geo, ch.me, 1).map_err(ring_fail)?;
+    let pumped = pump(&ch, &clock, &mut peers, dst, chunk as usize, want);
+    for (m, p) in peers.iter().enumerate() {
+        if let Some(p) = p {
+            record(m as u32, p.bytes, p.frames, p.stream, p.last);
+        }
+    }
+    let waits = pumped.map_err(ring_fail)?;
+    let end = peers
+        .iter()
+        .flatten()
+        .map(|p| p.last)
+        .max()
+        .unwrap_or(start);
+    set_result(results::SHM_END_TSC, end);
+    set_result(results::SHM_WAITS, waits);
+    crate::println!(
+        "probe: shmem: received {} bytes from each of {} peers",
+        want,
+        peers.iter().flatten().count()
+    );
+    Ok(())
+}
+
+/// Polls every inbound ring until each peer delivered `want` bytes.
+/// Returns the number of idle polls.
+fn pump(
+    ch: &Channel,
+    clock: &Clock,
+    peers: &mut [Option<Inbound>],
+    dst: &mut [u8],
+    chunk: usize,
+    want: u64,
+) -> Result<u64, RingError> {
+    let (mut pos, mut waits, mut idle) = (0usize, 0u64, 0u64);
+    let mut pending = peers.iter().flatten().filter(|p| p.bytes < want).count();
+    while pending > 0 {
+        let mut got_any = false;
+        for p in peers.iter_mut().flatten() {
+            if p.bytes >= want {
+                continue;
+            }
+            let out = &mut dst[pos..pos + chunk];
+            match p.c.try_recv(out)? {
+                Some((n, sum)) => {
+                    p.bytes += n as u64;
+                    p.frames += 1;
+                    p.stream = fold(p.stream, sum);
+                    p.last = arch::rdtsc();
+                    got_any = true;
+                    pos += n.next_multiple_of(64);
+                    if pos + chunk > dst.len() {
+                        pos = 0;
+                    }
+                    if p.bytes > want {
+                        return Err(RingError::TooLarge(p.bytes));
+                    }
+                    if p.bytes == want {
+                        pending -= 1;
+                    }
+                }
+                None if idle % CHECK_EVERY == CHECK_EVERY - 1 => {
+                    if let Err(e) = p.live.check(&ch.region, &ch.geo, clock.now_ms()) {
+                        // Frames published before the peer went away still
+                        // count: only an empty ring means the data is lost.
+                        if p.c.available()? == 0 {
+                            return Err(e);
+                        }
+                    }
+                }
+                None => {}
+            }
+        }
+        if !got_any {
+            waits += 1;
+            idle += 1;
+            core::hint::spin_loop();
+        } else {
+            idle = 0;
+        }
+    }
+    Ok(waits)
+}
