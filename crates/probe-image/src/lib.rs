@@ -4,7 +4,13 @@
 //! with a small CPL0 assembly part) into a freestanding ELF that loads at
 //! 1 MiB. This crate exposes its bytes so that a VMM can boot it without any
 //! file on disk: `vmm_core::boot::probe` loads it with `linux-loader`.
+//!
+//! [`shmem`] builds the arguments of the probe's shared-memory workloads and
+//! decodes their results, so tests, benchmarks and the launcher drive the
+//! probe the same way.
 #![deny(missing_docs)]
+
+pub mod shmem;
 
 /// The probe guest ELF image.
 pub static PROBE_ELF: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/intervm-probe.elf"));

@@ -143,6 +143,49 @@ pub mod shmem_args {
     pub const JOIN_TIMEOUT_MS: usize = 8;
 }
 
+/// Guest-physical address of the probe's payload buffer for shared-memory
+/// transfers (source when sending, destination when receiving).
+pub const SHMEM_BUF_GPA: u64 = 32 << 20;
+/// Largest payload buffer; bigger transfers stream it repeatedly.
+pub const SHMEM_BUF_MAX: u64 = 16 << 20;
+
+/// Payload bytes per frame a sender uses for a requested `chunk`, given the
+/// transfer size and the ring's largest message.
+pub const fn shmem_frame_bytes(chunk: u64, bytes: u64, max_payload: u64) -> u64 {
+    let c = if chunk == 0 { 1 } else { chunk };
+    let c = if c > max_payload { max_payload } else { c };
+    let b = if bytes == 0 { 1 } else { bytes };
+    if c > b {
+        b
+    } else {
+        c
+    }
+}
+
+/// Bytes of the sender's source buffer: `min(bytes, SHMEM_BUF_MAX)` rounded
+/// down to whole frames. The sender streams it repeatedly, one frame of
+/// `frame` bytes at a time, so frame `i` carries source bytes
+/// `(i * frame) % len ..`.
+pub const fn shmem_source_bytes(bytes: u64, frame: u64) -> u64 {
+    let b = if bytes < SHMEM_BUF_MAX {
+        bytes
+    } else {
+        SHMEM_BUF_MAX
+    };
+    b / frame * frame
+}
+
+/// Guest RAM a probe needs to send or receive `bytes` (its buffer lies at
+/// [`SHMEM_BUF_GPA`]).
+pub const fn shmem_min_memory(bytes: u64) -> u64 {
+    let b = if bytes < SHMEM_BUF_MAX {
+        bytes
+    } else {
+        SHMEM_BUF_MAX
+    };
+    SHMEM_BUF_GPA + b
+}
+
 /// `shmem_args::FLAGS` bit: the sender behaves like a hostile guest and,
 /// after sending half its bytes, writes an impossible head index.
 pub const SHMEM_CORRUPT_HEAD: u64 = 1;

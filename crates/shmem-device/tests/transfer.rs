@@ -6,10 +6,11 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use intervm_protocol::probe::{
-    results, shmem_args, BootInfo, State, Workload, EXIT_FAILED, EXIT_OK, SHMEM_CORRUPT_HEAD,
+    results, shmem_args, BootInfo, State, Workload, EXIT_FAILED, EXIT_OK,
 };
-use intervm_protocol::ring::{self, RingError};
+use intervm_protocol::ring::RingError;
 use intervm_testkit::{finish, probe_vm_with, require_kvm, RUN_TIMEOUT};
+use probe_image::shmem::{self, peer_record, Role, ShmemTask};
 use shmem_device::{Backing, IvshmemPlain, Membership, SharedRegion, Transport};
 use vmm_core::boot::probe;
 use vmm_core::devices::serial::SerialBuffer;
@@ -26,15 +27,14 @@ struct Member {
 }
 
 fn args(workload: Workload, me: u32, peers: u64, bytes: u64) -> BootInfo {
-    let mut info = BootInfo::new(workload, 0, 0);
-    info.args[shmem_args::ME] = me as u64;
-    info.args[shmem_args::PEERS] = peers;
-    info.args[shmem_args::BYTES] = bytes;
-    info.args[shmem_args::CHUNK] = CHUNK;
-    info.args[shmem_args::SEED] = SEED + me as u64;
-    info.args[shmem_args::TIMEOUT_MS] = 2000;
-    info.args[shmem_args::JOIN_TIMEOUT_MS] = 30_000;
-    info
+    let role = match workload {
+        Workload::ShmemSend => Role::Send { to: peers as u32 },
+        _ => Role::Recv { from: peers as u32 },
+    };
+    let mut task = ShmemTask::new(me, role, bytes);
+    task.chunk = CHUNK;
+    task.seed = SEED + me as u64;
+    task.boot_info()
 }
 
 fn start(name: &str, info: &BootInfo, transport: &Transport) -> Member {
@@ -65,28 +65,12 @@ fn end(m: Member) -> (VmExit, BootInfo, String) {
 }
 
 fn record(info: &BootInfo, peer: u32) -> [u64; 4] {
-    let b = results::SHM_PEER_FIRST + peer as usize * results::SHM_RECORD_LEN;
-    [
-        info.results[b],
-        info.results[b + 1],
-        info.results[b + 2],
-        info.results[b + 3],
-    ]
+    let r = peer_record(info, peer);
+    [r.bytes, r.frames, r.stream, r.last_tsc]
 }
 
-/// The stream checksum a sender with this seed must produce, computed
-/// independently on the host (the probe sends its source buffer of
-/// `min(bytes, 16 MiB)` bytes over and over, `CHUNK` bytes per frame).
 fn expected_stream(seed: u64, bytes: u64) -> u64 {
-    let src_len = bytes.min(16 << 20) / CHUNK * CHUNK;
-    let mut src = vec![0u8; src_len as usize];
-    ring::fill_pattern(seed, 0, &mut src);
-    let sums: Vec<u64> = src.chunks(CHUNK as usize).map(ring::checksum).collect();
-    let mut stream = 0;
-    for i in 0..(bytes / CHUNK) as usize {
-        stream = ring::fold(stream, sums[i % sums.len()]);
-    }
-    stream
+    shmem::expected_stream(seed, bytes, CHUNK)
 }
 
 fn transport(members: u32, size: u64) -> Transport {
@@ -202,8 +186,10 @@ fn a_hostile_member_corrupting_the_head_index_is_detected() {
     const BYTES: u64 = 4 << 20;
     let t = transport(2, 1 << 20);
     let rx = start("rx", &args(Workload::ShmemRecv, 1, 0b01, BYTES), &t);
-    let mut bad = args(Workload::ShmemSend, 0, 1, BYTES);
-    bad.args[shmem_args::FLAGS] = SHMEM_CORRUPT_HEAD;
+    let mut bad = ShmemTask::new(0, Role::Send { to: 1 }, BYTES);
+    bad.chunk = CHUNK;
+    bad.corrupt_head = true;
+    let bad = bad.boot_info();
     let tx = start("evil", &bad, &t);
     let (tx_exit, _, tx_console) = end(tx);
     assert_eq!(

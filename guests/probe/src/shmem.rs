@@ -13,13 +13,12 @@
 //! the whole transfer, measured on one clock.
 
 use crate::{arch, arg, fail, info, pci, set_result, set_state};
-use intervm_protocol::probe::{results, shmem_args, State, EXIT_OK, SHMEM_CORRUPT_HEAD};
+use intervm_protocol::probe::{
+    results, shmem_args, shmem_frame_bytes, shmem_source_bytes, State, EXIT_OK,
+    SHMEM_BUF_GPA as BUF_BASE, SHMEM_CORRUPT_HEAD,
+};
 use intervm_protocol::ring::{self, fold, Geometry, Liveness, MemberState, RingError};
 
-/// Guest-physical base of the payload buffer.
-const BUF_BASE: u64 = 32 << 20;
-/// Largest payload buffer.
-const BUF_MAX: u64 = 16 << 20;
 /// Idle polls between liveness checks.
 const CHECK_EVERY: u64 = 4096;
 /// Failure reason base: `FAIL_BASE + RingError::code()`.
@@ -105,9 +104,8 @@ fn ring_fail(e: RingError) -> u32 {
 /// The payload buffer: `len` bytes at [`BUF_BASE`], `len` a multiple of
 /// `chunk`.
 fn buffer(bytes: u64, chunk: u64) -> Result<&'static mut [u8], u32> {
-    let room = mem_size().saturating_sub(BUF_BASE).min(BUF_MAX);
-    let len = bytes.min(room) / chunk * chunk;
-    if len == 0 {
+    let len = shmem_source_bytes(bytes, chunk);
+    if len == 0 || BUF_BASE + len > mem_size() {
         return Err(fail(3, mem_size()));
     }
     // SAFETY: [BUF_BASE, BUF_BASE + len) is guest RAM (checked against
@@ -159,9 +157,7 @@ fn try_send() -> Result<(), u32> {
     let peer = arg(shmem_args::PEERS) as u32;
     let bytes = arg(shmem_args::BYTES);
     let mut p = ch.region.producer(ch.geo, ch.me, peer).map_err(ring_fail)?;
-    let chunk = arg(shmem_args::CHUNK)
-        .clamp(1, p.max_message())
-        .min(bytes.max(1));
+    let chunk = shmem_frame_bytes(arg(shmem_args::CHUNK), bytes, p.max_message());
     let src = buffer(bytes, chunk)?;
     let t0 = arch::rdtsc();
     ring::fill_pattern(arg(shmem_args::SEED), 0, src);

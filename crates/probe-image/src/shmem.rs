@@ -1,0 +1,260 @@
+//! Driving the probe's shared-memory workloads from the host: the boot-info
+//! arguments of a send or receive, the results it leaves, and the stream
+//! checksum a correct transfer must produce.
+
+use intervm_protocol::probe::{
+    results, shmem_args, shmem_frame_bytes, shmem_source_bytes, BootInfo, Workload,
+    SHMEM_CORRUPT_HEAD,
+};
+use intervm_protocol::ring::{self, RingError};
+
+/// What one probe does on a shared-memory channel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Send to this member.
+    Send {
+        /// Receiving member index.
+        to: u32,
+    },
+    /// Receive from every member whose bit is set.
+    Recv {
+        /// Bitmask of sending member indices.
+        from: u32,
+    },
+}
+
+/// A shared-memory send or receive for the probe guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ShmemTask {
+    /// Which ivshmem function on the guest's bus (0 = the first).
+    pub device_index: u32,
+    /// The VM's member index in the channel.
+    pub me: u32,
+    /// Send or receive.
+    pub role: Role,
+    /// Bytes to send, or to receive from each sender.
+    pub bytes: u64,
+    /// Payload bytes per frame (send) or the largest frame accepted (receive).
+    pub chunk: u64,
+    /// Payload pattern seed (send).
+    pub seed: u64,
+    /// A peer whose heartbeat stops for this long is reported gone.
+    pub timeout_ms: u64,
+    /// How long to wait for peers to join.
+    pub join_timeout_ms: u64,
+    /// Act as a hostile sender that corrupts its head index halfway.
+    pub corrupt_head: bool,
+}
+
+impl ShmemTask {
+    /// Defaults: first device, 64 KiB frames, 2 s peer timeout, 60 s to join.
+    pub fn new(me: u32, role: Role, bytes: u64) -> Self {
+        Self {
+            device_index: 0,
+            me,
+            role,
+            bytes,
+            chunk: 64 << 10,
+            seed: 0,
+            timeout_ms: 2000,
+            join_timeout_ms: 60_000,
+            corrupt_head: false,
+        }
+    }
+
+    /// The boot-info page that makes the probe run this task.
+    pub fn boot_info(&self) -> BootInfo {
+        let (workload, peers) = match self.role {
+            Role::Send { to } => (Workload::ShmemSend, to as u64),
+            Role::Recv { from } => (Workload::ShmemRecv, from as u64),
+        };
+        let mut info = BootInfo::new(workload, 0, 0);
+        let a = &mut info.args;
+        a[shmem_args::DEVICE_INDEX] = self.device_index as u64;
+        a[shmem_args::ME] = self.me as u64;
+        a[shmem_args::PEERS] = peers;
+        a[shmem_args::BYTES] = self.bytes;
+        a[shmem_args::CHUNK] = self.chunk;
+        a[shmem_args::SEED] = self.seed;
+        a[shmem_args::TIMEOUT_MS] = self.timeout_ms;
+        a[shmem_args::JOIN_TIMEOUT_MS] = self.join_timeout_ms;
+        a[shmem_args::FLAGS] = if self.corrupt_head {
+            SHMEM_CORRUPT_HEAD
+        } else {
+            0
+        };
+        info
+    }
+}
+
+/// What a probe reports about one peer of a transfer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerRecord {
+    /// Payload bytes moved.
+    pub bytes: u64,
+    /// Frames moved.
+    pub frames: u64,
+    /// `ring::fold` of the frame checksums.
+    pub stream: u64,
+    /// Guest TSC at the last frame.
+    pub last_tsc: u64,
+}
+
+/// The results of a shared-memory task, read from the boot-info page.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ShmemResult {
+    /// `RingError::code` and detail of the error that stopped the task.
+    pub error: Option<(u64, u64)>,
+    /// Guest TSC at the start line.
+    pub start_tsc: u64,
+    /// Guest TSC at the last byte.
+    pub end_tsc: u64,
+    /// Polls that found the ring full (send) or empty (receive).
+    pub waits: u64,
+    /// Guest TSC frequency.
+    pub tsc_khz: u64,
+}
+
+impl ShmemResult {
+    /// Decodes the results of `info`.
+    pub fn from_info(info: &BootInfo) -> Self {
+        let r = &info.results;
+        Self {
+            error: (r[results::SHM_ERROR] != 0)
+                .then(|| (r[results::SHM_ERROR], r[results::SHM_ERROR_DETAIL])),
+            start_tsc: r[results::SHM_START_TSC],
+            end_tsc: r[results::SHM_END_TSC],
+            waits: r[results::SHM_WAITS],
+            tsc_khz: info.tsc_khz,
+        }
+    }
+
+    /// Start-to-last-byte time in seconds, if the TSC frequency is known.
+    pub fn seconds(&self) -> Option<f64> {
+        (self.tsc_khz > 0 && self.end_tsc >= self.start_tsc)
+            .then(|| (self.end_tsc - self.start_tsc) as f64 / (self.tsc_khz as f64 * 1e3))
+    }
+}
+
+/// The record a probe left for `peer`.
+pub fn peer_record(info: &BootInfo, peer: u32) -> PeerRecord {
+    let b = results::SHM_PEER_FIRST + peer as usize * results::SHM_RECORD_LEN;
+    let r = info.results.get(b..b + 4).unwrap_or(&[0; 4]);
+    PeerRecord {
+        bytes: r[0],
+        frames: r[1],
+        stream: r[2],
+        last_tsc: r[3],
+    }
+}
+
+/// Names a ring error code the way `RingError` does.
+pub fn error_name(code: u64) -> &'static str {
+    const ALL: [RingError; 10] = [
+        RingError::RegionTooSmall { needed: 0, have: 0 },
+        RingError::BadGeometry,
+        RingError::NotInitialized,
+        RingError::BadMember(0),
+        RingError::CorruptIndex(0),
+        RingError::CorruptLength(0),
+        RingError::BadChecksum { seq: 0 },
+        RingError::BadSequence {
+            expected: 0,
+            found: 0,
+        },
+        RingError::TooLarge(0),
+        RingError::PeerGone(0),
+    ];
+    const NAMES: [&str; 10] = [
+        "region too small",
+        "bad geometry",
+        "region not formatted",
+        "bad member",
+        "corrupt ring index",
+        "corrupt frame length",
+        "bad checksum",
+        "bad sequence",
+        "message too large",
+        "peer gone",
+    ];
+    ALL.iter()
+        .position(|e| e.code() == code)
+        .map_or("unknown error", |i| NAMES[i])
+}
+
+/// The stream checksum a probe sending `bytes` with `seed` produces with
+/// frames of `frame` payload bytes (see
+/// `intervm_protocol::probe::shmem_frame_bytes`), computed independently on
+/// the host.
+pub fn expected_stream(seed: u64, bytes: u64, frame: u64) -> u64 {
+    let src_len = shmem_source_bytes(bytes, frame);
+    if src_len == 0 {
+        return 0;
+    }
+    let mut src = vec![0u8; src_len as usize];
+    ring::fill_pattern(seed, 0, &mut src);
+    let sums: Vec<u64> = src.chunks(frame as usize).map(ring::checksum).collect();
+    let frames = bytes.div_ceil(frame);
+    let mut stream = 0;
+    let mut left = bytes;
+    for i in 0..frames as usize {
+        let sum = if left >= frame {
+            sums[i % sums.len()]
+        } else {
+            // A short last frame: the head of the next source frame.
+            let start = (i % sums.len()) * frame as usize;
+            ring::checksum(&src[start..start + left as usize])
+        };
+        stream = ring::fold(stream, sum);
+        left = left.saturating_sub(frame);
+    }
+    stream
+}
+
+/// The frame size a sender will use (re-exported policy).
+pub fn frame_bytes(chunk: u64, bytes: u64, max_payload: u64) -> u64 {
+    shmem_frame_bytes(chunk, bytes, max_payload)
+}
+
+/// A seed for the payload of `sender` on `channel`: both ends can compute
+/// it from the configuration alone (FNV-1a of the two names).
+pub fn seed_for(channel: &str, sender: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in channel.bytes().chain([0]).chain(sender.bytes()) {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn expected_stream_matches_a_direct_computation() {
+        // 3.5 frames of 4 KiB: the source holds the 3 whole frames, and the
+        // short last frame repeats the head of the source.
+        let (seed, frame, bytes) = (9, 4096u64, 4096 * 3 + 2048);
+        let mut src = vec![0u8; 3 * 4096];
+        ring::fill_pattern(seed, 0, &mut src);
+        let mut want = 0;
+        for c in src.chunks(frame as usize).chain([&src[..2048]]) {
+            want = ring::fold(want, ring::checksum(c));
+        }
+        assert_eq!(expected_stream(seed, bytes, frame), want);
+        assert_ne!(expected_stream(seed + 1, bytes, frame), want);
+    }
+
+    #[test]
+    fn tasks_encode_their_arguments() {
+        let mut t = ShmemTask::new(2, Role::Recv { from: 0b11 }, 1 << 20);
+        t.device_index = 1;
+        let i = t.boot_info();
+        assert_eq!(i.workload, Workload::ShmemRecv as u32);
+        assert_eq!(i.args[shmem_args::PEERS], 0b11);
+        assert_eq!(i.args[shmem_args::DEVICE_INDEX], 1);
+        assert_eq!(error_name(RingError::PeerGone(1).code()), "peer gone");
+        assert_ne!(seed_for("a", "bc"), seed_for("ab", "c"));
+    }
+}
