@@ -6,6 +6,8 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
+use intervm_protocol::probe::shmem_min_memory;
+use intervm_protocol::ring::{Geometry, RingError, MAX_MEMBERS};
 use serde::Deserialize;
 
 /// A configuration error, already phrased for the user.
@@ -45,6 +47,26 @@ struct RawVm {
     cmdline: Option<String>,
     initrd: Option<String>,
     serial: Option<RawSerial>,
+    probe: Option<RawProbe>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawProbe {
+    task: String,
+    channel: Option<String>,
+    to: Option<String>,
+    from: Option<Vec<String>>,
+    size: Option<RawSize>,
+    chunk: Option<RawSize>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBacking {
+    shm: Option<String>,
+    file: Option<String>,
+    hugetlbfs: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -60,6 +82,8 @@ struct RawChannel {
     name: String,
     kind: String,
     members: Vec<String>,
+    size: Option<RawSize>,
+    backing: Option<RawBacking>,
 }
 
 /// What a VM boots.
@@ -102,6 +126,56 @@ pub struct VmSpec {
     pub kernel: Kernel,
     /// Console.
     pub serial: Serial,
+    /// What the probe guest does (only for `kernel = "probe"`).
+    pub probe: ProbeTask,
+}
+
+/// The `probe = { task = ... }` table of a probe VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProbeTask {
+    /// Print a greeting and power off (the default).
+    Hello,
+    /// Send `size` bytes to `to` over `channel`.
+    Send {
+        /// Channel name.
+        channel: String,
+        /// Receiving VM.
+        to: String,
+        /// Bytes.
+        size: u64,
+        /// Payload bytes per frame.
+        chunk: u64,
+    },
+    /// Receive `size` bytes from each VM in `from` over `channel`.
+    Recv {
+        /// Channel name.
+        channel: String,
+        /// Sending VMs.
+        from: Vec<String>,
+        /// Bytes from each sender.
+        size: u64,
+        /// Largest frame accepted (0 = the ring's largest).
+        chunk: u64,
+    },
+}
+
+/// Default payload bytes per frame of a probe transfer.
+pub const DEFAULT_CHUNK: u64 = 64 << 10;
+
+/// Default shared region size of a `shmem` channel.
+pub const DEFAULT_SHMEM_SIZE: u64 = 4 << 20;
+
+/// Where a shared-memory channel's region lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Backing {
+    /// An anonymous memfd (every member in one process).
+    Memfd,
+    /// `/dev/shm/NAME`.
+    Shm(String),
+    /// A file.
+    File(PathBuf),
+    /// A file on hugetlbfs.
+    Hugetlbfs(PathBuf),
 }
 
 /// Channel kinds intervm knows.
@@ -135,6 +209,17 @@ pub struct ChannelSpec {
     pub kind: ChannelKind,
     /// Member VM names (at least two, distinct, all defined).
     pub members: Vec<String>,
+    /// Shared region bytes (`shmem`/`doorbell`).
+    pub size: u64,
+    /// Region backing (`shmem`/`doorbell`).
+    pub backing: Backing,
+}
+
+impl ChannelSpec {
+    /// Member index of `vm`.
+    pub fn index_of(&self, vm: &str) -> Option<u32> {
+        self.members.iter().position(|m| m == vm).map(|i| i as u32)
+    }
 }
 
 /// A validated configuration file.
@@ -170,6 +255,117 @@ fn parse_size(s: &RawSize) -> Result<u64, String> {
                     format!("{t:?} is not a size (use bytes or a number with K, M or G)")
                 })
         }
+    }
+}
+
+/// Validates a `probe = { ... }` table; errors start with the key below `probe`.
+fn probe_task(p: &RawProbe, vm: &VmSpec, channels: &[ChannelSpec]) -> Result<ProbeTask, String> {
+    if p.task == "hello" {
+        for (k, set) in [
+            ("channel", p.channel.is_some()),
+            ("to", p.to.is_some()),
+            ("from", p.from.is_some()),
+            ("size", p.size.is_some()),
+            ("chunk", p.chunk.is_some()),
+        ] {
+            if set {
+                return Err(format!("{k}: not used by task \"hello\""));
+            }
+        }
+        return Ok(ProbeTask::Hello);
+    }
+    if p.task != "send" && p.task != "recv" {
+        return Err(format!(
+            "task: {:?} is not \"hello\", \"send\" or \"recv\"",
+            p.task
+        ));
+    }
+    let name = p
+        .channel
+        .as_deref()
+        .ok_or("channel: missing (which channel to use)")?;
+    let ch = channels
+        .iter()
+        .find(|c| c.name == name)
+        .ok_or_else(|| format!("channel: no [[channel]] is named {name:?}"))?;
+    if ch.kind != ChannelKind::Shmem {
+        return Err(format!(
+            "channel: the probe's send/recv tasks run on kind = \"shmem\" channels; {name:?} is {:?}",
+            ch.kind.as_str()
+        ));
+    }
+    if ch.index_of(&vm.name).is_none() {
+        return Err(format!(
+            "channel: {:?} is not a member of {name:?}",
+            vm.name
+        ));
+    }
+    let size = match &p.size {
+        Some(s) => parse_size(s).map_err(|e| format!("size: {e}"))?,
+        None => return Err("size: missing (bytes to move)".into()),
+    };
+    if size == 0 {
+        return Err("size: must be at least 1 byte".into());
+    }
+    let chunk = match &p.chunk {
+        Some(s) => parse_size(s).map_err(|e| format!("chunk: {e}"))?,
+        None => DEFAULT_CHUNK,
+    };
+    if chunk == 0 {
+        return Err("chunk: must be at least 1 byte".into());
+    }
+    let need = shmem_min_memory(size);
+    if vm.memory < need {
+        return Err(format!(
+            "size: moving {size} bytes needs memory of at least {}M for the probe's buffer (vm has {}M)",
+            need.div_ceil(1 << 20),
+            vm.memory >> 20
+        ));
+    }
+    let peer = |n: &String, k: &str| -> Result<(), String> {
+        if *n == vm.name {
+            return Err(format!("{k}: a VM cannot be its own peer"));
+        }
+        if ch.index_of(n).is_none() {
+            return Err(format!("{k}: {n:?} is not a member of channel {name:?}"));
+        }
+        Ok(())
+    };
+    if p.task == "send" {
+        if p.from.is_some() {
+            return Err("from: not used by task \"send\" (use to)".into());
+        }
+        let to = p.to.clone().ok_or("to: missing (the receiving VM)")?;
+        peer(&to, "to")?;
+        Ok(ProbeTask::Send {
+            channel: name.into(),
+            to,
+            size,
+            chunk,
+        })
+    } else {
+        if p.to.is_some() {
+            return Err("to: not used by task \"recv\" (use from)".into());
+        }
+        let from = match &p.from {
+            Some(f) if f.is_empty() => return Err("from: empty".into()),
+            Some(f) => f.clone(),
+            None => ch
+                .members
+                .iter()
+                .filter(|m| **m != vm.name)
+                .cloned()
+                .collect(),
+        };
+        for f in &from {
+            peer(f, "from")?;
+        }
+        Ok(ProbeTask::Recv {
+            channel: name.into(),
+            from,
+            size,
+            chunk: p.chunk.as_ref().map_or(0, |_| chunk),
+        })
     }
 }
 
@@ -323,12 +519,19 @@ impl Config {
                 }
                 Some(RawSerial::File { file }) => Serial::File(resolve(file)),
             };
+            if v.probe.is_some() && kernel != Kernel::Probe {
+                return Err(err(format!(
+                    "{}: only meaningful with kernel = \"probe\"",
+                    key("probe")
+                )));
+            }
             vms.push(VmSpec {
                 name: v.name.clone(),
                 memory,
                 vcpus: vcpus as u8,
                 kernel,
                 serial,
+                probe: ProbeTask::Hello,
             });
         }
 
@@ -381,11 +584,78 @@ impl Config {
                     return Err(err(format!("{}: {m:?} is listed twice", key("members"))));
                 }
             }
+            let shared = matches!(kind, ChannelKind::Shmem | ChannelKind::Doorbell);
+            for (k, set) in [("size", c.size.is_some()), ("backing", c.backing.is_some())] {
+                if set && !shared {
+                    return Err(err(format!(
+                        "{}: only meaningful for kind = \"shmem\" or \"doorbell\"",
+                        key(k)
+                    )));
+                }
+            }
+            let size = match &c.size {
+                Some(s) => parse_size(s).map_err(|e| err(format!("{}: {e}", key("size"))))?,
+                None => DEFAULT_SHMEM_SIZE,
+            };
+            if shared {
+                if size < 4096 || !size.is_power_of_two() {
+                    return Err(err(format!(
+                        "{}: {size} is not a power of two of at least 4K",
+                        key("size")
+                    )));
+                }
+                if let Err(RingError::RegionTooSmall { needed, .. }) =
+                    Geometry::fit(c.members.len() as u32, size)
+                {
+                    return Err(err(format!(
+                        "{}: {size} bytes cannot hold rings for {} members (needs at least {})",
+                        key("size"),
+                        c.members.len(),
+                        needed.next_power_of_two()
+                    )));
+                }
+                if c.members.len() as u32 > MAX_MEMBERS {
+                    return Err(err(format!(
+                        "{}: at most {MAX_MEMBERS} members",
+                        key("members")
+                    )));
+                }
+            }
+            let backing = match &c.backing {
+                None => Backing::Memfd,
+                Some(b) => match (&b.shm, &b.file, &b.hugetlbfs) {
+                    (Some(n), None, None) => {
+                        if n.is_empty() || n.len() > 200 || n.contains('/') {
+                            return Err(err(format!(
+                                "{}: shm name {n:?} must be 1-200 characters without '/'",
+                                key("backing.shm")
+                            )));
+                        }
+                        Backing::Shm(n.clone())
+                    }
+                    (None, Some(f), None) => Backing::File(resolve(f)),
+                    (None, None, Some(h)) => Backing::Hugetlbfs(resolve(h)),
+                    _ => {
+                        return Err(err(format!(
+                            "{}: give exactly one of shm = \"name\", file = \"path\", hugetlbfs = \"path\"",
+                            key("backing")
+                        )))
+                    }
+                },
+            };
             channels.push(ChannelSpec {
                 name: c.name.clone(),
                 kind,
                 members: c.members.clone(),
+                size,
+                backing,
             });
+        }
+        for (v, spec) in raw.vm.iter().zip(vms.iter_mut()) {
+            if let Some(p) = &v.probe {
+                spec.probe = probe_task(p, spec, &channels)
+                    .map_err(|m| err(format!("vm[{}].probe.{m}", spec.name)))?;
+            }
         }
         Ok(Config {
             file: path.to_path_buf(),

@@ -6,6 +6,7 @@
 //! ```
 
 mod config;
+mod tasks;
 mod wire;
 
 use std::path::PathBuf;
@@ -99,6 +100,14 @@ fn main() -> ExitCode {
                         );
                         if status == 0 {
                             status = o.exit.status();
+                        }
+                        if let Some(r) = &o.report {
+                            for l in &r.lines {
+                                println!("intervm: {l}");
+                            }
+                            if !r.ok && status == 0 {
+                                status = 3;
+                            }
                         }
                     }
                     ExitCode::from(status.clamp(0, 255) as u8)

@@ -1,14 +1,17 @@
 //! Turns a validated [`Config`] into running VMs. Parsing lives in
 //! `config`, device logic in the crates; this module only connects them.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use intervm_protocol::probe::{BootInfo, Workload};
+use shmem_device::{IvshmemPlain, Membership, SharedRegion, Transport};
 use vmm_core::devices::serial::SerialOutput;
 use vmm_core::{boot::probe, RunningVm, Vm, VmConfig, VmExit};
 
-use crate::config::{Config, Kernel, Serial};
+use crate::config::{Backing, ChannelKind, Config, Kernel, Serial};
+use crate::tasks::{self, Report};
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
@@ -39,6 +42,16 @@ pub enum RunError {
         /// The names defined.
         have: String,
     },
+    /// A channel could not be set up.
+    #[error("{file}: channel[{channel}]: {msg}")]
+    Channel {
+        /// Config file.
+        file: String,
+        /// Channel name.
+        channel: String,
+        /// What went wrong.
+        msg: String,
+    },
     /// Creating or starting a VM failed.
     #[error("vm[{vm}]: {source}")]
     Vm {
@@ -58,6 +71,84 @@ pub struct Outcome {
     pub exit: VmExit,
     /// Wall time from start to stop.
     pub elapsed: Duration,
+    /// What its probe task did, checked.
+    pub report: Option<Report>,
+}
+
+/// Opens the region of every shared-memory channel with a member among
+/// `selected`, formatting it if this process is the first to arrive.
+fn open_channels(
+    cfg: &Config,
+    selected: &[&crate::config::VmSpec],
+) -> Result<HashMap<String, Transport>, RunError> {
+    let file = cfg.file.display().to_string();
+    let mut out = HashMap::new();
+    for c in &cfg.channels {
+        let ours: Vec<_> = c
+            .members
+            .iter()
+            .filter(|m| selected.iter().any(|v| &v.name == *m))
+            .collect();
+        if ours.is_empty() {
+            continue;
+        }
+        let cerr = |msg: String| RunError::Channel {
+            file: file.clone(),
+            channel: c.name.clone(),
+            msg,
+        };
+        if c.kind != ChannelKind::Shmem {
+            return Err(cerr(format!(
+                "kind: {:?} channels are not available in this build yet",
+                c.kind.as_str()
+            )));
+        }
+        let backing = match &c.backing {
+            Backing::Memfd if ours.len() < c.members.len() => {
+                return Err(cerr(
+                    "backing: an anonymous memfd cannot be shared with members in other \
+                     processes; set backing = { shm = \"name\" } (or file/hugetlbfs) to run \
+                     members with --vm"
+                        .into(),
+                ))
+            }
+            Backing::Memfd => shmem_device::Backing::Memfd,
+            Backing::Shm(n) => shmem_device::Backing::Shm(n.clone()),
+            Backing::File(p) => shmem_device::Backing::File(p.clone()),
+            Backing::Hugetlbfs(p) => shmem_device::Backing::Hugetlbfs(p.clone()),
+        };
+        let region = SharedRegion::open(&backing, c.size).map_err(|e| cerr(e.to_string()))?;
+        let t = Transport::attach(Arc::new(region), c.members.len() as u32)
+            .map_err(|e| cerr(e.to_string()))?;
+        out.insert(c.name.clone(), t);
+    }
+    Ok(out)
+}
+
+/// Plugs `vm` into each of its shared-memory channels (in file order, so
+/// the guest finds them in that order on its bus) and joins them.
+fn plug_channels(
+    cfg: &Config,
+    vm: &Vm,
+    transports: &HashMap<String, Transport>,
+) -> Result<Vec<Membership>, RunError> {
+    let file = cfg.file.display().to_string();
+    let mut joined = Vec::new();
+    for c in &cfg.channels {
+        let (Some(me), Some(t)) = (c.index_of(vm.name()), transports.get(&c.name)) else {
+            continue;
+        };
+        let cerr = |msg: String| RunError::Channel {
+            file: file.clone(),
+            channel: c.name.clone(),
+            msg,
+        };
+        let dev = IvshmemPlain::new(t.region().clone());
+        vm.add_pci_device(Arc::new(Mutex::new(dev)))
+            .map_err(|e| cerr(format!("adding the device to vm {}: {e}", vm.name())))?;
+        joined.push(t.join(me).map_err(|e| cerr(e.to_string()))?);
+    }
+    Ok(joined)
 }
 
 /// Boots the VMs of `cfg` (only `only` if given) and waits for all of them.
@@ -88,16 +179,7 @@ pub fn run(
         }
         None => cfg.vms.iter().collect(),
     };
-    if let Some(c) = cfg.channels.first() {
-        return Err(RunError::Unsupported {
-            file,
-            key: format!("channel[{}].kind", c.name),
-            msg: format!(
-                "{:?} channels are not available in this build yet",
-                c.kind.as_str()
-            ),
-        });
-    }
+    let transports = open_channels(cfg, &selected)?;
     for sig in [libc::SIGINT, libc::SIGTERM] {
         if let Err(e) = vmm_sys_util::signal::register_signal_handler(sig, on_signal) {
             log::warn!("cannot catch signal {sig}: {e}");
@@ -118,10 +200,11 @@ pub fn run(
             Serial::File(p) => SerialOutput::File(p.clone()),
         };
         let vm = Vm::new(&vc).map_err(verr)?;
+        let joined = plug_channels(cfg, &vm, &transports)?;
         match &spec.kernel {
             Kernel::Probe => {
-                let mut info = BootInfo::new(Workload::Hello, 0, 0);
-                info.args[0] = i as u64;
+                let index = cfg.vms.iter().position(|v| v.name == spec.name).unwrap_or(i);
+                let info = tasks::boot_info(cfg, spec, index);
                 probe::load(&vm, probe_image::PROBE_ELF, &info).map_err(verr)?;
             }
             Kernel::Linux { .. } => {
@@ -132,31 +215,45 @@ pub fn run(
                 })
             }
         }
-        vms.push(vm);
+        vms.push((vm, joined, *spec));
     }
 
     let start = Instant::now();
-    let mut running: Vec<(String, Option<RunningVm>, Option<Outcome>)> = Vec::new();
-    for vm in vms {
-        let name = vm.name().to_string();
+    type Slot<'a> = (
+        &'a crate::config::VmSpec,
+        Option<(RunningVm, Vec<Membership>)>,
+        Option<Outcome>,
+    );
+    let mut running: Vec<Slot> = Vec::new();
+    for (vm, joined, spec) in vms {
         let r = vm.start().map_err(|source| RunError::Vm {
-            vm: name.clone(),
+            vm: spec.name.clone(),
             source,
         })?;
-        running.push((name, Some(r), None));
+        running.push((spec, Some((r, joined)), None));
     }
     loop {
         let mut left = 0;
-        for (name, r, out) in running.iter_mut() {
-            let Some(vm) = r else { continue };
+        for (spec, r, out) in running.iter_mut() {
+            let Some((vm, _)) = r else { continue };
             if let Some(exit) = vm.wait_timeout(Duration::from_millis(5)) {
+                let elapsed = start.elapsed();
+                let report = match spec.kernel {
+                    Kernel::Probe => probe::read_info(vm.vm().memory())
+                        .ok()
+                        .and_then(|info| tasks::report(cfg, spec, &info, &transports)),
+                    Kernel::Linux { .. } => None,
+                };
                 *out = Some(Outcome {
-                    name: name.clone(),
+                    name: spec.name.clone(),
                     exit,
-                    elapsed: start.elapsed(),
+                    elapsed,
+                    report,
                 });
-                if let Some(vm) = r.take() {
+                if let Some((vm, joined)) = r.take() {
                     vm.join();
+                    // Leaving marks this member gone for its peers.
+                    drop(joined);
                 }
             } else {
                 left += 1;
@@ -168,7 +265,7 @@ pub fn run(
         let expired = timeout.is_some_and(|t| start.elapsed() >= t);
         if expired || INTERRUPTED.load(Ordering::SeqCst) {
             for (_, r, _) in running.iter() {
-                if let Some(vm) = r {
+                if let Some((vm, _)) = r {
                     vm.stop();
                 }
             }

@@ -142,3 +142,180 @@ fn bad_timeout_is_a_clear_error() {
         text(&o)
     );
 }
+
+#[test]
+fn shmem_config_errors_name_the_key() {
+    let two = "[[vm]]\nname = \"a\"\nmemory = \"64M\"\n[[vm]]\nname = \"b\"\nmemory = \"64M\"\n";
+    let cases = [
+        (
+            "size.toml",
+            "[[channel]]\nname = \"c\"\nkind = \"shmem\"\nmembers = [\"a\", \"b\"]\nsize = \"3M\"\n",
+            "channel[c].size: 3145728 is not a power of two",
+        ),
+        (
+            "small.toml",
+            "[[channel]]\nname = \"c\"\nkind = \"shmem\"\nmembers = [\"a\", \"b\"]\nsize = \"8K\"\n",
+            "channel[c].size: 8192 bytes cannot hold rings for 2 members",
+        ),
+        (
+            "backing.toml",
+            "[[channel]]\nname = \"c\"\nkind = \"shmem\"\nmembers = [\"a\", \"b\"]\nbacking = { shm = \"x\", file = \"y\" }\n",
+            "channel[c].backing: give exactly one of",
+        ),
+        (
+            "portio-size.toml",
+            "[[channel]]\nname = \"c\"\nkind = \"portio\"\nmembers = [\"a\", \"b\"]\nsize = \"4M\"\n",
+            "channel[c].size: only meaningful for kind",
+        ),
+        (
+            "task.toml",
+            "[[channel]]\nname = \"c\"\nkind = \"shmem\"\nmembers = [\"a\", \"b\"]\n",
+            "",
+        ),
+    ];
+    for (file, body, want) in cases {
+        if want.is_empty() {
+            continue;
+        }
+        let p = temp_config(file, &format!("{two}{body}"));
+        let o = intervm(&["check", p.to_str().unwrap()]);
+        let (_, err) = text(&o);
+        assert_eq!(o.status.code(), Some(2), "{file}: {err}");
+        assert!(
+            err.contains(file) && err.contains(want),
+            "{file}: expected {want:?} in {err:?}"
+        );
+    }
+    let chan = "[[channel]]\nname = \"c\"\nkind = \"shmem\"\nmembers = [\"a\", \"b\"]\n";
+    let vm_cases = [
+        (
+            "probe = { task = \"send\", channel = \"c\", to = \"a\", size = \"1M\" }",
+            "vm[a].probe.to: a VM cannot be its own peer",
+        ),
+        (
+            "probe = { task = \"send\", channel = \"nope\", to = \"b\", size = \"1M\" }",
+            "vm[a].probe.channel: no [[channel]] is named \"nope\"",
+        ),
+        (
+            "probe = { task = \"send\", channel = \"c\", to = \"b\" }",
+            "vm[a].probe.size: missing",
+        ),
+        (
+            "probe = { task = \"dance\" }",
+            "vm[a].probe.task: \"dance\" is not",
+        ),
+        (
+            "probe = { task = \"recv\", channel = \"c\", size = \"1G\" }\nmemory = \"32M\"",
+            "vm[a].probe.size: moving 1073741824 bytes needs memory of at least 48M",
+        ),
+    ];
+    for (i, (probe, want)) in vm_cases.iter().enumerate() {
+        let mem = if probe.contains("memory") {
+            ""
+        } else {
+            "memory = \"64M\"\n"
+        };
+        let body = format!("[[vm]]\nname = \"a\"\n{mem}{probe}\n[[vm]]\nname = \"b\"\n{chan}");
+        let p = temp_config(&format!("task{i}.toml"), &body);
+        let o = intervm(&["check", p.to_str().unwrap()]);
+        let (_, err) = text(&o);
+        assert_eq!(o.status.code(), Some(2), "{body}: {err}");
+        assert!(err.contains(want), "expected {want:?} in {err:?}");
+    }
+}
+
+#[test]
+fn shmem_demo_moves_a_checksummed_payload() {
+    if !kvm_available() {
+        return;
+    }
+    let o = intervm(&["run", "configs/shmem.toml", "--timeout", "120"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "stdout:\n{out}\nstderr:\n{err}");
+    assert!(
+        out.contains("beta: received 256 MiB of 256 MiB from alpha over link")
+            && out.contains("checksum ok"),
+        "{out}"
+    );
+}
+
+fn shm_config(tag: &str, size: &str) -> (PathBuf, String) {
+    let shm = format!("intervm-cli-{tag}-{}", std::process::id());
+    let body = format!(
+        "[[vm]]\nname = \"a\"\nmemory = \"64M\"\nserial = \"none\"\n\
+         probe = {{ task = \"send\", channel = \"c\", to = \"b\", size = \"{size}\" }}\n\
+         [[vm]]\nname = \"b\"\nmemory = \"64M\"\n\
+         probe = {{ task = \"recv\", channel = \"c\", size = \"{size}\" }}\n\
+         [[channel]]\nname = \"c\"\nkind = \"shmem\"\nmembers = [\"a\", \"b\"]\nsize = \"1M\"\n\
+         backing = {{ shm = \"{shm}\" }}\n"
+    );
+    (temp_config(&format!("{tag}.toml"), &body), shm)
+}
+
+#[test]
+fn shmem_members_in_separate_processes() {
+    if !kvm_available() {
+        return;
+    }
+    let (cfg, shm) = shm_config("xproc", "64M");
+    let cfg = cfg.to_str().unwrap().to_string();
+    let spawn = |vm: &str| {
+        Command::new(env!("CARGO_BIN_EXE_intervm"))
+            .args(["run", &cfg, "--vm", vm, "--timeout", "120"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawning intervm")
+    };
+    let rx = spawn("b");
+    let tx = spawn("a");
+    let tx = tx.wait_with_output().unwrap();
+    let rx = rx.wait_with_output().unwrap();
+    let _ = std::fs::remove_file(format!("/dev/shm/{shm}"));
+    assert!(tx.status.success(), "{:?}", text(&tx));
+    assert!(rx.status.success(), "{:?}", text(&rx));
+    let (out, _) = text(&rx);
+    assert!(
+        out.contains("received 64 MiB of 64 MiB from a over c") && out.contains("checksum ok"),
+        "{out}"
+    );
+}
+
+#[test]
+fn killing_a_member_process_is_reported_as_peer_gone() {
+    if !kvm_available() {
+        return;
+    }
+    // A transfer far too large to finish: the sender is killed mid-way.
+    let (cfg, shm) = shm_config("kill", "1024G");
+    let cfg = cfg.to_str().unwrap().to_string();
+    let spawn = |vm: &str| {
+        Command::new(env!("CARGO_BIN_EXE_intervm"))
+            .args(["run", &cfg, "--vm", vm, "--timeout", "120"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawning intervm")
+    };
+    let rx = spawn("b");
+    let mut tx = spawn("a");
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    // SIGKILL: the sender's VMM gets no chance to say goodbye; the receiver
+    // must notice the heartbeat stop.
+    tx.kill().unwrap();
+    let _ = tx.wait();
+    let t0 = std::time::Instant::now();
+    let rx = rx.wait_with_output().unwrap();
+    let _ = std::fs::remove_file(format!("/dev/shm/{shm}"));
+    let (out, err) = text(&rx);
+    assert!(!rx.status.success(), "stdout:\n{out}\nstderr:\n{err}");
+    assert!(
+        out.contains("b: receive over c stopped: peer gone"),
+        "{out}"
+    );
+    assert!(
+        t0.elapsed() < std::time::Duration::from_secs(30),
+        "took {:?}",
+        t0.elapsed()
+    );
+}

@@ -237,9 +237,13 @@ pub fn checksum(data: &[u8]) -> u64 {
     a ^ b.rotate_left(32)
 }
 
-/// Folds a frame checksum into a running stream checksum.
+/// Folds a frame checksum into a running stream checksum. Order sensitive
+/// and non-linear (a multiply per frame), so a payload that repeats does not
+/// cancel itself out the way a plain rotate-and-xor would.
 pub fn fold(stream: u64, frame: u64) -> u64 {
-    stream.rotate_left(7) ^ frame
+    (stream.rotate_left(23) ^ frame)
+        .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+        .wrapping_add(1)
 }
 
 /// A mapped region. All accesses go through raw pointers; the region may be
@@ -849,6 +853,16 @@ mod tests {
         r.u64_at(off + RING_TAIL)
             .store(4096 * 1024, Ordering::SeqCst);
         assert!(matches!(p.try_send(b"x"), Err(RingError::CorruptIndex(_))));
+    }
+
+    #[test]
+    fn stream_checksums_see_order_and_repetition() {
+        let frames: Vec<u64> = (0..256u64).map(|i| checksum(&i.to_le_bytes())).collect();
+        let run = |n: usize| frames.iter().cycle().take(n).fold(0, |s, f| fold(s, *f));
+        let (one, two, four) = (run(256), run(512), run(1024));
+        assert!(one != two && two != four && one != four && two != 0 && four != 0);
+        let swapped = [frames[1], frames[0]].iter().fold(0, |s, f| fold(s, *f));
+        assert_ne!(swapped, run(2));
     }
 
     #[test]

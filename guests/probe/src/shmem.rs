@@ -8,8 +8,9 @@
 //! destination buffer the same way. Both sides fold every frame checksum
 //! into a stream checksum, and the host compares the two.
 //!
-//! Timing: the receiver sets its ready word and starts its clock; senders
-//! start when they see it. So the receiver's start-to-last-byte time covers
+//! Timing: each sender prepares its payload and sets its ready word to
+//! "prepared"; the receiver waits for all of them, starts its clock and sets
+//! its own ready word to "go"; senders start when they see it. So the receiver's start-to-last-byte time covers
 //! the whole transfer, measured on one clock.
 
 use crate::{arch, arg, fail, info, pci, set_result, set_state};
@@ -19,6 +20,10 @@ use intervm_protocol::probe::{
 };
 use intervm_protocol::ring::{self, fold, Geometry, Liveness, MemberState, RingError};
 
+/// Ready word of a sender whose payload is prepared.
+const READY_PREPARED: u64 = 2;
+/// Ready word of a receiver that started its clock.
+const READY_GO: u64 = 1;
 /// Idle polls between liveness checks.
 const CHECK_EVERY: u64 = 4096;
 /// Failure reason base: `FAIL_BASE + RingError::code()`.
@@ -163,9 +168,14 @@ fn try_send() -> Result<(), u32> {
     ring::fill_pattern(arg(shmem_args::SEED), 0, src);
     set_result(results::SHM_PREPARE_TSC, arch::rdtsc() - t0);
     set_state(State::Ready);
+    ch.region
+        .set_ready(&ch.geo, ch.me, READY_PREPARED)
+        .map_err(ring_fail)?;
 
     // Start line: the receiver's ready word.
-    wait_for(&ch, &clock, peer, |c| c.region.ready(&c.geo, peer) == Ok(1))?;
+    wait_for(&ch, &clock, peer, |c| {
+        c.region.ready(&c.geo, peer) == Ok(READY_GO)
+    })?;
     let start = arch::rdtsc();
     set_result(results::SHM_START_TSC, start);
     let mut live = Liveness::new(
@@ -273,8 +283,11 @@ fn try_recv() -> Result<(), u32> {
     dst.fill(0);
     for (m, _) in peers.iter().enumerate().filter(|(_, p)| p.is_some()) {
         let m = m as u32;
+        // Wait until the sender has prepared its payload, so that only the
+        // transfer is timed.
         wait_for(&ch, &clock, m, |c| {
             c.region.member_state(&c.geo, m) == Ok(MemberState::Alive)
+                && c.region.ready(&c.geo, m) == Ok(READY_PREPARED)
         })?;
     }
     set_state(State::Ready);
@@ -284,7 +297,9 @@ fn try_recv() -> Result<(), u32> {
     }
     let start = arch::rdtsc();
     set_result(results::SHM_START_TSC, start);
-    ch.region.set_ready(&ch.geo, ch.me, 1).map_err(ring_fail)?;
+    ch.region
+        .set_ready(&ch.geo, ch.me, READY_GO)
+        .map_err(ring_fail)?;
     let pumped = pump(&ch, &clock, &mut peers, dst, chunk as usize, want);
     for (m, p) in peers.iter().enumerate() {
         if let Some(p) = p {

@@ -1,0 +1,192 @@
+//! What a probe VM does, as configured by its `probe = { ... }` table, and
+//! the report of how it went. The workloads themselves live in the probe
+//! guest and `probe_image::shmem`; this module only maps names to member
+//! indices and formats results.
+
+use std::collections::HashMap;
+
+use intervm_protocol::probe::{BootInfo, Workload};
+use probe_image::shmem::{
+    error_name, expected_stream, frame_bytes, peer_record, seed_for, Role, ShmemResult, ShmemTask,
+};
+use shmem_device::Transport;
+
+use crate::config::{ChannelSpec, Config, ProbeTask, VmSpec};
+
+/// The outcome of a probe task, checked.
+pub struct Report {
+    /// Human-readable lines.
+    pub lines: Vec<String>,
+    /// False when data was lost, corrupted or not all moved.
+    pub ok: bool,
+}
+
+fn channel<'a>(cfg: &'a Config, name: &str) -> &'a ChannelSpec {
+    // The config validated that every task names an existing channel.
+    cfg.channels
+        .iter()
+        .find(|c| c.name == name)
+        .unwrap_or(&cfg.channels[0])
+}
+
+fn member(ch: &ChannelSpec, vm: &str) -> u32 {
+    ch.index_of(vm).unwrap_or(u32::MAX)
+}
+
+/// Index of `channel` among the shared-memory devices of `vm` (devices are
+/// added in file order of the channels).
+pub fn device_index(cfg: &Config, vm: &str, channel: &str) -> u32 {
+    cfg.channels
+        .iter()
+        .filter(|c| c.kind == crate::config::ChannelKind::Shmem && c.index_of(vm).is_some())
+        .position(|c| c.name == channel)
+        .unwrap_or(0) as u32
+}
+
+fn sender_chunk(cfg: &Config, sender: &str) -> u64 {
+    cfg.vms
+        .iter()
+        .find(|v| v.name == sender)
+        .and_then(|v| match v.probe {
+            ProbeTask::Send { chunk, .. } => Some(chunk),
+            _ => None,
+        })
+        .unwrap_or(crate::config::DEFAULT_CHUNK)
+}
+
+/// The boot-info page for `vm` (its `index` in the file numbers its greeting).
+pub fn boot_info(cfg: &Config, vm: &VmSpec, index: usize) -> BootInfo {
+    match &vm.probe {
+        ProbeTask::Hello => {
+            let mut info = BootInfo::new(Workload::Hello, 0, 0);
+            info.args[0] = index as u64;
+            info
+        }
+        ProbeTask::Send {
+            channel: c,
+            to,
+            size,
+            chunk,
+        } => {
+            let ch = channel(cfg, c);
+            let mut t = ShmemTask::new(
+                member(ch, &vm.name),
+                Role::Send { to: member(ch, to) },
+                *size,
+            );
+            t.device_index = device_index(cfg, &vm.name, c);
+            t.chunk = *chunk;
+            t.seed = seed_for(c, &vm.name);
+            t.boot_info()
+        }
+        ProbeTask::Recv {
+            channel: c,
+            from,
+            size,
+            chunk,
+        } => {
+            let ch = channel(cfg, c);
+            let mask = from.iter().fold(0u32, |m, f| m | 1 << member(ch, f));
+            let mut t = ShmemTask::new(member(ch, &vm.name), Role::Recv { from: mask }, *size);
+            t.device_index = device_index(cfg, &vm.name, c);
+            t.chunk = *chunk;
+            t.boot_info()
+        }
+    }
+}
+
+fn human(bytes: u64) -> String {
+    const UNITS: [(u64, &str); 3] = [(1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")];
+    for (size, unit) in UNITS {
+        if bytes >= size {
+            return if bytes.is_multiple_of(size) {
+                format!("{} {unit}", bytes / size)
+            } else {
+                format!("{:.2} {unit}", bytes as f64 / size as f64)
+            };
+        }
+    }
+    format!("{bytes} bytes")
+}
+
+fn rate(bytes: u64, secs: Option<f64>) -> String {
+    match secs {
+        Some(s) if s > 0.0 => format!(
+            " in {:.6} s ({:.2} MiB/s)",
+            s,
+            bytes as f64 / s / (1 << 20) as f64
+        ),
+        _ => String::new(),
+    }
+}
+
+/// Checks and describes what `vm` did, from its boot-info page. `None` for
+/// tasks with nothing to check.
+pub fn report(
+    cfg: &Config,
+    vm: &VmSpec,
+    info: &BootInfo,
+    transports: &HashMap<String, Transport>,
+) -> Option<Report> {
+    let res = ShmemResult::from_info(info);
+    let secs = res.seconds();
+    let mut lines = Vec::new();
+    let mut ok = true;
+    let (c, verb) = match &vm.probe {
+        ProbeTask::Hello => return None,
+        ProbeTask::Send { channel, .. } => (channel, "send"),
+        ProbeTask::Recv { channel, .. } => (channel, "receive"),
+    };
+    let ch = channel(cfg, c);
+    if let Some((code, detail)) = res.error {
+        ok = false;
+        lines.push(format!(
+            "{}: {verb} over {c} stopped: {} (detail {detail:#x})",
+            vm.name,
+            error_name(code)
+        ));
+    }
+    match &vm.probe {
+        ProbeTask::Hello => {}
+        ProbeTask::Send { to, size, .. } => {
+            let r = peer_record(info, member(ch, to));
+            ok &= r.bytes == *size;
+            lines.push(format!(
+                "{}: sent {} of {} to {to} over {c}{}, stream checksum {:#018x}",
+                vm.name,
+                human(r.bytes),
+                human(*size),
+                rate(r.bytes, secs),
+                r.stream
+            ));
+        }
+        ProbeTask::Recv { from, size, .. } => {
+            let max_payload = transports
+                .get(c)
+                .map_or(u64::MAX, |t| t.geometry().max_payload());
+            for f in from {
+                let r = peer_record(info, member(ch, f));
+                let frame = frame_bytes(sender_chunk(cfg, f), *size, max_payload);
+                let want = expected_stream(seed_for(c, f), *size, frame);
+                let verdict = if r.bytes != *size {
+                    ok = false;
+                    "INCOMPLETE".to_string()
+                } else if r.stream != want {
+                    ok = false;
+                    format!("checksum MISMATCH (expected {want:#018x})")
+                } else {
+                    "checksum ok".to_string()
+                };
+                lines.push(format!(
+                    "{}: received {} of {} from {f} over {c}{}, stream checksum {:#018x}: {verdict}",
+                    vm.name,
+                    human(r.bytes),
+                    human(*size),
+                    rate(r.bytes, secs),
+                    r.stream
+                ));
+            }
+        }
+    }
+    Some(Report { lines, ok })
+}
