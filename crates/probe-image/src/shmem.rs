@@ -44,6 +44,8 @@ pub struct ShmemTask {
     pub join_timeout_ms: u64,
     /// Act as a hostile sender that corrupts its head index halfway.
     pub corrupt_head: bool,
+    /// Repeat the transfer this many times (for timing small sizes).
+    pub rounds: u64,
 }
 
 impl ShmemTask {
@@ -59,6 +61,7 @@ impl ShmemTask {
             timeout_ms: 2000,
             join_timeout_ms: 60_000,
             corrupt_head: false,
+            rounds: 1,
         }
     }
 
@@ -78,6 +81,7 @@ impl ShmemTask {
         a[shmem_args::SEED] = self.seed;
         a[shmem_args::TIMEOUT_MS] = self.timeout_ms;
         a[shmem_args::JOIN_TIMEOUT_MS] = self.join_timeout_ms;
+        a[shmem_args::ROUNDS] = self.rounds;
         a[shmem_args::FLAGS] = if self.corrupt_head {
             SHMEM_CORRUPT_HEAD
         } else {
@@ -113,6 +117,10 @@ pub struct ShmemResult {
     pub waits: u64,
     /// Guest TSC frequency.
     pub tsc_khz: u64,
+    /// Rounds completed (receiver).
+    pub rounds: u64,
+    /// TSC cycles of the fastest and slowest round (receiver).
+    pub round_cycles: (u64, u64),
 }
 
 impl ShmemResult {
@@ -126,7 +134,14 @@ impl ShmemResult {
             end_tsc: r[results::SHM_END_TSC],
             waits: r[results::SHM_WAITS],
             tsc_khz: info.tsc_khz,
+            rounds: r[results::SHM_ROUNDS],
+            round_cycles: (r[results::SHM_ROUND_MIN], r[results::SHM_ROUND_MAX]),
         }
+    }
+
+    /// `cycles` in seconds, if the TSC frequency is known.
+    pub fn cycles_to_seconds(&self, cycles: u64) -> Option<f64> {
+        (self.tsc_khz > 0).then(|| cycles as f64 / (self.tsc_khz as f64 * 1e3))
     }
 
     /// Start-to-last-byte time in seconds, if the TSC frequency is known.

@@ -141,6 +141,9 @@ pub mod shmem_args {
     pub const FLAGS: usize = 7;
     /// How long to wait for peers to join before giving up.
     pub const JOIN_TIMEOUT_MS: usize = 8;
+    /// Repeat the transfer this many times (0 or 1: once), each round
+    /// started by the receiver; for timing small transfers.
+    pub const ROUNDS: usize = 9;
 }
 
 /// Guest-physical address of the probe's payload buffer for shared-memory
@@ -241,6 +244,12 @@ pub mod results {
     pub const SHM_WAITS: usize = 4;
     /// Shared memory: TSC cycles spent preparing the payload (not timed).
     pub const SHM_PREPARE_TSC: usize = 5;
+    /// Shared memory (receiver): TSC cycles of the fastest round.
+    pub const SHM_ROUND_MIN: usize = 6;
+    /// Shared memory (receiver): TSC cycles of the slowest round.
+    pub const SHM_ROUND_MAX: usize = 7;
+    /// Shared memory (receiver): rounds completed.
+    pub const SHM_ROUNDS: usize = 8;
     /// Shared memory: first per-peer record; each is [`SHM_RECORD_LEN`]
     /// slots: bytes, frames, stream checksum (`ring::fold` of the frame
     /// checksums), TSC of the last frame. A sender has one record, at its

@@ -216,25 +216,79 @@ impl Geometry {
     }
 }
 
+/// Running state of [`checksum`], for computing it while copying.
+#[derive(Clone, Copy, Debug)]
+struct Fletcher {
+    a: u64,
+    b: u64,
+}
+
+impl Fletcher {
+    fn new(len: usize) -> Self {
+        Self {
+            a: 0x9e37_79b9_7f4a_7c15,
+            b: len as u64,
+        }
+    }
+
+    #[inline(always)]
+    fn word(&mut self, w: u64) {
+        self.a = self.a.wrapping_add(w);
+        self.b = self.b.wrapping_add(self.a);
+    }
+
+    fn finish(self) -> u64 {
+        self.a ^ self.b.rotate_left(32)
+    }
+
+    /// Copies `n` bytes from `src` to `dst` and sums them in the same pass
+    /// (each word is summed as it was loaded, so what is summed is exactly
+    /// what was stored). `n` must be a multiple of 8 unless this is the last
+    /// piece of the message.
+    ///
+    /// # Safety
+    /// `src` readable and `dst` writable for `n` bytes; no overlap.
+    #[inline(always)]
+    unsafe fn copy(&mut self, dst: *mut u8, src: *const u8, n: usize) {
+        let words = n / 8;
+        for i in 0..words {
+            // SAFETY: i * 8 + 8 <= n; unaligned accesses are allowed.
+            unsafe {
+                let w = core::ptr::read_unaligned(src.add(i * 8) as *const u64);
+                core::ptr::write_unaligned(dst.add(i * 8) as *mut u64, w);
+                self.word(u64::from_le(w));
+            }
+        }
+        let rest = n % 8;
+        if rest > 0 {
+            let mut w = [0u8; 8];
+            // SAFETY: the last `rest` bytes of both ranges.
+            unsafe {
+                core::ptr::copy_nonoverlapping(src.add(words * 8), w.as_mut_ptr(), rest);
+                core::ptr::copy_nonoverlapping(w.as_ptr(), dst.add(words * 8), rest);
+            }
+            self.word(u64::from_le_bytes(w));
+        }
+    }
+}
+
 /// Fletcher-style 64-bit checksum: fast (one add chain per 8 bytes), order
 /// sensitive, and different for different lengths.
 pub fn checksum(data: &[u8]) -> u64 {
-    let mut a: u64 = 0x9e37_79b9_7f4a_7c15;
-    let mut b: u64 = data.len() as u64;
+    let mut f = Fletcher::new(data.len());
     let mut chunks = data.chunks_exact(8);
     for c in &mut chunks {
-        let w = u64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]);
-        a = a.wrapping_add(w);
-        b = b.wrapping_add(a);
+        f.word(u64::from_le_bytes([
+            c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7],
+        ]));
     }
     let rest = chunks.remainder();
     if !rest.is_empty() {
         let mut w = [0u8; 8];
         w[..rest.len()].copy_from_slice(rest);
-        a = a.wrapping_add(u64::from_le_bytes(w));
-        b = b.wrapping_add(a);
+        f.word(u64::from_le_bytes(w));
     }
-    a ^ b.rotate_left(32)
+    f.finish()
 }
 
 /// Folds a frame checksum into a running stream checksum. Order sensitive
@@ -509,6 +563,37 @@ impl RingRef {
         }
     }
 
+    /// Copies `src` into the ring at stream position `pos` (wrapping) and
+    /// returns its checksum, computed in the same pass. `pos` is a multiple
+    /// of 8, so the wrap splits the message at a word boundary.
+    fn write_summed(&self, pos: u64, src: &[u8]) -> u64 {
+        let cap = self.geo.ring_bytes;
+        let start = pos & (cap - 1);
+        let first = (cap - start).min(src.len() as u64) as usize;
+        let mut f = Fletcher::new(src.len());
+        // SAFETY: as for `write_at`.
+        unsafe {
+            f.copy(self.data().add(start as usize), src.as_ptr(), first);
+            f.copy(self.data(), src.as_ptr().add(first), src.len() - first);
+        }
+        f.finish()
+    }
+
+    /// Copies from the ring at stream position `pos` (a multiple of 8) into
+    /// `dst` and returns the checksum of the bytes copied.
+    fn read_summed(&self, pos: u64, dst: &mut [u8]) -> u64 {
+        let cap = self.geo.ring_bytes;
+        let start = pos & (cap - 1);
+        let first = (cap - start).min(dst.len() as u64) as usize;
+        let mut f = Fletcher::new(dst.len());
+        // SAFETY: as for `read_at`.
+        unsafe {
+            f.copy(dst.as_mut_ptr(), self.data().add(start as usize), first);
+            f.copy(dst.as_mut_ptr().add(first), self.data(), dst.len() - first);
+        }
+        f.finish()
+    }
+
     /// Copies from the ring at stream position `pos` into `dst` (wrapping).
     fn read_at(&self, pos: u64, dst: &mut [u8]) {
         let cap = self.geo.ring_bytes;
@@ -574,13 +659,14 @@ impl Producer {
         if self.free()? < need {
             return Ok(None);
         }
-        let sum = checksum(msg);
+        // Payload first (summed while copied), then the header that carries
+        // the sum; neither is visible before the head store below.
+        let sum = self.ring.write_summed(self.head + FRAME_HEADER_BYTES, msg);
         let mut hdr = [0u8; 16];
         hdr[..4].copy_from_slice(&(msg.len() as u32).to_le_bytes());
         hdr[4..8].copy_from_slice(&self.seq.to_le_bytes());
         hdr[8..].copy_from_slice(&sum.to_le_bytes());
         self.ring.write_at(self.head, &hdr);
-        self.ring.write_at(self.head + FRAME_HEADER_BYTES, msg);
         self.head = self.head.wrapping_add(need);
         self.seq = self.seq.wrapping_add(1);
         self.ring.head().store(self.head, Ordering::Release);
@@ -642,9 +728,11 @@ impl Consumer {
             });
         }
         let dst = &mut out[..len as usize];
-        self.ring.read_at(self.tail + FRAME_HEADER_BYTES, dst);
+        // The sum is of the bytes as copied out, so the peer cannot change
+        // them between the check and their use.
+        let got = self.ring.read_summed(self.tail + FRAME_HEADER_BYTES, dst);
         fence(Ordering::Acquire);
-        if checksum(dst) != sum {
+        if got != sum {
             return Err(RingError::BadChecksum { seq });
         }
         self.tail = self.tail.wrapping_add(need);

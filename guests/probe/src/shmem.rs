@@ -22,8 +22,10 @@ use intervm_protocol::ring::{self, fold, Geometry, Liveness, MemberState, RingEr
 
 /// Ready word of a sender whose payload is prepared.
 const READY_PREPARED: u64 = 2;
-/// Ready word of a receiver that started its clock.
-const READY_GO: u64 = 1;
+/// Ready word of a receiver that started its clock for round `r` (from 1).
+const fn ready_go(r: u64) -> u64 {
+    0x100 + r
+}
 /// Idle polls between liveness checks.
 const CHECK_EVERY: u64 = 4096;
 /// Failure reason base: `FAIL_BASE + RingError::code()`.
@@ -172,12 +174,7 @@ fn try_send() -> Result<(), u32> {
         .set_ready(&ch.geo, ch.me, READY_PREPARED)
         .map_err(ring_fail)?;
 
-    // Start line: the receiver's ready word.
-    wait_for(&ch, &clock, peer, |c| {
-        c.region.ready(&c.geo, peer) == Ok(READY_GO)
-    })?;
-    let start = arch::rdtsc();
-    set_result(results::SHM_START_TSC, start);
+    let rounds = arg(shmem_args::ROUNDS).max(1);
     let mut live = Liveness::new(
         &ch.region,
         &ch.geo,
@@ -185,30 +182,42 @@ fn try_send() -> Result<(), u32> {
         arg(shmem_args::TIMEOUT_MS),
         clock.now_ms(),
     );
-    let (mut sent, mut frames, mut stream, mut waits, mut pos) = (0u64, 0u64, 0u64, 0u64, 0usize);
+    let (mut total, mut frames, mut stream, mut waits, mut pos) = (0u64, 0u64, 0u64, 0u64, 0usize);
     let corrupt = arg(shmem_args::FLAGS) & SHMEM_CORRUPT_HEAD != 0;
-    while sent < bytes {
-        if corrupt && sent >= bytes / 2 {
-            return Err(corrupt_head(&ch, peer));
+    for round in 1..=rounds {
+        // Start line: the receiver's ready word.
+        wait_for(&ch, &clock, peer, |c| {
+            c.region.ready(&c.geo, peer) == Ok(ready_go(round))
+        })?;
+        if round == 1 {
+            set_result(results::SHM_START_TSC, arch::rdtsc());
         }
-        let n = (chunk.min(bytes - sent) as usize).min(src.len() - pos);
-        match p.try_send(&src[pos..pos + n]).map_err(ring_fail)? {
-            Some(sum) => {
-                stream = fold(stream, sum);
-                sent += n as u64;
-                frames += 1;
-                pos = (pos + n) % src.len();
+        let mut sent = 0u64;
+        while sent < bytes {
+            if corrupt && sent >= bytes / 2 {
+                return Err(corrupt_head(&ch, peer));
             }
-            None => {
-                waits += 1;
-                if waits.is_multiple_of(CHECK_EVERY) {
-                    live.check(&ch.region, &ch.geo, clock.now_ms())
-                        .map_err(ring_fail)?;
+            let n = (chunk.min(bytes - sent) as usize).min(src.len() - pos);
+            match p.try_send(&src[pos..pos + n]).map_err(ring_fail)? {
+                Some(sum) => {
+                    stream = fold(stream, sum);
+                    sent += n as u64;
+                    frames += 1;
+                    pos = (pos + n) % src.len();
                 }
-                core::hint::spin_loop();
+                None => {
+                    waits += 1;
+                    if waits.is_multiple_of(CHECK_EVERY) {
+                        live.check(&ch.region, &ch.geo, clock.now_ms())
+                            .map_err(ring_fail)?;
+                    }
+                    core::hint::spin_loop();
+                }
             }
         }
+        total += sent;
     }
+    let sent = total;
     let end = arch::rdtsc();
     set_result(results::SHM_END_TSC, end);
     set_result(results::SHM_WAITS, waits);
@@ -295,18 +304,32 @@ fn try_recv() -> Result<(), u32> {
     for p in peers.iter_mut().flatten() {
         p.live.progressed(now);
     }
+    let rounds = arg(shmem_args::ROUNDS).max(1);
     let start = arch::rdtsc();
     set_result(results::SHM_START_TSC, start);
-    ch.region
-        .set_ready(&ch.geo, ch.me, READY_GO)
-        .map_err(ring_fail)?;
-    let pumped = pump(&ch, &clock, &mut peers, dst, chunk as usize, want);
-    for (m, p) in peers.iter().enumerate() {
-        if let Some(p) = p {
-            record(m as u32, p.bytes, p.frames, p.stream, p.last);
+    let (mut waits, mut fastest, mut slowest) = (0u64, u64::MAX, 0u64);
+    for round in 1..=rounds {
+        let t0 = arch::rdtsc();
+        ch.region
+            .set_ready(&ch.geo, ch.me, ready_go(round))
+            .map_err(ring_fail)?;
+        let pumped = pump(&ch, &clock, &mut peers, dst, chunk as usize, want * round);
+        if pumped.is_err() || round == rounds {
+            for (m, p) in peers.iter().enumerate() {
+                if let Some(p) = p {
+                    record(m as u32, p.bytes, p.frames, p.stream, p.last);
+                }
+            }
         }
+        waits += pumped.map_err(ring_fail)?;
+        let t1 = peers.iter().flatten().map(|p| p.last).max().unwrap_or(t0);
+        let cycles = t1.saturating_sub(t0);
+        fastest = fastest.min(cycles);
+        slowest = slowest.max(cycles);
     }
-    let waits = pumped.map_err(ring_fail)?;
+    set_result(results::SHM_ROUND_MIN, fastest);
+    set_result(results::SHM_ROUND_MAX, slowest);
+    set_result(results::SHM_ROUNDS, rounds);
     let end = peers
         .iter()
         .flatten()
