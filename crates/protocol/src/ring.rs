@@ -216,29 +216,53 @@ impl Geometry {
     }
 }
 
-/// Running state of [`checksum`], for computing it while copying.
+/// Running state of [`checksum`], for computing it while copying: four
+/// Fletcher lanes (word `i` of the message goes to lane `i % 4`), so that
+/// the compiler can keep the lanes in vector registers.
 #[derive(Clone, Copy, Debug)]
 struct Fletcher {
-    a: u64,
-    b: u64,
+    a: [u64; 4],
+    b: [u64; 4],
+    words: usize,
+    len: u64,
 }
+
+const SUM_MUL: u64 = 0x9e37_79b9_7f4a_7c15;
 
 impl Fletcher {
     fn new(len: usize) -> Self {
         Self {
-            a: 0x9e37_79b9_7f4a_7c15,
-            b: len as u64,
+            a: [SUM_MUL, SUM_MUL ^ 1, SUM_MUL ^ 2, SUM_MUL ^ 3],
+            b: [0; 4],
+            words: 0,
+            len: len as u64,
         }
     }
 
     #[inline(always)]
     fn word(&mut self, w: u64) {
-        self.a = self.a.wrapping_add(w);
-        self.b = self.b.wrapping_add(self.a);
+        let l = self.words & 3;
+        self.a[l] = self.a[l].wrapping_add(w);
+        self.b[l] = self.b[l].wrapping_add(self.a[l]);
+        self.words += 1;
+    }
+
+    #[inline(always)]
+    fn block(&mut self, w: [u64; 4]) {
+        for (l, w) in w.into_iter().enumerate() {
+            self.a[l] = self.a[l].wrapping_add(u64::from_le(w));
+            self.b[l] = self.b[l].wrapping_add(self.a[l]);
+        }
+        self.words += 4;
     }
 
     fn finish(self) -> u64 {
-        self.a ^ self.b.rotate_left(32)
+        let mut h = self.len;
+        for l in 0..4 {
+            h = (h ^ self.a[l]).wrapping_mul(SUM_MUL);
+            h = (h ^ self.b[l]).wrapping_mul(SUM_MUL);
+        }
+        h ^ (h >> 29)
     }
 
     /// Copies `n` bytes from `src` to `dst` and sums them in the same pass
@@ -251,18 +275,37 @@ impl Fletcher {
     #[inline(always)]
     unsafe fn copy(&mut self, dst: *mut u8, src: *const u8, n: usize) {
         let words = n / 8;
-        for i in 0..words {
-            // SAFETY: i * 8 + 8 <= n; unaligned accesses are allowed.
+        let mut i = 0;
+        // SAFETY (all blocks below): every access is inside the first
+        // `words * 8 <= n` bytes, or the last `n % 8`; unaligned accesses
+        // are allowed.
+        while i < words && self.words & 3 != 0 {
             unsafe {
                 let w = core::ptr::read_unaligned(src.add(i * 8) as *const u64);
                 core::ptr::write_unaligned(dst.add(i * 8) as *mut u64, w);
                 self.word(u64::from_le(w));
             }
+            i += 1;
+        }
+        while i + 4 <= words {
+            unsafe {
+                let w = core::ptr::read_unaligned(src.add(i * 8) as *const [u64; 4]);
+                core::ptr::write_unaligned(dst.add(i * 8) as *mut [u64; 4], w);
+                self.block(w);
+            }
+            i += 4;
+        }
+        while i < words {
+            unsafe {
+                let w = core::ptr::read_unaligned(src.add(i * 8) as *const u64);
+                core::ptr::write_unaligned(dst.add(i * 8) as *mut u64, w);
+                self.word(u64::from_le(w));
+            }
+            i += 1;
         }
         let rest = n % 8;
         if rest > 0 {
             let mut w = [0u8; 8];
-            // SAFETY: the last `rest` bytes of both ranges.
             unsafe {
                 core::ptr::copy_nonoverlapping(src.add(words * 8), w.as_mut_ptr(), rest);
                 core::ptr::copy_nonoverlapping(w.as_ptr(), dst.add(words * 8), rest);
@@ -272,17 +315,27 @@ impl Fletcher {
     }
 }
 
-/// Fletcher-style 64-bit checksum: fast (one add chain per 8 bytes), order
-/// sensitive, and different for different lengths.
+/// A 64-bit checksum of four interleaved Fletcher sums (word `i` in lane
+/// `i % 4`), mixed with the length: one add chain per lane, so it runs at
+/// memory speed; order sensitive; different for different lengths.
 pub fn checksum(data: &[u8]) -> u64 {
     let mut f = Fletcher::new(data.len());
-    let mut chunks = data.chunks_exact(8);
+    let mut chunks = data.chunks_exact(32);
     for c in &mut chunks {
+        let mut w = [0u64; 4];
+        for (l, x) in w.iter_mut().enumerate() {
+            let b = &c[l * 8..l * 8 + 8];
+            *x = u64::from_ne_bytes([b[0], b[1], b[2], b[3], b[4], b[5], b[6], b[7]]);
+        }
+        f.block(w);
+    }
+    let mut words = chunks.remainder().chunks_exact(8);
+    for c in &mut words {
         f.word(u64::from_le_bytes([
             c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7],
         ]));
     }
-    let rest = chunks.remainder();
+    let rest = words.remainder();
     if !rest.is_empty() {
         let mut w = [0u8; 8];
         w[..rest.len()].copy_from_slice(rest);
@@ -941,6 +994,30 @@ mod tests {
         r.u64_at(off + RING_TAIL)
             .store(4096 * 1024, Ordering::SeqCst);
         assert!(matches!(p.try_send(b"x"), Err(RingError::CorruptIndex(_))));
+    }
+
+    #[test]
+    fn copying_checksum_equals_plain_checksum_at_any_split() {
+        let mut data = vec![0u8; 1000];
+        fill_pattern(3, 0, &mut data);
+        for len in [0usize, 1, 7, 8, 9, 31, 32, 33, 100, 1000] {
+            let msg = &data[..len];
+            for split in (0..=len).step_by(8) {
+                let mut out = vec![0u8; len];
+                let mut f = Fletcher::new(len);
+                // SAFETY: both buffers hold `len` bytes.
+                unsafe {
+                    f.copy(out.as_mut_ptr(), msg.as_ptr(), split);
+                    f.copy(out.as_mut_ptr().add(split), msg.as_ptr().add(split), len - split);
+                }
+                assert_eq!(f.finish(), checksum(msg), "len {len} split {split}");
+                assert_eq!(out, msg);
+            }
+        }
+        let mut swapped = data[..64].to_vec();
+        swapped.swap(0, 8);
+        assert_ne!(checksum(&swapped), checksum(&data[..64]));
+        assert_ne!(checksum(&data[..8]), checksum(&data[..9]));
     }
 
     #[test]
