@@ -57,6 +57,18 @@ pub const RING_PRODUCER_FLAGS: u64 = 128;
 /// Offset of the consumer's flag line (used by adaptive notification).
 pub const RING_CONSUMER_FLAGS: u64 = 192;
 
+/// Ready word of a sender whose payload is prepared (see
+/// [`Region::set_ready`]). The start line of a timed transfer: senders set
+/// this, the receiver waits for all of them, then sets [`ready_go`]`(1)`
+/// and starts its clock; senders start sending when they see it.
+pub const READY_PREPARED: u64 = 2;
+
+/// Ready word of a receiver that started round `round` (from 1) of a
+/// transfer.
+pub const fn ready_go(round: u64) -> u64 {
+    0x100 + round
+}
+
 /// State of a member in the member table.
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -119,6 +131,27 @@ pub enum RingError {
     TooLarge(u64),
     /// The peer left or died.
     PeerGone(u32),
+}
+
+impl core::fmt::Display for RingError {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        match self {
+            RingError::RegionTooSmall { needed, have } => {
+                write!(f, "region too small: {have} bytes, {needed} needed")
+            }
+            RingError::BadGeometry => write!(f, "bad ring geometry in the region header"),
+            RingError::NotInitialized => write!(f, "region not formatted (no intervm ring header)"),
+            RingError::BadMember(m) => write!(f, "no member {m} in this region"),
+            RingError::CorruptIndex(v) => write!(f, "corrupt ring index {v:#x} (peer misbehaves)"),
+            RingError::CorruptLength(l) => write!(f, "corrupt frame length {l} (peer misbehaves)"),
+            RingError::BadChecksum { seq } => write!(f, "frame {seq} fails its checksum"),
+            RingError::BadSequence { expected, found } => {
+                write!(f, "frame {found} arrived where {expected} was expected")
+            }
+            RingError::TooLarge(n) => write!(f, "message of {n} bytes does not fit"),
+            RingError::PeerGone(m) => write!(f, "peer {m} is gone"),
+        }
+    }
 }
 
 impl RingError {
@@ -1008,7 +1041,11 @@ mod tests {
                 // SAFETY: both buffers hold `len` bytes.
                 unsafe {
                     f.copy(out.as_mut_ptr(), msg.as_ptr(), split);
-                    f.copy(out.as_mut_ptr().add(split), msg.as_ptr().add(split), len - split);
+                    f.copy(
+                        out.as_mut_ptr().add(split),
+                        msg.as_ptr().add(split),
+                        len - split,
+                    );
                 }
                 assert_eq!(f.finish(), checksum(msg), "len {len} split {split}");
                 assert_eq!(out, msg);

@@ -51,7 +51,7 @@ pub enum Error {
     #[error("shm name {0:?}: use 1-200 characters, no '/'")]
     BadName(String),
     /// The ring transport refused the region.
-    #[error("ring transport: {0:?}")]
+    #[error("ring transport: {0}")]
     Ring(intervm_protocol::ring::RingError),
     /// Another member did not format the region in time.
     #[error("{0}: nobody formatted the region within the timeout")]

@@ -18,14 +18,10 @@ use intervm_protocol::probe::{
     results, shmem_args, shmem_frame_bytes, shmem_source_bytes, State, EXIT_OK,
     SHMEM_BUF_GPA as BUF_BASE, SHMEM_CORRUPT_HEAD,
 };
-use intervm_protocol::ring::{self, fold, Geometry, Liveness, MemberState, RingError};
+use intervm_protocol::ring::{
+    self, fold, ready_go, Geometry, Liveness, MemberState, RingError, READY_PREPARED,
+};
 
-/// Ready word of a sender whose payload is prepared.
-const READY_PREPARED: u64 = 2;
-/// Ready word of a receiver that started its clock for round `r` (from 1).
-const fn ready_go(r: u64) -> u64 {
-    0x100 + r
-}
 /// Idle polls between liveness checks.
 const CHECK_EVERY: u64 = 4096;
 /// Failure reason base: `FAIL_BASE + RingError::code()`.

@@ -1,0 +1,252 @@
+//! `intervm-guest`: the guest userspace side of intervm's channels.
+//!
+//! ```text
+//! intervm-guest shmem send --me 0 --to 1 [--size 64M | --file F] [--device 00:03.0]
+//! intervm-guest shmem recv --me 1 --from 0 [--size 64M] [--file OUT]
+//! intervm-guest shmem format --members 2
+//! ```
+//!
+//! Runs in any Linux guest as root (it maps
+//! `/sys/bus/pci/devices/*/resource2`); `--resource PATH` maps a file
+//! instead, which is how the tests run it on the host against a
+//! `/dev/shm` region shared with probe guests.
+
+mod pci;
+mod shmem;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+/// Errors of the tool.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file or device operation failed.
+    #[error("{0}: {1}")]
+    Io(String, #[source] std::io::Error),
+    /// The device was not found or is unusable.
+    #[error("{0}")]
+    NoDevice(String),
+    /// The ring protocol reported an error.
+    #[error("{0}")]
+    Ring(intervm_protocol::ring::RingError),
+    /// `format` refused a region in use.
+    #[error("{0} member(s) are alive in this region; use --force to format it anyway")]
+    InUse(usize),
+    /// A bad size argument.
+    #[error("{0}")]
+    Usage(String),
+}
+
+#[derive(Parser)]
+#[command(
+    name = "intervm-guest",
+    version,
+    about = "Guest userspace tools for intervm channels"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Shared memory without interrupts (ivshmem BAR2, polled).
+    #[command(subcommand)]
+    Shmem(ShmemCmd),
+}
+
+#[derive(Args, Clone)]
+struct Region {
+    /// PCI address of the ivshmem device (needed when there are several).
+    #[arg(long)]
+    device: Option<String>,
+    /// Map this file instead of a PCI BAR (e.g. /dev/shm/NAME on a host).
+    #[arg(long, conflicts_with = "device")]
+    resource: Option<PathBuf>,
+    /// sysfs PCI devices directory.
+    #[arg(long, default_value = pci::SYSFS_DEVICES, hide = true)]
+    sysfs: PathBuf,
+}
+
+#[derive(Args, Clone)]
+struct Timing {
+    /// Seconds without a heartbeat after which the peer counts as gone.
+    #[arg(long, default_value_t = 2.0)]
+    timeout: f64,
+    /// Seconds to wait for the peer to show up.
+    #[arg(long, default_value_t = 60.0)]
+    join_timeout: f64,
+}
+
+#[derive(Subcommand)]
+enum ShmemCmd {
+    /// Send the seeded test pattern (--size) or a file (--file).
+    Send {
+        #[command(flatten)]
+        region: Region,
+        /// This member's index in the channel.
+        #[arg(long)]
+        me: u32,
+        /// The receiving member.
+        #[arg(long)]
+        to: u32,
+        /// Bytes of test pattern to send (K, M, G suffixes).
+        #[arg(long, conflicts_with = "file", required_unless_present = "file")]
+        size: Option<String>,
+        /// Send this file, then an end-of-stream frame.
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// Pattern seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Payload bytes per frame.
+        #[arg(long, default_value = "64K")]
+        chunk: String,
+        #[command(flatten)]
+        timing: Timing,
+    },
+    /// Receive --size bytes, or until the sender's end-of-stream frame.
+    Recv {
+        #[command(flatten)]
+        region: Region,
+        /// This member's index in the channel.
+        #[arg(long)]
+        me: u32,
+        /// The sending member.
+        #[arg(long)]
+        from: u32,
+        /// Bytes to receive (default: until end of stream).
+        #[arg(long)]
+        size: Option<String>,
+        /// Write the payload here.
+        #[arg(long)]
+        file: Option<PathBuf>,
+        #[command(flatten)]
+        timing: Timing,
+    },
+    /// Write a fresh ring layout (for regions no intervm VMM manages).
+    Format {
+        #[command(flatten)]
+        region: Region,
+        /// Number of members.
+        #[arg(long)]
+        members: u32,
+        /// Format even while members are alive.
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+fn size(s: &str) -> Result<u64, Error> {
+    let t = s.trim();
+    let (num, mult) = match t.chars().last() {
+        Some('K' | 'k') => (&t[..t.len() - 1], 1u64 << 10),
+        Some('M' | 'm') => (&t[..t.len() - 1], 1 << 20),
+        Some('G' | 'g') => (&t[..t.len() - 1], 1 << 30),
+        _ => (t, 1),
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(mult))
+        .filter(|n| *n > 0)
+        .ok_or_else(|| {
+            Error::Usage(format!(
+                "{s:?} is not a size (bytes, or a number with K, M or G)"
+            ))
+        })
+}
+
+fn secs(what: &str, v: f64) -> Result<Duration, Error> {
+    if v.is_finite() && v > 0.0 {
+        Ok(Duration::from_secs_f64(v))
+    } else {
+        Err(Error::Usage(format!(
+            "--{what} {v}: must be a positive number of seconds"
+        )))
+    }
+}
+
+fn source(r: Region) -> shmem::Source {
+    shmem::Source {
+        device: r.device,
+        resource: r.resource,
+        sysfs: r.sysfs,
+    }
+}
+
+fn common(region: Region, me: u32, peer: u32, t: &Timing) -> Result<shmem::Common, Error> {
+    Ok(shmem::Common {
+        source: source(region),
+        me,
+        peer,
+        timeout: secs("timeout", t.timeout)?,
+        join_timeout: secs("join-timeout", t.join_timeout)?,
+    })
+}
+
+fn run(cmd: Cmd) -> Result<String, Error> {
+    match cmd {
+        Cmd::Shmem(ShmemCmd::Send {
+            region,
+            me,
+            to,
+            size: sz,
+            file,
+            seed,
+            chunk,
+            timing,
+        }) => {
+            let c = common(region, me, to, &timing)?;
+            let payload = match (file, sz) {
+                (Some(f), _) => shmem::Payload::File(f),
+                (None, Some(s)) => shmem::Payload::Pattern {
+                    seed,
+                    size: size(&s)?,
+                },
+                (None, None) => return Err(Error::Usage("give --size or --file".into())),
+            };
+            let s = shmem::send(&c, &payload, size(&chunk)?)?;
+            Ok(format!("sent {s}"))
+        }
+        Cmd::Shmem(ShmemCmd::Recv {
+            region,
+            me,
+            from,
+            size: sz,
+            file,
+            timing,
+        }) => {
+            let c = common(region, me, from, &timing)?;
+            let want = sz.as_deref().map(size).transpose()?;
+            let s = shmem::recv(&c, want, file.as_ref())?;
+            Ok(format!("received {s}"))
+        }
+        Cmd::Shmem(ShmemCmd::Format {
+            region,
+            members,
+            force,
+        }) => {
+            let g = shmem::format(&source(region), members, force)?;
+            Ok(format!(
+                "formatted for {} members, {} bytes per ring",
+                g.members, g.ring_bytes
+            ))
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse().cmd) {
+        Ok(line) => {
+            println!("intervm-guest: {line}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("intervm-guest: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

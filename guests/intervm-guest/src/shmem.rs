@@ -1,0 +1,384 @@
+//! `intervm-guest shmem`: the polling shared-memory channel from Linux
+//! userspace, on BAR2 of an ivshmem device mapped through sysfs (or any
+//! file holding the region).
+//!
+//! The tool is a member like the probe guest: same ring protocol
+//! (`intervm_protocol::ring`), same start line (ready words), same payload
+//! pattern, so it interoperates with probe guests, other tools and any
+//! program that speaks the protocol. It keeps its own heartbeat in the
+//! member table while it runs and marks itself gone when it ends, so peers
+//! never wait on a tool that died.
+
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use intervm_protocol::probe::{shmem_frame_bytes, shmem_source_bytes};
+use intervm_protocol::ring::{
+    self, fold, ready_go, Geometry, Liveness, MemberState, Region, RingError, READY_PREPARED,
+};
+
+use crate::pci::{self, Mapping};
+use crate::Error;
+
+/// Where the region comes from.
+#[derive(Clone, Debug)]
+pub struct Source {
+    /// A PCI address (`00:03.0`) of the ivshmem device to use.
+    pub device: Option<String>,
+    /// A file to map instead of a PCI BAR (e.g. `/dev/shm/NAME` on a host).
+    pub resource: Option<PathBuf>,
+    /// sysfs PCI devices directory.
+    pub sysfs: PathBuf,
+}
+
+/// Options shared by send and receive.
+#[derive(Clone, Debug)]
+pub struct Common {
+    /// Region source.
+    pub source: Source,
+    /// This member's index.
+    pub me: u32,
+    /// The peer's index.
+    pub peer: u32,
+    /// Peer liveness timeout.
+    pub timeout: Duration,
+    /// How long to wait for the peer to show up.
+    pub join_timeout: Duration,
+}
+
+/// A mapped, formatted region with this process joined as a member.
+pub struct Joined {
+    _map: Mapping,
+    region: Region,
+    geo: Geometry,
+    me: u32,
+    stop: Arc<AtomicBool>,
+    beat: Option<std::thread::JoinHandle<()>>,
+}
+
+fn monotonic_ms() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid out-pointer; CLOCK_MONOTONIC always exists.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    (ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000).max(1)
+}
+
+fn ring_err(e: RingError) -> Error {
+    Error::Ring(e)
+}
+
+/// Maps the region named by `src`.
+pub fn map(src: &Source) -> Result<Mapping, Error> {
+    let path = match &src.resource {
+        Some(p) => p.clone(),
+        None => {
+            let dev = pci::pick(
+                &src.sysfs,
+                intervm_protocol::probe::IVSHMEM_VENDOR as u32,
+                intervm_protocol::probe::IVSHMEM_DEVICE as u32,
+                src.device.as_deref(),
+            )?;
+            pci::enable(&dev)?;
+            dev.join("resource2")
+        }
+    };
+    Mapping::open(&path)
+}
+
+impl Joined {
+    /// Maps the region, checks its header and joins as member `me`.
+    pub fn join(src: &Source, me: u32) -> Result<Self, Error> {
+        let map = map(src)?;
+        // SAFETY: the mapping lives in `Joined` as long as the region.
+        let region = unsafe { Region::new(map.ptr(), map.len() as u64) };
+        let geo = region.geometry().map_err(ring_err)?;
+        if me >= geo.members {
+            return Err(Error::Ring(RingError::BadMember(me)));
+        }
+        region.set_ready(&geo, me, 0).map_err(ring_err)?;
+        region
+            .set_heartbeat(&geo, me, monotonic_ms())
+            .map_err(ring_err)?;
+        region
+            .set_member_state(&geo, me, MemberState::Alive)
+            .map_err(ring_err)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let stop2 = stop.clone();
+        let beat = std::thread::spawn(move || {
+            while !stop2.load(Ordering::Acquire) {
+                let _ = region.set_heartbeat(&geo, me, monotonic_ms());
+                std::thread::park_timeout(Duration::from_millis(10));
+            }
+        });
+        Ok(Self {
+            _map: map,
+            region,
+            geo,
+            me,
+            stop,
+            beat: Some(beat),
+        })
+    }
+
+    fn wait_peer(&self, c: &Common, ok: impl Fn(&Region) -> bool) -> Result<(), Error> {
+        let t0 = Instant::now();
+        loop {
+            if ok(&self.region) {
+                return Ok(());
+            }
+            if self.region.member_state(&self.geo, c.peer) == Ok(MemberState::Gone)
+                || t0.elapsed() > c.join_timeout
+            {
+                return Err(Error::Ring(RingError::PeerGone(c.peer)));
+            }
+            std::thread::sleep(Duration::from_micros(50));
+        }
+    }
+}
+
+impl Drop for Joined {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.beat.take() {
+            t.thread().unpark();
+            let _ = t.join();
+        }
+        let _ = self
+            .region
+            .set_member_state(&self.geo, self.me, MemberState::Gone);
+    }
+}
+
+/// What a transfer did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Summary {
+    /// Payload bytes.
+    pub bytes: u64,
+    /// Frames.
+    pub frames: u64,
+    /// Stream checksum (`ring::fold` of frame checksums).
+    pub stream: u64,
+    /// Start line to last byte.
+    pub elapsed: Duration,
+}
+
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let s = self.elapsed.as_secs_f64();
+        write!(
+            f,
+            "bytes={} frames={} seconds={:.6} mib_per_s={:.1} stream_checksum={:#018x}",
+            self.bytes,
+            self.frames,
+            s,
+            if s > 0.0 {
+                self.bytes as f64 / s / (1 << 20) as f64
+            } else {
+                0.0
+            },
+            self.stream
+        )
+    }
+}
+
+/// What to send.
+pub enum Payload {
+    /// `size` bytes of the seeded pattern (as the probe sends).
+    Pattern {
+        /// Seed.
+        seed: u64,
+        /// Bytes.
+        size: u64,
+    },
+    /// The contents of a file, then an end-of-stream frame.
+    File(PathBuf),
+}
+
+/// Sends `payload` to `c.peer`.
+pub fn send(c: &Common, payload: &Payload, chunk: u64) -> Result<Summary, Error> {
+    let j = Joined::join(&c.source, c.me)?;
+    let mut p = j.region.producer(j.geo, c.me, c.peer).map_err(ring_err)?;
+    let mut file = match payload {
+        Payload::File(path) => {
+            Some(std::fs::File::open(path).map_err(|e| Error::Io(path.display().to_string(), e))?)
+        }
+        Payload::Pattern { .. } => None,
+    };
+    let (size, src) = match payload {
+        Payload::Pattern { seed, size } => {
+            let frame = shmem_frame_bytes(chunk, *size, p.max_message());
+            let mut src = vec![0u8; shmem_source_bytes(*size, frame) as usize];
+            ring::fill_pattern(*seed, 0, &mut src);
+            (*size, src)
+        }
+        Payload::File(_) => (
+            u64::MAX,
+            vec![0u8; chunk.clamp(1, p.max_message()) as usize],
+        ),
+    };
+    let frame = shmem_frame_bytes(chunk, size, p.max_message()) as usize;
+    j.region
+        .set_ready(&j.geo, c.me, READY_PREPARED)
+        .map_err(ring_err)?;
+    j.wait_peer(c, |r| r.ready(&j.geo, c.peer) == Ok(ready_go(1)))?;
+    let start = Instant::now();
+    let mut live = Liveness::new(
+        &j.region,
+        &j.geo,
+        c.peer,
+        c.timeout.as_millis() as u64,
+        monotonic_ms(),
+    );
+    let (mut sent, mut frames, mut stream, mut pos) = (0u64, 0u64, 0u64, 0usize);
+    let mut buf = vec![0u8; frame];
+    loop {
+        let msg: &[u8] = match &mut file {
+            Some(f) => {
+                let n = read_full(f, &mut buf)
+                    .map_err(|e| Error::Io("reading the payload".into(), e))?;
+                &buf[..n]
+            }
+            None => {
+                if sent >= size {
+                    break;
+                }
+                let n = (frame.min((size - sent) as usize)).min(src.len() - pos);
+                let m = &src[pos..pos + n];
+                pos = (pos + n) % src.len();
+                m
+            }
+        };
+        let eof = msg.is_empty();
+        loop {
+            match p.try_send(msg).map_err(ring_err)? {
+                Some(sum) => {
+                    if !eof {
+                        stream = fold(stream, sum);
+                        sent += msg.len() as u64;
+                        frames += 1;
+                    }
+                    break;
+                }
+                None => {
+                    live.check(&j.region, &j.geo, monotonic_ms())
+                        .map_err(ring_err)?;
+                    std::hint::spin_loop();
+                }
+            }
+        }
+        if eof {
+            break;
+        }
+    }
+    Ok(Summary {
+        bytes: sent,
+        frames,
+        stream,
+        elapsed: start.elapsed(),
+    })
+}
+
+fn read_full(f: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match f.read(&mut buf[n..])? {
+            0 => break,
+            k => n += k,
+        }
+    }
+    Ok(n)
+}
+
+/// Receives from `c.peer` until `size` bytes (if given) or an end-of-stream
+/// frame, writing the payload to `out` if given.
+pub fn recv(c: &Common, size: Option<u64>, out: Option<&PathBuf>) -> Result<Summary, Error> {
+    let j = Joined::join(&c.source, c.me)?;
+    let mut cons = j.region.consumer(j.geo, c.peer, c.me).map_err(ring_err)?;
+    let mut sink = match out {
+        Some(p) => Some(std::io::BufWriter::new(
+            std::fs::File::create(p).map_err(|e| Error::Io(p.display().to_string(), e))?,
+        )),
+        None => None,
+    };
+    let mut buf = vec![0u8; j.geo.max_payload() as usize];
+    j.wait_peer(c, |r| {
+        r.member_state(&j.geo, c.peer) == Ok(MemberState::Alive)
+            && r.ready(&j.geo, c.peer) == Ok(READY_PREPARED)
+    })?;
+    let start = Instant::now();
+    j.region
+        .set_ready(&j.geo, c.me, ready_go(1))
+        .map_err(ring_err)?;
+    let mut live = Liveness::new(
+        &j.region,
+        &j.geo,
+        c.peer,
+        c.timeout.as_millis() as u64,
+        monotonic_ms(),
+    );
+    let (mut got, mut frames, mut stream, mut last) = (0u64, 0u64, 0u64, start.elapsed());
+    let mut idle = 0u64;
+    while size.is_none_or(|s| got < s) {
+        match cons.try_recv(&mut buf).map_err(ring_err)? {
+            Some((0, _)) => break,
+            Some((n, sum)) => {
+                got += n as u64;
+                frames += 1;
+                stream = fold(stream, sum);
+                last = start.elapsed();
+                if let Some(w) = &mut sink {
+                    w.write_all(&buf[..n])
+                        .map_err(|e| Error::Io("writing the payload".into(), e))?;
+                }
+                idle = 0;
+            }
+            None => {
+                idle += 1;
+                if idle.is_multiple_of(4096) {
+                    if let Err(e) = live.check(&j.region, &j.geo, monotonic_ms()) {
+                        if cons.available().map_err(ring_err)? == 0 {
+                            return Err(Error::Ring(e));
+                        }
+                    }
+                }
+                std::hint::spin_loop();
+            }
+        }
+    }
+    if let Some(mut w) = sink {
+        w.flush()
+            .map_err(|e| Error::Io("writing the payload".into(), e))?;
+    }
+    Ok(Summary {
+        bytes: got,
+        frames,
+        stream,
+        elapsed: last,
+    })
+}
+
+/// Writes a fresh ring layout for `members` into the region (for regions
+/// no intervm VMM manages, e.g. between QEMU guests). Refuses while a
+/// member is alive unless `force`.
+pub fn format(src: &Source, members: u32, force: bool) -> Result<Geometry, Error> {
+    let map = map(src)?;
+    // SAFETY: `map` outlives `region` (both end with this function).
+    let region = unsafe { Region::new(map.ptr(), map.len() as u64) };
+    if let Ok(geo) = region.geometry() {
+        let alive = (0..geo.members)
+            .filter(|&m| region.member_state(&geo, m) == Ok(MemberState::Alive))
+            .count();
+        if alive > 0 && !force {
+            return Err(Error::InUse(alive));
+        }
+    }
+    let geo = Geometry::fit(members, map.len() as u64).map_err(ring_err)?;
+    region.init(geo).map_err(ring_err)?;
+    Ok(geo)
+}

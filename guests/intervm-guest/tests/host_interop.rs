@@ -1,0 +1,280 @@
+//! `intervm-guest shmem` run on the host against a `/dev/shm` region that
+//! probe guests on real /dev/kvm share through ivshmem-plain devices: the
+//! tool's protocol code, start line, heartbeats and file streaming are the
+//! same ones it runs inside a Linux guest (only the sysfs lookup differs,
+//! which unit tests cover).
+
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
+
+use intervm_testkit::{finish, probe_vm_with, require_kvm, RUN_TIMEOUT};
+use probe_image::shmem::{expected_stream, peer_record, Role, ShmemResult, ShmemTask};
+use shmem_device::{Backing, IvshmemPlain, SharedRegion, Transport};
+use vmm_core::VmExit;
+
+const SIZE: u64 = 8 << 20;
+const CHUNK: u64 = 64 << 10;
+
+struct Shm(String);
+
+impl Shm {
+    fn new(tag: &str) -> Self {
+        Shm(format!("intervm-guest-{tag}-{}", std::process::id()))
+    }
+    fn path(&self) -> PathBuf {
+        PathBuf::from("/dev/shm").join(&self.0)
+    }
+    fn transport(&self) -> Transport {
+        let r = SharedRegion::open(&Backing::Shm(self.0.clone()), 1 << 20).expect("region");
+        Transport::attach(Arc::new(r), 2).expect("attach")
+    }
+}
+
+impl Drop for Shm {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(self.path());
+    }
+}
+
+fn tool(args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_intervm-guest"));
+    c.args(args).stdout(Stdio::piped()).stderr(Stdio::piped());
+    c
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "status {:?}\nstdout:\n{}\nstderr:\n{}",
+        o.status,
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+fn checksum_in(o: &Output) -> u64 {
+    let out = String::from_utf8_lossy(&o.stdout);
+    let hex = out
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("stream_checksum=0x"))
+        .unwrap_or_else(|| panic!("no checksum in {out}"));
+    u64::from_str_radix(hex, 16).unwrap()
+}
+
+#[test]
+fn the_tool_sends_to_a_probe_guest() {
+    require_kvm!();
+    let shm = Shm::new("to-probe");
+    let t = shm.transport();
+    let mut task = ShmemTask::new(1, Role::Recv { from: 0b01 }, SIZE);
+    task.chunk = CHUNK;
+    let (vm, console) = probe_vm_with("rx", &task.boot_info(), 1, 64 << 20);
+    vm.add_pci_device(Arc::new(Mutex::new(IvshmemPlain::new(t.region().clone()))))
+        .unwrap();
+    let _m = t.join(1).unwrap();
+    let vm = vm.start().unwrap();
+    let res = shm.path();
+    let sender = tool(&[
+        "shmem",
+        "send",
+        "--resource",
+        res.to_str().unwrap(),
+        "--me",
+        "0",
+        "--to",
+        "1",
+        "--size",
+        "8M",
+        "--seed",
+        "77",
+        "--chunk",
+        "64K",
+    ])
+    .output()
+    .unwrap();
+    let (exit, info) = finish(vm, &console, RUN_TIMEOUT);
+    assert!(sender.status.success(), "{}", text(&sender));
+    assert_eq!(exit, VmExit::Guest(0), "{}", console.contents());
+    let got = peer_record(&info, 0);
+    assert_eq!(got.bytes, SIZE);
+    assert_eq!(got.stream, expected_stream(77, SIZE, CHUNK));
+    assert_eq!(checksum_in(&sender), got.stream);
+}
+
+#[test]
+fn a_probe_guest_sends_to_the_tool() {
+    require_kvm!();
+    let shm = Shm::new("from-probe");
+    let t = shm.transport();
+    let res = shm.path();
+    let receiver = tool(&[
+        "shmem",
+        "recv",
+        "--resource",
+        res.to_str().unwrap(),
+        "--me",
+        "1",
+        "--from",
+        "0",
+        "--size",
+        "8M",
+    ])
+    .spawn()
+    .unwrap();
+    let mut task = ShmemTask::new(0, Role::Send { to: 1 }, SIZE);
+    task.chunk = CHUNK;
+    task.seed = 5;
+    let (vm, console) = probe_vm_with("tx", &task.boot_info(), 1, 64 << 20);
+    vm.add_pci_device(Arc::new(Mutex::new(IvshmemPlain::new(t.region().clone()))))
+        .unwrap();
+    let m = t.join(0).unwrap();
+    let (exit, info) = finish(vm.start().unwrap(), &console, RUN_TIMEOUT);
+    drop(m);
+    let out = receiver.wait_with_output().unwrap();
+    assert_eq!(exit, VmExit::Guest(0), "{}", console.contents());
+    assert!(ShmemResult::from_info(&info).error.is_none());
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(checksum_in(&out), expected_stream(5, SIZE, CHUNK));
+    assert_eq!(checksum_in(&out), peer_record(&info, 1).stream);
+}
+
+#[test]
+fn a_file_streams_between_two_tools_with_end_of_stream() {
+    let shm = Shm::new("file");
+    // A region nobody manages: the tool formats it.
+    std::fs::File::create(shm.path())
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let res = shm.path();
+    let res = res.to_str().unwrap();
+    let o = tool(&["shmem", "format", "--resource", res, "--members", "2"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let dir = std::env::temp_dir().join(format!("intervm-guest-file-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (input, output) = (dir.join("in.bin"), dir.join("out.bin"));
+    // Not a multiple of the frame size, so the last frame is short.
+    let mut data = vec![0u8; 1_500_001];
+    intervm_protocol::ring::fill_pattern(3, 0, &mut data);
+    std::fs::write(&input, &data).unwrap();
+    let rx = tool(&[
+        "shmem",
+        "recv",
+        "--resource",
+        res,
+        "--me",
+        "1",
+        "--from",
+        "0",
+        "--file",
+        output.to_str().unwrap(),
+    ])
+    .spawn()
+    .unwrap();
+    let tx = tool(&[
+        "shmem",
+        "send",
+        "--resource",
+        res,
+        "--me",
+        "0",
+        "--to",
+        "1",
+        "--file",
+        input.to_str().unwrap(),
+        "--chunk",
+        "16K",
+    ])
+    .output()
+    .unwrap();
+    let rx = rx.wait_with_output().unwrap();
+    assert!(tx.status.success(), "{}", text(&tx));
+    assert!(rx.status.success(), "{}", text(&rx));
+    assert_eq!(std::fs::read(&output).unwrap(), data);
+    assert_eq!(checksum_in(&tx), checksum_in(&rx));
+    // Both tools left, so a re-format is allowed; a live member blocks it.
+    let o = tool(&["shmem", "format", "--resource", res, "--members", "2"])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", text(&o));
+    let mut waiting = tool(&[
+        "shmem",
+        "recv",
+        "--resource",
+        res,
+        "--me",
+        "1",
+        "--from",
+        "0",
+    ])
+    .spawn()
+    .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let o = tool(&["shmem", "format", "--resource", res, "--members", "3"])
+        .output()
+        .unwrap();
+    let _ = waiting.kill();
+    let _ = waiting.wait();
+    assert!(!o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("1 member(s) are alive"), "{}", text(&o));
+    std::fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn a_peer_that_never_comes_is_an_error_not_a_hang() {
+    let shm = Shm::new("nobody");
+    std::fs::File::create(shm.path())
+        .unwrap()
+        .set_len(1 << 20)
+        .unwrap();
+    let res = shm.path();
+    let res = res.to_str().unwrap();
+    let o = tool(&[
+        "shmem",
+        "recv",
+        "--resource",
+        res,
+        "--me",
+        "1",
+        "--from",
+        "0",
+    ])
+    .output()
+    .unwrap();
+    assert!(!o.status.success());
+    assert!(text(&o).contains("region not formatted"), "{}", text(&o));
+    tool(&["shmem", "format", "--resource", res, "--members", "2"])
+        .output()
+        .unwrap();
+    let o = tool(&[
+        "shmem",
+        "recv",
+        "--resource",
+        res,
+        "--me",
+        "1",
+        "--from",
+        "0",
+        "--join-timeout",
+        "0.3",
+    ])
+    .output()
+    .unwrap();
+    assert!(!o.status.success());
+    assert!(text(&o).contains("peer 0 is gone"), "{}", text(&o));
+    let o = tool(&[
+        "shmem",
+        "recv",
+        "--resource",
+        res,
+        "--me",
+        "5",
+        "--from",
+        "0",
+    ])
+    .output()
+    .unwrap();
+    assert!(text(&o).contains("no member 5"), "{}", text(&o));
+}
