@@ -7,5 +7,6 @@
 #![no_std]
 #![deny(missing_docs)]
 
+pub mod portio;
 pub mod probe;
 pub mod ring;

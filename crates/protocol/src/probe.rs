@@ -86,6 +86,13 @@ pub enum Workload {
     /// the peer bitmask, polling. Arguments in [`shmem_args`], results in
     /// [`results`] (`SHM_*`, one record per peer).
     ShmemRecv = 9,
+    /// Send over the port-I/O channel at CPL3. Arguments in
+    /// [`portio_args`]; results in [`results`] (`SHM_*`, the transfer
+    /// results shared by every channel workload).
+    PortioSend = 10,
+    /// Receive over the port-I/O channel at CPL3 from every member in the
+    /// peer bitmask. Arguments in [`portio_args`].
+    PortioRecv = 11,
 }
 
 impl Workload {
@@ -101,6 +108,8 @@ impl Workload {
             7 => Self::Fault,
             8 => Self::ShmemSend,
             9 => Self::ShmemRecv,
+            10 => Self::PortioSend,
+            11 => Self::PortioRecv,
             _ => return None,
         })
     }
@@ -145,6 +154,38 @@ pub mod shmem_args {
     /// started by the receiver; for timing small transfers.
     pub const ROUNDS: usize = 9;
 }
+
+/// Argument slots of [`Workload::PortioSend`] and [`Workload::PortioRecv`].
+pub mod portio_args {
+    /// First port of the channel device.
+    pub const BASE: usize = 0;
+    /// Send: the receiving member. Receive: bitmask of sending members.
+    pub const PEERS: usize = 1;
+    /// Bytes to send, or to receive from each sender.
+    pub const BYTES: usize = 2;
+    /// Bytes per message (send; the receiver takes any size).
+    pub const MESSAGE: usize = 3;
+    /// [`super::PORTIO_MODE_PORT`] or [`super::PORTIO_MODE_DESCRIPTOR`].
+    pub const MODE: usize = 4;
+    /// Port mode: access width, 1, 2 or 4 bytes.
+    pub const WIDTH: usize = 5;
+    /// Port mode: 1 to use `rep outs`/`rep ins` instead of one `out`/`in`
+    /// per element.
+    pub const REP: usize = 6;
+    /// Seed of the payload pattern.
+    pub const SEED: usize = 7;
+    /// Give up when the peer is reported gone and nothing arrived for this
+    /// long.
+    pub const TIMEOUT_MS: usize = 8;
+    /// How long to wait for the start message (send) or for the peers to
+    /// be present (receive).
+    pub const JOIN_TIMEOUT_MS: usize = 9;
+}
+
+/// Port-I/O transfers move bytes through the data register.
+pub const PORTIO_MODE_PORT: u64 = 0;
+/// Port-I/O transfers move whole buffers with descriptors.
+pub const PORTIO_MODE_DESCRIPTOR: u64 = 1;
 
 /// Guest-physical address of the probe's payload buffer for shared-memory
 /// transfers (source when sending, destination when receiving).

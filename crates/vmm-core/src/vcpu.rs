@@ -173,6 +173,24 @@ impl ExitRequest for Arc<VmControl> {
     }
 }
 
+/// Width in bytes of one element of the current port-I/O exit (1, 2 or 4).
+/// `VcpuExit::IoIn/IoOut` give `size * count` bytes; the size is only in
+/// `kvm_run`.
+fn io_element_size() -> usize {
+    let run = KVM_RUN.with(|c| c.get());
+    if run.is_null() {
+        return 1;
+    }
+    // SAFETY: `run` is this thread's vCPU's kvm_run mapping (set at the top
+    // of `run_loop`, alive until the loop ends), and the caller handles a
+    // KVM_EXIT_IO, so the `io` member of the union is the active one.
+    let size = unsafe { (*run).__bindgen_anon_1.io.size };
+    match size {
+        1 | 2 | 4 => size as usize,
+        _ => 1,
+    }
+}
+
 /// Runs `vcpu` until the VM stops. Call on the vCPU's own thread.
 pub fn run_loop(mut vcpu: VcpuFd, id: u8, io: Arc<RwLock<IoManager>>, ctl: Arc<VmControl>) {
     KVM_RUN.with(|c| c.set(vcpu.get_kvm_run() as *mut kvm_run));
@@ -181,19 +199,26 @@ pub fn run_loop(mut vcpu: VcpuFd, id: u8, io: Arc<RwLock<IoManager>>, ctl: Arc<V
         let exit = vcpu.run();
         let io = io.read().unwrap_or_else(|p| p.into_inner());
         match exit {
+            // A string instruction (`rep ins/outs`) can bring several
+            // elements in one exit; devices see one access per element, as
+            // the guest issued them.
             Ok(VcpuExit::IoIn(port, data)) => {
                 ctl.stats.pio.fetch_add(1, Ordering::Relaxed);
-                if io.pio_read(PioAddress(port), data).is_err() {
-                    ctl.stats.unclaimed.fetch_add(1, Ordering::Relaxed);
-                    log::debug!("vcpu{id}: unclaimed in from port {port:#x}");
-                    data.fill(0xff);
+                for element in data.chunks_mut(io_element_size()) {
+                    if io.pio_read(PioAddress(port), element).is_err() {
+                        ctl.stats.unclaimed.fetch_add(1, Ordering::Relaxed);
+                        log::debug!("vcpu{id}: unclaimed in from port {port:#x}");
+                        element.fill(0xff);
+                    }
                 }
             }
             Ok(VcpuExit::IoOut(port, data)) => {
                 ctl.stats.pio.fetch_add(1, Ordering::Relaxed);
-                if io.pio_write(PioAddress(port), data).is_err() {
-                    ctl.stats.unclaimed.fetch_add(1, Ordering::Relaxed);
-                    log::debug!("vcpu{id}: unclaimed out to port {port:#x}");
+                for element in data.chunks(io_element_size()) {
+                    if io.pio_write(PioAddress(port), element).is_err() {
+                        ctl.stats.unclaimed.fetch_add(1, Ordering::Relaxed);
+                        log::debug!("vcpu{id}: unclaimed out to port {port:#x}");
+                    }
                 }
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {

@@ -22,6 +22,68 @@ pub fn inl(port: u16) -> u32 {
     v
 }
 
+/// `out` of a word.
+pub fn outw(port: u16, v: u16) {
+    // SAFETY: as for `outb`.
+    unsafe { asm!("out dx, ax", in("dx") port, in("ax") v, options(nostack, preserves_flags)) }
+}
+
+/// `in` of a byte.
+pub fn inb(port: u16) -> u8 {
+    let v: u8;
+    // SAFETY: as for `outb`.
+    unsafe { asm!("in al, dx", in("dx") port, out("al") v, options(nostack, preserves_flags)) }
+    v
+}
+
+/// `in` of a word.
+pub fn inw(port: u16) -> u16 {
+    let v: u16;
+    // SAFETY: as for `outb`.
+    unsafe { asm!("in ax, dx", in("dx") port, out("ax") v, options(nostack, preserves_flags)) }
+    v
+}
+
+/// `rep outs` of `src.len() / width` elements of `width` bytes (1, 2 or 4).
+pub fn rep_outs(port: u16, src: &[u8], width: usize) {
+    let count = src.len() / width;
+    // SAFETY: reads `count * width <= src.len()` bytes of `src`; the
+    // direction flag is clear (the ABI guarantees it).
+    unsafe {
+        match width {
+            1 => {
+                asm!("rep outsb", in("dx") port, inout("rsi") src.as_ptr() => _, inout("rcx") count => _, options(nostack, preserves_flags, readonly))
+            }
+            2 => {
+                asm!("rep outsw", in("dx") port, inout("rsi") src.as_ptr() => _, inout("rcx") count => _, options(nostack, preserves_flags, readonly))
+            }
+            _ => {
+                asm!("rep outsd", in("dx") port, inout("rsi") src.as_ptr() => _, inout("rcx") count => _, options(nostack, preserves_flags, readonly))
+            }
+        }
+    }
+}
+
+/// `rep ins` of `dst.len() / width` elements of `width` bytes (1, 2 or 4).
+pub fn rep_ins(port: u16, dst: &mut [u8], width: usize) {
+    let count = dst.len() / width;
+    // SAFETY: writes `count * width <= dst.len()` bytes of `dst`; the
+    // direction flag is clear.
+    unsafe {
+        match width {
+            1 => {
+                asm!("rep insb", in("dx") port, inout("rdi") dst.as_mut_ptr() => _, inout("rcx") count => _, options(nostack, preserves_flags))
+            }
+            2 => {
+                asm!("rep insw", in("dx") port, inout("rdi") dst.as_mut_ptr() => _, inout("rcx") count => _, options(nostack, preserves_flags))
+            }
+            _ => {
+                asm!("rep insd", in("dx") port, inout("rdi") dst.as_mut_ptr() => _, inout("rcx") count => _, options(nostack, preserves_flags))
+            }
+        }
+    }
+}
+
 /// Reads the time-stamp counter.
 pub fn rdtsc() -> u64 {
     let (lo, hi): (u32, u32);

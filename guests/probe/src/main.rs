@@ -13,7 +13,9 @@ mod console;
 mod cpl0;
 mod mem;
 mod pci;
+mod portio;
 mod shmem;
+mod transfer;
 
 use core::sync::atomic::Ordering;
 use intervm_protocol::probe::{
@@ -88,6 +90,8 @@ extern "C" fn probe_main() -> ! {
         Some(Workload::Fault) => fault(),
         Some(Workload::ShmemSend) => shmem::send(),
         Some(Workload::ShmemRecv) => shmem::recv(),
+        Some(Workload::PortioSend) => portio::send(),
+        Some(Workload::PortioRecv) => portio::recv(),
         None => {
             println!("probe: unknown workload {}", workload);
             EXIT_BAD_BOOT_INFO

@@ -2,7 +2,7 @@
 //! BAR2 of an ivshmem device, with the ring transport of
 //! `intervm_protocol::ring`.
 //!
-//! The payload lives in guest RAM at [`BUF_BASE`]: a sender fills a source
+//! The payload lives in guest RAM at `SHMEM_BUF_GPA`: a sender fills a source
 //! buffer with the seeded pattern once (untimed) and streams it, wrapping,
 //! until it has sent the requested bytes; a receiver lands frames in a
 //! destination buffer the same way. Both sides fold every frame checksum
@@ -13,10 +13,10 @@
 //! its own ready word to "go"; senders start when they see it. So the receiver's start-to-last-byte time covers
 //! the whole transfer, measured on one clock.
 
-use crate::{arch, arg, fail, info, pci, set_result, set_state};
+use crate::transfer::{buffer, record, Clock};
+use crate::{arch, arg, fail, pci, set_result, set_state};
 use intervm_protocol::probe::{
-    results, shmem_args, shmem_frame_bytes, shmem_source_bytes, State, EXIT_OK,
-    SHMEM_BUF_GPA as BUF_BASE, SHMEM_CORRUPT_HEAD,
+    results, shmem_args, shmem_frame_bytes, State, EXIT_OK, SHMEM_CORRUPT_HEAD,
 };
 use intervm_protocol::ring::{
     self, fold, ready_go, Geometry, Liveness, MemberState, RingError, READY_PREPARED,
@@ -27,34 +27,11 @@ const CHECK_EVERY: u64 = 4096;
 /// Failure reason base: `FAIL_BASE + RingError::code()`.
 const FAIL_BASE: u64 = 100;
 
-struct Clock {
-    khz: u64,
-}
-
-impl Clock {
-    fn new() -> Self {
-        // SAFETY: the boot-info page is identity mapped.
-        let khz = unsafe { core::ptr::read_volatile(&(*info()).tsc_khz) };
-        // Unknown frequency: assume 1 GHz; only timeouts depend on it.
-        Self {
-            khz: if khz == 0 { 1_000_000 } else { khz },
-        }
-    }
-    fn now_ms(&self) -> u64 {
-        arch::rdtsc() / self.khz
-    }
-}
-
 struct Channel {
     base: u64,
     region: ring::Region,
     geo: Geometry,
     me: u32,
-}
-
-fn mem_size() -> u64 {
-    // SAFETY: as in `Clock::new`.
-    unsafe { core::ptr::read_volatile(&(*info()).mem_size) }
 }
 
 /// Finds the device, enables memory decode, and checks the region header.
@@ -102,26 +79,6 @@ fn ring_fail(e: RingError) -> u32 {
     set_result(results::SHM_ERROR, e.code());
     set_result(results::SHM_ERROR_DETAIL, detail);
     fail(FAIL_BASE + e.code(), detail)
-}
-
-/// The payload buffer: `len` bytes at [`BUF_BASE`], `len` a multiple of
-/// `chunk`.
-fn buffer(bytes: u64, chunk: u64) -> Result<&'static mut [u8], u32> {
-    let len = shmem_source_bytes(bytes, chunk);
-    if len == 0 || BUF_BASE + len > mem_size() {
-        return Err(fail(3, mem_size()));
-    }
-    // SAFETY: [BUF_BASE, BUF_BASE + len) is guest RAM (checked against
-    // mem_size), identity mapped, and used by nothing else in the probe.
-    Ok(unsafe { core::slice::from_raw_parts_mut(BUF_BASE as *mut u8, len as usize) })
-}
-
-fn record(peer: u32, bytes: u64, frames: u64, stream: u64, tsc: u64) {
-    let base = results::SHM_PEER_FIRST + peer as usize * results::SHM_RECORD_LEN;
-    set_result(base, bytes);
-    set_result(base + 1, frames);
-    set_result(base + 2, stream);
-    set_result(base + 3, tsc);
 }
 
 /// Waits until `peer` satisfies `ok`, or fails after `JOIN_TIMEOUT_MS`.

@@ -1,0 +1,335 @@
+//! The port-I/O channel at CPL3: send and receive through the device's
+//! registers (`intervm_protocol::portio`), in port mode (any width, with or
+//! without `rep`) or descriptor mode.
+//!
+//! Start line: the receiver starts its clock and sends a one-byte "go"
+//! message to each sender; a sender starts when it has it. The receiver's
+//! clock therefore covers the whole transfer.
+
+use crate::transfer::{buffer, record, Clock};
+use crate::{arch, arg, fail, set_result, set_state};
+use intervm_protocol::portio::*;
+use intervm_protocol::probe::{
+    portio_args as a, results, shmem_frame_bytes, State, EXIT_OK, PORTIO_MODE_DESCRIPTOR,
+};
+use intervm_protocol::ring::{checksum, fold, MAX_MEMBERS};
+
+/// Failure reason base: `FAIL_BASE + R_*` result code.
+const FAIL_BASE: u64 = 300;
+
+struct Dev {
+    base: u16,
+}
+
+impl Dev {
+    fn rd(&self, reg: u16) -> u32 {
+        arch::inl(self.base + reg)
+    }
+    fn wr(&self, reg: u16, v: u32) {
+        arch::outl(self.base + reg, v)
+    }
+    fn command(&self, c: u32) -> u32 {
+        self.wr(CONTROL, c);
+        self.rd(RESULT)
+    }
+    fn select(&self, peer: u32) -> Result<(), u32> {
+        self.wr(PEER, peer);
+        match self.rd(RESULT) {
+            R_OK => Ok(()),
+            r => Err(port_fail(r, peer as u64)),
+        }
+    }
+    fn set_desc(&self, addr: u64, len: u32) {
+        self.wr(DESC_ADDR_LO, addr as u32);
+        self.wr(DESC_ADDR_HI, (addr >> 32) as u32);
+        self.wr(DESC_LEN, len);
+    }
+
+    /// Writes `msg` to the data register, `width` bytes per access.
+    fn put(&self, msg: &[u8], width: usize, rep: bool) {
+        let port = self.base + DATA;
+        let whole = msg.len() / width * width;
+        if rep {
+            arch::rep_outs(port, &msg[..whole], width);
+        } else {
+            for c in msg[..whole].chunks_exact(width) {
+                match width {
+                    1 => arch::outb(port, c[0]),
+                    2 => arch::outw(port, u16::from_le_bytes([c[0], c[1]])),
+                    _ => arch::outl(port, u32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+                }
+            }
+        }
+        for &b in &msg[whole..] {
+            arch::outb(port, b);
+        }
+    }
+
+    /// Reads `dst.len()` bytes from the data register.
+    fn get(&self, dst: &mut [u8], width: usize, rep: bool) {
+        let port = self.base + DATA;
+        let whole = dst.len() / width * width;
+        if rep {
+            arch::rep_ins(port, &mut dst[..whole], width);
+        } else {
+            for c in dst[..whole].chunks_exact_mut(width) {
+                match width {
+                    1 => c[0] = arch::inb(port),
+                    2 => c.copy_from_slice(&arch::inw(port).to_le_bytes()),
+                    _ => c.copy_from_slice(&arch::inl(port).to_le_bytes()),
+                }
+            }
+        }
+        for b in &mut dst[whole..] {
+            *b = arch::inb(port);
+        }
+    }
+}
+
+fn port_fail(r: u32, detail: u64) -> u32 {
+    set_result(results::SHM_ERROR, r as u64);
+    set_result(results::SHM_ERROR_DETAIL, detail);
+    fail(FAIL_BASE + r as u64, detail)
+}
+
+fn width() -> usize {
+    match arg(a::WIDTH) {
+        1 => 1,
+        2 => 2,
+        _ => 4,
+    }
+}
+
+/// Polls until `peer` is gone-with-nothing-left or `ok` holds; gives up
+/// after `limit_ms` with [`R_PEER_GONE`].
+fn wait(
+    dev: &Dev,
+    clock: &Clock,
+    limit_ms: u64,
+    mut ok: impl FnMut(&Dev) -> bool,
+) -> Result<(), u32> {
+    let t0 = clock.now_ms();
+    loop {
+        if ok(dev) {
+            return Ok(());
+        }
+        if clock.now_ms() - t0 > limit_ms {
+            return Err(port_fail(R_PEER_GONE, dev.rd(PEER) as u64));
+        }
+    }
+}
+
+/// [`intervm_protocol::probe::Workload::PortioSend`].
+pub fn send() -> u32 {
+    match try_send() {
+        Ok(()) => EXIT_OK,
+        Err(code) => code,
+    }
+}
+
+fn try_send() -> Result<(), u32> {
+    let dev = Dev {
+        base: arg(a::BASE) as u16,
+    };
+    let clock = Clock::new();
+    let peer = arg(a::PEERS) as u32;
+    let bytes = arg(a::BYTES);
+    let max = dev.rd(MAX_MESSAGE) as u64;
+    let msg_len = shmem_frame_bytes(arg(a::MESSAGE), bytes, max);
+    let (desc, w, rep) = (
+        arg(a::MODE) == PORTIO_MODE_DESCRIPTOR,
+        width(),
+        arg(a::REP) == 1,
+    );
+    dev.select(peer)?;
+    let src = buffer(bytes, msg_len)?;
+    intervm_protocol::ring::fill_pattern(arg(a::SEED), 0, src);
+    set_state(State::Ready);
+    // The receiver's "go".
+    wait(&dev, &clock, arg(a::JOIN_TIMEOUT_MS), |d| d.rd(RX_LEN) > 0)?;
+    dev.command(C_DISCARD_RX);
+    set_result(results::SHM_START_TSC, arch::rdtsc());
+    let timeout = arg(a::TIMEOUT_MS);
+    let (mut sent, mut msgs, mut stream, mut waits, mut pos) = (0u64, 0u64, 0u64, 0u64, 0usize);
+    while sent < bytes {
+        let n = (msg_len.min(bytes - sent) as usize).min(src.len() - pos);
+        let msg = &src[pos..pos + n];
+        let cmd = if desc {
+            dev.set_desc(msg.as_ptr() as u64, n as u32);
+            C_SEND_DESC
+        } else {
+            dev.put(msg, w, rep);
+            C_SEND
+        };
+        let t0 = clock.now_ms();
+        loop {
+            match dev.command(cmd) {
+                R_OK => break,
+                R_WOULD_BLOCK => {
+                    waits += 1;
+                    if dev.rd(STATUS) & S_PEER_GONE != 0
+                        || clock.now_ms() - t0 > timeout.max(1) * 30
+                    {
+                        return Err(port_fail(R_PEER_GONE, peer as u64));
+                    }
+                }
+                r => return Err(port_fail(r, sent)),
+            }
+        }
+        stream = fold(stream, checksum(msg));
+        sent += n as u64;
+        msgs += 1;
+        pos = (pos + n) % src.len();
+    }
+    let end = arch::rdtsc();
+    set_result(results::SHM_END_TSC, end);
+    set_result(results::SHM_WAITS, waits);
+    record(peer, sent, msgs, stream, end);
+    Ok(())
+}
+
+/// [`intervm_protocol::probe::Workload::PortioRecv`].
+pub fn recv() -> u32 {
+    match try_recv() {
+        Ok(()) => EXIT_OK,
+        Err(code) => code,
+    }
+}
+
+#[derive(Clone, Copy, Default)]
+struct Inbound {
+    bytes: u64,
+    msgs: u64,
+    stream: u64,
+    last: u64,
+}
+
+fn try_recv() -> Result<(), u32> {
+    let dev = Dev {
+        base: arg(a::BASE) as u16,
+    };
+    let clock = Clock::new();
+    let mask = arg(a::PEERS) as u32;
+    let want = arg(a::BYTES);
+    let max = dev.rd(MAX_MESSAGE) as u64;
+    let (desc, w, rep) = (
+        arg(a::MODE) == PORTIO_MODE_DESCRIPTOR,
+        width(),
+        arg(a::REP) == 1,
+    );
+    let dst = buffer(max.max(4096), max.max(1))?;
+    dst.fill(0);
+    let mut peers = [None::<Inbound>; MAX_MEMBERS as usize];
+    for (m, p) in peers.iter_mut().enumerate() {
+        if mask & (1 << m) != 0 {
+            *p = Some(Inbound::default());
+        }
+    }
+    // Wait for every sender to be present, then start the clock and send
+    // each its "go".
+    for m in 0..MAX_MEMBERS {
+        if peers[m as usize].is_some() {
+            dev.select(m)?;
+            wait(&dev, &clock, arg(a::JOIN_TIMEOUT_MS), |d| {
+                d.rd(STATUS) & S_PEER_PRESENT != 0
+            })?;
+        }
+    }
+    set_state(State::Ready);
+    let start = arch::rdtsc();
+    set_result(results::SHM_START_TSC, start);
+    for m in 0..MAX_MEMBERS {
+        if peers[m as usize].is_some() {
+            dev.select(m)?;
+            dev.put(&[1], 1, false);
+            match dev.command(C_SEND) {
+                R_OK => {}
+                r => return Err(port_fail(r, m as u64)),
+            }
+        }
+    }
+    let outcome = pump(&dev, &clock, &mut peers, dst, want, desc, w, rep);
+    for (m, p) in peers.iter().enumerate() {
+        if let Some(p) = p {
+            record(m as u32, p.bytes, p.msgs, p.stream, p.last);
+        }
+    }
+    let waits = outcome?;
+    let end = peers
+        .iter()
+        .flatten()
+        .map(|p| p.last)
+        .max()
+        .unwrap_or(start);
+    set_result(results::SHM_END_TSC, end);
+    set_result(results::SHM_WAITS, waits);
+    crate::println!(
+        "probe: portio: received {} bytes from each of {} peers",
+        want,
+        peers.iter().flatten().count()
+    );
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn pump(
+    dev: &Dev,
+    clock: &Clock,
+    peers: &mut [Option<Inbound>],
+    dst: &mut [u8],
+    want: u64,
+    desc: bool,
+    w: usize,
+    rep: bool,
+) -> Result<u64, u32> {
+    let timeout = arg(a::TIMEOUT_MS).max(1);
+    let mut pending = peers.iter().flatten().count();
+    let (mut waits, mut idle_since) = (0u64, clock.now_ms());
+    while pending > 0 {
+        let n = dev.rd(RX_LEN) as usize;
+        if n == 0 {
+            waits += 1;
+            if waits.is_multiple_of(64) && clock.now_ms() - idle_since > timeout {
+                // Nothing for a while: is a sender we still wait for gone?
+                for (m, p) in peers.iter().enumerate() {
+                    if p.is_some_and(|p| p.bytes < want) {
+                        dev.select(m as u32)?;
+                        if dev.rd(STATUS) & (S_PEER_GONE | S_RX_READY) == S_PEER_GONE {
+                            return Err(port_fail(R_PEER_GONE, m as u64));
+                        }
+                    }
+                }
+                idle_since = clock.now_ms();
+            }
+            continue;
+        }
+        let from = dev.rd(RX_FROM) as usize;
+        if n > dst.len() {
+            return Err(port_fail(R_TOO_LARGE, n as u64));
+        }
+        let msg = &mut dst[..n];
+        if desc {
+            dev.set_desc(msg.as_ptr() as u64, n as u32);
+            match dev.command(C_RECV_DESC) {
+                R_OK => {}
+                r => return Err(port_fail(r, from as u64)),
+            }
+        } else {
+            dev.get(msg, w, rep);
+        }
+        let Some(Some(p)) = peers.get_mut(from) else {
+            return Err(port_fail(R_BAD_PEER, from as u64));
+        };
+        p.bytes += n as u64;
+        p.msgs += 1;
+        p.stream = fold(p.stream, checksum(msg));
+        p.last = arch::rdtsc();
+        if p.bytes == want {
+            pending -= 1;
+        } else if p.bytes > want {
+            return Err(port_fail(R_TOO_LARGE, p.bytes));
+        }
+        idle_since = clock.now_ms();
+    }
+    Ok(waits)
+}

@@ -1,0 +1,54 @@
+//! Pieces shared by the channel workloads: the TSC clock, the payload
+//! buffer and the per-peer result records.
+
+use crate::{arch, fail, info, set_result};
+use intervm_protocol::probe::{results, shmem_source_bytes, SHMEM_BUF_GPA as BUF_BASE};
+
+/// The TSC, in milliseconds for timeouts.
+pub struct Clock {
+    khz: u64,
+}
+
+impl Clock {
+    /// Reads the TSC frequency the VMM put in the boot-info page.
+    pub fn new() -> Self {
+        // SAFETY: the boot-info page is identity mapped.
+        let khz = unsafe { core::ptr::read_volatile(&(*info()).tsc_khz) };
+        // Unknown frequency: assume 1 GHz; only timeouts depend on it.
+        Self {
+            khz: if khz == 0 { 1_000_000 } else { khz },
+        }
+    }
+
+    /// Milliseconds since the TSC started.
+    pub fn now_ms(&self) -> u64 {
+        arch::rdtsc() / self.khz
+    }
+}
+
+/// Guest RAM size.
+pub fn mem_size() -> u64 {
+    // SAFETY: the boot-info page is identity mapped.
+    unsafe { core::ptr::read_volatile(&(*info()).mem_size) }
+}
+
+/// The payload buffer: `shmem_source_bytes(bytes, chunk)` bytes at
+/// `SHMEM_BUF_GPA`.
+pub fn buffer(bytes: u64, chunk: u64) -> Result<&'static mut [u8], u32> {
+    let len = shmem_source_bytes(bytes, chunk);
+    if len == 0 || BUF_BASE + len > mem_size() {
+        return Err(fail(3, mem_size()));
+    }
+    // SAFETY: [BUF_BASE, BUF_BASE + len) is guest RAM (checked against
+    // mem_size), identity mapped, and used by nothing else in the probe.
+    Ok(unsafe { core::slice::from_raw_parts_mut(BUF_BASE as *mut u8, len as usize) })
+}
+
+/// Writes the result record of `peer`.
+pub fn record(peer: u32, bytes: u64, frames: u64, stream: u64, tsc: u64) {
+    let base = results::SHM_PEER_FIRST + peer as usize * results::SHM_RECORD_LEN;
+    set_result(base, bytes);
+    set_result(base + 1, frames);
+    set_result(base + 2, stream);
+    set_result(base + 3, tsc);
+}
