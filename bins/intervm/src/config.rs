@@ -59,6 +59,9 @@ struct RawProbe {
     from: Option<Vec<String>>,
     size: Option<RawSize>,
     chunk: Option<RawSize>,
+    mode: Option<String>,
+    width: Option<u64>,
+    rep: Option<bool>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -84,6 +87,7 @@ struct RawChannel {
     members: Vec<String>,
     size: Option<RawSize>,
     backing: Option<RawBacking>,
+    port: Option<i64>,
 }
 
 /// What a VM boots.
@@ -130,6 +134,17 @@ pub struct VmSpec {
     pub probe: ProbeTask,
 }
 
+/// How a probe moves bytes over a port-I/O channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortioHow {
+    /// Descriptor mode (one exit per message) instead of port mode.
+    pub descriptor: bool,
+    /// Port mode: access width in bytes (1, 2 or 4).
+    pub width: u8,
+    /// Port mode: `rep outs`/`rep ins`.
+    pub rep: bool,
+}
+
 /// The `probe = { task = ... }` table of a probe VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProbeTask {
@@ -143,8 +158,10 @@ pub enum ProbeTask {
         to: String,
         /// Bytes.
         size: u64,
-        /// Payload bytes per frame.
+        /// Payload bytes per frame (message).
         chunk: u64,
+        /// Port-I/O channels: how bytes cross.
+        portio: Option<PortioHow>,
     },
     /// Receive `size` bytes from each VM in `from` over `channel`.
     Recv {
@@ -156,6 +173,8 @@ pub enum ProbeTask {
         size: u64,
         /// Largest frame accepted (0 = the ring's largest).
         chunk: u64,
+        /// Port-I/O channels: how bytes cross.
+        portio: Option<PortioHow>,
     },
 }
 
@@ -164,6 +183,13 @@ pub const DEFAULT_CHUNK: u64 = 64 << 10;
 
 /// Default shared region size of a `shmem` channel.
 pub const DEFAULT_SHMEM_SIZE: u64 = 4 << 20;
+
+/// Default queue region size of a `portio` channel.
+pub const DEFAULT_PORTIO_SIZE: u64 = 1 << 20;
+
+/// Where a port-I/O channel's ports may go: above the legacy ISA devices
+/// and below the PCI I/O window.
+pub const PORTIO_PORTS: std::ops::Range<u32> = 0x1000..0xc000;
 
 /// Where a shared-memory channel's region lives.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -209,10 +235,12 @@ pub struct ChannelSpec {
     pub kind: ChannelKind,
     /// Member VM names (at least two, distinct, all defined).
     pub members: Vec<String>,
-    /// Shared region bytes (`shmem`/`doorbell`).
+    /// Shared region bytes (`shmem`/`doorbell`; `portio`: its queues).
     pub size: u64,
-    /// Region backing (`shmem`/`doorbell`).
+    /// Region backing (`shmem`/`doorbell`; `portio`: its queues).
     pub backing: Backing,
+    /// First port (`portio`).
+    pub port: u16,
 }
 
 impl ChannelSpec {
@@ -267,6 +295,9 @@ fn probe_task(p: &RawProbe, vm: &VmSpec, channels: &[ChannelSpec]) -> Result<Pro
             ("from", p.from.is_some()),
             ("size", p.size.is_some()),
             ("chunk", p.chunk.is_some()),
+            ("mode", p.mode.is_some()),
+            ("width", p.width.is_some()),
+            ("rep", p.rep.is_some()),
         ] {
             if set {
                 return Err(format!("{k}: not used by task \"hello\""));
@@ -288,18 +319,49 @@ fn probe_task(p: &RawProbe, vm: &VmSpec, channels: &[ChannelSpec]) -> Result<Pro
         .iter()
         .find(|c| c.name == name)
         .ok_or_else(|| format!("channel: no [[channel]] is named {name:?}"))?;
-    if ch.kind != ChannelKind::Shmem {
-        return Err(format!(
-            "channel: the probe's send/recv tasks run on kind = \"shmem\" channels; {name:?} is {:?}",
-            ch.kind.as_str()
-        ));
-    }
     if ch.index_of(&vm.name).is_none() {
         return Err(format!(
             "channel: {:?} is not a member of {name:?}",
             vm.name
         ));
     }
+    if ch.kind == ChannelKind::Doorbell {
+        return Err(format!(
+            "channel: the probe's send/recv tasks run on \"shmem\" and \"portio\" channels; {name:?} is {:?}",
+            ch.kind.as_str()
+        ));
+    }
+    let portio = if ch.kind == ChannelKind::Portio {
+        let descriptor = match p.mode.as_deref() {
+            None | Some("port") => false,
+            Some("descriptor") => true,
+            Some(m) => return Err(format!("mode: {m:?} is not \"port\" or \"descriptor\"")),
+        };
+        let width = match p.width {
+            None => 4,
+            Some(w @ (1 | 2 | 4)) => w as u8,
+            Some(w) => return Err(format!("width: {w} is not 1, 2 or 4")),
+        };
+        if descriptor && (p.width.is_some() || p.rep.is_some()) {
+            return Err("width: only meaningful with mode = \"port\"".into());
+        }
+        Some(PortioHow {
+            descriptor,
+            width,
+            rep: p.rep.unwrap_or(false),
+        })
+    } else {
+        for (k, set) in [
+            ("mode", p.mode.is_some()),
+            ("width", p.width.is_some()),
+            ("rep", p.rep.is_some()),
+        ] {
+            if set {
+                return Err(format!("{k}: only meaningful on a \"portio\" channel"));
+            }
+        }
+        None
+    };
     let size = match &p.size {
         Some(s) => parse_size(s).map_err(|e| format!("size: {e}"))?,
         None => return Err("size: missing (bytes to move)".into()),
@@ -342,6 +404,7 @@ fn probe_task(p: &RawProbe, vm: &VmSpec, channels: &[ChannelSpec]) -> Result<Pro
             to,
             size,
             chunk,
+            portio,
         })
     } else {
         if p.to.is_some() {
@@ -365,6 +428,7 @@ fn probe_task(p: &RawProbe, vm: &VmSpec, channels: &[ChannelSpec]) -> Result<Pro
             from,
             size,
             chunk: p.chunk.as_ref().map_or(0, |_| chunk),
+            portio,
         })
     }
 }
@@ -584,17 +648,31 @@ impl Config {
                     return Err(err(format!("{}: {m:?} is listed twice", key("members"))));
                 }
             }
-            let shared = matches!(kind, ChannelKind::Shmem | ChannelKind::Doorbell);
-            for (k, set) in [("size", c.size.is_some()), ("backing", c.backing.is_some())] {
-                if set && !shared {
-                    return Err(err(format!(
-                        "{}: only meaningful for kind = \"shmem\" or \"doorbell\"",
-                        key(k)
-                    )));
-                }
+            let shared = kind != ChannelKind::Doorbell;
+            if c.port.is_some() && kind != ChannelKind::Portio {
+                return Err(err(format!(
+                    "{}: only meaningful for kind = \"portio\"",
+                    key("port")
+                )));
             }
+            let port = match c.port {
+                None => intervm_protocol::portio::DEFAULT_BASE as u32,
+                Some(p) => {
+                    let end = p + intervm_protocol::portio::PORT_COUNT as i64;
+                    if p < PORTIO_PORTS.start as i64 || end > PORTIO_PORTS.end as i64 {
+                        return Err(err(format!(
+                            "{}: {p:#x}..{end:#x} must lie within {:#x}..{:#x} (below is legacy ISA, above is the PCI I/O window)",
+                            key("port"),
+                            PORTIO_PORTS.start,
+                            PORTIO_PORTS.end
+                        )));
+                    }
+                    p as u32
+                }
+            };
             let size = match &c.size {
                 Some(s) => parse_size(s).map_err(|e| err(format!("{}: {e}", key("size"))))?,
+                None if kind == ChannelKind::Portio => DEFAULT_PORTIO_SIZE,
                 None => DEFAULT_SHMEM_SIZE,
             };
             if shared {
@@ -643,12 +721,32 @@ impl Config {
                     }
                 },
             };
+            if kind == ChannelKind::Portio {
+                let count = intervm_protocol::portio::PORT_COUNT as u32;
+                for other in channels
+                    .iter()
+                    .filter(|o: &&ChannelSpec| o.kind == ChannelKind::Portio)
+                {
+                    let (a, b) = (port, other.port as u32);
+                    let shared_vm = c.members.iter().find(|m| other.members.contains(m));
+                    if let (true, Some(vm)) = (a < b + count && b < a + count, shared_vm) {
+                        return Err(err(format!(
+                            "{}: ports {a:#x}..{:#x} overlap channel[{}] ({b:#x}..{:#x}) on vm {vm:?}",
+                            key("port"),
+                            a + count,
+                            other.name,
+                            b + count
+                        )));
+                    }
+                }
+            }
             channels.push(ChannelSpec {
                 name: c.name.clone(),
                 kind,
                 members: c.members.clone(),
                 size,
                 backing,
+                port: port as u16,
             });
         }
         for (v, spec) in raw.vm.iter().zip(vms.iter_mut()) {

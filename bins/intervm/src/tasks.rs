@@ -6,12 +6,13 @@
 use std::collections::HashMap;
 
 use intervm_protocol::probe::{BootInfo, Workload};
+use probe_image::portio::PortioTask;
 use probe_image::shmem::{
-    error_name, expected_stream, frame_bytes, peer_record, seed_for, Role, ShmemResult, ShmemTask,
+    expected_stream, frame_bytes, peer_record, seed_for, Role, ShmemResult, ShmemTask,
 };
 use shmem_device::Transport;
 
-use crate::config::{ChannelSpec, Config, ProbeTask, VmSpec};
+use crate::config::{ChannelKind, ChannelSpec, Config, ProbeTask, VmSpec};
 
 /// The outcome of a probe task, checked.
 pub struct Report {
@@ -38,7 +39,7 @@ fn member(ch: &ChannelSpec, vm: &str) -> u32 {
 pub fn device_index(cfg: &Config, vm: &str, channel: &str) -> u32 {
     cfg.channels
         .iter()
-        .filter(|c| c.kind == crate::config::ChannelKind::Shmem && c.index_of(vm).is_some())
+        .filter(|c| c.kind == ChannelKind::Shmem && c.index_of(vm).is_some())
         .position(|c| c.name == channel)
         .unwrap_or(0) as u32
 }
@@ -67,6 +68,40 @@ pub fn boot_info(cfg: &Config, vm: &VmSpec, index: usize) -> BootInfo {
             to,
             size,
             chunk,
+            portio: Some(how),
+        } => {
+            let ch = channel(cfg, c);
+            let mut t = PortioTask::new(Role::Send { to: member(ch, to) }, *size);
+            t.base = ch.port;
+            t.message = *chunk;
+            t.seed = seed_for(c, &vm.name);
+            t.descriptor = how.descriptor;
+            t.width = how.width;
+            t.rep = how.rep;
+            t.boot_info()
+        }
+        ProbeTask::Recv {
+            channel: c,
+            from,
+            size,
+            portio: Some(how),
+            ..
+        } => {
+            let ch = channel(cfg, c);
+            let mask = from.iter().fold(0u32, |m, f| m | 1 << member(ch, f));
+            let mut t = PortioTask::new(Role::Recv { from: mask }, *size);
+            t.base = ch.port;
+            t.descriptor = how.descriptor;
+            t.width = how.width;
+            t.rep = how.rep;
+            t.boot_info()
+        }
+        ProbeTask::Send {
+            channel: c,
+            to,
+            size,
+            chunk,
+            portio: None,
         } => {
             let ch = channel(cfg, c);
             let mut t = ShmemTask::new(
@@ -84,6 +119,7 @@ pub fn boot_info(cfg: &Config, vm: &VmSpec, index: usize) -> BootInfo {
             from,
             size,
             chunk,
+            portio: None,
         } => {
             let ch = channel(cfg, c);
             let mask = from.iter().fold(0u32, |m, f| m | 1 << member(ch, f));
@@ -140,10 +176,13 @@ pub fn report(
     let ch = channel(cfg, c);
     if let Some((code, detail)) = res.error {
         ok = false;
+        let name = match ch.kind {
+            ChannelKind::Portio => probe_image::portio::error_name(code),
+            _ => probe_image::shmem::error_name(code),
+        };
         lines.push(format!(
-            "{}: {verb} over {c} stopped: {} (detail {detail:#x})",
-            vm.name,
-            error_name(code)
+            "{}: {verb} over {c} stopped: {name} (detail {detail:#x})",
+            vm.name
         ));
     }
     match &vm.probe {

@@ -6,6 +6,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use intervm_protocol::portio::PORT_COUNT;
+use portio_channel::{PortioDevice, RingLink};
 use shmem_device::{IvshmemPlain, Membership, SharedRegion, Transport};
 use vmm_core::devices::serial::SerialOutput;
 use vmm_core::{boot::probe, RunningVm, Vm, VmConfig, VmExit};
@@ -97,7 +99,7 @@ fn open_channels(
             channel: c.name.clone(),
             msg,
         };
-        if c.kind != ChannelKind::Shmem {
+        if c.kind == ChannelKind::Doorbell {
             return Err(cerr(format!(
                 "kind: {:?} channels are not available in this build yet",
                 c.kind.as_str()
@@ -143,10 +145,21 @@ fn plug_channels(
             channel: c.name.clone(),
             msg,
         };
-        let dev = IvshmemPlain::new(t.region().clone());
-        vm.add_pci_device(Arc::new(Mutex::new(dev)))
-            .map_err(|e| cerr(format!("adding the device to vm {}: {e}", vm.name())))?;
-        joined.push(t.join(me).map_err(|e| cerr(e.to_string()))?);
+        let added = match c.kind {
+            ChannelKind::Portio => {
+                // The device holds the membership: the VM leaves the
+                // channel when it (and so its device) goes away.
+                let link = RingLink::join(t, me).map_err(|e| cerr(e.to_string()))?;
+                let dev = PortioDevice::new(link, vm.memory().clone());
+                vm.add_pio_device(c.port, PORT_COUNT, Arc::new(Mutex::new(dev)))
+            }
+            _ => {
+                let dev = IvshmemPlain::new(t.region().clone());
+                joined.push(t.join(me).map_err(|e| cerr(e.to_string()))?);
+                vm.add_pci_device(Arc::new(Mutex::new(dev))).map(|_| ())
+            }
+        };
+        added.map_err(|e| cerr(format!("adding the device to vm {}: {e}", vm.name())))?;
     }
     Ok(joined)
 }

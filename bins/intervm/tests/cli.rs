@@ -163,11 +163,6 @@ fn shmem_config_errors_name_the_key() {
             "channel[c].backing: give exactly one of",
         ),
         (
-            "portio-size.toml",
-            "[[channel]]\nname = \"c\"\nkind = \"portio\"\nmembers = [\"a\", \"b\"]\nsize = \"4M\"\n",
-            "channel[c].size: only meaningful for kind",
-        ),
-        (
             "task.toml",
             "[[channel]]\nname = \"c\"\nkind = \"shmem\"\nmembers = [\"a\", \"b\"]\n",
             "",
@@ -318,4 +313,104 @@ fn killing_a_member_process_is_reported_as_peer_gone() {
         "took {:?}",
         t0.elapsed()
     );
+}
+
+#[test]
+fn portio_config_errors_name_the_key() {
+    let vms = "[[vm]]\nname = \"a\"\nmemory = \"64M\"\n[[vm]]\nname = \"b\"\nmemory = \"64M\"\n[[vm]]\nname = \"c\"\nmemory = \"64M\"\n";
+    let cases = [
+        (
+            "[[channel]]\nname = \"p\"\nkind = \"portio\"\nmembers = [\"a\", \"b\"]\n[[channel]]\nname = \"q\"\nkind = \"portio\"\nmembers = [\"b\", \"c\"]\nport = 0x5020\n",
+            "channel[q].port: ports 0x5020..0x5060 overlap channel[p] (0x5000..0x5040) on vm \"b\"",
+        ),
+        (
+            "[[channel]]\nname = \"p\"\nkind = \"portio\"\nmembers = [\"a\", \"b\"]\nport = 0x3f8\n",
+            "channel[p].port: 0x3f8..0x438 must lie within 0x1000..0xc000",
+        ),
+        (
+            "[[channel]]\nname = \"p\"\nkind = \"shmem\"\nmembers = [\"a\", \"b\"]\nport = 0x5000\n",
+            "channel[p].port: only meaningful for kind = \"portio\"",
+        ),
+    ];
+    for (i, (chan, want)) in cases.iter().enumerate() {
+        let p = temp_config(&format!("pio{i}.toml"), &format!("{vms}{chan}"));
+        let o = intervm(&["check", p.to_str().unwrap()]);
+        let (_, err) = text(&o);
+        assert_eq!(o.status.code(), Some(2), "{err}");
+        assert!(err.contains(want), "expected {want:?} in {err:?}");
+    }
+    // Separate VMs may reuse the same ports.
+    let ok = "[[channel]]\nname = \"p\"\nkind = \"portio\"\nmembers = [\"a\", \"b\"]\n[[channel]]\nname = \"q\"\nkind = \"shmem\"\nmembers = [\"b\", \"c\"]\n";
+    let p = temp_config("pio-ok.toml", &format!("{vms}{ok}"));
+    assert!(intervm(&["check", p.to_str().unwrap()]).status.success());
+    let tasks = [
+        ("probe = { task = \"send\", channel = \"p\", to = \"b\", size = \"4K\", width = 3 }", "vm[a].probe.width: 3 is not 1, 2 or 4"),
+        ("probe = { task = \"send\", channel = \"p\", to = \"b\", size = \"4K\", mode = \"dma\" }", "vm[a].probe.mode: \"dma\" is not"),
+        ("probe = { task = \"send\", channel = \"q\", to = \"c\", size = \"4K\", mode = \"port\" }", "vm[a].probe.channel: \"a\" is not a member of \"q\""),
+    ];
+    for (i, (probe, want)) in tasks.iter().enumerate() {
+        let body = format!(
+            "[[vm]]\nname = \"a\"\nmemory = \"64M\"\n{probe}\n[[vm]]\nname = \"b\"\n[[vm]]\nname = \"c\"\n{ok}"
+        );
+        let p = temp_config(&format!("piot{i}.toml"), &body);
+        let o = intervm(&["check", p.to_str().unwrap()]);
+        let (_, err) = text(&o);
+        assert!(err.contains(want), "expected {want:?} in {err:?}");
+    }
+}
+
+#[test]
+fn portio_demo_moves_checksummed_payloads_in_both_modes() {
+    if !kvm_available() {
+        return;
+    }
+    let o = intervm(&["run", "configs/portio.toml", "--timeout", "300"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "stdout:\n{out}\nstderr:\n{err}");
+    for want in [
+        "beta: received 256 KiB of 256 KiB from alpha over pio",
+        "delta: received 64 MiB of 64 MiB from gamma over pio-desc",
+    ] {
+        assert!(out.contains(want), "{want:?} in {out}");
+    }
+    assert_eq!(out.matches("checksum ok").count(), 2, "{out}");
+}
+
+#[test]
+fn portio_members_in_separate_processes() {
+    if !kvm_available() {
+        return;
+    }
+    let shm = format!("intervm-cli-pio-{}", std::process::id());
+    let body = format!(
+        "[[vm]]\nname = \"a\"\nmemory = \"64M\"\nserial = \"none\"\n\
+         probe = {{ task = \"send\", channel = \"c\", to = \"b\", size = \"8M\", mode = \"descriptor\" }}\n\
+         [[vm]]\nname = \"b\"\nmemory = \"64M\"\n\
+         probe = {{ task = \"recv\", channel = \"c\", size = \"8M\", mode = \"descriptor\" }}\n\
+         [[channel]]\nname = \"c\"\nkind = \"portio\"\nmembers = [\"a\", \"b\"]\n\
+         backing = {{ shm = \"{shm}\" }}\n"
+    );
+    let cfg = temp_config("pio-xproc.toml", &body);
+    let cfg = cfg.to_str().unwrap().to_string();
+    let spawn = |vm: &str| {
+        Command::new(env!("CARGO_BIN_EXE_intervm"))
+            .args(["run", &cfg, "--vm", vm, "--timeout", "120"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawning intervm")
+    };
+    let rx = spawn("b");
+    let tx = spawn("a").wait_with_output().unwrap();
+    let rx = rx.wait_with_output().unwrap();
+    let _ = std::fs::remove_file(format!("/dev/shm/{shm}"));
+    assert!(tx.status.success(), "{:?}", text(&tx));
+    let (out, _) = text(&rx);
+    assert!(
+        rx.status.success() && out.contains("received 8 MiB of 8 MiB from a over c: ")
+            || out.contains("checksum ok"),
+        "{:?}",
+        text(&rx)
+    );
+    assert!(out.contains("checksum ok"), "{out}");
 }

@@ -219,6 +219,9 @@ fn a_member_stopped_mid_transfer_is_reported_gone() {
     let res = ShmemResult::from_info(&rx_info);
     assert_eq!(res.error, Some((R_PEER_GONE as u64, 0)), "{rx_console}");
     let got = peer_record(&rx_info, 0);
-    assert!(got.bytes > 0 && got.bytes.is_multiple_of(p.message), "{got:?}");
+    assert!(
+        got.bytes > 0 && got.bytes.is_multiple_of(p.message),
+        "{got:?}"
+    );
     assert_eq!(got.stream, expected_stream(SEED, got.bytes, p.message));
 }

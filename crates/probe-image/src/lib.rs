@@ -10,6 +10,7 @@
 //! probe the same way.
 #![deny(missing_docs)]
 
+pub mod portio;
 pub mod shmem;
 
 /// The probe guest ELF image.
