@@ -44,6 +44,7 @@ pub struct PortioDevice<L: Link, M: GuestMemory> {
     rx_len: usize,
     rx_pos: usize,
     rx_from: u32,
+    rx_current: bool,
     desc_addr: u64,
     desc_len: u32,
     result: u32,
@@ -67,6 +68,7 @@ impl<L: Link, M: GuestMemory> PortioDevice<L, M> {
             rx_len: 0,
             rx_pos: 0,
             rx_from: 0,
+            rx_current: false,
             desc_addr: 0,
             desc_len: 0,
             result: R_OK,
@@ -103,9 +105,12 @@ impl<L: Link, M: GuestMemory> PortioDevice<L, M> {
         }
     }
 
-    /// Makes a received message current if none is.
+    /// Makes a received message current if none is. A message stays
+    /// current until its last byte is read, it is received into a
+    /// descriptor, or it is discarded (an empty message, which a sender may
+    /// use to mark the end of a stream, only by the last two).
     fn fill_rx(&mut self) -> Result<(), LinkError> {
-        if self.rx_pos < self.rx_len {
+        if self.rx_current {
             return Ok(());
         }
         self.rx_len = 0;
@@ -113,10 +118,16 @@ impl<L: Link, M: GuestMemory> PortioDevice<L, M> {
         if let Some((from, len)) = self.link.recv(&mut self.rx)? {
             self.rx_from = from;
             self.rx_len = len;
+            self.rx_current = true;
             self.stats.received += 1;
             self.stats.received_bytes += len as u64;
         }
         Ok(())
+    }
+
+    fn finish_rx(&mut self) {
+        self.rx_pos = self.rx_len;
+        self.rx_current = false;
     }
 
     fn rx_left(&mut self) -> u32 {
@@ -129,7 +140,8 @@ impl<L: Link, M: GuestMemory> PortioDevice<L, M> {
 
     fn status(&mut self) -> u32 {
         let mut s = 0;
-        if self.rx_left() > 0 {
+        let _ = self.rx_left();
+        if self.rx_current {
             s |= S_RX_READY;
         }
         match self.link.peer_state(self.peer) {
@@ -195,10 +207,10 @@ impl<L: Link, M: GuestMemory> PortioDevice<L, M> {
             let r = self.link_result(e);
             return self.set_result(r);
         }
-        let left = self.rx_len - self.rx_pos;
-        if left == 0 {
+        if !self.rx_current {
             return self.set_result(R_NO_MESSAGE);
         }
+        let left = self.rx_len - self.rx_pos;
         if left > self.desc_len as usize {
             return self.set_result(R_TOO_LARGE);
         }
@@ -211,7 +223,7 @@ impl<L: Link, M: GuestMemory> PortioDevice<L, M> {
             return self.set_result(R_BAD_ADDRESS);
         }
         self.desc_len = left as u32;
-        self.rx_pos = self.rx_len;
+        self.finish_rx();
         self.set_result(R_OK);
     }
 
@@ -222,12 +234,12 @@ impl<L: Link, M: GuestMemory> PortioDevice<L, M> {
             C_RECV_DESC => self.recv_desc(),
             C_RESET => {
                 self.tx.clear();
-                self.rx_pos = self.rx_len;
+                self.finish_rx();
                 self.set_result(R_OK);
             }
             C_DISCARD_RX => {
                 let _ = self.rx_left();
-                self.rx_pos = self.rx_len;
+                self.finish_rx();
                 self.set_result(R_OK);
             }
             _ => self.set_result(R_BAD_COMMAND),
@@ -249,6 +261,9 @@ impl<L: Link, M: GuestMemory> PortioDevice<L, M> {
         data[..n].copy_from_slice(&self.rx[self.rx_pos..self.rx_pos + n]);
         data[n..].fill(0);
         self.rx_pos += n;
+        if self.rx_pos == self.rx_len {
+            self.rx_current = false;
+        }
     }
 
     fn write_data(&mut self, data: &[u8]) {
@@ -477,6 +492,27 @@ mod tests {
         assert_eq!(rd(b, RX_LEN), 0);
         b.pio_read(PioAddress(0), DATA, &mut w);
         assert_eq!((w, rd(b, RESULT)), ([0; 4], R_NO_MESSAGE));
+    }
+
+    #[test]
+    fn an_empty_message_is_seen_and_must_be_discarded() {
+        let (mut d, _) = devices();
+        wr(&mut d[0], CONTROL, C_SEND);
+        d[0].pio_write(PioAddress(0), DATA, &[9]);
+        wr(&mut d[0], CONTROL, C_SEND);
+        assert_eq!(rd(&mut d[1], RX_LEN), 0);
+        assert_ne!(
+            rd(&mut d[1], STATUS) & S_RX_READY,
+            0,
+            "an empty message is current"
+        );
+        assert_eq!(
+            rd(&mut d[1], RX_LEN),
+            0,
+            "and does not fall through to the next"
+        );
+        wr(&mut d[1], CONTROL, C_DISCARD_RX);
+        assert_eq!(rd(&mut d[1], RX_LEN), 1);
     }
 
     #[test]

@@ -21,6 +21,15 @@
 //! if it is longer than [`DESC_LEN`]) to the buffer and sets [`DESC_LEN`]
 //! to its length. Buffers must lie in guest RAM.
 //!
+//! An empty message (a send command with nothing written) is delivered
+//! too: [`STATUS`] shows [`S_RX_READY`] with [`RX_LEN`] 0 until
+//! [`C_DISCARD_RX`] or [`C_RECV_DESC`] takes it. Tools use it to mark the
+//! end of a stream.
+//!
+//! **Start convention** (probe guest and `intervm-guest`): the receiver
+//! sends each sender a one-byte message and starts its clock; a sender
+//! discards it and starts sending.
+//!
 //! After each command [`RESULT`] holds an `R_*` code. Sending never drops a
 //! message: when the peer's queue is full the result is [`R_WOULD_BLOCK`]
 //! and the message stays pending, to be sent again with the same command.

@@ -11,34 +11,12 @@
 //! instead, which is how the tests run it on the host against a
 //! `/dev/shm` region shared with probe guests.
 
-mod pci;
-mod shmem;
-
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-
-/// Errors of the tool.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// A file or device operation failed.
-    #[error("{0}: {1}")]
-    Io(String, #[source] std::io::Error),
-    /// The device was not found or is unusable.
-    #[error("{0}")]
-    NoDevice(String),
-    /// The ring protocol reported an error.
-    #[error("{0}")]
-    Ring(intervm_protocol::ring::RingError),
-    /// `format` refused a region in use.
-    #[error("{0} member(s) are alive in this region; use --force to format it anyway")]
-    InUse(usize),
-    /// A bad size argument.
-    #[error("{0}")]
-    Usage(String),
-}
+use intervm_guest::{pci, portio, shmem, Error};
 
 #[derive(Parser)]
 #[command(
@@ -56,6 +34,84 @@ enum Cmd {
     /// Shared memory without interrupts (ivshmem BAR2, polled).
     #[command(subcommand)]
     Shmem(ShmemCmd),
+    /// The port-I/O channel (in/out on the device's ports; needs root).
+    #[command(subcommand)]
+    Portio(PortioCmd),
+}
+
+#[derive(Args, Clone)]
+struct PortioOpts {
+    /// First port of the channel device.
+    #[arg(long, default_value = "0x5000", value_parser = parse_port)]
+    port: u16,
+    /// Move whole buffers with descriptors instead of in/out per element.
+    #[arg(long)]
+    descriptor: bool,
+    /// Access width in bytes for in/out (1, 2 or 4).
+    #[arg(long, default_value_t = 4, value_parser = parse_width)]
+    width: usize,
+    /// Use rep outs/rep ins.
+    #[arg(long)]
+    rep: bool,
+}
+
+fn parse_width(s: &str) -> Result<usize, String> {
+    match s {
+        "1" => Ok(1),
+        "2" => Ok(2),
+        "4" => Ok(4),
+        _ => Err(format!("{s:?}: the width is 1, 2 or 4 bytes")),
+    }
+}
+
+fn parse_port(s: &str) -> Result<u16, String> {
+    let v = match s.strip_prefix("0x") {
+        Some(h) => u16::from_str_radix(h, 16),
+        None => s.parse(),
+    };
+    v.map_err(|_| format!("{s:?} is not a port number (e.g. 0x5000)"))
+}
+
+#[derive(Subcommand)]
+enum PortioCmd {
+    /// Send the test pattern (--size) or a file (--file) to a member.
+    Send {
+        #[command(flatten)]
+        opts: PortioOpts,
+        /// The receiving member.
+        #[arg(long, default_value_t = 1)]
+        to: u32,
+        /// Bytes of test pattern (K, M, G suffixes).
+        #[arg(long, conflicts_with = "file", required_unless_present = "file")]
+        size: Option<String>,
+        /// Send this file, then an empty message.
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// Pattern seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Bytes per message.
+        #[arg(long, default_value = "4K")]
+        message: String,
+        #[command(flatten)]
+        timing: Timing,
+    },
+    /// Receive --size bytes, or until an empty message.
+    Recv {
+        #[command(flatten)]
+        opts: PortioOpts,
+        /// The sending member.
+        #[arg(long, default_value_t = 0)]
+        from: u32,
+        /// Bytes to receive.
+        #[arg(long)]
+        size: Option<String>,
+        /// Write the payload here.
+        #[arg(long)]
+        file: Option<PathBuf>,
+        #[command(flatten)]
+        timing: Timing,
+    },
 }
 
 #[derive(Args, Clone)]
@@ -187,8 +243,66 @@ fn common(region: Region, me: u32, peer: u32, t: &Timing) -> Result<shmem::Commo
     })
 }
 
+fn mode(o: &PortioOpts) -> portio::Mode {
+    portio::Mode {
+        descriptor: o.descriptor,
+        width: o.width,
+        rep: o.rep,
+    }
+}
+
 fn run(cmd: Cmd) -> Result<String, Error> {
     match cmd {
+        Cmd::Portio(PortioCmd::Send {
+            opts,
+            to,
+            size: sz,
+            file,
+            seed,
+            message,
+            timing,
+        }) => {
+            let payload = match (file, sz) {
+                (Some(f), _) => portio::Payload::File(f),
+                (None, Some(s)) => portio::Payload::Pattern {
+                    seed,
+                    size: size(&s)?,
+                },
+                (None, None) => return Err(Error::Usage("give --size or --file".into())),
+            };
+            let mut hw = portio::Hardware::open(opts.port)?;
+            let s = portio::send(
+                &mut hw,
+                opts.port,
+                to,
+                &payload,
+                size(&message)? as usize,
+                mode(&opts),
+                secs("join-timeout", timing.join_timeout)?,
+            )?;
+            Ok(format!("sent {s}"))
+        }
+        Cmd::Portio(PortioCmd::Recv {
+            opts,
+            from,
+            size: sz,
+            file,
+            timing,
+        }) => {
+            let want = sz.as_deref().map(size).transpose()?;
+            let mut hw = portio::Hardware::open(opts.port)?;
+            let s = portio::recv(
+                &mut hw,
+                opts.port,
+                from,
+                want,
+                file.as_ref(),
+                mode(&opts),
+                secs("timeout", timing.timeout)?,
+                secs("join-timeout", timing.join_timeout)?,
+            )?;
+            Ok(format!("received {s}"))
+        }
         Cmd::Shmem(ShmemCmd::Send {
             region,
             me,

@@ -127,6 +127,11 @@ impl Mapping {
     pub fn len(&self) -> usize {
         self.len
     }
+
+    /// True for an empty mapping (never: `open` refuses those).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
 }
 
 impl Drop for Mapping {

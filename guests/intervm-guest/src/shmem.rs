@@ -284,7 +284,7 @@ pub fn send(c: &Common, payload: &Payload, chunk: u64) -> Result<Summary, Error>
     })
 }
 
-fn read_full(f: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+pub(crate) fn read_full(f: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
     let mut n = 0;
     while n < buf.len() {
         match f.read(&mut buf[n..])? {

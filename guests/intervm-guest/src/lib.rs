@@ -1,0 +1,48 @@
+//! The guest userspace side of intervm's channels, as a library (the
+//! `intervm-guest` binary is a thin CLI over it): shared memory through
+//! sysfs `resource2` ([`shmem`]), and the port-I/O channel ([`portio`]).
+#![deny(missing_docs)]
+
+pub mod pci;
+pub mod portio;
+pub mod shmem;
+
+/// Errors of the tool.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A file or device operation failed.
+    #[error("{0}: {1}")]
+    Io(String, #[source] std::io::Error),
+    /// The device was not found or is unusable.
+    #[error("{0}")]
+    NoDevice(String),
+    /// The ring protocol reported an error.
+    #[error("{0}")]
+    Ring(intervm_protocol::ring::RingError),
+    /// `format` refused a region in use.
+    #[error("{0} member(s) are alive in this region; use --force to format it anyway")]
+    InUse(usize),
+    /// The port-I/O device answered with this result code.
+    #[error("port-I/O channel: {}", port_error(*.0))]
+    Port(u32),
+    /// A bad size argument.
+    #[error("{0}")]
+    Usage(String),
+}
+
+/// Names a port-I/O result code.
+pub fn port_error(r: u32) -> &'static str {
+    use intervm_protocol::portio::*;
+    match r {
+        R_WOULD_BLOCK => "queue full",
+        R_PEER_GONE => "peer gone (or never came)",
+        R_BAD_ADDRESS => "descriptor outside guest RAM",
+        R_TOO_LARGE => "message too large",
+        R_NO_MESSAGE => "no message",
+        R_BAD_PEER => "bad peer",
+        R_BAD_COMMAND => "bad command",
+        R_BAD_ACCESS => "bad register access",
+        R_BROKEN => "queue broken",
+        _ => "unknown result",
+    }
+}
