@@ -4,7 +4,7 @@
 
 use intervm_protocol::probe::{
     results, shmem_args, shmem_frame_bytes, shmem_source_bytes, BootInfo, Workload,
-    SHMEM_CORRUPT_HEAD,
+    SHMEM_CORRUPT_HEAD, SHMEM_NOTIFY,
 };
 use intervm_protocol::ring::{self, RingError};
 
@@ -46,6 +46,9 @@ pub struct ShmemTask {
     pub corrupt_head: bool,
     /// Repeat the transfer this many times (for timing small sizes).
     pub rounds: u64,
+    /// Notify with doorbells (an ivshmem-doorbell device): the sender rings
+    /// after each frame, the receiver sleeps until rung.
+    pub notify: bool,
 }
 
 impl ShmemTask {
@@ -62,6 +65,7 @@ impl ShmemTask {
             join_timeout_ms: 60_000,
             corrupt_head: false,
             rounds: 1,
+            notify: false,
         }
     }
 
@@ -86,7 +90,7 @@ impl ShmemTask {
             SHMEM_CORRUPT_HEAD
         } else {
             0
-        };
+        } | if self.notify { SHMEM_NOTIFY } else { 0 };
         info
     }
 }

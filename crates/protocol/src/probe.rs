@@ -93,6 +93,9 @@ pub enum Workload {
     /// Receive over the port-I/O channel at CPL3 from every member in the
     /// peer bitmask. Arguments in [`portio_args`].
     PortioRecv = 11,
+    /// Doorbell ping-pong on an ivshmem-doorbell device: arguments in
+    /// [`doorbell_args`], results `DB_*` in [`results`].
+    DoorbellPingPong = 12,
 }
 
 impl Workload {
@@ -110,6 +113,7 @@ impl Workload {
             9 => Self::ShmemRecv,
             10 => Self::PortioSend,
             11 => Self::PortioRecv,
+            12 => Self::DoorbellPingPong,
             _ => return None,
         })
     }
@@ -230,6 +234,36 @@ pub const fn shmem_min_memory(bytes: u64) -> u64 {
     SHMEM_BUF_GPA + b
 }
 
+/// `shmem_args::FLAGS` bit: notify with doorbells. The sender rings the
+/// receiver (vector 0) after each frame; the receiver enables MSI-X and
+/// sleeps on its interrupt when every ring is empty, instead of spinning.
+pub const SHMEM_NOTIFY: u64 = 2;
+
+/// Argument slots of [`Workload::DoorbellPingPong`].
+pub mod doorbell_args {
+    /// Which ivshmem function to use (the n-th `1af4:1110`).
+    pub const DEVICE_INDEX: usize = 0;
+    /// The peer ID to ring.
+    pub const PEER: usize = 1;
+    /// Round trips.
+    pub const ROUNDS: usize = 2;
+    /// 1: ring first (the initiator); 0: answer.
+    pub const INITIATOR: usize = 3;
+    /// `DB_*` flags.
+    pub const FLAGS: usize = 4;
+    /// The vector to ring on the peer (and to wait on here).
+    pub const VECTOR: usize = 5;
+}
+
+/// Doorbell flag: use INTx (IOAPIC, Interrupt Status) instead of MSI-X.
+pub const DB_INTX: u64 = 1;
+/// Doorbell flag: program the INTx pin edge-triggered (PVM does not inject
+/// level-triggered IOAPIC interrupts).
+pub const DB_EDGE: u64 = 2;
+/// Doorbell flag: wait by polling the interrupt counter at CPL3 instead of
+/// halting.
+pub const DB_POLL: u64 = 4;
+
 /// `shmem_args::FLAGS` bit: the sender behaves like a hostile guest and,
 /// after sending half its bytes, writes an impossible head index.
 pub const SHMEM_CORRUPT_HEAD: u64 = 1;
@@ -298,6 +332,18 @@ pub mod results {
     pub const SHM_PEER_FIRST: usize = 16;
     /// Slots per shared-memory peer record.
     pub const SHM_RECORD_LEN: usize = 4;
+    /// Doorbell: interrupts taken.
+    pub const DB_IRQS: usize = 0;
+    /// Doorbell: round trips done.
+    pub const DB_ROUNDS: usize = 1;
+    /// Doorbell: TSC cycles of all round trips (initiator).
+    pub const DB_TOTAL_CYCLES: usize = 2;
+    /// Doorbell: fastest round trip (cycles).
+    pub const DB_MIN_CYCLES: usize = 3;
+    /// Doorbell: slowest round trip (cycles).
+    pub const DB_MAX_CYCLES: usize = 4;
+    /// Doorbell: this device's IVPosition.
+    pub const DB_IV_POSITION: usize = 5;
     /// Exception vector recorded by the probe's fault handler.
     pub const FAULT_VECTOR: usize = 250;
     /// Error code pushed by the CPU for the fault.

@@ -103,6 +103,33 @@ impl SharedRegion {
         })
     }
 
+    /// Maps an already open shared-memory file (for example one received
+    /// from an ivshmem server) whole; its size must be a power of two.
+    pub fn from_file(file: File, label: impl Into<String>) -> Result<Self> {
+        let label = label.into();
+        let size = file.metadata().map_err(io(format!("{label}: stat")))?.len();
+        if size < 4096 || !size.is_power_of_two() {
+            return Err(Error::BadSize(size));
+        }
+        let fo = FileOffset::new(file.try_clone().map_err(io("dup"))?, 0);
+        let map = vm_memory::mmap::MmapRegionBuilder::new(size as usize)
+            .with_file_offset(fo)
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_SHARED)
+            .build()
+            .map_err(|e| Error::Io {
+                what: format!("{label}: mmap"),
+                source: std::io::Error::other(e.to_string()),
+            })?;
+        Ok(Self {
+            map,
+            file,
+            size,
+            created: false,
+            label,
+        })
+    }
+
     /// Size in bytes.
     pub fn size(&self) -> u64 {
         self.size

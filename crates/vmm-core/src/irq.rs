@@ -189,6 +189,25 @@ impl KvmMsiVectors {
         Ok(Self { router, vectors })
     }
 
+    /// `evts.len()` vectors raised by the given eventfds (for example ones an
+    /// ivshmem server handed out), each with a fresh GSI.
+    pub fn from_eventfds(router: Arc<Mutex<GsiRouter>>, evts: Vec<EventFd>) -> Result<Self> {
+        let mut vectors = Vec::with_capacity(evts.len());
+        {
+            let mut r = router
+                .lock()
+                .map_err(|_| Error::Device("GSI router lock poisoned".into()))?;
+            for evt in evts {
+                vectors.push(KvmVector {
+                    evt,
+                    gsi: r.allocate()?,
+                    bound: false,
+                });
+            }
+        }
+        Ok(Self { router, vectors })
+    }
+
     /// The eventfd that raises vector `index`; hand it to another VM's
     /// ioeventfd for an in-kernel doorbell.
     pub fn eventfd(&self, index: usize) -> Option<&EventFd> {

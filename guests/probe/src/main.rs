@@ -11,6 +11,7 @@
 mod arch;
 mod console;
 mod cpl0;
+mod doorbell;
 mod mem;
 mod pci;
 mod portio;
@@ -92,6 +93,7 @@ extern "C" fn probe_main() -> ! {
         Some(Workload::ShmemRecv) => shmem::recv(),
         Some(Workload::PortioSend) => portio::send(),
         Some(Workload::PortioRecv) => portio::recv(),
+        Some(Workload::DoorbellPingPong) => doorbell::ping_pong(),
         None => {
             println!("probe: unknown workload {}", workload);
             EXIT_BAD_BOOT_INFO
@@ -163,6 +165,21 @@ fn ioapic_write(reg: u32, v: u32) {
     arch::mmio_write32(IOAPIC + 0x10, v);
 }
 
+/// Routes `dev`'s INTx pin (its interrupt line register holds the IOAPIC
+/// pin) to [`INTX_VECTOR`] on APIC 0, level-triggered unless `edge`, and
+/// enables the device with INTx on. Returns the IDT vector.
+pub(crate) fn intx_setup(dev: pci::Bdf, edge: bool) -> Option<u8> {
+    let pin = dev.read(0x3c) & 0xff;
+    if pin >= 24 {
+        return None;
+    }
+    let level = if edge { 0 } else { 1 << 15 };
+    ioapic_write(0x10 + 2 * pin, INTX_VECTOR as u32 | level);
+    ioapic_write(0x11 + 2 * pin, 0);
+    dev.write(0x04, (dev.read(0x04) & 0xffff & !0x400) | 0x6);
+    Some(INTX_VECTOR)
+}
+
 fn irq_wait(msix: bool) -> u32 {
     let Some(dev) = pci::find(arg(0) as u32) else {
         return fail(1, arg(0));
@@ -173,16 +190,10 @@ fn irq_wait(msix: bool) -> u32 {
         }
         IRQ_VECTOR_BASE
     } else {
-        let pin = dev.read(0x3c) & 0xff;
-        if pin >= 24 {
-            return fail(3, pin as u64);
+        match intx_setup(dev, arg(1) & 1 == 1) {
+            Some(v) => v,
+            None => return fail(3, dev.read(0x3c) as u64 & 0xff),
         }
-        // Level triggered (edge if args[1] bit 0), active high, fixed delivery to APIC 0.
-        let level = if arg(1) & 1 == 1 { 0 } else { 1 << 15 };
-        ioapic_write(0x10 + 2 * pin, INTX_VECTOR as u32 | level);
-        ioapic_write(0x11 + 2 * pin, 0);
-        dev.write(0x04, (dev.read(0x04) & 0xffff & !0x400) | 0x6);
-        INTX_VECTOR
     };
     let counter = &cpl0::PROBE_IRQ_COUNTS[vector as usize];
     let want = arg(2);

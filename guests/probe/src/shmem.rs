@@ -16,7 +16,7 @@
 use crate::transfer::{buffer, record, Clock};
 use crate::{arch, arg, fail, pci, set_result, set_state};
 use intervm_protocol::probe::{
-    results, shmem_args, shmem_frame_bytes, State, EXIT_OK, SHMEM_CORRUPT_HEAD,
+    results, shmem_args, shmem_frame_bytes, State, EXIT_OK, SHMEM_CORRUPT_HEAD, SHMEM_NOTIFY,
 };
 use intervm_protocol::ring::{
     self, fold, ready_go, Geometry, Liveness, MemberState, RingError, READY_PREPARED,
@@ -28,6 +28,9 @@ const CHECK_EVERY: u64 = 4096;
 const FAIL_BASE: u64 = 100;
 
 struct Channel {
+    dev: pci::Bdf,
+    bar0: u64,
+    notify: bool,
     base: u64,
     region: ring::Region,
     geo: Geometry,
@@ -59,6 +62,9 @@ fn open_channel() -> Result<Channel, u32> {
         return Err(ring_fail(RingError::BadMember(me)));
     }
     Ok(Channel {
+        dev,
+        bar0: pci::bar_addr(dev, 0),
+        notify: arg(shmem_args::FLAGS) & SHMEM_NOTIFY != 0,
         base: bar.addr,
         region,
         geo,
@@ -157,6 +163,10 @@ fn try_send() -> Result<(), u32> {
                     sent += n as u64;
                     frames += 1;
                     pos = (pos + n) % src.len();
+                    if ch.notify {
+                        // Doorbell: peer ID in the high half, vector 0.
+                        arch::mmio_write32(ch.bar0 + 12, peer << 16);
+                    }
                 }
                 None => {
                     waits += 1;
@@ -236,6 +246,10 @@ fn try_recv() -> Result<(), u32> {
             last: 0,
         });
     }
+    if ch.notify && pci::enable_msix(ch.dev, 1, intervm_protocol::probe::IRQ_VECTOR_BASE).is_none()
+    {
+        return Err(fail(5, 0));
+    }
     let chunk = match arg(shmem_args::CHUNK) {
         0 => ch.geo.max_payload(),
         c => c.clamp(8, ch.geo.max_payload()),
@@ -311,7 +325,11 @@ fn pump(
 ) -> Result<u64, RingError> {
     let (mut pos, mut waits, mut idle) = (0usize, 0u64, 0u64);
     let mut pending = peers.iter().flatten().filter(|p| p.bytes < want).count();
+    let counter = &crate::cpl0::PROBE_IRQ_COUNTS[intervm_protocol::probe::IRQ_VECTOR_BASE as usize];
     while pending > 0 {
+        // Interrupts seen before this pass: a doorbell that rings during
+        // the pass makes the sleep below return at once (no lost wake-up).
+        let seen = counter.load(core::sync::atomic::Ordering::SeqCst);
         let mut got_any = false;
         for p in peers.iter_mut().flatten() {
             if p.bytes >= want {
@@ -347,6 +365,21 @@ fn pump(
                 }
                 None => {}
             }
+        }
+        if !got_any && ch.notify {
+            arch::wait_for_interrupt(counter, seen);
+            // Woken by a doorbell, or by the VMM because a peer left.
+            for p in peers.iter_mut().flatten() {
+                if p.bytes < want {
+                    if let Err(e) = p.live.check(&ch.region, &ch.geo, clock.now_ms()) {
+                        if p.c.available()? == 0 {
+                            return Err(e);
+                        }
+                    }
+                }
+            }
+            waits += 1;
+            continue;
         }
         if !got_any {
             waits += 1;

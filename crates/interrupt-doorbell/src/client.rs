@@ -1,0 +1,1 @@
+//! QEMU ivshmem-server protocol client (see `server`).

@@ -1,0 +1,412 @@
+//! `IvshmemDoorbell`: QEMU's `ivshmem-doorbell` guest interface.
+//!
+//! BAR0: Interrupt Mask (0), Interrupt Status (4, cleared on read),
+//! IVPosition (8, this member's peer ID), Doorbell (12, write
+//! `peer << 16 | vector`). BAR1: MSI-X table and PBA. BAR2: the shared
+//! region. INTx (pin A) is used while the guest has not enabled MSI-X.
+//!
+//! A doorbell write signals the peer's eventfd for that vector. With the
+//! fast path on, every known (peer, vector) is also an `ioeventfd` with
+//! datamatch on the Doorbell register, so KVM signals the eventfd without
+//! leaving the kernel; the peer's eventfd is its `irqfd`, so the interrupt
+//! is injected without the peer's VMM either. The register handler below
+//! is the fallback, used when the fast path is off or not registered.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
+use shmem_device::SharedRegion;
+use vmm_core::irq::{poll_readable, IntxLine, KvmMsiVectors};
+use vmm_core::pci::{BarKind, BarMemory, BarSpec, Msix, PciConfiguration, PciDevice, PciIds};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::{Error, Result};
+
+/// Interrupt Mask register.
+pub const INTR_MASK: u64 = 0;
+/// Interrupt Status register (read clears).
+pub const INTR_STATUS: u64 = 4;
+/// IVPosition register.
+pub const IV_POSITION: u64 = 8;
+/// Doorbell register.
+pub const DOORBELL: u64 = 12;
+/// BAR0 size.
+pub const REGS_SIZE: u64 = 256;
+/// BAR1 size (MSI-X table at 0, PBA at 0x800).
+pub const MSIX_BAR_SIZE: u64 = 4096;
+const PBA_OFFSET: u64 = 0x800;
+/// Most vectors a device offers (the table must fit below the PBA).
+pub const MAX_VECTORS: usize = 64;
+
+/// Counters of what guests did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct DoorbellStats {
+    /// Doorbells handled by the VMM (the fallback path).
+    pub rung: u64,
+    /// Doorbells for an absent peer or vector, dropped.
+    pub dropped: u64,
+    /// Register accesses of a bad width or offset, ignored.
+    pub bad_access: u64,
+    /// Interrupts delivered through INTx.
+    pub intx: u64,
+}
+
+/// One member's ivshmem-doorbell device.
+pub struct IvshmemDoorbell {
+    config: PciConfiguration,
+    msix: Msix,
+    region: Arc<SharedRegion>,
+    id: u16,
+    vectors: usize,
+    intr_mask: u32,
+    intr_status: u32,
+    intx: Option<Box<dyn IntxLine>>,
+    peers: HashMap<u16, Vec<EventFd>>,
+    vm: Arc<VmFd>,
+    fast_path: bool,
+    bar0: Option<u64>,
+    ioevents: Vec<(u64, u32, EventFd)>,
+    own: Vec<EventFd>,
+    stats: DoorbellStats,
+    stop: Arc<AtomicBool>,
+}
+
+fn ids() -> PciIds {
+    PciIds {
+        vendor: 0x1af4,
+        device: 0x1110,
+        subsystem_vendor: 0x1af4,
+        subsystem: 0x1100,
+        revision: 1,
+        class: 0x050000,
+    }
+}
+
+impl IvshmemDoorbell {
+    /// A device for peer `id` exposing `region`, raising its `own.len()`
+    /// vectors from the eventfds in `own` (peers write to clones of them).
+    /// `fast_path` registers ioeventfds for doorbells.
+    pub fn new(
+        vm: &vmm_core::Vm,
+        region: Arc<SharedRegion>,
+        id: u16,
+        own: Vec<EventFd>,
+        fast_path: bool,
+    ) -> Result<Arc<Mutex<Self>>> {
+        let vectors = own.len();
+        if vectors == 0 || vectors > MAX_VECTORS {
+            return Err(Error::Config(format!(
+                "{vectors} vectors (1..={MAX_VECTORS})"
+            )));
+        }
+        let mut config = PciConfiguration::new(ids(), 1);
+        let bars = [
+            (0, BarKind::Mem32, REGS_SIZE),
+            (1, BarKind::Mem32, MSIX_BAR_SIZE),
+            (2, BarKind::Mem64 { prefetchable: true }, region.size()),
+        ];
+        for (i, kind, size) in bars {
+            config
+                .add_bar(i, BarSpec { kind, size })
+                .ok_or_else(|| Error::Config(format!("BAR{i} of {size} bytes")))?;
+        }
+        let mut clones = Vec::with_capacity(vectors);
+        for e in &own {
+            clones.push(e.try_clone().map_err(|e| Error::Io("eventfd".into(), e))?);
+        }
+        let vecs = KvmMsiVectors::from_eventfds(vm.gsi_router().clone(), clones)
+            .map_err(|e| Error::Config(e.to_string()))?;
+        let msix = Msix::new(&mut config, Box::new(vecs), 1, 0, PBA_OFFSET as u32)
+            .ok_or_else(|| Error::Config("MSI-X capability".into()))?;
+        let dev = Arc::new(Mutex::new(Self {
+            config,
+            msix,
+            region,
+            id,
+            vectors,
+            intr_mask: 0,
+            intr_status: 0,
+            intx: None,
+            peers: HashMap::new(),
+            vm: vm.fd().clone(),
+            fast_path,
+            bar0: None,
+            ioevents: Vec::new(),
+            own,
+            stats: DoorbellStats::default(),
+            stop: Arc::new(AtomicBool::new(false)),
+        }));
+        spawn_intx_watcher(&dev)?;
+        Ok(dev)
+    }
+
+    /// This member's peer ID.
+    pub fn id(&self) -> u16 {
+        self.id
+    }
+
+    /// Vectors.
+    pub fn vectors(&self) -> usize {
+        self.vectors
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> DoorbellStats {
+        self.stats
+    }
+
+    /// Clones of this member's receive eventfds, for peers to write to.
+    pub fn own_eventfds(&self) -> Result<Vec<EventFd>> {
+        self.own
+            .iter()
+            .map(|e| e.try_clone().map_err(|e| Error::Io("eventfd".into(), e)))
+            .collect()
+    }
+
+    /// Peer `id` can now be rung on `evts.len()` vectors.
+    pub fn add_peer(&mut self, id: u16, evts: Vec<EventFd>) {
+        self.remove_peer(id);
+        self.peers.insert(id, evts);
+        self.register_ioevents();
+    }
+
+    /// Peer `id` left: its doorbells are dropped from now on, and this
+    /// member's guest is woken (vector 0) so that a guest sleeping until
+    /// that peer rings looks again and sees it gone instead of sleeping
+    /// forever.
+    pub fn remove_peer(&mut self, id: u16) {
+        if self.peers.remove(&id).is_some() {
+            self.register_ioevents();
+            if let Some(e) = self.own.first() {
+                let _ = e.write(1);
+            }
+        }
+    }
+
+    /// Peers that can be rung.
+    pub fn peers(&self) -> Vec<u16> {
+        let mut v: Vec<u16> = self.peers.keys().copied().collect();
+        v.sort();
+        v
+    }
+
+    fn unregister_ioevents(&mut self) {
+        for (addr, data, evt) in self.ioevents.drain(..) {
+            if let Err(e) = self
+                .vm
+                .unregister_ioevent(&evt, &IoEventAddress::Mmio(addr), data)
+            {
+                log::warn!("ivshmem: unregistering a doorbell ioeventfd: {e}");
+            }
+        }
+    }
+
+    fn register_ioevents(&mut self) {
+        self.unregister_ioevents();
+        let Some(bar0) = self.bar0.filter(|_| self.fast_path) else {
+            return;
+        };
+        let addr = bar0 + DOORBELL;
+        for (&peer, evts) in &self.peers {
+            for (v, evt) in evts.iter().enumerate() {
+                let data = ((peer as u32) << 16) | v as u32;
+                let Ok(evt) = evt.try_clone() else { continue };
+                match self.vm.register_ioevent(&evt, &IoEventAddress::Mmio(addr), data) {
+                    Ok(()) => self.ioevents.push((addr, data, evt)),
+                    Err(e) => log::warn!(
+                        "ivshmem: no in-kernel doorbell for peer {peer} vector {v} ({e}); using the VMM path"
+                    ),
+                }
+            }
+        }
+    }
+
+    fn ring(&mut self, v: u32) {
+        let (peer, vector) = ((v >> 16) as u16, (v & 0xffff) as usize);
+        match self.peers.get(&peer).and_then(|e| e.get(vector)) {
+            Some(evt) => {
+                self.stats.rung += 1;
+                if let Err(e) = evt.write(1) {
+                    log::warn!("ivshmem: doorbell to peer {peer}: {e}");
+                }
+            }
+            None => self.stats.dropped += 1,
+        }
+    }
+
+    fn update_intx(&mut self) {
+        if let Some(l) = &self.intx {
+            l.set_level(self.intr_status & self.intr_mask != 0);
+        }
+    }
+
+    /// The guest takes interrupts through INTx: MSI-X is off and it
+    /// unmasked the Interrupt Mask. Until it picks MSI-X or INTx, rings stay
+    /// pending in the eventfds (and are delivered by whichever it picks).
+    fn uses_intx(&self) -> bool {
+        !self.msix.enabled() && self.intr_mask != 0
+    }
+
+    /// Called by the watcher: an interrupt arrived while the guest uses INTx.
+    fn intx_event(&mut self) -> bool {
+        if !self.uses_intx() {
+            return false;
+        }
+        let mut any = false;
+        for e in &self.own {
+            if poll_readable(e) {
+                let _ = e.read();
+                any = true;
+            }
+        }
+        if any {
+            self.stats.intx += 1;
+            self.intr_status |= 1;
+            self.update_intx();
+        }
+        any
+    }
+}
+
+/// While the guest uses INTx, a thread turns signals on the receive
+/// eventfds into Interrupt Status + INTx (with MSI-X on, KVM's irqfds
+/// consume them instead).
+fn spawn_intx_watcher(dev: &Arc<Mutex<IvshmemDoorbell>>) -> Result<()> {
+    let weak: Weak<Mutex<IvshmemDoorbell>> = Arc::downgrade(dev);
+    let stop = dev
+        .lock()
+        .map_err(|_| Error::Config("lock".into()))?
+        .stop
+        .clone();
+    std::thread::Builder::new()
+        .name("ivshmem-intx".into())
+        .spawn(move || {
+            while !stop.load(Ordering::Acquire) {
+                let Some(d) = weak.upgrade() else { return };
+                let fds: Vec<libc::pollfd> = match d.lock() {
+                    Ok(g) if g.uses_intx() => g
+                        .own
+                        .iter()
+                        .map(|e| libc::pollfd {
+                            fd: std::os::fd::AsRawFd::as_raw_fd(e),
+                            events: libc::POLLIN,
+                            revents: 0,
+                        })
+                        .collect(),
+                    _ => Vec::new(),
+                };
+                drop(d);
+                if fds.is_empty() {
+                    std::thread::sleep(Duration::from_millis(20));
+                    continue;
+                }
+                let mut fds = fds;
+                // SAFETY: `fds` is a valid array of pollfds for its length.
+                let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 20) };
+                if n > 0 {
+                    if let Some(d) = weak.upgrade() {
+                        if let Ok(mut g) = d.lock() {
+                            g.intx_event();
+                        }
+                    }
+                }
+            }
+        })
+        .map_err(|e| Error::Io("spawning the INTx thread".into(), e))?;
+    Ok(())
+}
+
+impl Drop for IvshmemDoorbell {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        self.unregister_ioevents();
+    }
+}
+
+impl PciDevice for IvshmemDoorbell {
+    fn config(&self) -> &PciConfiguration {
+        &self.config
+    }
+    fn config_mut(&mut self) -> &mut PciConfiguration {
+        &mut self.config
+    }
+    fn config_written(&mut self, _reg: usize) {
+        self.msix.config_written(&self.config);
+    }
+
+    fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
+        match (bar, offset, data.len()) {
+            (0, INTR_MASK, 4) => data.copy_from_slice(&self.intr_mask.to_le_bytes()),
+            (0, INTR_STATUS, 4) => {
+                data.copy_from_slice(&self.intr_status.to_le_bytes());
+                self.intr_status = 0;
+                self.update_intx();
+            }
+            (0, IV_POSITION, 4) => data.copy_from_slice(&(self.id as u32).to_le_bytes()),
+            (0, DOORBELL, 4) => data.fill(0),
+            (1, o, _) if o < PBA_OFFSET => self.msix.read_table(o, data),
+            (1, o, _) => self.msix.read_pba(o - PBA_OFFSET, data),
+            _ => {
+                self.stats.bad_access += 1;
+                data.fill(0xff);
+            }
+        }
+    }
+
+    fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
+        match (bar, offset, data) {
+            (0, _, [a, b, c, d]) => {
+                let v = u32::from_le_bytes([*a, *b, *c, *d]);
+                match offset {
+                    INTR_MASK => {
+                        self.intr_mask = v;
+                        self.update_intx();
+                    }
+                    INTR_STATUS => {
+                        self.intr_status = v;
+                        self.update_intx();
+                    }
+                    DOORBELL => self.ring(v),
+                    _ => self.stats.bad_access += 1,
+                }
+            }
+            (1, o, _) if o < PBA_OFFSET => self.msix.write_table(o, data),
+            _ => self.stats.bad_access += 1,
+        }
+    }
+
+    fn bar_memory(&self, bar: usize) -> Option<BarMemory> {
+        (bar == 2).then(|| BarMemory {
+            host_addr: self.region.host_addr() as u64,
+            len: self.region.size(),
+        })
+    }
+
+    fn bar_moved(&mut self, bar: usize, addr: Option<u64>) {
+        if bar == 0 {
+            self.bar0 = addr;
+            self.register_ioevents();
+        }
+    }
+
+    fn set_intx(&mut self, line: Box<dyn IntxLine>) {
+        self.intx = Some(line);
+    }
+}
+
+/// Fresh receive eventfds for a member that is not given any by a server.
+pub fn new_eventfds(n: usize) -> Result<Vec<EventFd>> {
+    (0..n)
+        .map(|_| EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Io("eventfd".into(), e)))
+        .collect()
+}
+
+#[allow(dead_code)]
+fn _assert_send() {
+    fn is_send<T: Send>() {}
+    is_send::<IvshmemDoorbell>();
+    let _ = NoDatamatch;
+}

@@ -1,0 +1,38 @@
+//! Shared memory with interrupts: QEMU's `ivshmem-doorbell` device.
+//!
+//! - [`device`]: [`IvshmemDoorbell`], the PCI function (BAR0 registers,
+//!   BAR1 MSI-X, BAR2 shared memory, INTx fallback), with doorbells routed
+//!   in the kernel (`ioeventfd` in the sender, `irqfd` in the receiver)
+//!   where KVM allows, and through the VMM otherwise.
+//! - [`group`]: members of one `intervm` process wired directly, no server.
+//! - [`server`] and [`client`]: QEMU's ivshmem-server protocol, so intervm
+//!   VMs and QEMU VMs can share one region and ring each other.
+#![deny(missing_docs)]
+
+pub mod client;
+pub mod device;
+pub mod group;
+pub mod proto;
+pub mod server;
+
+pub use device::{DoorbellStats, IvshmemDoorbell};
+
+/// Errors of this crate.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A bad device or channel setting.
+    #[error("{0}")]
+    Config(String),
+    /// A system call failed.
+    #[error("{0}: {1}")]
+    Io(String, #[source] std::io::Error),
+    /// The peer on a protocol socket misbehaved.
+    #[error("protocol: {0}")]
+    Protocol(String),
+    /// Shared region.
+    #[error(transparent)]
+    Region(#[from] shmem_device::Error),
+}
+
+/// Result alias.
+pub type Result<T> = std::result::Result<T, Error>;

@@ -1,0 +1,1 @@
+//! Messages of QEMU ivshmem-server protocol.

@@ -1,0 +1,93 @@
+//! Doorbell ping-pong on an ivshmem-doorbell device: ring the peer through
+//! BAR0's Doorbell register, wait for the peer's ring as an interrupt
+//! (MSI-X, or INTx with Interrupt Status), count every one.
+
+use crate::{arch, arg, cpl0, fail, pci, set_result, set_state};
+use core::sync::atomic::Ordering;
+use intervm_protocol::probe::{
+    doorbell_args as a, results, State, DB_EDGE, DB_INTX, DB_POLL, EXIT_OK, IRQ_VECTOR_BASE,
+};
+
+const INTR_MASK: u64 = 0;
+const INTR_STATUS: u64 = 4;
+const IV_POSITION: u64 = 8;
+const DOORBELL: u64 = 12;
+
+/// [`intervm_protocol::probe::Workload::DoorbellPingPong`].
+pub fn ping_pong() -> u32 {
+    let id = ((intervm_protocol::probe::IVSHMEM_VENDOR as u32) << 16)
+        | intervm_protocol::probe::IVSHMEM_DEVICE as u32;
+    let Some(dev) = pci::find_nth(id, arg(a::DEVICE_INDEX) as usize) else {
+        return fail(1, arg(a::DEVICE_INDEX));
+    };
+    let flags = arg(a::FLAGS);
+    let intx = flags & DB_INTX != 0;
+    let vector = arg(a::VECTOR) as u32;
+    dev.write(0x04, (dev.read(0x04) & 0xffff) | 0x6);
+    let bar0 = pci::bar_addr(dev, 0);
+    let idt = if intx {
+        let Some(v) = crate::intx_setup(dev, flags & DB_EDGE != 0) else {
+            return fail(3, 0);
+        };
+        arch::mmio_write32(bar0 + INTR_MASK, 1);
+        v
+    } else {
+        if pci::enable_msix(dev, vector + 1, IRQ_VECTOR_BASE).is_none() {
+            return fail(2, 0);
+        }
+        IRQ_VECTOR_BASE + vector as u8
+    };
+    set_result(
+        results::DB_IV_POSITION,
+        arch::mmio_read32(bar0 + IV_POSITION) as u64,
+    );
+    let counter = &cpl0::PROBE_IRQ_COUNTS[idt as usize];
+    let rounds = arg(a::ROUNDS);
+    let ring = (arg(a::PEER) as u32) << 16 | vector;
+    let initiator = arg(a::INITIATOR) == 1;
+    set_state(State::Ready);
+    let (mut total, mut min, mut max) = (0u64, u64::MAX, 0u64);
+    let mut seen = counter.load(Ordering::SeqCst);
+    for r in 0..rounds {
+        let t0 = arch::rdtsc();
+        if initiator {
+            arch::mmio_write32(bar0 + DOORBELL, ring);
+        }
+        // Wait for the peer's ring.
+        if flags & DB_POLL != 0 {
+            while counter.load(Ordering::SeqCst) == seen {
+                core::hint::spin_loop();
+            }
+        } else {
+            while counter.load(Ordering::SeqCst) == seen {
+                arch::wait_for_interrupt(counter, seen);
+            }
+        }
+        seen = counter.load(Ordering::SeqCst);
+        if intx {
+            // Reading Interrupt Status clears it and lowers the line.
+            let _ = arch::mmio_read32(bar0 + INTR_STATUS);
+            if flags & DB_EDGE == 0 {
+                arch::eoi();
+            }
+        }
+        if !initiator {
+            arch::mmio_write32(bar0 + DOORBELL, ring);
+        }
+        let c = arch::rdtsc() - t0;
+        total += c;
+        min = min.min(c);
+        max = max.max(c);
+        set_result(results::DB_ROUNDS, r + 1);
+    }
+    set_result(results::DB_IRQS, counter.load(Ordering::SeqCst));
+    set_result(results::DB_TOTAL_CYCLES, total);
+    set_result(results::DB_MIN_CYCLES, min);
+    set_result(results::DB_MAX_CYCLES, max);
+    crate::println!(
+        "probe: doorbell: {} round trips, {} interrupts",
+        rounds,
+        counter.load(Ordering::SeqCst)
+    );
+    EXIT_OK
+}
