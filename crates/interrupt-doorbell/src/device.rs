@@ -168,7 +168,6 @@ impl IvshmemDoorbell {
 
     /// Peer `id` can now be rung on `evts.len()` vectors.
     pub fn add_peer(&mut self, id: u16, evts: Vec<EventFd>) {
-        self.remove_peer(id);
         self.peers.insert(id, evts);
         self.register_ioevents();
     }

@@ -5,7 +5,8 @@
 use crate::{arch, arg, cpl0, fail, pci, set_result, set_state};
 use core::sync::atomic::Ordering;
 use intervm_protocol::probe::{
-    doorbell_args as a, results, State, DB_EDGE, DB_INTX, DB_POLL, EXIT_OK, IRQ_VECTOR_BASE,
+    doorbell_args as a, results, State, DB_EDGE, DB_INTX, DB_POLL, EXIT_OK, INTX_VECTOR,
+    IRQ_VECTOR_BASE,
 };
 
 const INTR_MASK: u64 = 0;
@@ -23,9 +24,17 @@ pub fn ping_pong() -> u32 {
     let flags = arg(a::FLAGS);
     let intx = flags & DB_INTX != 0;
     let vector = arg(a::VECTOR) as u32;
+    // Count from before interrupts can arrive: a peer may ring before this
+    // side is set up, and that ring is delivered as soon as it is.
+    let counter = if intx {
+        &cpl0::PROBE_IRQ_COUNTS[INTX_VECTOR as usize]
+    } else {
+        &cpl0::PROBE_IRQ_COUNTS[IRQ_VECTOR_BASE as usize + vector as usize]
+    };
+    let mut seen = counter.load(Ordering::SeqCst);
     dev.write(0x04, (dev.read(0x04) & 0xffff) | 0x6);
     let bar0 = pci::bar_addr(dev, 0);
-    let idt = if intx {
+    let _idt = if intx {
         let Some(v) = crate::intx_setup(dev, flags & DB_EDGE != 0) else {
             return fail(3, 0);
         };
@@ -41,13 +50,11 @@ pub fn ping_pong() -> u32 {
         results::DB_IV_POSITION,
         arch::mmio_read32(bar0 + IV_POSITION) as u64,
     );
-    let counter = &cpl0::PROBE_IRQ_COUNTS[idt as usize];
     let rounds = arg(a::ROUNDS);
     let ring = (arg(a::PEER) as u32) << 16 | vector;
     let initiator = arg(a::INITIATOR) == 1;
     set_state(State::Ready);
     let (mut total, mut min, mut max) = (0u64, u64::MAX, 0u64);
-    let mut seen = counter.load(Ordering::SeqCst);
     for r in 0..rounds {
         let t0 = arch::rdtsc();
         if initiator {

@@ -1,0 +1,194 @@
+//! The ivshmem-server protocol: our server with our client, probe guests
+//! ringing each other through server-provided eventfds, a peer leaving and
+//! rejoining, and misbehaving sockets on both sides.
+
+use std::io::Write;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use interrupt_doorbell::client::{self, Session};
+use interrupt_doorbell::device::DOORBELL;
+use interrupt_doorbell::server::Server;
+use interrupt_doorbell::{proto, IvshmemDoorbell};
+use intervm_protocol::probe::{doorbell_args as a, results, BootInfo, Workload, EXIT_OK};
+use intervm_testkit::{finish, probe_vm_with, require_kvm, RUN_TIMEOUT};
+use shmem_device::SharedRegion;
+use vmm_core::irq::poll_readable;
+use vmm_core::pci::PciDevice;
+use vmm_core::VmExit;
+
+struct Running {
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    path: PathBuf,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+fn server(tag: &str, vectors: usize) -> Running {
+    let path = std::env::temp_dir().join(format!("ivshmem-{tag}-{}.sock", std::process::id()));
+    let shm = vmm_core::memory::memfd("ivshmem-test", 0).unwrap();
+    shm.set_len(1 << 20).unwrap();
+    let s = Server::bind(&path, shm, vectors).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let st = stop.clone();
+    let thread = std::thread::spawn(move || s.run(st).unwrap());
+    Running {
+        stop,
+        thread: Some(thread),
+        path,
+    }
+}
+
+fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !f() {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "timed out waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// A device for a session, without a VM's bus (register-level tests).
+fn attach(vm: &vmm_core::Vm, s: Session, fast: bool) -> Arc<Mutex<IvshmemDoorbell>> {
+    let region =
+        Arc::new(SharedRegion::from_file(s.shm.try_clone().unwrap(), "server shm").unwrap());
+    let own = s.own.iter().map(|e| e.try_clone().unwrap()).collect();
+    let dev = IvshmemDoorbell::new(vm, region, s.id, own, fast).unwrap();
+    s.follow(Arc::downgrade(&dev)).unwrap();
+    dev
+}
+
+fn ping_pong_info(initiator: bool, peer: u16, rounds: u64) -> BootInfo {
+    let mut i = BootInfo::new(Workload::DoorbellPingPong, 0, 0);
+    i.args[a::PEER] = peer as u64;
+    i.args[a::ROUNDS] = rounds;
+    i.args[a::INITIATOR] = initiator as u64;
+    i
+}
+
+#[test]
+fn probes_ring_each_other_through_our_server() {
+    require_kvm!();
+    let srv = server("pp", 2);
+    let sa = client::connect(&srv.path, 2).unwrap();
+    let sb = client::connect(&srv.path, 2).unwrap();
+    assert_eq!((sa.id, sb.id), (0, 1), "IDs from 0 in order");
+    assert_eq!(sb.peers.keys().copied().collect::<Vec<_>>(), vec![0]);
+    let (va, ca) = probe_vm_with("a", &ping_pong_info(true, 1, 2000), 1, 64 << 20);
+    let (vb, cb) = probe_vm_with("b", &ping_pong_info(false, 0, 2000), 1, 64 << 20);
+    let da = attach(&va, sa, true);
+    let db = attach(&vb, sb, true);
+    va.add_pci_device(da.clone()).unwrap();
+    vb.add_pci_device(db.clone()).unwrap();
+    wait_until("a to learn of b", || da.lock().unwrap().peers() == vec![1]);
+    let (rb, ra) = (vb.start().unwrap(), va.start().unwrap());
+    for (vm, c) in [(ra, ca), (rb, cb)] {
+        let (exit, info) = finish(vm, &c, RUN_TIMEOUT);
+        assert_eq!(exit, VmExit::Guest(EXIT_OK), "{}", c.contents());
+        assert_eq!(info.results[results::DB_IRQS], 2000);
+    }
+}
+
+#[test]
+fn a_peer_leaves_and_rejoins() {
+    require_kvm!();
+    let srv = server("rejoin", 1);
+    let (vm, _c) = probe_vm_with("host", &BootInfo::new(Workload::Hello, 0, 0), 1, 16 << 20);
+    let da = attach(&vm, client::connect(&srv.path, 1).unwrap(), false);
+    let sb = client::connect(&srv.path, 1).unwrap();
+    wait_until("a to learn of b", || da.lock().unwrap().peers() == vec![1]);
+    drop(sb);
+    wait_until("a to see b leave", || da.lock().unwrap().peers().is_empty());
+    // A doorbell to the departed peer is dropped and counted.
+    da.lock()
+        .unwrap()
+        .bar_write(0, DOORBELL, &(1u32 << 16).to_le_bytes());
+    assert_eq!(da.lock().unwrap().stats().dropped, 1);
+    let sb = client::connect(&srv.path, 1).unwrap();
+    assert_eq!(sb.id, 1, "the free ID is reused");
+    wait_until("a to see b rejoin", || {
+        da.lock().unwrap().peers() == vec![1]
+    });
+    da.lock()
+        .unwrap()
+        .bar_write(0, DOORBELL, &(1u32 << 16).to_le_bytes());
+    assert!(poll_readable(&sb.own[0]), "the new b is rung");
+    assert_eq!(da.lock().unwrap().stats().rung, 1);
+}
+
+#[test]
+fn garbage_and_short_messages_disconnect_only_the_offender() {
+    let srv = server("garbage", 1);
+    // An observer speaking the protocol by hand sees every notice.
+    let obs = UnixStream::connect(&srv.path).unwrap();
+    obs.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let next = || proto::recv(&obs).unwrap().unwrap();
+    let hello: Vec<(i64, bool)> = (0..4)
+        .map(|_| next())
+        .map(|(v, f)| (v, f.is_some()))
+        .collect();
+    assert_eq!(
+        hello,
+        vec![(0, false), (0, false), (-1, true), (0, true)],
+        "version, ID, shm, own vector"
+    );
+    let evil = UnixStream::connect(&srv.path).unwrap();
+    let (id, fd) = next();
+    assert_eq!((id, fd.is_some()), (1, true), "peer 1 joined");
+    (&evil).write_all(b"hello, server").unwrap();
+    let (id, fd) = next();
+    assert_eq!(
+        (id, fd.is_some()),
+        (1, false),
+        "peer 1 was disconnected for talking"
+    );
+    let short = UnixStream::connect(&srv.path).unwrap();
+    assert_eq!(next().0, 1, "its ID is free again");
+    (&short).write_all(&[1, 2, 3]).unwrap();
+    drop(short);
+    let (id, fd) = next();
+    assert_eq!((id, fd.is_some()), (1, false));
+    drop(evil);
+    // The server carries on: a proper client joins and sees only the observer.
+    let c = client::connect(&srv.path, 1).unwrap();
+    assert_eq!(c.id, 1);
+    assert_eq!(c.peers.keys().copied().collect::<Vec<_>>(), vec![0]);
+    assert_eq!(c.own.len(), 1);
+}
+
+#[test]
+fn a_client_refuses_a_lying_server() {
+    let path = std::env::temp_dir().join(format!("ivshmem-liar-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let l = UnixListener::bind(&path).unwrap();
+    let t = std::thread::spawn(move || {
+        for version in [7i64, 0] {
+            let (s, _) = l.accept().unwrap();
+            let none: Option<&std::fs::File> = None;
+            proto::send(&s, version, none).unwrap();
+            if version == 0 {
+                proto::send(&s, 70_000, none).unwrap();
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    });
+    let e = client::connect(&path, 1).err().unwrap().to_string();
+    assert!(e.contains("version 7"), "{e}");
+    let e = client::connect(&path, 1).err().unwrap().to_string();
+    assert!(e.contains("70000 is not a peer ID"), "{e}");
+    t.join().unwrap();
+    let _ = std::fs::remove_file(&path);
+}
