@@ -4,7 +4,8 @@
 //! ```text
 //! offset 0        RegionHeader (one 4 KiB page): magic, version, geometry,
 //!                 member table (one cache line per member: state u32 at
-//!                 +0, heartbeat u64 at +8, ready word u64 at +16)
+//!                 +0, heartbeat u64 at +8, ready word u64 at +16,
+//!                 doorbell ID + 1 at +24)
 //! offset 4096     ring (0 -> 1), ring (0 -> 2), ... ring (N-1 -> N-2)
 //!                 each ring: 256-byte header (head, tail, and two flag
 //!                 lines, each on its own cache line), then `ring_bytes` data
@@ -467,6 +468,8 @@ impl Region {
                 .store(0, Ordering::Relaxed);
             self.u64_at(OFF_MEMBER_TABLE + m * MEMBER_ENTRY + 16)
                 .store(0, Ordering::Relaxed);
+            self.u64_at(OFF_MEMBER_TABLE + m * MEMBER_ENTRY + 24)
+                .store(0, Ordering::Relaxed);
         }
         for r in 0..geo.ring_count() {
             let base = HEADER_BYTES + r * geo.ring_stride();
@@ -571,6 +574,21 @@ impl Region {
     pub fn ready(&self, geo: &Geometry, m: u32) -> Result<u64, RingError> {
         let off = self.member_off(geo, m)?;
         Ok(self.u64_at(off + 16).load(Ordering::SeqCst))
+    }
+
+    /// Publishes member `m`'s doorbell peer ID (its ivshmem IVPosition), so
+    /// peers can ring it even when an ivshmem server picked the IDs.
+    pub fn set_doorbell_id(&self, geo: &Geometry, m: u32, id: u16) -> Result<(), RingError> {
+        let off = self.member_off(geo, m)?;
+        self.u64_at(off + 24).store(id as u64 + 1, Ordering::SeqCst);
+        Ok(())
+    }
+
+    /// Member `m`'s doorbell peer ID, once it published one.
+    pub fn doorbell_id(&self, geo: &Geometry, m: u32) -> Result<Option<u16>, RingError> {
+        let off = self.member_off(geo, m)?;
+        let v = self.u64_at(off + 24).load(Ordering::SeqCst);
+        Ok((1..=0x1_0000).contains(&v).then(|| (v - 1) as u16))
     }
 
     /// Byte offset of the ring `from -> to` (its header).

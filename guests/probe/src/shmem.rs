@@ -143,6 +143,7 @@ fn try_send() -> Result<(), u32> {
     );
     let (mut total, mut frames, mut stream, mut waits, mut pos) = (0u64, 0u64, 0u64, 0u64, 0usize);
     let corrupt = arg(shmem_args::FLAGS) & SHMEM_CORRUPT_HEAD != 0;
+    let mut bell = 0u32;
     for round in 1..=rounds {
         // Start line: the receiver's ready word.
         wait_for(&ch, &clock, peer, |c| {
@@ -150,6 +151,13 @@ fn try_send() -> Result<(), u32> {
         })?;
         if round == 1 {
             set_result(results::SHM_START_TSC, arch::rdtsc());
+            if ch.notify {
+                // The receiver published its doorbell ID before its "go".
+                bell = match ch.region.doorbell_id(&ch.geo, peer) {
+                    Ok(Some(id)) => (id as u32) << 16,
+                    _ => return Err(fail(6, peer as u64)),
+                };
+            }
         }
         let mut sent = 0u64;
         while sent < bytes {
@@ -165,7 +173,7 @@ fn try_send() -> Result<(), u32> {
                     pos = (pos + n) % src.len();
                     if ch.notify {
                         // Doorbell: peer ID in the high half, vector 0.
-                        arch::mmio_write32(ch.bar0 + 12, peer << 16);
+                        arch::mmio_write32(ch.bar0 + 12, bell);
                     }
                 }
                 None => {
@@ -246,9 +254,15 @@ fn try_recv() -> Result<(), u32> {
             last: 0,
         });
     }
-    if ch.notify && pci::enable_msix(ch.dev, 1, intervm_protocol::probe::IRQ_VECTOR_BASE).is_none()
-    {
-        return Err(fail(5, 0));
+    if ch.notify {
+        if pci::enable_msix(ch.dev, 1, intervm_protocol::probe::IRQ_VECTOR_BASE).is_none() {
+            return Err(fail(5, 0));
+        }
+        // Peers ring this member by its doorbell ID (IVPosition).
+        let id = arch::mmio_read32(ch.bar0 + 8) as u16;
+        ch.region
+            .set_doorbell_id(&ch.geo, ch.me, id)
+            .map_err(ring_fail)?;
     }
     let chunk = match arg(shmem_args::CHUNK) {
         0 => ch.geo.max_payload(),
