@@ -62,6 +62,7 @@ struct RawProbe {
     mode: Option<String>,
     width: Option<u64>,
     rep: Option<bool>,
+    rounds: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -70,6 +71,7 @@ struct RawBacking {
     shm: Option<String>,
     file: Option<String>,
     hugetlbfs: Option<String>,
+    server: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -88,6 +90,8 @@ struct RawChannel {
     size: Option<RawSize>,
     backing: Option<RawBacking>,
     port: Option<i64>,
+    vectors: Option<u32>,
+    fast_path: Option<bool>,
 }
 
 /// What a VM boots.
@@ -148,6 +152,17 @@ pub struct PortioHow {
 /// The `probe = { task = ... }` table of a probe VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ProbeTask {
+    /// Doorbell ping-pong: `ping` rings first, `pong` answers.
+    PingPong {
+        /// Channel name.
+        channel: String,
+        /// The other VM.
+        to: String,
+        /// Round trips.
+        rounds: u64,
+        /// Rings first.
+        initiator: bool,
+    },
     /// Print a greeting and power off (the default).
     Hello,
     /// Send `size` bytes to `to` over `channel`.
@@ -202,6 +217,9 @@ pub enum Backing {
     File(PathBuf),
     /// A file on hugetlbfs.
     Hugetlbfs(PathBuf),
+    /// Region and doorbells from an ivshmem server at this socket
+    /// (`doorbell` channels).
+    Server(PathBuf),
 }
 
 /// Channel kinds intervm knows.
@@ -241,6 +259,10 @@ pub struct ChannelSpec {
     pub backing: Backing,
     /// First port (`portio`).
     pub port: u16,
+    /// Interrupt vectors per member (`doorbell`).
+    pub vectors: usize,
+    /// In-kernel doorbells (ioeventfd -> irqfd) where KVM allows (`doorbell`).
+    pub fast_path: bool,
 }
 
 impl ChannelSpec {
@@ -263,6 +285,11 @@ pub struct Config {
 
 /// Default RAM when `memory` is omitted.
 pub const DEFAULT_MEMORY: u64 = 32 << 20;
+
+/// Parses a size given on the command line (bytes, or K/M/G suffix).
+pub fn parse_size_str(s: &str) -> Result<u64, String> {
+    parse_size(&RawSize::Text(s.to_string()))
+}
 
 fn parse_size(s: &RawSize) -> Result<u64, String> {
     match s {
@@ -305,9 +332,9 @@ fn probe_task(p: &RawProbe, vm: &VmSpec, channels: &[ChannelSpec]) -> Result<Pro
         }
         return Ok(ProbeTask::Hello);
     }
-    if p.task != "send" && p.task != "recv" {
+    if !["send", "recv", "ping", "pong"].contains(&p.task.as_str()) {
         return Err(format!(
-            "task: {:?} is not \"hello\", \"send\" or \"recv\"",
+            "task: {:?} is not \"hello\", \"send\", \"recv\", \"ping\" or \"pong\"",
             p.task
         ));
     }
@@ -325,11 +352,33 @@ fn probe_task(p: &RawProbe, vm: &VmSpec, channels: &[ChannelSpec]) -> Result<Pro
             vm.name
         ));
     }
-    if ch.kind == ChannelKind::Doorbell {
-        return Err(format!(
-            "channel: the probe's send/recv tasks run on \"shmem\" and \"portio\" channels; {name:?} is {:?}",
-            ch.kind.as_str()
-        ));
+    if p.task == "ping" || p.task == "pong" {
+        if ch.kind != ChannelKind::Doorbell {
+            return Err(format!(
+                "channel: ping/pong run on kind = \"doorbell\" channels; {name:?} is {:?}",
+                ch.kind.as_str()
+            ));
+        }
+        if matches!(ch.backing, Backing::Server(_)) {
+            return Err(format!(
+                "channel: ping/pong address peers by member index, but {name:?} gets its IDs from an ivshmem server; use send/recv"
+            ));
+        }
+        let to = p.to.clone().ok_or("to: missing (the other VM)")?;
+        if to == vm.name || ch.index_of(&to).is_none() {
+            return Err(format!(
+                "to: {to:?} is not another member of channel {name:?}"
+            ));
+        }
+        return Ok(ProbeTask::PingPong {
+            channel: name.into(),
+            to,
+            rounds: p.rounds.unwrap_or(1000).max(1),
+            initiator: p.task == "ping",
+        });
+    }
+    if p.rounds.is_some() {
+        return Err("rounds: only meaningful for ping/pong".into());
     }
     let portio = if ch.kind == ChannelKind::Portio {
         let descriptor = match p.mode.as_deref() {
@@ -648,7 +697,7 @@ impl Config {
                     return Err(err(format!("{}: {m:?} is listed twice", key("members"))));
                 }
             }
-            let shared = kind != ChannelKind::Doorbell;
+            let shared = true;
             if c.port.is_some() && kind != ChannelKind::Portio {
                 return Err(err(format!(
                     "{}: only meaningful for kind = \"portio\"",
@@ -701,6 +750,26 @@ impl Config {
             }
             let backing = match &c.backing {
                 None => Backing::Memfd,
+                Some(RawBacking {
+                    server: Some(sock),
+                    shm: None,
+                    file: None,
+                    hugetlbfs: None,
+                }) => {
+                    if kind != ChannelKind::Doorbell {
+                        return Err(err(format!(
+                            "{}: an ivshmem server only serves kind = \"doorbell\" channels",
+                            key("backing.server")
+                        )));
+                    }
+                    Backing::Server(resolve(sock))
+                }
+                Some(b) if b.server.is_some() => {
+                    return Err(err(format!(
+                        "{}: give exactly one of shm, file, hugetlbfs, server",
+                        key("backing")
+                    )))
+                }
                 Some(b) => match (&b.shm, &b.file, &b.hugetlbfs) {
                     (Some(n), None, None) => {
                         if n.is_empty() || n.len() > 200 || n.contains('/') {
@@ -740,6 +809,24 @@ impl Config {
                     }
                 }
             }
+            for (k, set) in [
+                ("vectors", c.vectors.is_some()),
+                ("fast_path", c.fast_path.is_some()),
+            ] {
+                if set && kind != ChannelKind::Doorbell {
+                    return Err(err(format!(
+                        "{}: only meaningful for kind = \"doorbell\"",
+                        key(k)
+                    )));
+                }
+            }
+            let vectors = c.vectors.unwrap_or(1);
+            if !(1..=64).contains(&vectors) {
+                return Err(err(format!(
+                    "{}: {vectors} is not between 1 and 64",
+                    key("vectors")
+                )));
+            }
             channels.push(ChannelSpec {
                 name: c.name.clone(),
                 kind,
@@ -747,6 +834,8 @@ impl Config {
                 size,
                 backing,
                 port: port as u16,
+                vectors: vectors as usize,
+                fast_path: c.fast_path.unwrap_or(true),
             });
         }
         for (v, spec) in raw.vm.iter().zip(vms.iter_mut()) {

@@ -3,6 +3,7 @@
 //! ```text
 //! intervm run FILE.toml [--vm NAME] [--timeout SECS]
 //! intervm check FILE.toml
+//! intervm ivshmem-server --socket PATH --shm NAME [--size 4M] [--vectors 1]
 //! ```
 
 mod config;
@@ -39,6 +40,23 @@ enum Cmd {
         #[arg(long, allow_negative_numbers = true)]
         timeout: Option<f64>,
     },
+    /// Serve shared memory and doorbells to ivshmem clients (QEMU's
+    /// `ivshmem-doorbell` devices or intervm `doorbell` channels with
+    /// `backing = { server = PATH }`) until SIGINT/SIGTERM.
+    IvshmemServer {
+        /// Unix socket to listen on.
+        #[arg(long)]
+        socket: PathBuf,
+        /// POSIX shared-memory object name (/dev/shm/NAME).
+        #[arg(long)]
+        shm: String,
+        /// Region size (a power of two; K, M, G suffixes).
+        #[arg(long, default_value = "4M")]
+        size: String,
+        /// Interrupt vectors per peer.
+        #[arg(long, default_value_t = 1)]
+        vectors: usize,
+    },
     /// Validate FILE without booting anything.
     Check {
         /// Configuration file.
@@ -50,6 +68,27 @@ fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = Cli::parse();
     match cli.cmd {
+        Cmd::IvshmemServer {
+            socket,
+            shm,
+            size,
+            vectors,
+        } => {
+            let size = match config::parse_size_str(&size) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("intervm: --size: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            match wire::serve(&socket, &shm, size, vectors) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("intervm: ivshmem-server: {e}");
+                    ExitCode::from(2)
+                }
+            }
+        }
         Cmd::Check { file } => match config::Config::load(&file) {
             Ok(c) => {
                 println!(

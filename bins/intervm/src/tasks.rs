@@ -39,7 +39,7 @@ fn member(ch: &ChannelSpec, vm: &str) -> u32 {
 pub fn device_index(cfg: &Config, vm: &str, channel: &str) -> u32 {
     cfg.channels
         .iter()
-        .filter(|c| c.kind == ChannelKind::Shmem && c.index_of(vm).is_some())
+        .filter(|c| c.kind != ChannelKind::Portio && c.index_of(vm).is_some())
         .position(|c| c.name == channel)
         .unwrap_or(0) as u32
 }
@@ -61,6 +61,21 @@ pub fn boot_info(cfg: &Config, vm: &VmSpec, index: usize) -> BootInfo {
         ProbeTask::Hello => {
             let mut info = BootInfo::new(Workload::Hello, 0, 0);
             info.args[0] = index as u64;
+            info
+        }
+        ProbeTask::PingPong {
+            channel: c,
+            to,
+            rounds,
+            initiator,
+        } => {
+            use intervm_protocol::probe::doorbell_args as a;
+            let ch = channel(cfg, c);
+            let mut info = BootInfo::new(Workload::DoorbellPingPong, 0, 0);
+            info.args[a::DEVICE_INDEX] = device_index(cfg, &vm.name, c) as u64;
+            info.args[a::PEER] = member(ch, to) as u64;
+            info.args[a::ROUNDS] = *rounds;
+            info.args[a::INITIATOR] = *initiator as u64;
             info
         }
         ProbeTask::Send {
@@ -112,6 +127,7 @@ pub fn boot_info(cfg: &Config, vm: &VmSpec, index: usize) -> BootInfo {
             t.device_index = device_index(cfg, &vm.name, c);
             t.chunk = *chunk;
             t.seed = seed_for(c, &vm.name);
+            t.notify = ch.kind == ChannelKind::Doorbell;
             t.boot_info()
         }
         ProbeTask::Recv {
@@ -126,6 +142,7 @@ pub fn boot_info(cfg: &Config, vm: &VmSpec, index: usize) -> BootInfo {
             let mut t = ShmemTask::new(member(ch, &vm.name), Role::Recv { from: mask }, *size);
             t.device_index = device_index(cfg, &vm.name, c);
             t.chunk = *chunk;
+            t.notify = ch.kind == ChannelKind::Doorbell;
             t.boot_info()
         }
     }
@@ -170,6 +187,29 @@ pub fn report(
     let mut ok = true;
     let (c, verb) = match &vm.probe {
         ProbeTask::Hello => return None,
+        ProbeTask::PingPong {
+            channel,
+            to,
+            rounds,
+            initiator,
+        } => {
+            use intervm_protocol::probe::results as r;
+            let done = info.results[r::DB_ROUNDS];
+            let irqs = info.results[r::DB_IRQS];
+            let us = |c: u64| c as f64 / info.tsc_khz.max(1) as f64 * 1e3;
+            let what = if *initiator { "round trips" } else { "answers" };
+            let ok = done == *rounds && irqs == *rounds;
+            return Some(Report {
+                lines: vec![format!(
+                    "{}: {done} of {rounds} {what} with {to} over {channel}, {irqs} interrupts, mean {:.1} us, min {:.1} us{}",
+                    vm.name,
+                    us(info.results[r::DB_TOTAL_CYCLES]) / done.max(1) as f64,
+                    us(info.results[r::DB_MIN_CYCLES]),
+                    if ok { "" } else { ": LOST INTERRUPTS" }
+                )],
+                ok,
+            });
+        }
         ProbeTask::Send { channel, .. } => (channel, "send"),
         ProbeTask::Recv { channel, .. } => (channel, "receive"),
     };
@@ -186,7 +226,7 @@ pub fn report(
         ));
     }
     match &vm.probe {
-        ProbeTask::Hello => {}
+        ProbeTask::Hello | ProbeTask::PingPong { .. } => {}
         ProbeTask::Send { to, size, .. } => {
             let r = peer_record(info, member(ch, to));
             ok &= r.bytes == *size;

@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use interrupt_doorbell::IvshmemDoorbell;
 use intervm_protocol::portio::PORT_COUNT;
 use portio_channel::{PortioDevice, RingLink};
 use shmem_device::{IvshmemPlain, Membership, SharedRegion, Transport};
@@ -99,13 +100,9 @@ fn open_channels(
             channel: c.name.clone(),
             msg,
         };
-        if c.kind == ChannelKind::Doorbell {
-            return Err(cerr(format!(
-                "kind: {:?} channels are not available in this build yet",
-                c.kind.as_str()
-            )));
-        }
         let backing = match &c.backing {
+            // Each member gets the region from the server when it joins.
+            Backing::Server(_) => continue,
             Backing::Memfd if ours.len() < c.members.len() => {
                 return Err(cerr(
                     "backing: an anonymous memfd cannot be shared with members in other \
@@ -127,17 +124,22 @@ fn open_channels(
     Ok(out)
 }
 
-/// Plugs `vm` into each of its shared-memory channels (in file order, so
-/// the guest finds them in that order on its bus) and joins them.
+/// Doorbell devices of in-process channels, to be wired to each other once
+/// every member exists: channel name -> (peer ID, device).
+type Groups = HashMap<String, Vec<(u16, Arc<Mutex<IvshmemDoorbell>>)>>;
+
+/// Plugs `vm` into each of its channels (in file order, so the guest finds
+/// its PCI functions in that order on its bus) and joins them.
 fn plug_channels(
     cfg: &Config,
     vm: &Vm,
-    transports: &HashMap<String, Transport>,
+    transports: &mut HashMap<String, Transport>,
+    groups: &mut Groups,
 ) -> Result<Vec<Membership>, RunError> {
     let file = cfg.file.display().to_string();
     let mut joined = Vec::new();
     for c in &cfg.channels {
-        let (Some(me), Some(t)) = (c.index_of(vm.name()), transports.get(&c.name)) else {
+        let Some(me) = c.index_of(vm.name()) else {
             continue;
         };
         let cerr = |msg: String| RunError::Channel {
@@ -145,7 +147,49 @@ fn plug_channels(
             channel: c.name.clone(),
             msg,
         };
+        if let (ChannelKind::Doorbell, Backing::Server(sock)) = (c.kind, &c.backing) {
+            let session = interrupt_doorbell::client::connect(sock, c.vectors)
+                .map_err(|e| cerr(format!("backing.server: {e}")))?;
+            let region = SharedRegion::from_file(
+                session.shm.try_clone().map_err(|e| cerr(e.to_string()))?,
+                format!("{} (from {})", c.name, sock.display()),
+            )
+            .map_err(|e| cerr(e.to_string()))?;
+            let t = Transport::attach(Arc::new(region), c.members.len() as u32)
+                .map_err(|e| cerr(e.to_string()))?;
+            let own = session
+                .own
+                .iter()
+                .map(|e| e.try_clone())
+                .collect::<std::io::Result<Vec<_>>>()
+                .map_err(|e| cerr(e.to_string()))?;
+            let dev = IvshmemDoorbell::new(vm, t.region().clone(), session.id, own, c.fast_path)
+                .map_err(|e| cerr(e.to_string()))?;
+            session
+                .follow(Arc::downgrade(&dev))
+                .map_err(|e| cerr(e.to_string()))?;
+            joined.push(t.join(me).map_err(|e| cerr(e.to_string()))?);
+            vm.add_pci_device(dev)
+                .map_err(|e| cerr(format!("adding the device to vm {}: {e}", vm.name())))?;
+            transports.entry(c.name.clone()).or_insert(t);
+            continue;
+        }
+        let Some(t) = transports.get(&c.name) else {
+            continue;
+        };
         let added = match c.kind {
+            ChannelKind::Doorbell => {
+                let own = interrupt_doorbell::device::new_eventfds(c.vectors)
+                    .map_err(|e| cerr(e.to_string()))?;
+                let dev = IvshmemDoorbell::new(vm, t.region().clone(), me as u16, own, c.fast_path)
+                    .map_err(|e| cerr(e.to_string()))?;
+                joined.push(t.join(me).map_err(|e| cerr(e.to_string()))?);
+                groups
+                    .entry(c.name.clone())
+                    .or_default()
+                    .push((me as u16, dev.clone()));
+                vm.add_pci_device(dev).map(|_| ())
+            }
             ChannelKind::Portio => {
                 // The device holds the membership: the VM leaves the
                 // channel when it (and so its device) goes away.
@@ -192,7 +236,8 @@ pub fn run(
         }
         None => cfg.vms.iter().collect(),
     };
-    let transports = open_channels(cfg, &selected)?;
+    let mut transports = open_channels(cfg, &selected)?;
+    let mut groups = Groups::new();
     for sig in [libc::SIGINT, libc::SIGTERM] {
         if let Err(e) = vmm_sys_util::signal::register_signal_handler(sig, on_signal) {
             log::warn!("cannot catch signal {sig}: {e}");
@@ -213,7 +258,7 @@ pub fn run(
             Serial::File(p) => SerialOutput::File(p.clone()),
         };
         let vm = Vm::new(&vc).map_err(verr)?;
-        let joined = plug_channels(cfg, &vm, &transports)?;
+        let joined = plug_channels(cfg, &vm, &mut transports, &mut groups)?;
         match &spec.kernel {
             Kernel::Probe => {
                 let index = cfg.vms.iter().position(|v| v.name == spec.name).unwrap_or(i);
@@ -231,6 +276,14 @@ pub fn run(
         vms.push((vm, joined, *spec));
     }
 
+    for (name, members) in &groups {
+        let devs: Vec<_> = members.iter().map(|(_, d)| d.clone()).collect();
+        interrupt_doorbell::group::wire(&devs).map_err(|e| RunError::Channel {
+            file: file.clone(),
+            channel: name.clone(),
+            msg: e.to_string(),
+        })?;
+    }
     let start = Instant::now();
     type Slot<'a> = (
         &'a crate::config::VmSpec,
@@ -265,8 +318,17 @@ pub fn run(
                 });
                 if let Some((vm, joined)) = r.take() {
                     vm.join();
-                    // Leaving marks this member gone for its peers.
+                    // Leaving marks this member gone for its peers, and
+                    // wakes peers that sleep until it rings.
                     drop(joined);
+                    for (name, members) in &groups {
+                        if let Some(c) = cfg.channels.iter().find(|c| &c.name == name) {
+                            if let Some(me) = c.index_of(&spec.name) {
+                                let devs: Vec<_> = members.iter().map(|(_, d)| d.clone()).collect();
+                                interrupt_doorbell::group::leave(&devs, me as u16);
+                            }
+                        }
+                    }
                 }
             } else {
                 left += 1;
@@ -288,4 +350,36 @@ pub fn run(
         }
     }
     Ok(running.into_iter().filter_map(|(_, _, o)| o).collect())
+}
+
+/// Runs an ivshmem server on `socket` sharing `/dev/shm/<shm>` (created
+/// with `size` bytes if missing) with `vectors` vectors per client, until
+/// SIGINT or SIGTERM.
+pub fn serve(socket: &std::path::Path, shm: &str, size: u64, vectors: usize) -> Result<(), String> {
+    let region = SharedRegion::open(&shmem_device::Backing::Shm(shm.to_string()), size)
+        .map_err(|e| format!("--shm {shm}: {e}"))?;
+    let file = region
+        .file()
+        .try_clone()
+        .map_err(|e| format!("--shm {shm}: {e}"))?;
+    let server = interrupt_doorbell::server::Server::bind(socket, file, vectors)
+        .map_err(|e| format!("--socket {}: {e}", socket.display()))?;
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        if let Err(e) = vmm_sys_util::signal::register_signal_handler(sig, on_signal) {
+            log::warn!("cannot catch signal {sig}: {e}");
+        }
+    }
+    let stop = Arc::new(AtomicBool::new(false));
+    let stop2 = stop.clone();
+    std::thread::spawn(move || {
+        while !INTERRUPTED.load(Ordering::SeqCst) {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        stop2.store(true, Ordering::SeqCst);
+    });
+    eprintln!(
+        "intervm: ivshmem server on {} sharing /dev/shm/{shm} ({size} bytes, {vectors} vectors per peer)",
+        socket.display()
+    );
+    server.run(stop).map_err(|e| e.to_string())
 }

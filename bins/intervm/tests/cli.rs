@@ -414,3 +414,88 @@ fn portio_members_in_separate_processes() {
     );
     assert!(out.contains("checksum ok"), "{out}");
 }
+
+#[test]
+fn doorbell_demo_rings_and_transfers() {
+    if !kvm_available() {
+        return;
+    }
+    let o = intervm(&["run", "configs/doorbell.toml", "--timeout", "300"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "stdout:\n{out}\nstderr:\n{err}");
+    assert!(
+        out.contains("alpha: 10000 of 10000 round trips with beta over bell, 10000 interrupts"),
+        "{out}"
+    );
+    assert!(
+        out.contains("delta: received 256 MiB of 256 MiB from gamma over bulk")
+            && out.contains("checksum ok"),
+        "{out}"
+    );
+}
+
+#[test]
+fn doorbell_members_in_separate_processes_through_our_server() {
+    if !kvm_available() {
+        return;
+    }
+    let tag = std::process::id();
+    let sock = std::env::temp_dir().join(format!("intervm-cli-srv-{tag}.sock"));
+    let shm = format!("intervm-cli-srv-{tag}");
+    let mut server = Command::new(env!("CARGO_BIN_EXE_intervm"))
+        .args([
+            "ivshmem-server",
+            "--socket",
+            sock.to_str().unwrap(),
+            "--shm",
+            &shm,
+            "--size",
+            "4M",
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let t0 = std::time::Instant::now();
+    while !sock.exists() {
+        assert!(t0.elapsed().as_secs() < 20, "the server did not start");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let body = format!(
+        "[[vm]]\nname = \"a\"\nmemory = \"64M\"\nserial = \"none\"\n\
+         probe = {{ task = \"send\", channel = \"c\", to = \"b\", size = \"64M\" }}\n\
+         [[vm]]\nname = \"b\"\nmemory = \"64M\"\n\
+         probe = {{ task = \"recv\", channel = \"c\", size = \"64M\" }}\n\
+         [[channel]]\nname = \"c\"\nkind = \"doorbell\"\nmembers = [\"a\", \"b\"]\nsize = \"4M\"\n\
+         backing = {{ server = \"{}\" }}\n",
+        sock.display()
+    );
+    let cfg = temp_config("db-server.toml", &body);
+    let cfg = cfg.to_str().unwrap().to_string();
+    let spawn = |vm: &str| {
+        Command::new(env!("CARGO_BIN_EXE_intervm"))
+            .args(["run", &cfg, "--vm", vm, "--timeout", "120"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawning intervm")
+    };
+    // The receiver joins first, so the server gives it ID 0 and the sender
+    // ID 1: the doorbell IDs differ from the member indices.
+    let rx = spawn("b");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let tx = spawn("a").wait_with_output().unwrap();
+    let rx = rx.wait_with_output().unwrap();
+    // SAFETY: signals the child process we started.
+    unsafe { libc::kill(server.id() as i32, libc::SIGTERM) };
+    let _ = server.wait();
+    let _ = std::fs::remove_file(format!("/dev/shm/{shm}"));
+    assert!(tx.status.success(), "{:?}", text(&tx));
+    let (out, _) = text(&rx);
+    assert!(rx.status.success(), "{:?}", text(&rx));
+    assert!(
+        out.contains("received 64 MiB of 64 MiB from a over c") && out.contains("checksum ok"),
+        "{out}"
+    );
+    assert!(!sock.exists(), "the server removes its socket");
+}
