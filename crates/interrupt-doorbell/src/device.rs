@@ -117,6 +117,12 @@ impl IvshmemDoorbell {
         for e in &own {
             clones.push(e.try_clone().map_err(|e| Error::Io("eventfd".into(), e))?);
         }
+        // A member may ring itself (as with QEMU's server, whose own-ID
+        // notices make this member its own peer).
+        let mut self_ring = Vec::with_capacity(vectors);
+        for e in &own {
+            self_ring.push(e.try_clone().map_err(|e| Error::Io("eventfd".into(), e))?);
+        }
         let vecs = KvmMsiVectors::from_eventfds(vm.gsi_router().clone(), clones)
             .map_err(|e| Error::Config(e.to_string()))?;
         let msix = Msix::new(&mut config, Box::new(vecs), 1, 0, PBA_OFFSET as u32)
@@ -130,7 +136,7 @@ impl IvshmemDoorbell {
             intr_mask: 0,
             intr_status: 0,
             intx: None,
-            peers: HashMap::new(),
+            peers: HashMap::from([(id, self_ring)]),
             vm: vm.fd().clone(),
             fast_path,
             bar0: None,
@@ -185,9 +191,14 @@ impl IvshmemDoorbell {
         }
     }
 
-    /// Peers that can be rung.
+    /// Other peers that can be rung (this member can always ring itself).
     pub fn peers(&self) -> Vec<u16> {
-        let mut v: Vec<u16> = self.peers.keys().copied().collect();
+        let mut v: Vec<u16> = self
+            .peers
+            .keys()
+            .copied()
+            .filter(|p| *p != self.id)
+            .collect();
         v.sort();
         v
     }

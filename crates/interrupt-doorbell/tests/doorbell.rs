@@ -239,3 +239,37 @@ fn a_sender_that_leaves_wakes_the_sleeping_receiver() {
         rxm.console.contents()
     );
 }
+
+#[test]
+fn hostile_register_accesses_are_dropped_and_counted() {
+    use interrupt_doorbell::device::{DOORBELL, INTR_STATUS, IV_POSITION};
+    use vmm_core::pci::PciDevice;
+    require_kvm!();
+    let (vm, _c) = probe_vm_with("h", &BootInfo::new(Workload::Hello, 0, 0), 1, 16 << 20);
+    let own = new_eventfds(2).unwrap();
+    let mine = own[1].try_clone().unwrap();
+    let dev = IvshmemDoorbell::new(&vm, region(), 7, own, false).unwrap();
+    let mut d = dev.lock().unwrap();
+    let rd = |d: &mut IvshmemDoorbell, off: u64| {
+        let mut b = [0u8; 4];
+        d.bar_read(0, off, &mut b);
+        u32::from_le_bytes(b)
+    };
+    assert_eq!(rd(&mut d, IV_POSITION), 7);
+    for v in [99u32 << 16, (7 << 16) | 2, (7 << 16) | 0xffff, u32::MAX] {
+        d.bar_write(0, DOORBELL, &v.to_le_bytes());
+    }
+    assert_eq!(d.stats().dropped, 4, "absent peers and vectors");
+    d.bar_write(0, DOORBELL, &[1, 0]);
+    d.bar_write(0, 0x80, &[0; 4]);
+    d.bar_write(3, 0, &[0; 4]);
+    let mut w = [0u8; 2];
+    d.bar_read(0, INTR_STATUS, &mut w);
+    assert_eq!(w, [0xff, 0xff]);
+    assert_eq!(d.stats().bad_access, 4);
+    // Ringing itself on vector 1 works (the fallback path, no BAR yet).
+    d.bar_write(0, DOORBELL, &((7u32 << 16) | 1).to_le_bytes());
+    assert!(vmm_core::irq::poll_readable(&mine));
+    assert_eq!(d.stats().rung, 1);
+    assert!(d.peers().is_empty());
+}

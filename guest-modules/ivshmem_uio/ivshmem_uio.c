@@ -1,0 +1,248 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * ivshmem_uio: a UIO driver for the ivshmem PCI device (1af4:1110) in its
+ * doorbell personality (QEMU's ivshmem-doorbell, intervm's doorbell channel).
+ *
+ * Userspace opens /dev/uioN and
+ *   - mmaps map 0 (BAR0: IntrMask, IntrStatus, IVPosition, Doorbell) to
+ *     read its peer ID and ring peers,
+ *   - mmaps map 1 (BAR2) for the shared memory,
+ *   - blocks in read() for interrupts: the returned count is the total
+ *     number of interrupts so far (any vector).
+ *
+ * Interrupts use MSI-X (one handler per vector) when the device has it,
+ * else INTx: the handler reads Interrupt Status (which clears it and lowers
+ * the line) and userspace may write 0/1 to /dev/uioN to mask/unmask it.
+ *
+ * selftest=1 checks the device at probe time and prints one line:
+ *   ivshmem_uio 0000:00:03.0: selftest: ivposition=N bar2=ok doorbell=ok
+ * It reads IVPosition, writes and reads back a pattern at the end of BAR2
+ * (restoring what was there), rings its own doorbell on vector 0 and waits
+ * up to a second for the interrupt.
+ */
+
+#include <linux/completion.h>
+#include <linux/interrupt.h>
+#include <linux/io.h>
+#include <linux/module.h>
+#include <linux/pci.h>
+#include <linux/slab.h>
+#include <linux/uio_driver.h>
+
+#define IVSHMEM_VENDOR	0x1af4
+#define IVSHMEM_DEVICE	0x1110
+
+#define REG_INTR_MASK	0x00
+#define REG_INTR_STATUS	0x04
+#define REG_IVPOSITION	0x08
+#define REG_DOORBELL	0x0c
+
+#define MAX_VECTORS	64
+
+static bool selftest;
+module_param(selftest, bool, 0444);
+MODULE_PARM_DESC(selftest, "Check registers, BAR2 and a doorbell to itself at probe");
+
+struct ivshmem_uio {
+	struct uio_info info;
+	struct pci_dev *pdev;
+	void __iomem *regs;
+	int nvec;
+	bool msix;
+	struct completion selftest_irq;
+	bool selftest_waiting;
+};
+
+static void ivshmem_uio_notify(struct ivshmem_uio *iv)
+{
+	if (READ_ONCE(iv->selftest_waiting))
+		complete(&iv->selftest_irq);
+	uio_event_notify(&iv->info);
+}
+
+static irqreturn_t ivshmem_uio_msix(int irq, void *data)
+{
+	ivshmem_uio_notify(data);
+	return IRQ_HANDLED;
+}
+
+static irqreturn_t ivshmem_uio_intx(int irq, void *data)
+{
+	struct ivshmem_uio *iv = data;
+
+	/* Reading the status clears it and deasserts the line. */
+	if (!readl(iv->regs + REG_INTR_STATUS))
+		return IRQ_NONE;
+	ivshmem_uio_notify(iv);
+	return IRQ_HANDLED;
+}
+
+/* write(2) of 0 or 1 to /dev/uioN masks or unmasks INTx. */
+static int ivshmem_uio_irqcontrol(struct uio_info *info, s32 on)
+{
+	struct ivshmem_uio *iv = container_of(info, struct ivshmem_uio, info);
+
+	if (iv->msix)
+		return -ENOTSUPP;
+	writel(on ? 1 : 0, iv->regs + REG_INTR_MASK);
+	return 0;
+}
+
+static int ivshmem_uio_setup_irqs(struct ivshmem_uio *iv)
+{
+	struct pci_dev *pdev = iv->pdev;
+	int i, err, nvec;
+
+	nvec = pci_msix_vec_count(pdev);
+	if (nvec > 0) {
+		nvec = min(nvec, MAX_VECTORS);
+		nvec = pci_alloc_irq_vectors(pdev, 1, nvec, PCI_IRQ_MSIX);
+	}
+	if (nvec > 0) {
+		iv->msix = true;
+		iv->nvec = nvec;
+		for (i = 0; i < nvec; i++) {
+			err = request_irq(pci_irq_vector(pdev, i), ivshmem_uio_msix, 0,
+					  "ivshmem_uio", iv);
+			if (err) {
+				while (--i >= 0)
+					free_irq(pci_irq_vector(pdev, i), iv);
+				pci_free_irq_vectors(pdev);
+				return err;
+			}
+		}
+		/* UIO does not own the vectors; it only relays notifications. */
+		iv->info.irq = UIO_IRQ_CUSTOM;
+		return 0;
+	}
+	/* INTx fallback. */
+	iv->msix = false;
+	iv->nvec = 0;
+	if (!pdev->irq)
+		return -ENODEV;
+	err = request_irq(pdev->irq, ivshmem_uio_intx, IRQF_SHARED, "ivshmem_uio", iv);
+	if (err)
+		return err;
+	iv->info.irq = UIO_IRQ_CUSTOM;
+	writel(1, iv->regs + REG_INTR_MASK);
+	return 0;
+}
+
+static void ivshmem_uio_free_irqs(struct ivshmem_uio *iv)
+{
+	int i;
+
+	if (iv->msix) {
+		for (i = 0; i < iv->nvec; i++)
+			free_irq(pci_irq_vector(iv->pdev, i), iv);
+		pci_free_irq_vectors(iv->pdev);
+	} else {
+		writel(0, iv->regs + REG_INTR_MASK);
+		free_irq(iv->pdev->irq, iv);
+	}
+}
+
+static void ivshmem_uio_selftest(struct ivshmem_uio *iv)
+{
+	struct pci_dev *pdev = iv->pdev;
+	resource_size_t len = pci_resource_len(pdev, 2);
+	void __iomem *shm;
+	u32 id, saved, seen;
+	bool bar2_ok = false, bell_ok = false;
+
+	id = readl(iv->regs + REG_IVPOSITION);
+	shm = len >= 8 ? pci_iomap_range(pdev, 2, len - 8, 8) : NULL;
+	if (shm) {
+		saved = readl(shm);
+		writel(0x5a17e57u ^ id, shm);
+		seen = readl(shm);
+		writel(saved, shm);
+		bar2_ok = seen == (0x5a17e57u ^ id);
+		pci_iounmap(pdev, shm);
+	}
+	reinit_completion(&iv->selftest_irq);
+	WRITE_ONCE(iv->selftest_waiting, true);
+	writel((id << 16) | 0, iv->regs + REG_DOORBELL);
+	bell_ok = wait_for_completion_timeout(&iv->selftest_irq, HZ) > 0;
+	WRITE_ONCE(iv->selftest_waiting, false);
+	dev_info(&pdev->dev, "selftest: ivposition=%u bar2=%s doorbell=%s irq=%s\n", id,
+		 bar2_ok ? "ok" : "FAILED", bell_ok ? "ok" : "timeout",
+		 iv->msix ? "msix" : "intx");
+}
+
+static int ivshmem_uio_probe(struct pci_dev *pdev, const struct pci_device_id *id)
+{
+	struct ivshmem_uio *iv;
+	int err;
+
+	iv = devm_kzalloc(&pdev->dev, sizeof(*iv), GFP_KERNEL);
+	if (!iv)
+		return -ENOMEM;
+	iv->pdev = pdev;
+	init_completion(&iv->selftest_irq);
+
+	err = pcim_enable_device(pdev);
+	if (err)
+		return err;
+	err = pcim_iomap_regions(pdev, BIT(0) | BIT(2), "ivshmem_uio");
+	if (err)
+		return err;
+	iv->regs = pcim_iomap_table(pdev)[0];
+	pci_set_master(pdev);
+
+	iv->info.name = "ivshmem";
+	iv->info.version = "1";
+	iv->info.mem[0].name = "registers";
+	iv->info.mem[0].addr = pci_resource_start(pdev, 0);
+	iv->info.mem[0].size = pci_resource_len(pdev, 0);
+	iv->info.mem[0].memtype = UIO_MEM_PHYS;
+	iv->info.mem[1].name = "shmem";
+	iv->info.mem[1].addr = pci_resource_start(pdev, 2);
+	iv->info.mem[1].size = pci_resource_len(pdev, 2);
+	iv->info.mem[1].memtype = UIO_MEM_PHYS;
+	iv->info.irqcontrol = ivshmem_uio_irqcontrol;
+
+	err = ivshmem_uio_setup_irqs(iv);
+	if (err) {
+		dev_err(&pdev->dev, "no usable interrupt (%d)\n", err);
+		return err;
+	}
+	err = uio_register_device(&pdev->dev, &iv->info);
+	if (err) {
+		ivshmem_uio_free_irqs(iv);
+		return err;
+	}
+	pci_set_drvdata(pdev, iv);
+	dev_info(&pdev->dev, "ivshmem: ID %u, %llu bytes shared, %s (%d vectors)\n",
+		 readl(iv->regs + REG_IVPOSITION),
+		 (unsigned long long)pci_resource_len(pdev, 2),
+		 iv->msix ? "MSI-X" : "INTx", iv->nvec);
+	if (selftest)
+		ivshmem_uio_selftest(iv);
+	return 0;
+}
+
+static void ivshmem_uio_remove(struct pci_dev *pdev)
+{
+	struct ivshmem_uio *iv = pci_get_drvdata(pdev);
+
+	uio_unregister_device(&iv->info);
+	ivshmem_uio_free_irqs(iv);
+}
+
+static const struct pci_device_id ivshmem_uio_ids[] = {
+	{ PCI_DEVICE(IVSHMEM_VENDOR, IVSHMEM_DEVICE) },
+	{ 0 }
+};
+MODULE_DEVICE_TABLE(pci, ivshmem_uio_ids);
+
+static struct pci_driver ivshmem_uio_driver = {
+	.name = "ivshmem_uio",
+	.id_table = ivshmem_uio_ids,
+	.probe = ivshmem_uio_probe,
+	.remove = ivshmem_uio_remove,
+};
+module_pci_driver(ivshmem_uio_driver);
+
+MODULE_LICENSE("GPL");
+MODULE_DESCRIPTION("UIO driver for ivshmem-doorbell (intervm)");
