@@ -6,6 +6,7 @@
 pub mod pci;
 pub mod portio;
 pub mod shmem;
+pub mod uio;
 
 /// Errors of the tool.
 #[derive(Debug, thiserror::Error)]

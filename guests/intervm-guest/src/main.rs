@@ -16,7 +16,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use intervm_guest::{pci, portio, shmem, Error};
+use intervm_guest::{pci, portio, shmem, uio, Error};
 
 #[derive(Parser)]
 #[command(
@@ -37,6 +37,81 @@ enum Cmd {
     /// The port-I/O channel (in/out on the device's ports; needs root).
     #[command(subcommand)]
     Portio(PortioCmd),
+    /// Shared memory with doorbells, through the ivshmem_uio driver.
+    #[command(subcommand)]
+    Doorbell(DoorbellCmd),
+}
+
+#[derive(Args, Clone)]
+struct UioOpts {
+    /// The UIO device (default: the only one the ivshmem_uio driver made).
+    #[arg(long)]
+    uio: Option<PathBuf>,
+}
+
+#[derive(Subcommand)]
+enum DoorbellCmd {
+    /// Send through the ring in BAR2, ringing the receiver after each frame.
+    Send {
+        #[command(flatten)]
+        uio: UioOpts,
+        /// This member's index in the channel.
+        #[arg(long)]
+        me: u32,
+        /// The receiving member.
+        #[arg(long)]
+        to: u32,
+        /// Bytes of test pattern (K, M, G suffixes).
+        #[arg(long, conflicts_with = "file", required_unless_present = "file")]
+        size: Option<String>,
+        /// Send this file, then an end-of-stream frame.
+        #[arg(long)]
+        file: Option<PathBuf>,
+        /// Pattern seed.
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Payload bytes per frame.
+        #[arg(long, default_value = "64K")]
+        chunk: String,
+        #[command(flatten)]
+        timing: Timing,
+    },
+    /// Receive, sleeping in read() on the UIO device until rung.
+    Recv {
+        #[command(flatten)]
+        uio: UioOpts,
+        /// This member's index in the channel.
+        #[arg(long)]
+        me: u32,
+        /// The sending member.
+        #[arg(long)]
+        from: u32,
+        /// Bytes to receive (default: until end of stream).
+        #[arg(long)]
+        size: Option<String>,
+        /// Write the payload here.
+        #[arg(long)]
+        file: Option<PathBuf>,
+        #[command(flatten)]
+        timing: Timing,
+    },
+    /// Ring a peer and wait for its ring, --rounds times.
+    Pingpong {
+        #[command(flatten)]
+        uio: UioOpts,
+        /// The peer's doorbell ID (its IVPosition).
+        #[arg(long)]
+        peer: u16,
+        /// Round trips.
+        #[arg(long, default_value_t = 1000)]
+        rounds: u64,
+        /// Ring first (the other side answers).
+        #[arg(long)]
+        initiator: bool,
+        /// Seconds to wait for each ring.
+        #[arg(long, default_value_t = 5.0)]
+        timeout: f64,
+    },
 }
 
 #[derive(Args, Clone)]
@@ -230,6 +305,7 @@ fn source(r: Region) -> shmem::Source {
         device: r.device,
         resource: r.resource,
         sysfs: r.sysfs,
+        uio: None,
     }
 }
 
@@ -251,8 +327,91 @@ fn mode(o: &PortioOpts) -> portio::Mode {
     }
 }
 
+fn uio_dev(o: &UioOpts) -> Result<PathBuf, Error> {
+    uio::pick(std::path::Path::new(uio::SYSFS_UIO), o.uio.as_deref())
+}
+
+fn uio_common(
+    o: &UioOpts,
+    me: u32,
+    peer: u32,
+    t: &Timing,
+) -> Result<(shmem::Common, uio::Uio), Error> {
+    let dev = uio_dev(o)?;
+    let u = uio::Uio::open(std::path::Path::new(uio::SYSFS_UIO), &dev)?;
+    Ok((
+        shmem::Common {
+            source: shmem::Source {
+                device: None,
+                resource: None,
+                sysfs: PathBuf::from(pci::SYSFS_DEVICES),
+                uio: Some(dev),
+            },
+            me,
+            peer,
+            timeout: secs("timeout", t.timeout)?,
+            join_timeout: secs("join-timeout", t.join_timeout)?,
+        },
+        u,
+    ))
+}
+
 fn run(cmd: Cmd) -> Result<String, Error> {
     match cmd {
+        Cmd::Doorbell(DoorbellCmd::Send {
+            uio,
+            me,
+            to,
+            size: sz,
+            file,
+            seed,
+            chunk,
+            timing,
+        }) => {
+            let (c, mut u) = uio_common(&uio, me, to, &timing)?;
+            let payload = match (file, sz) {
+                (Some(f), _) => shmem::Payload::File(f),
+                (None, Some(s)) => shmem::Payload::Pattern {
+                    seed,
+                    size: size(&s)?,
+                },
+                (None, None) => return Err(Error::Usage("give --size or --file".into())),
+            };
+            let s = shmem::send(&c, &payload, size(&chunk)?, &mut u)?;
+            Ok(format!("sent {s}"))
+        }
+        Cmd::Doorbell(DoorbellCmd::Recv {
+            uio,
+            me,
+            from,
+            size: sz,
+            file,
+            timing,
+        }) => {
+            let (c, mut u) = uio_common(&uio, me, from, &timing)?;
+            let want = sz.as_deref().map(size).transpose()?;
+            let s = shmem::recv(&c, want, file.as_ref(), &mut u)?;
+            Ok(format!("received {s}"))
+        }
+        Cmd::Doorbell(DoorbellCmd::Pingpong {
+            uio: o,
+            peer,
+            rounds,
+            initiator,
+            timeout,
+        }) => {
+            let dev = uio_dev(&o)?;
+            let mut u = uio::Uio::open(std::path::Path::new(uio::SYSFS_UIO), &dev)?;
+            let t = uio::ping_pong(&mut u, peer, rounds, initiator, secs("timeout", timeout)?)?;
+            let total: Duration = t.iter().sum();
+            let min = t.iter().min().copied().unwrap_or_default();
+            Ok(format!(
+                "ping-pong with peer {peer}: rounds={} mean_us={:.1} min_us={:.1}",
+                t.len(),
+                total.as_secs_f64() * 1e6 / t.len().max(1) as f64,
+                min.as_secs_f64() * 1e6
+            ))
+        }
         Cmd::Portio(PortioCmd::Send {
             opts,
             to,
@@ -322,7 +481,7 @@ fn run(cmd: Cmd) -> Result<String, Error> {
                 },
                 (None, None) => return Err(Error::Usage("give --size or --file".into())),
             };
-            let s = shmem::send(&c, &payload, size(&chunk)?)?;
+            let s = shmem::send(&c, &payload, size(&chunk)?, &mut shmem::Polling)?;
             Ok(format!("sent {s}"))
         }
         Cmd::Shmem(ShmemCmd::Recv {
@@ -335,7 +494,7 @@ fn run(cmd: Cmd) -> Result<String, Error> {
         }) => {
             let c = common(region, me, from, &timing)?;
             let want = sz.as_deref().map(size).transpose()?;
-            let s = shmem::recv(&c, want, file.as_ref())?;
+            let s = shmem::recv(&c, want, file.as_ref(), &mut shmem::Polling)?;
             Ok(format!("received {s}"))
         }
         Cmd::Shmem(ShmemCmd::Format {

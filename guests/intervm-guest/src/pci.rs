@@ -75,15 +75,9 @@ pub struct Mapping {
 }
 
 impl Mapping {
-    /// Maps `path` read-write and shared.
+    /// Maps the whole file `path` read-write and shared.
     pub fn open(path: &Path) -> Result<Self, Error> {
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .map_err(|e| Error::Io(path.display().to_string(), e))?;
-        let len = f
-            .metadata()
+        let len = std::fs::metadata(path)
             .map_err(|e| Error::Io(path.display().to_string(), e))?
             .len() as usize;
         if len < 4096 {
@@ -92,6 +86,17 @@ impl Mapping {
                 path.display()
             )));
         }
+        Self::open_at(path, len, 0)
+    }
+
+    /// Maps `len` bytes of `path` at `offset` read-write and shared (UIO
+    /// selects map N with offset N * page size).
+    pub fn open_at(path: &Path, len: usize, offset: usize) -> Result<Self, Error> {
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| Error::Io(path.display().to_string(), e))?;
         // SAFETY: a fresh shared mapping of a file we opened read-write; the
         // kernel picks the address. The file may be written by other VMs:
         // the ring code only accesses it through atomics and copies it
@@ -103,7 +108,7 @@ impl Mapping {
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
                 f.as_raw_fd(),
-                0,
+                offset as libc::off_t,
             )
         };
         if ptr == libc::MAP_FAILED {

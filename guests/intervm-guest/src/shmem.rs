@@ -10,7 +10,7 @@
 //! never wait on a tool that died.
 
 use std::io::{Read, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -32,6 +32,8 @@ pub struct Source {
     pub resource: Option<PathBuf>,
     /// sysfs PCI devices directory.
     pub sysfs: PathBuf,
+    /// Map BAR2 through this ivshmem UIO device instead (`/dev/uioN`).
+    pub uio: Option<PathBuf>,
 }
 
 /// Options shared by send and receive.
@@ -75,6 +77,9 @@ fn ring_err(e: RingError) -> Error {
 
 /// Maps the region named by `src`.
 pub fn map(src: &Source) -> Result<Mapping, Error> {
+    if let Some(dev) = &src.uio {
+        return crate::uio::Uio::shared(Path::new(crate::uio::SYSFS_UIO), dev);
+    }
     let path = match &src.resource {
         Some(p) => p.clone(),
         None => {
@@ -200,8 +205,39 @@ pub enum Payload {
     File(PathBuf),
 }
 
-/// Sends `payload` to `c.peer`.
-pub fn send(c: &Common, payload: &Payload, chunk: u64) -> Result<Summary, Error> {
+/// How a transfer waits: by polling, or on doorbells (an ivshmem-doorbell
+/// device through the UIO driver, see [`crate::uio`]).
+pub trait Notify {
+    /// This member's doorbell ID, or `None` when polling.
+    fn my_id(&mut self) -> Option<u16>;
+    /// Rings peer `id` on vector 0.
+    fn ring(&mut self, id: u16);
+    /// Sleeps until rung (returns at once if a ring came since the last
+    /// wait) or `timeout` passes.
+    fn wait(&mut self, timeout: Duration);
+}
+
+/// [`Notify`] by polling: never rings, never sleeps.
+pub struct Polling;
+
+impl Notify for Polling {
+    fn my_id(&mut self) -> Option<u16> {
+        None
+    }
+    fn ring(&mut self, _id: u16) {}
+    fn wait(&mut self, _timeout: Duration) {
+        std::hint::spin_loop();
+    }
+}
+
+/// Sends `payload` to `c.peer`, ringing it after each frame when `notify`
+/// has a doorbell.
+pub fn send(
+    c: &Common,
+    payload: &Payload,
+    chunk: u64,
+    notify: &mut dyn Notify,
+) -> Result<Summary, Error> {
     let j = Joined::join(&c.source, c.me)?;
     let mut p = j.region.producer(j.geo, c.me, c.peer).map_err(ring_err)?;
     let mut file = match payload {
@@ -228,6 +264,16 @@ pub fn send(c: &Common, payload: &Payload, chunk: u64) -> Result<Summary, Error>
         .map_err(ring_err)?;
     j.wait_peer(c, |r| r.ready(&j.geo, c.peer) == Ok(ready_go(1)))?;
     let start = Instant::now();
+    // With doorbells: the receiver published its doorbell ID before "go".
+    let bell = match notify.my_id() {
+        Some(_) => Some(
+            j.region
+                .doorbell_id(&j.geo, c.peer)
+                .map_err(ring_err)?
+                .ok_or(Error::Ring(RingError::PeerGone(c.peer)))?,
+        ),
+        None => None,
+    };
     let mut live = Liveness::new(
         &j.region,
         &j.geo,
@@ -263,6 +309,9 @@ pub fn send(c: &Common, payload: &Payload, chunk: u64) -> Result<Summary, Error>
                         sent += msg.len() as u64;
                         frames += 1;
                     }
+                    if let Some(id) = bell {
+                        notify.ring(id);
+                    }
                     break;
                 }
                 None => {
@@ -297,8 +346,22 @@ pub(crate) fn read_full(f: &mut impl Read, buf: &mut [u8]) -> std::io::Result<us
 
 /// Receives from `c.peer` until `size` bytes (if given) or an end-of-stream
 /// frame, writing the payload to `out` if given.
-pub fn recv(c: &Common, size: Option<u64>, out: Option<&PathBuf>) -> Result<Summary, Error> {
+pub fn recv(
+    c: &Common,
+    size: Option<u64>,
+    out: Option<&PathBuf>,
+    notify: &mut dyn Notify,
+) -> Result<Summary, Error> {
     let j = Joined::join(&c.source, c.me)?;
+    let sleeps = match notify.my_id() {
+        Some(id) => {
+            j.region
+                .set_doorbell_id(&j.geo, c.me, id)
+                .map_err(ring_err)?;
+            true
+        }
+        None => false,
+    };
     let mut cons = j.region.consumer(j.geo, c.peer, c.me).map_err(ring_err)?;
     let mut sink = match out {
         Some(p) => Some(std::io::BufWriter::new(
@@ -337,6 +400,16 @@ pub fn recv(c: &Common, size: Option<u64>, out: Option<&PathBuf>) -> Result<Summ
                         .map_err(|e| Error::Io("writing the payload".into(), e))?;
                 }
                 idle = 0;
+            }
+            None if sleeps => {
+                // The driver counts interrupts, so a ring since the last
+                // wait returns at once: no lost wake-up.
+                notify.wait(Duration::from_millis(50));
+                if let Err(e) = live.check(&j.region, &j.geo, monotonic_ms()) {
+                    if cons.available().map_err(ring_err)? == 0 {
+                        return Err(Error::Ring(e));
+                    }
+                }
             }
             None => {
                 idle += 1;

@@ -1,0 +1,200 @@
+//! The ivshmem UIO driver (`guest-modules/ivshmem_uio`) from userspace:
+//! find `/dev/uioN` by the driver's name in `/sys/class/uio`, map BAR0
+//! (map 0) and BAR2 (map 1), ring peers through the Doorbell register and
+//! sleep in `read()` until rung.
+
+use std::fs::{File, OpenOptions};
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::pci::Mapping;
+use crate::shmem::Notify;
+use crate::Error;
+
+/// `/sys/class/uio`.
+pub const SYSFS_UIO: &str = "/sys/class/uio";
+/// The name the driver registers.
+pub const DRIVER_NAME: &str = "ivshmem";
+
+const IV_POSITION: usize = 8;
+const DOORBELL: usize = 12;
+
+/// `/dev/uioN` devices of the ivshmem driver under `class` (normally
+/// [`SYSFS_UIO`]), sorted.
+pub fn find(class: &Path) -> Result<Vec<PathBuf>, Error> {
+    let rd = std::fs::read_dir(class).map_err(|e| Error::Io(class.display().to_string(), e))?;
+    let mut v: Vec<PathBuf> = rd
+        .filter_map(|e| e.ok())
+        .filter(|e| {
+            std::fs::read_to_string(e.path().join("name")).is_ok_and(|n| n.trim() == DRIVER_NAME)
+        })
+        .map(|e| Path::new("/dev").join(e.file_name()))
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
+/// Size of map `n` of `/dev/uioN` from sysfs.
+pub fn map_size(class: &Path, dev: &Path, n: u32) -> Result<usize, Error> {
+    let name = dev
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let p = class.join(&name).join(format!("maps/map{n}/size"));
+    let s = std::fs::read_to_string(&p).map_err(|e| Error::Io(p.display().to_string(), e))?;
+    usize::from_str_radix(s.trim().trim_start_matches("0x"), 16)
+        .map_err(|_| Error::NoDevice(format!("{}: not a size: {s:?}", p.display())))
+}
+
+/// Picks `/dev/uioN`: the one given, or the only ivshmem one.
+pub fn pick(class: &Path, given: Option<&Path>) -> Result<PathBuf, Error> {
+    if let Some(p) = given {
+        return Ok(p.to_path_buf());
+    }
+    let all = find(class)?;
+    match all.len() {
+        1 => Ok(all[0].clone()),
+        0 => Err(Error::NoDevice(format!(
+            "no UIO device named {DRIVER_NAME:?} under {} (is ivshmem_uio loaded?)",
+            class.display()
+        ))),
+        _ => Err(Error::NoDevice(format!(
+            "several ivshmem UIO devices ({}); pick one with --uio",
+            all.iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))),
+    }
+}
+
+/// An open ivshmem UIO device.
+pub struct Uio {
+    file: File,
+    regs: Mapping,
+}
+
+impl Uio {
+    /// Opens `dev` and maps its registers.
+    pub fn open(class: &Path, dev: &Path) -> Result<Self, Error> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(dev)
+            .map_err(|e| Error::Io(dev.display().to_string(), e))?;
+        let regs = Mapping::open_at(dev, map_size(class, dev, 0)?.max(16), 0)?;
+        Ok(Self { file, regs })
+    }
+
+    /// Maps the shared memory (map 1).
+    pub fn shared(class: &Path, dev: &Path) -> Result<Mapping, Error> {
+        let page = 4096;
+        Mapping::open_at(dev, map_size(class, dev, 1)?, page)
+    }
+
+    fn reg(&self, off: usize) -> *mut u32 {
+        // SAFETY: the register map is at least 16 bytes (checked in open).
+        unsafe { self.regs.ptr().add(off) as *mut u32 }
+    }
+
+    /// This device's peer ID.
+    pub fn iv_position(&self) -> u16 {
+        // SAFETY: a mapped device register.
+        unsafe { std::ptr::read_volatile(self.reg(IV_POSITION)) as u16 }
+    }
+
+    /// Rings `peer` on `vector`.
+    pub fn ring_vector(&self, peer: u16, vector: u16) {
+        // SAFETY: a mapped device register.
+        unsafe { std::ptr::write_volatile(self.reg(DOORBELL), (peer as u32) << 16 | vector as u32) }
+    }
+
+    /// Waits up to `timeout` for an interrupt; returns the driver's total
+    /// count if one came.
+    pub fn wait_irq(&mut self, timeout: Duration) -> Result<Option<u32>, Error> {
+        let mut p = libc::pollfd {
+            fd: self.file.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+        // SAFETY: one valid pollfd.
+        let n = unsafe { libc::poll(&mut p, 1, ms) };
+        if n <= 0 {
+            return Ok(None);
+        }
+        let mut b = [0u8; 4];
+        self.file
+            .read_exact(&mut b)
+            .map_err(|e| Error::Io("reading the UIO device".into(), e))?;
+        Ok(Some(u32::from_ne_bytes(b)))
+    }
+}
+
+impl Notify for Uio {
+    fn my_id(&mut self) -> Option<u16> {
+        Some(self.iv_position())
+    }
+    fn ring(&mut self, id: u16) {
+        self.ring_vector(id, 0);
+    }
+    fn wait(&mut self, timeout: Duration) {
+        let _ = self.wait_irq(timeout);
+    }
+}
+
+/// Ping-pong of `rounds` doorbells with `peer`; returns the round-trip
+/// times (initiator) or answer times.
+pub fn ping_pong(
+    uio: &mut Uio,
+    peer: u16,
+    rounds: u64,
+    initiator: bool,
+    timeout: Duration,
+) -> Result<Vec<Duration>, Error> {
+    let mut times = Vec::with_capacity(rounds as usize);
+    for _ in 0..rounds {
+        let t0 = Instant::now();
+        if initiator {
+            uio.ring_vector(peer, 0);
+        }
+        if uio.wait_irq(timeout)?.is_none() {
+            return Err(Error::NoDevice(format!(
+                "no doorbell from peer {peer} within {timeout:?}"
+            )));
+        }
+        if !initiator {
+            uio.ring_vector(peer, 0);
+        }
+        times.push(t0.elapsed());
+    }
+    Ok(times)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_driver_and_its_map_sizes() {
+        let root = std::env::temp_dir().join(format!("intervm-uio-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        for (n, name) in [("uio0", "other"), ("uio1", "ivshmem"), ("uio2", "ivshmem")] {
+            std::fs::create_dir_all(root.join(n).join("maps/map1")).unwrap();
+            std::fs::write(root.join(n).join("name"), format!("{name}\n")).unwrap();
+            std::fs::write(root.join(n).join("maps/map1/size"), "0x0000000000400000\n").unwrap();
+        }
+        assert_eq!(
+            find(&root).unwrap(),
+            vec![PathBuf::from("/dev/uio1"), PathBuf::from("/dev/uio2")]
+        );
+        let e = pick(&root, None).unwrap_err().to_string();
+        assert!(e.contains("several") && e.contains("/dev/uio2"), "{e}");
+        assert_eq!(map_size(&root, Path::new("/dev/uio1"), 1).unwrap(), 4 << 20);
+        std::fs::remove_dir_all(root.join("uio2")).unwrap();
+        assert_eq!(pick(&root, None).unwrap(), PathBuf::from("/dev/uio1"));
+        std::fs::remove_dir_all(root).unwrap();
+    }
+}
