@@ -47,7 +47,15 @@ struct RawVm {
     cmdline: Option<String>,
     initrd: Option<String>,
     serial: Option<RawSerial>,
-    probe: Option<RawProbe>,
+    probe: Option<RawProbes>,
+}
+
+/// One task table, or an array of them run in order.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum RawProbes {
+    One(RawProbe),
+    Many(Vec<RawProbe>),
 }
 
 #[derive(Debug, Deserialize)]
@@ -134,8 +142,9 @@ pub struct VmSpec {
     pub kernel: Kernel,
     /// Console.
     pub serial: Serial,
-    /// What the probe guest does (only for `kernel = "probe"`).
-    pub probe: ProbeTask,
+    /// What the probe guest does, in order (only for `kernel = "probe"`;
+    /// empty: greet and power off).
+    pub probe: Vec<ProbeTask>,
 }
 
 /// How a probe moves bytes over a port-I/O channel.
@@ -644,7 +653,7 @@ impl Config {
                 vcpus: vcpus as u8,
                 kernel,
                 serial,
-                probe: ProbeTask::Hello,
+                probe: Vec::new(),
             });
         }
 
@@ -839,9 +848,30 @@ impl Config {
             });
         }
         for (v, spec) in raw.vm.iter().zip(vms.iter_mut()) {
-            if let Some(p) = &v.probe {
-                spec.probe = probe_task(p, spec, &channels)
-                    .map_err(|m| err(format!("vm[{}].probe.{m}", spec.name)))?;
+            match &v.probe {
+                None => {}
+                Some(RawProbes::One(p)) => {
+                    let t = probe_task(p, spec, &channels)
+                        .map_err(|m| err(format!("vm[{}].probe.{m}", spec.name)))?;
+                    spec.probe = vec![t];
+                }
+                Some(RawProbes::Many(list)) => {
+                    if list.is_empty() || list.len() > intervm_protocol::probe::MAX_TASKS {
+                        return Err(err(format!(
+                            "vm[{}].probe: give 1 to {} tasks",
+                            spec.name,
+                            intervm_protocol::probe::MAX_TASKS
+                        )));
+                    }
+                    let mut tasks = Vec::new();
+                    for (i, p) in list.iter().enumerate() {
+                        tasks.push(
+                            probe_task(p, spec, &channels)
+                                .map_err(|m| err(format!("vm[{}].probe[{i}].{m}", spec.name)))?,
+                        );
+                    }
+                    spec.probe = tasks;
+                }
             }
         }
         Ok(Config {

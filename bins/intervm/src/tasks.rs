@@ -44,20 +44,33 @@ pub fn device_index(cfg: &Config, vm: &str, channel: &str) -> u32 {
         .unwrap_or(0) as u32
 }
 
-fn sender_chunk(cfg: &Config, sender: &str) -> u64 {
+fn sender_chunk(cfg: &Config, sender: &str, on: &str) -> u64 {
     cfg.vms
         .iter()
         .find(|v| v.name == sender)
-        .and_then(|v| match v.probe {
-            ProbeTask::Send { chunk, .. } => Some(chunk),
-            _ => None,
+        .and_then(|v| {
+            v.probe.iter().find_map(|t| match t {
+                ProbeTask::Send { chunk, channel, .. } if channel == on => Some(*chunk),
+                _ => None,
+            })
         })
         .unwrap_or(crate::config::DEFAULT_CHUNK)
 }
 
-/// The boot-info page for `vm` (its `index` in the file numbers its greeting).
-pub fn boot_info(cfg: &Config, vm: &VmSpec, index: usize) -> BootInfo {
-    match &vm.probe {
+/// The boot-info pages of `vm`'s tasks, in order (its `index` in the file
+/// numbers its greeting when it has none).
+pub fn boot_infos(cfg: &Config, vm: &VmSpec, index: usize) -> Vec<BootInfo> {
+    if vm.probe.is_empty() {
+        return vec![boot_info(cfg, vm, &ProbeTask::Hello, index)];
+    }
+    vm.probe
+        .iter()
+        .map(|t| boot_info(cfg, vm, t, index))
+        .collect()
+}
+
+fn boot_info(cfg: &Config, vm: &VmSpec, task: &ProbeTask, index: usize) -> BootInfo {
+    match task {
         ProbeTask::Hello => {
             let mut info = BootInfo::new(Workload::Hello, 0, 0);
             info.args[0] = index as u64;
@@ -173,11 +186,56 @@ fn rate(bytes: u64, secs: Option<f64>) -> String {
     }
 }
 
-/// Checks and describes what `vm` did, from its boot-info page. `None` for
-/// tasks with nothing to check.
+/// Checks and describes what each of `vm`'s tasks did, from guest memory.
+pub fn reports(
+    cfg: &Config,
+    vm: &VmSpec,
+    mem: &vmm_core::memory::GuestMemoryMmap,
+    transports: &HashMap<String, Transport>,
+) -> Option<Report> {
+    use vmm_core::boot::probe;
+    match vm.probe.as_slice() {
+        [] => None,
+        [one] => probe::read_info(mem)
+            .ok()
+            .and_then(|info| report(cfg, vm, one, &info, transports)),
+        many => {
+            let mut all = Report {
+                lines: Vec::new(),
+                ok: true,
+            };
+            for (i, task) in many.iter().enumerate() {
+                match probe::read_task(mem, i) {
+                    Ok((u32::MAX, _)) => {
+                        all.ok = false;
+                        all.lines.push(format!(
+                            "{}: task {i} did not run (an earlier one failed)",
+                            vm.name
+                        ));
+                    }
+                    Ok((_, info)) => {
+                        if let Some(r) = report(cfg, vm, task, &info, transports) {
+                            all.ok &= r.ok;
+                            all.lines.extend(r.lines);
+                        }
+                    }
+                    Err(e) => {
+                        all.ok = false;
+                        all.lines.push(format!("{}: task {i}: {e}", vm.name));
+                    }
+                }
+            }
+            Some(all)
+        }
+    }
+}
+
+/// Checks and describes what one task of `vm` did, from its boot-info page.
+/// `None` for tasks with nothing to check.
 pub fn report(
     cfg: &Config,
     vm: &VmSpec,
+    task: &ProbeTask,
     info: &BootInfo,
     transports: &HashMap<String, Transport>,
 ) -> Option<Report> {
@@ -185,7 +243,7 @@ pub fn report(
     let secs = res.seconds();
     let mut lines = Vec::new();
     let mut ok = true;
-    let (c, verb) = match &vm.probe {
+    let (c, verb) = match task {
         ProbeTask::Hello => return None,
         ProbeTask::PingPong {
             channel,
@@ -225,7 +283,7 @@ pub fn report(
             vm.name
         ));
     }
-    match &vm.probe {
+    match task {
         ProbeTask::Hello | ProbeTask::PingPong { .. } => {}
         ProbeTask::Send { to, size, .. } => {
             let r = peer_record(info, member(ch, to));
@@ -245,7 +303,7 @@ pub fn report(
                 .map_or(u64::MAX, |t| t.geometry().max_payload());
             for f in from {
                 let r = peer_record(info, member(ch, f));
-                let frame = frame_bytes(sender_chunk(cfg, f), *size, max_payload);
+                let frame = frame_bytes(sender_chunk(cfg, f, c), *size, max_payload);
                 let want = expected_stream(seed_for(c, f), *size, frame);
                 let verdict = if r.bytes != *size {
                     ok = false;

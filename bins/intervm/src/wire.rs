@@ -262,8 +262,8 @@ pub fn run(
         match &spec.kernel {
             Kernel::Probe => {
                 let index = cfg.vms.iter().position(|v| v.name == spec.name).unwrap_or(i);
-                let info = tasks::boot_info(cfg, spec, index);
-                probe::load(&vm, probe_image::PROBE_ELF, &info).map_err(verr)?;
+                let infos = tasks::boot_infos(cfg, spec, index);
+                probe::load_tasks(&vm, probe_image::PROBE_ELF, &infos).map_err(verr)?;
             }
             Kernel::Linux { .. } => {
                 return Err(RunError::Unsupported {
@@ -305,9 +305,7 @@ pub fn run(
             if let Some(exit) = vm.wait_timeout(Duration::from_millis(5)) {
                 let elapsed = start.elapsed();
                 let report = match spec.kernel {
-                    Kernel::Probe => probe::read_info(vm.vm().memory())
-                        .ok()
-                        .and_then(|info| tasks::report(cfg, spec, &info, &transports)),
+                    Kernel::Probe => tasks::reports(cfg, spec, vm.vm().memory(), &transports),
                     Kernel::Linux { .. } => None,
                 };
                 *out = Some(Outcome {

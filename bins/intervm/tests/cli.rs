@@ -499,3 +499,34 @@ fn doorbell_members_in_separate_processes_through_our_server() {
     );
     assert!(!sock.exists(), "the server removes its socket");
 }
+
+#[test]
+fn the_main_demo_exchanges_data_over_all_three_channels() {
+    if !kvm_available() {
+        return;
+    }
+    let o = intervm(&["run", "configs/demo.toml", "--timeout", "300"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "stdout:\n{out}\nstderr:\n{err}");
+    for want in [
+        "beta: received 1 GiB of 1 GiB from alpha over shm",
+        "alpha: received 64 KiB of 64 KiB from beta over pio",
+        "alpha: received 16 MiB of 16 MiB from beta over pio-desc",
+        "alpha: 2000 of 2000 round trips with beta over bell, 2000 interrupts",
+        "beta: received 256 MiB of 256 MiB from alpha over bell",
+    ] {
+        assert!(out.contains(want), "{want:?} in\n{out}");
+    }
+    assert_eq!(out.matches("checksum ok").count(), 4, "{out}");
+    assert!(!out.contains("MISMATCH"), "{out}");
+}
+
+#[test]
+fn task_lists_report_the_failing_index() {
+    let body = "[[vm]]\nname = \"a\"\nmemory = \"64M\"\nprobe = [\n  { task = \"hello\" },\n  { task = \"send\", channel = \"c\", to = \"b\" },\n]\n[[vm]]\nname = \"b\"\n[[channel]]\nname = \"c\"\nkind = \"shmem\"\nmembers = [\"a\", \"b\"]\n";
+    let p = temp_config("tasks.toml", body);
+    let o = intervm(&["check", p.to_str().unwrap()]);
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(err.contains("vm[a].probe[1].size: missing"), "{err}");
+}

@@ -96,6 +96,9 @@ pub enum Workload {
     /// Doorbell ping-pong on an ivshmem-doorbell device: arguments in
     /// [`doorbell_args`], results `DB_*` in [`results`].
     DoorbellPingPong = 12,
+    /// Run the `args[0]` tasks of the table at [`TASK_TABLE_GPA`] in order
+    /// (each a [`TaskEntry`]), stopping at the first that fails.
+    Sequence = 13,
 }
 
 impl Workload {
@@ -114,6 +117,7 @@ impl Workload {
             10 => Self::PortioSend,
             11 => Self::PortioRecv,
             12 => Self::DoorbellPingPong,
+            13 => Self::Sequence,
             _ => return None,
         })
     }
@@ -411,3 +415,39 @@ const _: () = assert!(core::mem::size_of::<BootInfo>() <= 4096);
 pub const IVSHMEM_VENDOR: u16 = 0x1af4;
 /// PCI device ID of ivshmem.
 pub const IVSHMEM_DEVICE: u16 = 0x1110;
+
+/// Guest-physical address of the task table of [`Workload::Sequence`].
+pub const TASK_TABLE_GPA: u64 = 0x10000;
+/// Most tasks in a sequence.
+pub const MAX_TASKS: usize = 8;
+
+/// One task of a [`Workload::Sequence`]: the probe copies `args` into the
+/// boot-info page, runs `workload`, and copies the boot-info results back
+/// into `results` with its exit code in `exit`.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct TaskEntry {
+    /// A [`Workload`] as `u32` (not `Sequence`).
+    pub workload: u32,
+    /// The task's exit code (written by the probe; `u32::MAX`: not run).
+    pub exit: u32,
+    /// Arguments.
+    pub args: [u64; ARG_SLOTS],
+    /// Results.
+    pub results: [u64; RESULT_SLOTS],
+}
+
+impl TaskEntry {
+    /// The task `info` describes (its workload and arguments).
+    pub const fn from_info(info: &BootInfo) -> Self {
+        Self {
+            workload: info.workload,
+            exit: u32::MAX,
+            args: info.args,
+            results: [0; RESULT_SLOTS],
+        }
+    }
+}
+
+const _: () =
+    assert!(TASK_TABLE_GPA as usize + MAX_TASKS * core::mem::size_of::<TaskEntry>() <= 0x20000);

@@ -20,9 +20,10 @@ mod transfer;
 
 use core::sync::atomic::Ordering;
 use intervm_protocol::probe::{
-    results, BootInfo, State, Workload, BOOT_INFO_GPA, BOOT_INFO_MAGIC, BOOT_INFO_VERSION,
-    DEBUG_EXIT_OFFSET, DEBUG_PORT_BASE, DEBUG_SCRATCH_OFFSET, EXIT_BAD_BOOT_INFO, EXIT_FAILED,
-    EXIT_OK, INTX_VECTOR, IRQ_VECTOR_BASE,
+    results, BootInfo, State, TaskEntry, Workload, BOOT_INFO_GPA, BOOT_INFO_MAGIC,
+    BOOT_INFO_VERSION, DEBUG_EXIT_OFFSET, DEBUG_PORT_BASE, DEBUG_SCRATCH_OFFSET,
+    EXIT_BAD_BOOT_INFO, EXIT_FAILED, EXIT_OK, INTX_VECTOR, IRQ_VECTOR_BASE, MAX_TASKS,
+    RESULT_SLOTS, TASK_TABLE_GPA,
 };
 
 fn info() -> *mut BootInfo {
@@ -81,7 +82,13 @@ extern "C" fn probe_main() -> ! {
         exit(EXIT_BAD_BOOT_INFO);
     }
     set_state(State::Running);
-    let code = match Workload::from_u32(workload) {
+    let code = run_workload(workload, true);
+    set_state(State::Done);
+    exit(code)
+}
+
+fn run_workload(workload: u32, top: bool) -> u32 {
+    match Workload::from_u32(workload) {
         Some(Workload::Hello) => hello(),
         Some(Workload::PioRoundTrip) => pio_round_trip(),
         Some(Workload::PciScan) => pci_scan(),
@@ -94,13 +101,38 @@ extern "C" fn probe_main() -> ! {
         Some(Workload::PortioSend) => portio::send(),
         Some(Workload::PortioRecv) => portio::recv(),
         Some(Workload::DoorbellPingPong) => doorbell::ping_pong(),
+        Some(Workload::Sequence) if top => sequence(),
+        Some(Workload::Sequence) => EXIT_BAD_BOOT_INFO,
         None => {
             println!("probe: unknown workload {}", workload);
             EXIT_BAD_BOOT_INFO
         }
-    };
-    set_state(State::Done);
-    exit(code)
+    }
+}
+
+/// [`Workload::Sequence`]: each task's arguments go into the boot-info
+/// page, its results come back into its table entry.
+fn sequence() -> u32 {
+    let n = (arg(0) as usize).min(MAX_TASKS);
+    for i in 0..n {
+        let e = (TASK_TABLE_GPA as usize + i * core::mem::size_of::<TaskEntry>()) as *mut TaskEntry;
+        // SAFETY: the table lies in identity-mapped guest RAM below the page
+        // tables (checked at compile time in the protocol crate), written
+        // by the VMM before boot and owned by the probe while it runs.
+        unsafe {
+            let args = core::ptr::read_volatile(&(*e).args);
+            core::ptr::write_volatile(&mut (*info()).args, args);
+            core::ptr::write_volatile(&mut (*info()).results, [0; RESULT_SLOTS]);
+            let code = run_workload(core::ptr::read_volatile(&(*e).workload), false);
+            let results = core::ptr::read_volatile(&(*info()).results);
+            core::ptr::write_volatile(&mut (*e).results, results);
+            core::ptr::write_volatile(&mut (*e).exit, code);
+            if code != EXIT_OK {
+                return code;
+            }
+        }
+    }
+    EXIT_OK
 }
 
 fn hello() -> u32 {

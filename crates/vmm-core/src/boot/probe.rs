@@ -51,6 +51,64 @@ pub fn load(vm: &Vm, elf: &[u8], info: &BootInfo) -> Result<()> {
     regs::setup_long_mode(vcpu0, cr3, loaded.kernel_load.0, 0x8000, 0)
 }
 
+/// Loads the probe to run `tasks` one after the other
+/// ([`Workload::Sequence`](intervm_protocol::probe::Workload::Sequence)).
+/// One task is loaded as itself.
+pub fn load_tasks(vm: &Vm, elf: &[u8], tasks: &[BootInfo]) -> Result<()> {
+    use intervm_protocol::probe::{TaskEntry, Workload, MAX_TASKS, TASK_TABLE_GPA};
+    match tasks {
+        [] => Err(Error::Load("no probe task".into())),
+        [one] => load(vm, elf, one),
+        many if many.len() > MAX_TASKS => Err(Error::Load(format!(
+            "{} probe tasks; at most {MAX_TASKS}",
+            many.len()
+        ))),
+        many => {
+            for (i, t) in many.iter().enumerate() {
+                let e = TaskEntry::from_info(t);
+                // SAFETY: TaskEntry is repr(C) and made of integers without
+                // padding, so all its bytes are initialised.
+                let bytes = unsafe {
+                    std::slice::from_raw_parts(
+                        &e as *const TaskEntry as *const u8,
+                        std::mem::size_of::<TaskEntry>(),
+                    )
+                };
+                let at = TASK_TABLE_GPA + (i * bytes.len()) as u64;
+                vm.memory()
+                    .write_slice(bytes, GuestAddress(at))
+                    .map_err(|e| Error::Load(format!("writing the task table: {e}")))?;
+            }
+            let mut info = BootInfo::new(Workload::Sequence, 0, 0);
+            info.args[0] = many.len() as u64;
+            load(vm, elf, &info)
+        }
+    }
+}
+
+/// The results of task `i` of a sequence, as a boot-info page (the task's
+/// workload, arguments and results; the rest from the main page), with the
+/// task's exit code (`u32::MAX` if it did not run).
+pub fn read_task(mem: &crate::memory::GuestMemoryMmap, i: usize) -> Result<(u32, BootInfo)> {
+    use intervm_protocol::probe::{TaskEntry, TASK_TABLE_GPA};
+    let mut info = read_info(mem)?;
+    let mut e = TaskEntry::from_info(&info);
+    // SAFETY: any byte pattern is a valid TaskEntry (integers only).
+    let bytes = unsafe {
+        std::slice::from_raw_parts_mut(
+            &mut e as *mut TaskEntry as *mut u8,
+            std::mem::size_of::<TaskEntry>(),
+        )
+    };
+    let at = TASK_TABLE_GPA + (i * bytes.len()) as u64;
+    mem.read_slice(bytes, GuestAddress(at))
+        .map_err(|e| Error::Load(format!("reading task {i}: {e}")))?;
+    info.workload = e.workload;
+    info.args = e.args;
+    info.results = e.results;
+    Ok((e.exit, info))
+}
+
 /// Reads the boot-info page back (results written by the probe).
 pub fn read_info(mem: &crate::memory::GuestMemoryMmap) -> Result<BootInfo> {
     let mut info = BootInfo::new(intervm_protocol::probe::Workload::Hello, 0, 0);
