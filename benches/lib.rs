@@ -1,1 +1,14 @@
-//! Benchmarks live in `benches/`; this library is empty.
+//! Shared by the benches in `benches/`: a `main` that runs criterion and
+//! then a bench's own summary table.
+
+/// Runs the criterion groups in `benches`, then `summary` (unless criterion
+/// was only asked to list or smoke-test the benches).
+pub fn main_with_summary(benches: fn(), summary: fn()) {
+    benches();
+    criterion::Criterion::default()
+        .configure_from_args()
+        .final_summary();
+    if !std::env::args().any(|a| a == "--list" || a == "--test") {
+        summary();
+    }
+}

@@ -148,11 +148,5 @@ fn summary() {
 criterion_group!(benches, bench);
 
 fn main() {
-    benches();
-    criterion::Criterion::default()
-        .configure_from_args()
-        .final_summary();
-    if !std::env::args().any(|a| a == "--list" || a == "--test") {
-        summary();
-    }
+    intervm_benches::main_with_summary(benches, summary);
 }

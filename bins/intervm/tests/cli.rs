@@ -39,6 +39,16 @@ fn kvm_available() -> bool {
     }
 }
 
+/// Starts `intervm run CFG --vm VM` as its own process.
+fn spawn_vm(cfg: &str, vm: &str) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_intervm"))
+        .args(["run", cfg, "--vm", vm, "--timeout", "120"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawning intervm")
+}
+
 fn temp_config(name: &str, body: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("intervm-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -254,14 +264,7 @@ fn shmem_members_in_separate_processes() {
     }
     let (cfg, shm) = shm_config("xproc", "64M");
     let cfg = cfg.to_str().unwrap().to_string();
-    let spawn = |vm: &str| {
-        Command::new(env!("CARGO_BIN_EXE_intervm"))
-            .args(["run", &cfg, "--vm", vm, "--timeout", "120"])
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("spawning intervm")
-    };
+    let spawn = |vm: &str| spawn_vm(&cfg, vm);
     let rx = spawn("b");
     let tx = spawn("a");
     let tx = tx.wait_with_output().unwrap();
@@ -284,14 +287,7 @@ fn killing_a_member_process_is_reported_as_peer_gone() {
     // A transfer far too large to finish: the sender is killed mid-way.
     let (cfg, shm) = shm_config("kill", "1024G");
     let cfg = cfg.to_str().unwrap().to_string();
-    let spawn = |vm: &str| {
-        Command::new(env!("CARGO_BIN_EXE_intervm"))
-            .args(["run", &cfg, "--vm", vm, "--timeout", "120"])
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("spawning intervm")
-    };
+    let spawn = |vm: &str| spawn_vm(&cfg, vm);
     let rx = spawn("b");
     let mut tx = spawn("a");
     std::thread::sleep(std::time::Duration::from_secs(2));
@@ -392,14 +388,7 @@ fn portio_members_in_separate_processes() {
     );
     let cfg = temp_config("pio-xproc.toml", &body);
     let cfg = cfg.to_str().unwrap().to_string();
-    let spawn = |vm: &str| {
-        Command::new(env!("CARGO_BIN_EXE_intervm"))
-            .args(["run", &cfg, "--vm", vm, "--timeout", "120"])
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("spawning intervm")
-    };
+    let spawn = |vm: &str| spawn_vm(&cfg, vm);
     let rx = spawn("b");
     let tx = spawn("a").wait_with_output().unwrap();
     let rx = rx.wait_with_output().unwrap();
@@ -472,14 +461,7 @@ fn doorbell_members_in_separate_processes_through_our_server() {
     );
     let cfg = temp_config("db-server.toml", &body);
     let cfg = cfg.to_str().unwrap().to_string();
-    let spawn = |vm: &str| {
-        Command::new(env!("CARGO_BIN_EXE_intervm"))
-            .args(["run", &cfg, "--vm", vm, "--timeout", "120"])
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("spawning intervm")
-    };
+    let spawn = |vm: &str| spawn_vm(&cfg, vm);
     // The receiver joins first, so the server gives it ID 0 and the sender
     // ID 1: the doorbell IDs differ from the member indices.
     let rx = spawn("b");

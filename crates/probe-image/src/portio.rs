@@ -80,17 +80,5 @@ impl PortioTask {
 
 /// Names a device result code.
 pub fn error_name(code: u64) -> &'static str {
-    match code as u32 {
-        R_OK => "ok",
-        R_WOULD_BLOCK => "queue full",
-        R_PEER_GONE => "peer gone",
-        R_BAD_ADDRESS => "descriptor outside guest RAM",
-        R_TOO_LARGE => "message too large",
-        R_NO_MESSAGE => "no message",
-        R_BAD_PEER => "bad peer",
-        R_BAD_COMMAND => "bad command",
-        R_BAD_ACCESS => "bad register access",
-        R_BROKEN => "queue broken",
-        _ => "unknown error",
-    }
+    u32::try_from(code).map_or("unknown result", result_name)
 }

@@ -113,3 +113,20 @@ pub const R_BAD_COMMAND: u32 = 7;
 pub const R_BAD_ACCESS: u32 = 8;
 /// Result: the transport to the peer is broken (corrupt queue).
 pub const R_BROKEN: u32 = 9;
+
+/// A short description of result code `r`.
+pub const fn result_name(r: u32) -> &'static str {
+    match r {
+        R_OK => "ok",
+        R_WOULD_BLOCK => "queue full",
+        R_PEER_GONE => "peer gone",
+        R_BAD_ADDRESS => "descriptor outside guest RAM",
+        R_TOO_LARGE => "message too large",
+        R_NO_MESSAGE => "no message",
+        R_BAD_PEER => "bad peer",
+        R_BAD_COMMAND => "bad command",
+        R_BAD_ACCESS => "bad register access",
+        R_BROKEN => "queue broken",
+        _ => "unknown result",
+    }
+}

@@ -83,17 +83,7 @@ impl SharedRegion {
                 wanted: size,
             });
         }
-        let fo = FileOffset::new(file.try_clone().map_err(io("dup"))?, 0);
-        let map = vm_memory::mmap::MmapRegionBuilder::new(size as usize)
-            .with_file_offset(fo)
-            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-            .with_mmap_flags(libc::MAP_SHARED)
-            .with_hugetlbfs(hugetlb)
-            .build()
-            .map_err(|e| Error::Io {
-                what: format!("{label}: mmap"),
-                source: std::io::Error::other(e.to_string()),
-            })?;
+        let map = map_shared(&file, size, hugetlb, &label)?;
         Ok(Self {
             map,
             file,
@@ -111,16 +101,7 @@ impl SharedRegion {
         if size < 4096 || !size.is_power_of_two() {
             return Err(Error::BadSize(size));
         }
-        let fo = FileOffset::new(file.try_clone().map_err(io("dup"))?, 0);
-        let map = vm_memory::mmap::MmapRegionBuilder::new(size as usize)
-            .with_file_offset(fo)
-            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-            .with_mmap_flags(libc::MAP_SHARED)
-            .build()
-            .map_err(|e| Error::Io {
-                what: format!("{label}: mmap"),
-                source: std::io::Error::other(e.to_string()),
-            })?;
+        let map = map_shared(&file, size, false, &label)?;
         Ok(Self {
             map,
             file,
@@ -150,6 +131,21 @@ impl SharedRegion {
     pub fn label(&self) -> &str {
         &self.label
     }
+}
+
+/// Maps `size` bytes of `file` read-write and shared.
+fn map_shared(file: &File, size: u64, hugetlb: bool, label: &str) -> Result<MmapRegion<()>> {
+    let fo = FileOffset::new(file.try_clone().map_err(io("dup"))?, 0);
+    vm_memory::mmap::MmapRegionBuilder::new(size as usize)
+        .with_file_offset(fo)
+        .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+        .with_mmap_flags(libc::MAP_SHARED)
+        .with_hugetlbfs(hugetlb)
+        .build()
+        .map_err(|e| Error::Io {
+            what: format!("{label}: mmap"),
+            source: std::io::Error::other(e.to_string()),
+        })
 }
 
 fn open_file(p: &Path) -> Result<File> {

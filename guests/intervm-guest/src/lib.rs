@@ -33,17 +33,5 @@ pub enum Error {
 
 /// Names a port-I/O result code.
 pub fn port_error(r: u32) -> &'static str {
-    use intervm_protocol::portio::*;
-    match r {
-        R_WOULD_BLOCK => "queue full",
-        R_PEER_GONE => "peer gone (or never came)",
-        R_BAD_ADDRESS => "descriptor outside guest RAM",
-        R_TOO_LARGE => "message too large",
-        R_NO_MESSAGE => "no message",
-        R_BAD_PEER => "bad peer",
-        R_BAD_COMMAND => "bad command",
-        R_BAD_ACCESS => "bad register access",
-        R_BROKEN => "queue broken",
-        _ => "unknown result",
-    }
+    intervm_protocol::portio::result_name(r)
 }
