@@ -3,7 +3,7 @@
 //! checksum a correct transfer must produce.
 
 use intervm_protocol::probe::{
-    results, shmem_args, shmem_frame_bytes, shmem_source_bytes, BootInfo, Workload,
+    results, shmem_args, shmem_frame_bytes, shmem_source_bytes, BootInfo, Workload, SHMEM_ADAPTIVE,
     SHMEM_CORRUPT_HEAD, SHMEM_NOTIFY,
 };
 use intervm_protocol::ring::{self, RingError};
@@ -49,6 +49,15 @@ pub struct ShmemTask {
     /// Notify with doorbells (an ivshmem-doorbell device): the sender rings
     /// after each frame, the receiver sleeps until rung.
     pub notify: bool,
+    /// Adaptive notification: poll for `spin_us`, then sleep; ring only a
+    /// side that declared it sleeps (overrides `notify`).
+    pub adaptive: bool,
+    /// Polling budget of adaptive notification, µs.
+    pub spin_us: u64,
+    /// Sender: idle this long after the start line (receiver idle time).
+    pub start_delay_ms: u64,
+    /// Stress: largest random delay per frame, TSC cycles.
+    pub jitter_cycles: u64,
 }
 
 impl ShmemTask {
@@ -66,6 +75,10 @@ impl ShmemTask {
             corrupt_head: false,
             rounds: 1,
             notify: false,
+            adaptive: false,
+            spin_us: 150,
+            start_delay_ms: 0,
+            jitter_cycles: 0,
         }
     }
 
@@ -90,7 +103,11 @@ impl ShmemTask {
             SHMEM_CORRUPT_HEAD
         } else {
             0
-        } | if self.notify { SHMEM_NOTIFY } else { 0 };
+        } | if self.notify { SHMEM_NOTIFY } else { 0 }
+            | if self.adaptive { SHMEM_ADAPTIVE } else { 0 };
+        a[shmem_args::SPIN_US] = self.spin_us;
+        a[shmem_args::START_DELAY_MS] = self.start_delay_ms;
+        a[shmem_args::JITTER_CYCLES] = self.jitter_cycles;
         info
     }
 }

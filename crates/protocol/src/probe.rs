@@ -161,6 +161,14 @@ pub mod shmem_args {
     /// Repeat the transfer this many times (0 or 1: once), each round
     /// started by the receiver; for timing small transfers.
     pub const ROUNDS: usize = 9;
+    /// Adaptive notification: how long to poll before sleeping, in µs.
+    pub const SPIN_US: usize = 10;
+    /// Sender: wait this long after the start line before sending (to
+    /// measure an idle receiver).
+    pub const START_DELAY_MS: usize = 11;
+    /// Stress: at most this many TSC cycles of random delay before each
+    /// frame (sender) or receive (receiver); 0: none.
+    pub const JITTER_CYCLES: usize = 12;
 }
 
 /// Argument slots of [`Workload::PortioSend`] and [`Workload::PortioRecv`].
@@ -259,6 +267,12 @@ pub mod doorbell_args {
     pub const VECTOR: usize = 5;
 }
 
+/// `shmem_args::FLAGS` bit: adaptive notification. Both sides poll for
+/// `shmem_args::SPIN_US`, then declare in the ring that they sleep and wait
+/// for a doorbell; each side rings the other only when it declared so.
+/// Needs ivshmem-doorbell devices (like [`SHMEM_NOTIFY`]).
+pub const SHMEM_ADAPTIVE: u64 = 4;
+
 /// Doorbell flag: use INTx (IOAPIC, Interrupt Status) instead of MSI-X.
 pub const DB_INTX: u64 = 1;
 /// Doorbell flag: program the INTx pin edge-triggered (PVM does not inject
@@ -329,6 +343,12 @@ pub mod results {
     pub const SHM_ROUND_MAX: usize = 7;
     /// Shared memory (receiver): rounds completed.
     pub const SHM_ROUNDS: usize = 8;
+    /// Shared memory: doorbells this side rang.
+    pub const SHM_DOORBELLS: usize = 9;
+    /// Shared memory: times this side slept waiting for a doorbell.
+    pub const SHM_SLEEPS: usize = 10;
+    /// Shared memory: interrupts this side took.
+    pub const SHM_IRQS: usize = 11;
     /// Shared memory: first per-peer record; each is [`SHM_RECORD_LEN`]
     /// slots: bytes, frames, stream checksum (`ring::fold` of the frame
     /// checksums), TSC of the last frame. A sender has one record, at its

@@ -644,6 +644,12 @@ impl RingRef {
     fn tail(&self) -> &AtomicU64 {
         self.region.u64_at(self.off + RING_TAIL)
     }
+    fn producer_flags(&self) -> &AtomicU64 {
+        self.region.u64_at(self.off + RING_PRODUCER_FLAGS)
+    }
+    fn consumer_flags(&self) -> &AtomicU64 {
+        self.region.u64_at(self.off + RING_CONSUMER_FLAGS)
+    }
     fn data(&self) -> *mut u8 {
         // SAFETY: the ring lies inside the region (checked by `geometry`/`init`).
         unsafe {
@@ -732,7 +738,50 @@ pub struct Producer {
     peer: u32,
 }
 
+/// A "waiting for a doorbell" flag in a ring's flag line.
+const SLEEPING: u64 = 1;
+
+/// Adaptive notification (event suppression): each side declares in its
+/// flag line that it is about to sleep; the other side rings only then.
+///
+/// The lost-wake-up race is closed the way a Dekker lock closes it: the
+/// sleeper stores its flag, fences, and looks at the ring once more before
+/// sleeping; the waker publishes its index, fences, and then looks at the
+/// flag. At least one of the two sees the other's store. The waker takes
+/// the flag (1 -> 0) before ringing, so one sleep costs one doorbell.
+impl RingRef {
+    fn declare(flag: &AtomicU64) {
+        flag.store(SLEEPING, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+    }
+    fn take(flag: &AtomicU64) -> bool {
+        fence(Ordering::SeqCst);
+        flag.load(Ordering::SeqCst) == SLEEPING
+            && flag
+                .compare_exchange(SLEEPING, 0, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+    }
+}
+
 impl Producer {
+    /// After publishing: true when the consumer had declared that it
+    /// sleeps (the caller rings it). Clears the declaration.
+    pub fn take_consumer_sleep(&self) -> bool {
+        RingRef::take(self.ring.consumer_flags())
+    }
+
+    /// Declares that this producer will sleep until the consumer frees
+    /// space. Call [`Producer::free`] again afterwards, and only sleep if
+    /// the ring is still full; call [`Producer::awake`] on waking.
+    pub fn declare_sleep(&self) {
+        RingRef::declare(self.ring.producer_flags());
+    }
+
+    /// Withdraws a sleep declaration.
+    pub fn awake(&self) {
+        self.ring.producer_flags().store(0, Ordering::SeqCst);
+    }
+
     /// Member this producer sends to.
     pub fn peer(&self) -> u32 {
         self.peer
@@ -788,6 +837,24 @@ pub struct Consumer {
 }
 
 impl Consumer {
+    /// Declares that this consumer will sleep until a doorbell. Call
+    /// [`Consumer::available`] again afterwards, and only sleep if the ring
+    /// is still empty; call [`Consumer::awake`] on waking.
+    pub fn declare_sleep(&self) {
+        RingRef::declare(self.ring.consumer_flags());
+    }
+
+    /// Withdraws a sleep declaration.
+    pub fn awake(&self) {
+        self.ring.consumer_flags().store(0, Ordering::SeqCst);
+    }
+
+    /// After consuming: true when the producer had declared that it sleeps
+    /// on a full ring (the caller rings it). Clears the declaration.
+    pub fn take_producer_sleep(&self) -> bool {
+        RingRef::take(self.ring.producer_flags())
+    }
+
     /// Member this consumer receives from.
     pub fn peer(&self) -> u32 {
         self.peer
@@ -1083,6 +1150,82 @@ mod tests {
         assert!(one != two && two != four && one != four && two != 0 && four != 0);
         let swapped = [frames[1], frames[0]].iter().fold(0, |s, f| fold(s, *f));
         assert_ne!(swapped, run(2));
+    }
+
+    #[test]
+    fn sleep_declarations_are_taken_once() {
+        let (_m, r, geo) = setup(2, 64 << 10);
+        let mut p = r.producer(geo, 0, 1).unwrap();
+        let c = r.consumer(geo, 0, 1).unwrap();
+        assert!(!p.take_consumer_sleep(), "nobody sleeps yet");
+        c.declare_sleep();
+        p.try_send(b"x").unwrap().unwrap();
+        assert!(p.take_consumer_sleep(), "ring once");
+        assert!(!p.take_consumer_sleep(), "and only once");
+        c.declare_sleep();
+        c.awake();
+        assert!(!p.take_consumer_sleep());
+        p.declare_sleep();
+        assert!(c.take_producer_sleep());
+        assert!(!c.take_producer_sleep());
+    }
+
+    #[test]
+    fn no_wake_up_is_lost_between_two_threads() {
+        // A consumer that sleeps (spins on a "doorbell" counter) only after
+        // declaring and re-checking, against a producer that rings only
+        // when it takes a declaration: every message arrives, no hang.
+        use std::sync::atomic::AtomicU64 as Bell;
+        use std::sync::Arc;
+        let mut mem = Mem::new(64 << 10);
+        let r = mem.region();
+        let geo = Geometry::fit(2, 64 << 10).unwrap();
+        r.init(geo).unwrap();
+        let bell = Arc::new(Bell::new(0));
+        const N: u64 = 200_000;
+        let b2 = bell.clone();
+        let consumer = std::thread::spawn(move || {
+            let mut c = r.consumer(geo, 0, 1).unwrap();
+            let mut out = [0u8; 64];
+            let (mut got, mut seen, mut declared) = (0u64, 0u64, 0u64);
+            while got < N {
+                if c.try_recv(&mut out).unwrap().is_some() {
+                    got += 1;
+                    continue;
+                }
+                c.declare_sleep();
+                declared += 1;
+                if c.available().unwrap() > 0 {
+                    c.awake();
+                    continue;
+                }
+                let t0 = std::time::Instant::now();
+                while b2.load(Ordering::SeqCst) == seen {
+                    assert!(
+                        t0.elapsed().as_secs() < 10,
+                        "lost wake-up after {got} messages"
+                    );
+                    std::hint::spin_loop();
+                }
+                seen = b2.load(Ordering::SeqCst);
+                c.awake();
+            }
+            declared
+        });
+        let mut p = r.producer(geo, 0, 1).unwrap();
+        let mut rings = 0;
+        for i in 0..N {
+            while p.try_send(&i.to_le_bytes()).unwrap().is_none() {
+                std::hint::spin_loop();
+            }
+            if p.take_consumer_sleep() {
+                rings += 1;
+                bell.fetch_add(1, Ordering::SeqCst);
+            }
+        }
+        let declared = consumer.join().unwrap();
+        assert!(rings <= declared, "a doorbell per declaration at most");
+        drop(mem);
     }
 
     #[test]

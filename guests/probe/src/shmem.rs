@@ -16,7 +16,8 @@
 use crate::transfer::{buffer, record, Clock};
 use crate::{arch, arg, fail, pci, set_result, set_state};
 use intervm_protocol::probe::{
-    results, shmem_args, shmem_frame_bytes, State, EXIT_OK, SHMEM_CORRUPT_HEAD, SHMEM_NOTIFY,
+    results, shmem_args, shmem_frame_bytes, State, EXIT_OK, SHMEM_ADAPTIVE, SHMEM_CORRUPT_HEAD,
+    SHMEM_NOTIFY,
 };
 use intervm_protocol::ring::{
     self, fold, ready_go, Geometry, Liveness, MemberState, RingError, READY_PREPARED,
@@ -31,6 +32,7 @@ struct Channel {
     dev: pci::Bdf,
     bar0: u64,
     notify: bool,
+    adaptive: bool,
     base: u64,
     region: ring::Region,
     geo: Geometry,
@@ -64,7 +66,8 @@ fn open_channel() -> Result<Channel, u32> {
     Ok(Channel {
         dev,
         bar0: pci::bar_addr(dev, 0),
-        notify: arg(shmem_args::FLAGS) & SHMEM_NOTIFY != 0,
+        notify: arg(shmem_args::FLAGS) & (SHMEM_NOTIFY | SHMEM_ADAPTIVE) != 0,
+        adaptive: arg(shmem_args::FLAGS) & SHMEM_ADAPTIVE != 0,
         base: bar.addr,
         region,
         geo,
@@ -109,6 +112,56 @@ fn wait_for(
     }
 }
 
+/// Interrupts on MSI-X vector 0, where doorbells arrive.
+fn bell_counter() -> &'static core::sync::atomic::AtomicU64 {
+    &crate::cpl0::PROBE_IRQ_COUNTS[intervm_protocol::probe::IRQ_VECTOR_BASE as usize]
+}
+
+/// Enables MSI-X vector 0 and publishes this member's doorbell ID.
+fn listen(ch: &Channel) -> Result<(), u32> {
+    if pci::enable_msix(ch.dev, 1, intervm_protocol::probe::IRQ_VECTOR_BASE).is_none() {
+        return Err(fail(5, 0));
+    }
+    let id = arch::mmio_read32(ch.bar0 + 8) as u16;
+    ch.region
+        .set_doorbell_id(&ch.geo, ch.me, id)
+        .map_err(ring_fail)
+}
+
+/// The doorbell value that rings member `m` (which published its ID).
+fn bell_of(ch: &Channel, m: u32) -> Result<u32, u32> {
+    match ch.region.doorbell_id(&ch.geo, m) {
+        Ok(Some(id)) => Ok((id as u32) << 16),
+        _ => Err(fail(6, m as u64)),
+    }
+}
+
+/// Polling budget of adaptive notification, in TSC cycles.
+fn spin_cycles(clock: &Clock) -> u64 {
+    arg(shmem_args::SPIN_US).max(1) * clock.khz() / 1000
+}
+
+/// A cheap pseudo-random delay of up to `JITTER_CYCLES` (stress tests).
+fn jitter(state: &mut u64) {
+    let max = arg(shmem_args::JITTER_CYCLES);
+    if max == 0 {
+        return;
+    }
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    // Mostly short delays, now and then a long one so that sleeps happen.
+    let d = if (*state).is_multiple_of(1024) {
+        max
+    } else {
+        *state % (max / 16 + 1)
+    };
+    let t0 = arch::rdtsc();
+    while arch::rdtsc() - t0 < d {
+        core::hint::spin_loop();
+    }
+}
+
 /// [`intervm_protocol::probe::Workload::ShmemSend`].
 pub fn send() -> u32 {
     match try_send() {
@@ -128,12 +181,20 @@ fn try_send() -> Result<(), u32> {
     let t0 = arch::rdtsc();
     ring::fill_pattern(arg(shmem_args::SEED), 0, src);
     set_result(results::SHM_PREPARE_TSC, arch::rdtsc() - t0);
+    let counter = bell_counter();
+    let mut seen = counter.load(core::sync::atomic::Ordering::SeqCst);
+    if ch.adaptive {
+        // The receiver rings this side when it frees space we sleep for.
+        listen(&ch)?;
+    }
     set_state(State::Ready);
     ch.region
         .set_ready(&ch.geo, ch.me, READY_PREPARED)
         .map_err(ring_fail)?;
 
     let rounds = arg(shmem_args::ROUNDS).max(1);
+    let budget = spin_cycles(&clock);
+    let (mut rang, mut sleeps, mut rng) = (0u64, 0u64, 0x9e37_79b9_7f4a_7c15u64 ^ ch.me as u64);
     let mut live = Liveness::new(
         &ch.region,
         &ch.geo,
@@ -150,17 +211,23 @@ fn try_send() -> Result<(), u32> {
             c.region.ready(&c.geo, peer) == Ok(ready_go(round))
         })?;
         if round == 1 {
+            let delay = arg(shmem_args::START_DELAY_MS);
+            if delay > 0 {
+                let t0 = clock.now_ms();
+                while clock.now_ms() - t0 < delay {
+                    core::hint::spin_loop();
+                }
+            }
             set_result(results::SHM_START_TSC, arch::rdtsc());
             if ch.notify {
                 // The receiver published its doorbell ID before its "go".
-                bell = match ch.region.doorbell_id(&ch.geo, peer) {
-                    Ok(Some(id)) => (id as u32) << 16,
-                    _ => return Err(fail(6, peer as u64)),
-                };
+                bell = bell_of(&ch, peer)?;
             }
         }
         let mut sent = 0u64;
+        let mut full_since = 0u64;
         while sent < bytes {
+            jitter(&mut rng);
             if corrupt && sent >= bytes / 2 {
                 return Err(corrupt_head(&ch, peer));
             }
@@ -171,10 +238,36 @@ fn try_send() -> Result<(), u32> {
                     sent += n as u64;
                     frames += 1;
                     pos = (pos + n) % src.len();
-                    if ch.notify {
-                        // Doorbell: peer ID in the high half, vector 0.
+                    full_since = 0;
+                    // Doorbell: peer ID in the high half, vector 0. Adaptive:
+                    // only when the receiver declared that it sleeps.
+                    if ch.notify && (!ch.adaptive || p.take_consumer_sleep()) {
                         arch::mmio_write32(ch.bar0 + 12, bell);
+                        rang += 1;
                     }
+                }
+                None if ch.adaptive => {
+                    waits += 1;
+                    let now = arch::rdtsc();
+                    if full_since == 0 {
+                        full_since = now;
+                    }
+                    if now - full_since < budget {
+                        core::hint::spin_loop();
+                        continue;
+                    }
+                    // Full for longer than the budget: declare, look again,
+                    // then sleep until the receiver frees space and rings.
+                    p.declare_sleep();
+                    if p.free().map_err(ring_fail)? < (chunk + 16).next_multiple_of(8) {
+                        sleeps += 1;
+                        arch::wait_for_interrupt(counter, seen);
+                    }
+                    seen = counter.load(core::sync::atomic::Ordering::SeqCst);
+                    p.awake();
+                    full_since = 0;
+                    live.check(&ch.region, &ch.geo, clock.now_ms())
+                        .map_err(ring_fail)?;
                 }
                 None => {
                     waits += 1;
@@ -192,6 +285,12 @@ fn try_send() -> Result<(), u32> {
     let end = arch::rdtsc();
     set_result(results::SHM_END_TSC, end);
     set_result(results::SHM_WAITS, waits);
+    set_result(results::SHM_DOORBELLS, rang);
+    set_result(results::SHM_SLEEPS, sleeps);
+    set_result(
+        results::SHM_IRQS,
+        counter.load(core::sync::atomic::Ordering::SeqCst),
+    );
     record(peer, sent, frames, stream, end);
     Ok(())
 }
@@ -255,14 +354,7 @@ fn try_recv() -> Result<(), u32> {
         });
     }
     if ch.notify {
-        if pci::enable_msix(ch.dev, 1, intervm_protocol::probe::IRQ_VECTOR_BASE).is_none() {
-            return Err(fail(5, 0));
-        }
-        // Peers ring this member by its doorbell ID (IVPosition).
-        let id = arch::mmio_read32(ch.bar0 + 8) as u16;
-        ch.region
-            .set_doorbell_id(&ch.geo, ch.me, id)
-            .map_err(ring_fail)?;
+        listen(&ch)?;
     }
     let chunk = match arg(shmem_args::CHUNK) {
         0 => ch.geo.max_payload(),
@@ -339,8 +431,14 @@ fn pump(
 ) -> Result<u64, RingError> {
     let (mut pos, mut waits, mut idle) = (0usize, 0u64, 0u64);
     let mut pending = peers.iter().flatten().filter(|p| p.bytes < want).count();
-    let counter = &crate::cpl0::PROBE_IRQ_COUNTS[intervm_protocol::probe::IRQ_VECTOR_BASE as usize];
-    while pending > 0 {
+    let counter = bell_counter();
+    let budget = spin_cycles(clock);
+    let (mut idle_since, mut rang, mut sleeps) = (0u64, 0u64, 0u64);
+    let mut rng = 0x2545_f491_4f6c_dd1du64 ^ ch.me as u64;
+    let outcome = loop {
+        if pending == 0 {
+            break Ok(waits);
+        }
         // Interrupts seen before this pass: a doorbell that rings during
         // the pass makes the sleep below return at once (no lost wake-up).
         let seen = counter.load(core::sync::atomic::Ordering::SeqCst);
@@ -367,6 +465,16 @@ fn pump(
                     if p.bytes == want {
                         pending -= 1;
                     }
+                    // Adaptive: a producer asleep on a full ring has room now.
+                    if ch.adaptive && p.c.take_producer_sleep() {
+                        let bell = match ch.region.doorbell_id(&ch.geo, p.c.peer()) {
+                            Ok(Some(id)) => (id as u32) << 16,
+                            _ => return Err(RingError::PeerGone(p.c.peer())),
+                        };
+                        arch::mmio_write32(ch.bar0 + 12, bell);
+                        rang += 1;
+                    }
+                    jitter(&mut rng);
                 }
                 None if idle % CHECK_EVERY == CHECK_EVERY - 1 => {
                     if let Err(e) = p.live.check(&ch.region, &ch.geo, clock.now_ms()) {
@@ -380,8 +488,38 @@ fn pump(
                 None => {}
             }
         }
+        if !got_any && ch.adaptive {
+            let now = arch::rdtsc();
+            if idle_since == 0 {
+                idle_since = now;
+            }
+            if now - idle_since < budget {
+                core::hint::spin_loop();
+                continue;
+            }
+            // Idle past the budget: declare on every ring still expected,
+            // look once more, then sleep until a producer rings.
+            for p in peers.iter().flatten().filter(|p| p.bytes < want) {
+                p.c.declare_sleep();
+            }
+            let mut any = false;
+            for p in peers.iter().flatten().filter(|p| p.bytes < want) {
+                any |= p.c.available()? > 0;
+            }
+            if !any {
+                sleeps += 1;
+                arch::wait_for_interrupt(counter, seen);
+            }
+            for p in peers.iter().flatten() {
+                p.c.awake();
+            }
+            idle_since = 0;
+        }
         if !got_any && ch.notify {
-            arch::wait_for_interrupt(counter, seen);
+            if !ch.adaptive {
+                sleeps += 1;
+                arch::wait_for_interrupt(counter, seen);
+            }
             // Woken by a doorbell, or by the VMM because a peer left.
             for p in peers.iter_mut().flatten() {
                 if p.bytes < want {
@@ -401,7 +539,14 @@ fn pump(
             core::hint::spin_loop();
         } else {
             idle = 0;
+            idle_since = 0;
         }
-    }
-    Ok(waits)
+    };
+    set_result(results::SHM_DOORBELLS, rang);
+    set_result(results::SHM_SLEEPS, sleeps);
+    set_result(
+        results::SHM_IRQS,
+        counter.load(core::sync::atomic::Ordering::SeqCst),
+    );
+    outcome
 }

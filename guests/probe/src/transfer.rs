@@ -20,6 +20,11 @@ impl Clock {
         }
     }
 
+    /// TSC ticks per millisecond.
+    pub fn khz(&self) -> u64 {
+        self.khz
+    }
+
     /// Milliseconds since the TSC started.
     pub fn now_ms(&self) -> u64 {
         arch::rdtsc() / self.khz
