@@ -100,6 +100,8 @@ struct RawChannel {
     port: Option<i64>,
     vectors: Option<u32>,
     fast_path: Option<bool>,
+    notify: Option<String>,
+    spin_us: Option<u64>,
 }
 
 /// What a VM boots.
@@ -272,6 +274,31 @@ pub struct ChannelSpec {
     pub vectors: usize,
     /// In-kernel doorbells (ioeventfd -> irqfd) where KVM allows (`doorbell`).
     pub fast_path: bool,
+    /// When transfers ring doorbells (`doorbell`).
+    pub notify: Notify,
+    /// Adaptive notification: polling budget before sleeping, µs.
+    pub spin_us: u64,
+}
+
+/// `notify` of a doorbell channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Notify {
+    /// A doorbell per frame; the receiver always sleeps when idle.
+    Always,
+    /// Poll for `spin_us`, then sleep; ring only a side that sleeps.
+    Adaptive,
+    /// Pure polling, no doorbells.
+    Never,
+}
+
+/// The default polling budget: about two one-way doorbells as measured on
+/// this project's hosts (75 µs each on PVM, a few µs on VMX/SVM).
+pub fn default_spin_us() -> u64 {
+    if vmm_core::host::KvmFlavor::detect() == vmm_core::host::KvmFlavor::Pvm {
+        150
+    } else {
+        20
+    }
 }
 
 impl ChannelSpec {
@@ -845,6 +872,18 @@ impl Config {
                 port: port as u16,
                 vectors: vectors as usize,
                 fast_path: c.fast_path.unwrap_or(true),
+                notify: match c.notify.as_deref() {
+                    None | Some("adaptive") => Notify::Adaptive,
+                    Some("always") => Notify::Always,
+                    Some("never") => Notify::Never,
+                    Some(n) => {
+                        return Err(err(format!(
+                            "{}: {n:?} is not \"always\", \"adaptive\" or \"never\"",
+                            key("notify")
+                        )))
+                    }
+                },
+                spin_us: c.spin_us.unwrap_or_else(default_spin_us).max(1),
             });
         }
         for (v, spec) in raw.vm.iter().zip(vms.iter_mut()) {

@@ -12,7 +12,7 @@ use probe_image::shmem::{
 };
 use shmem_device::Transport;
 
-use crate::config::{ChannelKind, ChannelSpec, Config, ProbeTask, VmSpec};
+use crate::config::{ChannelKind, ChannelSpec, Config, Notify, ProbeTask, VmSpec};
 
 /// The outcome of a probe task, checked.
 pub struct Report {
@@ -140,7 +140,7 @@ fn boot_info(cfg: &Config, vm: &VmSpec, task: &ProbeTask, index: usize) -> BootI
             t.device_index = device_index(cfg, &vm.name, c);
             t.chunk = *chunk;
             t.seed = seed_for(c, &vm.name);
-            t.notify = ch.kind == ChannelKind::Doorbell;
+            set_notify(&mut t, ch);
             t.boot_info()
         }
         ProbeTask::Recv {
@@ -155,9 +155,31 @@ fn boot_info(cfg: &Config, vm: &VmSpec, task: &ProbeTask, index: usize) -> BootI
             let mut t = ShmemTask::new(member(ch, &vm.name), Role::Recv { from: mask }, *size);
             t.device_index = device_index(cfg, &vm.name, c);
             t.chunk = *chunk;
-            t.notify = ch.kind == ChannelKind::Doorbell;
+            set_notify(&mut t, ch);
             t.boot_info()
         }
+    }
+}
+
+/// Doorbell channels: what the side did with doorbells.
+fn doorbells(ch: &ChannelSpec, info: &BootInfo) -> String {
+    use intervm_protocol::probe::results as r;
+    if ch.kind != ChannelKind::Doorbell {
+        return String::new();
+    }
+    format!(
+        ", {} doorbells rung, {} sleeps",
+        info.results[r::SHM_DOORBELLS],
+        info.results[r::SHM_SLEEPS]
+    )
+}
+
+/// Doorbell channels: how a transfer waits and rings.
+fn set_notify(t: &mut ShmemTask, ch: &ChannelSpec) {
+    if ch.kind == ChannelKind::Doorbell {
+        t.notify = ch.notify == Notify::Always;
+        t.adaptive = ch.notify == Notify::Adaptive;
+        t.spin_us = ch.spin_us;
     }
 }
 
@@ -289,12 +311,13 @@ pub fn report(
             let r = peer_record(info, member(ch, to));
             ok &= r.bytes == *size;
             lines.push(format!(
-                "{}: sent {} of {} to {to} over {c}{}, stream checksum {:#018x}",
+                "{}: sent {} of {} to {to} over {c}{}, stream checksum {:#018x}{}",
                 vm.name,
                 human(r.bytes),
                 human(*size),
                 rate(r.bytes, secs),
-                r.stream
+                r.stream,
+                doorbells(ch, info)
             ));
         }
         ProbeTask::Recv { from, size, .. } => {
