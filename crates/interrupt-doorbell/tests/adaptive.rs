@@ -40,6 +40,31 @@ fn run(rx: ShmemTask, tx: ShmemTask, region: u64, limit: Duration) -> Outcome {
     let (vt, ct, dt, mt) = boot("tx", &tx);
     group::wire(&[dr, dt]).unwrap();
     let (rr, rt) = (vr.start().unwrap(), vt.start().unwrap());
+    // A hang is a failure that shows both sides' state.
+    let t0 = std::time::Instant::now();
+    let done =
+        |r: &vmm_core::RunningVm| r.wait_timeout(limit.saturating_sub(t0.elapsed())).is_some();
+    if !(done(&rt) && done(&rr)) {
+        let side = |name: &str, r: &vmm_core::RunningVm, peer: u32| {
+            let i = vmm_core::boot::probe::read_info(r.vm().memory()).unwrap();
+            let rec = peer_record(&i, peer);
+            format!(
+                "{name}: state {} bytes {} frames {} sleeps {} doorbells {} irqs {} error {}",
+                i.state,
+                rec.bytes,
+                rec.frames,
+                i.results[results::SHM_SLEEPS],
+                i.results[results::SHM_DOORBELLS],
+                i.results[results::SHM_IRQS],
+                i.results[results::SHM_ERROR]
+            )
+        };
+        panic!(
+            "hang after {limit:?}:\n{}\n{}",
+            side("receiver", &rr, 0),
+            side("sender", &rt, 1)
+        );
+    }
     let (tx_exit, tx_info) = finish(rt, &ct, limit);
     let (rx_exit, rx_info) = finish(rr, &cr, limit);
     drop((mr, mt));

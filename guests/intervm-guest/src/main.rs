@@ -47,6 +47,13 @@ struct UioOpts {
     /// The UIO device (default: the only one the ivshmem_uio driver made).
     #[arg(long)]
     uio: Option<PathBuf>,
+    /// "adaptive": poll for --spin-us, ring only a sleeping side; "always":
+    /// a doorbell per frame. Both sides must agree.
+    #[arg(long, default_value = "adaptive", value_parser = ["adaptive", "always"])]
+    notify: String,
+    /// Adaptive polling budget in microseconds.
+    #[arg(long, default_value_t = 150)]
+    spin_us: u64,
 }
 
 #[derive(Subcommand)]
@@ -338,7 +345,8 @@ fn uio_common(
     t: &Timing,
 ) -> Result<(shmem::Common, uio::Uio), Error> {
     let dev = uio_dev(o)?;
-    let u = uio::Uio::open(std::path::Path::new(uio::SYSFS_UIO), &dev)?;
+    let mut u = uio::Uio::open(std::path::Path::new(uio::SYSFS_UIO), &dev)?;
+    u.set_adaptive((o.notify == "adaptive").then(|| Duration::from_micros(o.spin_us.max(1))));
     Ok((
         shmem::Common {
             source: shmem::Source {

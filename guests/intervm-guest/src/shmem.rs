@@ -215,6 +215,12 @@ pub trait Notify {
     /// Sleeps until rung (returns at once if a ring came since the last
     /// wait) or `timeout` passes.
     fn wait(&mut self, timeout: Duration);
+    /// Adaptive notification: poll this long before sleeping, and ring only
+    /// a side that declared it sleeps. `None`: ring every frame, sleep
+    /// whenever idle.
+    fn adaptive(&self) -> Option<Duration> {
+        None
+    }
 }
 
 /// [`Notify`] by polling: never rings, never sleeps.
@@ -310,7 +316,9 @@ pub fn send(
                         frames += 1;
                     }
                     if let Some(id) = bell {
-                        notify.ring(id);
+                        if notify.adaptive().is_none() || p.take_consumer_sleep() {
+                            notify.ring(id);
+                        }
                     }
                     break;
                 }
@@ -387,6 +395,7 @@ pub fn recv(
     );
     let (mut got, mut frames, mut stream, mut last) = (0u64, 0u64, 0u64, start.elapsed());
     let mut idle = 0u64;
+    let mut idle_since: Option<Instant> = None;
     while size.is_none_or(|s| got < s) {
         match cons.try_recv(&mut buf).map_err(ring_err)? {
             Some((0, _)) => break,
@@ -395,6 +404,7 @@ pub fn recv(
                 frames += 1;
                 stream = fold(stream, sum);
                 last = start.elapsed();
+                idle_since = None;
                 if let Some(w) = &mut sink {
                     w.write_all(&buf[..n])
                         .map_err(|e| Error::Io("writing the payload".into(), e))?;
@@ -402,9 +412,24 @@ pub fn recv(
                 idle = 0;
             }
             None if sleeps => {
-                // The driver counts interrupts, so a ring since the last
-                // wait returns at once: no lost wake-up.
-                notify.wait(Duration::from_millis(50));
+                if let Some(budget) = notify.adaptive() {
+                    // Poll for the budget, then declare, look again, sleep.
+                    let t0 = *idle_since.get_or_insert_with(Instant::now);
+                    if t0.elapsed() < budget {
+                        std::hint::spin_loop();
+                        continue;
+                    }
+                    cons.declare_sleep();
+                    if cons.available().map_err(ring_err)? == 0 {
+                        notify.wait(Duration::from_millis(50));
+                    }
+                    cons.awake();
+                    idle_since = None;
+                } else {
+                    // The driver counts interrupts, so a ring since the last
+                    // wait returns at once: no lost wake-up.
+                    notify.wait(Duration::from_millis(50));
+                }
                 if let Err(e) = live.check(&j.region, &j.geo, monotonic_ms()) {
                     if cons.available().map_err(ring_err)? == 0 {
                         return Err(Error::Ring(e));

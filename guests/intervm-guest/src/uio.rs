@@ -74,6 +74,7 @@ pub fn pick(class: &Path, given: Option<&Path>) -> Result<PathBuf, Error> {
 pub struct Uio {
     file: File,
     regs: Mapping,
+    adaptive: Option<Duration>,
 }
 
 impl Uio {
@@ -85,7 +86,17 @@ impl Uio {
             .open(dev)
             .map_err(|e| Error::Io(dev.display().to_string(), e))?;
         let regs = Mapping::open_at(dev, map_size(class, dev, 0)?.max(16), 0)?;
-        Ok(Self { file, regs })
+        Ok(Self {
+            file,
+            regs,
+            adaptive: Some(Duration::from_micros(150)),
+        })
+    }
+
+    /// Sets adaptive notification with a polling budget, or `None` for a
+    /// doorbell per frame (both sides must agree).
+    pub fn set_adaptive(&mut self, budget: Option<Duration>) {
+        self.adaptive = budget;
     }
 
     /// Maps the shared memory (map 1).
@@ -142,6 +153,9 @@ impl Notify for Uio {
     }
     fn wait(&mut self, timeout: Duration) {
         let _ = self.wait_irq(timeout);
+    }
+    fn adaptive(&self) -> Option<Duration> {
+        self.adaptive
     }
 }
 
