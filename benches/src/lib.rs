@@ -1,5 +1,8 @@
-//! Shared by the benches in `benches/`: a `main` that runs criterion and
-//! then a bench's own summary table.
+//! Shared by the benches in `benches/` and the `intervm-bench` harness:
+//! the runs themselves ([`runs`]) and a `main` that runs criterion and then
+//! a bench's own summary table.
+
+pub mod runs;
 
 /// Runs the criterion groups in `benches`, then `summary` (unless criterion
 /// was only asked to list or smoke-test the benches).

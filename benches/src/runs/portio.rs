@@ -1,0 +1,134 @@
+//! The port-I/O channel VM to VM, per mode and access width.
+#![allow(missing_docs)]
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use intervm_protocol::portio::{DEFAULT_BASE, PORT_COUNT};
+use intervm_protocol::probe::{results, BootInfo, Workload};
+use portio_channel::{PortioDevice, PortioStats, RingLink};
+use probe_image::portio::PortioTask;
+use probe_image::shmem::{peer_record, Role, ShmemResult};
+use shmem_device::{Backing, SharedRegion, Transport};
+use vmm_core::{boot::probe, devices::serial::SerialOutput, Vm, VmConfig};
+
+#[derive(Clone, Copy)]
+pub struct Mode {
+    pub label: &'static str,
+    pub descriptor: bool,
+    pub width: u8,
+    pub rep: bool,
+    /// Largest size measured by default (bytes).
+    pub cap: u64,
+}
+
+pub const MODES: [Mode; 5] = [
+    Mode {
+        label: "port-8bit",
+        descriptor: false,
+        width: 1,
+        rep: false,
+        cap: 16 << 10,
+    },
+    Mode {
+        label: "port-16bit",
+        descriptor: false,
+        width: 2,
+        rep: false,
+        cap: 32 << 10,
+    },
+    Mode {
+        label: "port-32bit",
+        descriptor: false,
+        width: 4,
+        rep: false,
+        cap: 64 << 10,
+    },
+    Mode {
+        label: "rep-outsd",
+        descriptor: false,
+        width: 4,
+        rep: true,
+        cap: 64 << 10,
+    },
+    Mode {
+        label: "descriptor",
+        descriptor: true,
+        width: 4,
+        rep: false,
+        cap: 1 << 30,
+    },
+];
+
+pub struct Run {
+    pub secs: f64,
+    pub tx: PortioStats,
+    pub rx: PortioStats,
+}
+
+pub fn vm(
+    name: &str,
+    info: &BootInfo,
+    t: &Transport,
+    me: u32,
+) -> (
+    vmm_core::RunningVm,
+    Arc<Mutex<PortioDevice<RingLink, vmm_core::memory::GuestMemoryMmap>>>,
+) {
+    let mut cfg = VmConfig::new(name, 64 << 20);
+    cfg.serial = SerialOutput::Sink;
+    let vm = Vm::new(&cfg).expect("VM");
+    probe::load(&vm, probe_image::PROBE_ELF, info).expect("probe");
+    let dev = Arc::new(Mutex::new(PortioDevice::new(
+        RingLink::join(t, me).expect("join"),
+        vm.memory().clone(),
+    )));
+    vm.add_pio_device(DEFAULT_BASE, PORT_COUNT, dev.clone())
+        .expect("ports");
+    (vm.start().expect("start"), dev)
+}
+
+pub fn transfer(m: Mode, bytes: u64) -> Run {
+    let region = SharedRegion::open(&Backing::Memfd, 4 << 20).expect("region");
+    let t = Transport::attach(Arc::new(region), 2).expect("attach");
+    let task = |role| {
+        let mut k = PortioTask::new(role, bytes);
+        k.descriptor = m.descriptor;
+        k.width = m.width;
+        k.rep = m.rep;
+        k.message = if m.descriptor { 128 << 10 } else { 4096 };
+        k.seed = 9;
+        k.boot_info()
+    };
+    let (rx, rxd) = vm("rx", &task(Role::Recv { from: 1 }), &t, 1);
+    let (tx, txd) = vm("tx", &task(Role::Send { to: 1 }), &t, 0);
+    let limit = Duration::from_secs(3600);
+    rx.wait_timeout(limit).expect("receiver finished");
+    tx.wait_timeout(limit).expect("sender finished");
+    let ri = probe::read_info(rx.vm().memory()).expect("info");
+    let ti = probe::read_info(tx.vm().memory()).expect("info");
+    let res = ShmemResult::from_info(&ri);
+    assert!(res.error.is_none(), "{}: {:?}", m.label, res.error);
+    assert_eq!(peer_record(&ri, 0).bytes, bytes);
+    assert_eq!(peer_record(&ri, 0).stream, peer_record(&ti, 1).stream);
+    let (tx_stats, rx_stats) = (txd.lock().unwrap().stats(), rxd.lock().unwrap().stats());
+    Run {
+        secs: res.seconds().unwrap_or(0.0),
+        tx: tx_stats,
+        rx: rx_stats,
+    }
+}
+
+/// The raw CPL3 port-I/O exit round trip (the foundation bench's number).
+pub fn raw_exit() -> f64 {
+    let mut info = BootInfo::new(Workload::PioRoundTrip, 0, 0);
+    info.args[0] = 2000;
+    let mut cfg = VmConfig::new("raw", 16 << 20);
+    cfg.serial = SerialOutput::Sink;
+    let vm = Vm::new(&cfg).expect("VM");
+    probe::load(&vm, probe_image::PROBE_ELF, &info).expect("probe");
+    let r = vm.start().expect("start");
+    r.wait_timeout(Duration::from_secs(120)).expect("finished");
+    let i = probe::read_info(r.vm().memory()).expect("info");
+    i.results[results::PIO_CPL3_CYCLES] as f64 / i.tsc_khz.max(1) as f64 / 1e3 / 2000.0
+}

@@ -1,0 +1,121 @@
+//! Shared memory without interrupts: host memcpy, the ring between host threads, and VM to VM.
+#![allow(missing_docs)]
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use intervm_protocol::probe::{shmem_frame_bytes, shmem_source_bytes};
+use intervm_protocol::ring;
+use probe_image::shmem::{peer_record, Role, ShmemResult, ShmemTask};
+use shmem_device::{Backing, IvshmemPlain, SharedRegion, Transport};
+use std::sync::Mutex;
+use vmm_core::{boot::probe, devices::serial::SerialOutput, Vm, VmConfig};
+
+/// Frame payload bytes (`INTERVM_SHMEM_CHUNK` overrides).
+pub fn chunk() -> u64 {
+    env_size("INTERVM_SHMEM_CHUNK", 64 << 10)
+}
+
+/// Shared region bytes (`INTERVM_SHMEM_REGION` overrides).
+pub fn region() -> u64 {
+    env_size("INTERVM_SHMEM_REGION", 4 << 20)
+}
+
+pub fn env_size(var: &str, default: u64) -> u64 {
+    std::env::var(var)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+pub fn host_memcpy(bytes: u64, iters: u64) -> Duration {
+    let src = vec![0x5au8; bytes as usize];
+    let mut dst = vec![0u8; bytes as usize];
+    dst.copy_from_slice(&src);
+    let t = Instant::now();
+    for _ in 0..iters {
+        dst.copy_from_slice(std::hint::black_box(&src));
+    }
+    std::hint::black_box(&dst);
+    t.elapsed()
+}
+
+pub fn host_ring(bytes: u64, iters: u64) -> Duration {
+    let shared = Arc::new(SharedRegion::open(&Backing::Memfd, region()).expect("region"));
+    let t = Transport::attach(shared, 2).expect("attach");
+    let (r, geo) = (t.ring_region(), t.geometry());
+    let frame = shmem_frame_bytes(chunk(), bytes, geo.max_payload());
+    let mut src = vec![0u8; shmem_source_bytes(bytes, frame) as usize];
+    ring::fill_pattern(1, 0, &mut src);
+    let total = bytes * iters;
+    let consumer = std::thread::spawn(move || {
+        let mut c = r.consumer(geo, 0, 1).expect("consumer");
+        let mut dst = vec![0u8; src_len_for(bytes, frame)];
+        let (mut got, mut pos) = (0u64, 0usize);
+        while got < total {
+            let end = (pos + frame as usize).min(dst.len());
+            if let Some((n, _)) = c.try_recv(&mut dst[pos..end]).expect("recv") {
+                got += n as u64;
+                pos = if pos + 2 * frame as usize > dst.len() {
+                    0
+                } else {
+                    pos + n
+                };
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+        Instant::now()
+    });
+    let mut p = r.producer(geo, 0, 1).expect("producer");
+    let start = Instant::now();
+    let (mut sent, mut pos) = (0u64, 0usize);
+    while sent < total {
+        let n = (frame.min(total - sent) as usize).min(src.len() - pos);
+        if p.try_send(&src[pos..pos + n]).expect("send").is_some() {
+            sent += n as u64;
+            pos = (pos + n) % src.len();
+        } else {
+            std::hint::spin_loop();
+        }
+    }
+    consumer.join().expect("consumer thread") - start
+}
+
+pub fn src_len_for(bytes: u64, frame: u64) -> usize {
+    shmem_source_bytes(bytes, frame).max(frame) as usize
+}
+
+/// Two probe VMs moving `bytes` `rounds` times; returns the receiver's
+/// total and fastest-round times.
+pub fn vm_to_vm(bytes: u64, rounds: u64) -> (Duration, Duration) {
+    let shared = Arc::new(SharedRegion::open(&Backing::Memfd, region()).expect("region"));
+    let t = Transport::attach(shared, 2).expect("attach");
+    let vm = |name: &str, me: u32, role: Role| {
+        let mut task = ShmemTask::new(me, role, bytes);
+        task.chunk = chunk();
+        task.rounds = rounds;
+        let mut cfg = VmConfig::new(name, 64 << 20);
+        cfg.serial = SerialOutput::Sink;
+        let vm = Vm::new(&cfg).expect("VM");
+        vm.add_pci_device(Arc::new(Mutex::new(IvshmemPlain::new(t.region().clone()))))
+            .expect("device");
+        probe::load(&vm, probe_image::PROBE_ELF, &task.boot_info()).expect("probe");
+        let m = t.join(me).expect("join");
+        (vm.start().expect("start"), m)
+    };
+    let rx = vm("rx", 1, Role::Recv { from: 1 });
+    let tx = vm("tx", 0, Role::Send { to: 1 });
+    let limit = Duration::from_secs(600);
+    rx.0.wait_timeout(limit).expect("receiver finished");
+    tx.0.wait_timeout(limit).expect("sender finished");
+    let rinfo = probe::read_info(rx.0.vm().memory()).expect("info");
+    let tinfo = probe::read_info(tx.0.vm().memory()).expect("info");
+    let res = ShmemResult::from_info(&rinfo);
+    assert!(res.error.is_none(), "transfer failed: {:?}", res.error);
+    let (got, sent) = (peer_record(&rinfo, 0), peer_record(&tinfo, 1));
+    assert_eq!(got.bytes, bytes * rounds);
+    assert_eq!(got.stream, sent.stream, "stream checksums differ");
+    let secs = |c: u64| Duration::from_secs_f64(res.cycles_to_seconds(c).unwrap_or(0.0));
+    (secs(res.end_tsc - res.start_tsc), secs(res.round_cycles.0))
+}
