@@ -15,6 +15,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use intervm_benches::runs::{doorbell, portio, shmem};
+use serde::{Deserialize, Serialize};
 
 struct Opts {
     sizes: Vec<u64>,
@@ -85,8 +86,9 @@ fn opts() -> Result<Opts, String> {
 }
 
 /// One measured point.
+#[derive(Serialize, Deserialize)]
 struct Point {
-    channel: &'static str,
+    channel: String,
     variant: String,
     bytes: u64,
     /// Seconds per transfer, one per repetition.
@@ -148,7 +150,7 @@ fn run(o: &Opts) -> Vec<Point> {
     let mut done = 0;
     for (channel, variant, bytes) in plan {
         let mut p = Point {
-            channel,
+            channel: channel.to_string(),
             variant: variant.clone(),
             bytes,
             samples: Vec::new(),
@@ -206,32 +208,62 @@ fn run(o: &Opts) -> Vec<Point> {
     points
 }
 
-fn json(points: &[Point], o: &Opts, flavor: &str, raw_exit_us: f64) -> String {
-    let mut s = String::from("{\n");
-    s += &format!("  \"kvm\": \"{flavor}\",\n  \"repeat\": {},\n  \"raw_pio_exit_us\": {raw_exit_us:.3},\n  \"points\": [\n", o.repeat);
-    for (i, p) in points.iter().enumerate() {
-        let (med, min, max) = p.stats();
-        let opt = |v: Option<f64>| v.map_or("null".to_string(), |x| format!("{x:.1}"));
-        s += &format!(
-            "    {{\"channel\": \"{}\", \"variant\": \"{}\", \"bytes\": {}, \"median_s\": {med:.9}, \"min_s\": {min:.9}, \"max_s\": {max:.9}, \"samples_s\": [{}], \"exits\": {}, \"interrupts\": {}, \"extrapolated_from\": {}}}{}\n",
-            p.channel,
-            p.variant,
-            p.bytes,
-            p.samples.iter().map(|v| format!("{v:.9}")).collect::<Vec<_>>().join(", "),
-            opt(p.exits),
-            opt(p.interrupts),
-            p.extrapolated_from.map_or("null".into(), |b| b.to_string()),
-            if i + 1 < points.len() { "," } else { "" }
-        );
-    }
-    s += "  ]\n}\n";
-    s
+/// What a run writes to `results.json` (and `plot` reads back).
+#[derive(Serialize, Deserialize)]
+struct Results {
+    kvm: String,
+    repeat: usize,
+    raw_pio_exit_us: f64,
+    points: Vec<Point>,
+    breakdown: Vec<Layers>,
 }
 
-fn markdown(points: &[Point], o: &Opts, flavor: &str, raw_exit_us: f64) -> String {
+/// The per-layer breakdown of the fastest channel (shared memory, polled)
+/// for one size: medians over the repetitions, seconds per transfer.
+#[derive(Serialize, Deserialize)]
+struct Layers {
+    bytes: u64,
+    total: f64,
+    send_copy: f64,
+    send_wait: f64,
+    recv_copy: f64,
+    recv_wait: f64,
+    exits: u64,
+    interrupts: u64,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn layers(o: &Opts) -> Vec<Layers> {
+    let mut out = Vec::new();
+    for &(bytes, rounds) in &[(2u64 << 20, 20u64), (1 << 30, 1)] {
+        eprintln!("breakdown: shmem {} x{}", label(bytes), o.repeat);
+        let runs: Vec<shmem::Breakdown> = (0..o.repeat)
+            .map(|_| shmem::breakdown(bytes, rounds))
+            .collect();
+        let m = |f: fn(&shmem::Breakdown) -> f64| median(runs.iter().map(f).collect());
+        out.push(Layers {
+            bytes,
+            total: m(|b| b.total),
+            send_copy: m(|b| b.send_copy),
+            send_wait: m(|b| b.send_wait),
+            recv_copy: m(|b| b.recv_copy),
+            recv_wait: m(|b| b.recv_wait),
+            exits: runs.iter().map(|b| b.exits).max().unwrap_or(0),
+            interrupts: runs.iter().map(|b| b.interrupts).max().unwrap_or(0),
+        });
+    }
+    out
+}
+
+fn markdown(r: &Results) -> String {
+    let (points, flavor, raw_exit_us) = (&r.points, &r.kvm, r.raw_pio_exit_us);
     let mut s = format!(
         "# intervm channel comparison\n\nKVM: {flavor}. {} runs per point; times are per transfer, from the receiving guest's TSC (memcpy: host clock). Raw CPL3 port-I/O exit round trip in this run: {raw_exit_us:.1} µs.\n\n",
-        o.repeat
+        r.repeat
     );
     s += "| channel | variant | size | median | min | max | MiB/s | exits | interrupts | note |\n|---|---|---|---|---|---|---|---|---|---|\n";
     for p in points {
@@ -260,10 +292,239 @@ fn markdown(points: &[Point], o: &Opts, flavor: &str, raw_exit_us: f64) -> Strin
                 .map_or(String::new(), |b| format!("extrapolated from {}", label(b)))
         );
     }
+    s += "\n## Where the time goes: shared memory, polled (per transfer)\n\n";
+    s += "| size | total | sender copy (CPL3) | sender waits | receiver copy (CPL3) | receiver waits (peer) | VM exits | interrupts |\n|---|---|---|---|---|---|---|---|\n";
+    for l in &r.breakdown {
+        let ms = |v: f64| format!("{:.3} ms", v * 1e3);
+        s += &format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            label(l.bytes),
+            ms(l.total),
+            ms(l.send_copy),
+            ms(l.send_wait),
+            ms(l.recv_copy),
+            ms(l.recv_wait),
+            l.exits,
+            l.interrupts
+        );
+    }
     s
 }
 
+/// `intervm-bench plot --in DIR`: regenerates `results.md` and the SVG
+/// plots from `DIR/results.json`.
+fn plot(dir: &std::path::Path) -> Result<(), String> {
+    let path = dir.join("results.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let r: Results = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    std::fs::write(dir.join("results.md"), markdown(&r)).map_err(|e| e.to_string())?;
+    plots::time_vs_size(&r, &dir.join("time_vs_size.svg"))?;
+    plots::throughput(&r, &dir.join("throughput.svg"))?;
+    plots::breakdown(&r, &dir.join("breakdown.svg"))?;
+    eprintln!(
+        "intervm-bench: wrote results.md, time_vs_size.svg, throughput.svg, breakdown.svg in {}",
+        dir.display()
+    );
+    Ok(())
+}
+
+mod plots {
+    use super::{label, Results};
+    use plotters::prelude::*;
+    use std::path::Path;
+
+    fn e(err: impl std::fmt::Display) -> String {
+        err.to_string()
+    }
+
+    /// One series per channel and variant: (bytes, median seconds).
+    fn series(r: &Results) -> Vec<(String, Vec<(f64, f64)>)> {
+        let mut out: Vec<(String, Vec<(f64, f64)>)> = Vec::new();
+        for p in &r.points {
+            let name = format!("{} {}", p.channel, p.variant);
+            let (med, _, _) = p.stats();
+            match out.iter_mut().find(|(n, _)| *n == name) {
+                Some((_, v)) => v.push((p.bytes as f64, med)),
+                None => out.push((name, vec![(p.bytes as f64, med)])),
+            }
+        }
+        out
+    }
+
+    fn bounds(v: impl Iterator<Item = f64>) -> (f64, f64) {
+        let (lo, hi) = v.fold((f64::MAX, f64::MIN), |(a, b), x| (a.min(x), b.max(x)));
+        (lo / 2.0, hi * 2.0)
+    }
+
+    fn log_chart(
+        r: &Results,
+        path: &Path,
+        title: &str,
+        y_desc: &str,
+        y: fn(f64, f64) -> f64,
+    ) -> Result<(), String> {
+        let s = series(r);
+        let (x0, x1) = bounds(s.iter().flat_map(|(_, v)| v.iter().map(|p| p.0)));
+        let (y0, y1) = bounds(s.iter().flat_map(|(_, v)| v.iter().map(|p| y(p.0, p.1))));
+        let root = SVGBackend::new(path, (1000, 650)).into_drawing_area();
+        root.fill(&WHITE).map_err(e)?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(title, ("sans-serif", 22))
+            .margin(15)
+            .x_label_area_size(45)
+            .y_label_area_size(80)
+            .build_cartesian_2d((x0..x1).log_scale(), (y0..y1).log_scale())
+            .map_err(e)?;
+        chart
+            .configure_mesh()
+            .x_desc("transfer size")
+            .y_desc(y_desc)
+            .x_label_formatter(&|v| label(*v as u64))
+            .draw()
+            .map_err(e)?;
+        for (i, (name, pts)) in s.iter().enumerate() {
+            let color = Palette99::pick(i).to_rgba();
+            let data: Vec<(f64, f64)> = pts.iter().map(|&(b, t)| (b, y(b, t))).collect();
+            chart
+                .draw_series(LineSeries::new(data.clone(), color.stroke_width(2)))
+                .map_err(e)?
+                .label(name.clone())
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+                });
+            chart
+                .draw_series(data.iter().map(|&p| Circle::new(p, 3, color.filled())))
+                .map_err(e)?;
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()
+            .map_err(e)?;
+        root.present().map_err(e)
+    }
+
+    /// Time per transfer against size, log-log.
+    pub fn time_vs_size(r: &Results, path: &Path) -> Result<(), String> {
+        log_chart(
+            r,
+            path,
+            "Time to move a transfer, VM to VM (log-log)",
+            "seconds",
+            |_, t| t,
+        )
+    }
+
+    /// Throughput against size.
+    pub fn throughput(r: &Results, path: &Path) -> Result<(), String> {
+        log_chart(r, path, "Throughput, VM to VM", "MiB/s", |b, t| {
+            b / t / (1u64 << 20) as f64
+        })
+    }
+
+    /// Stacked per-layer breakdown of the polled shared-memory channel.
+    pub fn breakdown(r: &Results, path: &Path) -> Result<(), String> {
+        let root = SVGBackend::new(path, (1000, 650)).into_drawing_area();
+        root.fill(&WHITE).map_err(e)?;
+        let n = r.breakdown.len().max(1);
+        let mut chart = ChartBuilder::on(&root)
+            .caption(
+                "Shared memory, polled: where a transfer's time goes (share of the receiver's total)",
+                ("sans-serif", 20),
+            )
+            .margin(15)
+            .x_label_area_size(45)
+            .y_label_area_size(60)
+            .build_cartesian_2d(0f64..n as f64, 0f64..100f64)
+            .map_err(e)?;
+        chart
+            .configure_mesh()
+            .disable_x_mesh()
+            .x_labels(n)
+            .x_label_formatter(&|v| {
+                r.breakdown.get(*v as usize).map_or(String::new(), |l| {
+                    format!(
+                        "{} ({:.2} ms, {} exits, {} irqs)",
+                        label(l.bytes),
+                        l.total * 1e3,
+                        l.exits,
+                        l.interrupts
+                    )
+                })
+            })
+            .y_desc("% of the transfer (each side's own time)")
+            .draw()
+            .map_err(e)?;
+        type Layer = (&'static str, fn(&super::Layers) -> f64);
+        let layers: [Layer; 4] = [
+            ("sender: copy + checksum into the ring (guest CPL3)", |l| {
+                l.send_copy
+            }),
+            ("sender: waiting on a full ring", |l| l.send_wait),
+            (
+                "receiver: copy + checksum out of the ring (guest CPL3)",
+                |l| l.recv_copy,
+            ),
+            ("receiver: waiting for the peer's data", |l| l.recv_wait),
+        ];
+        for (k, (name, f)) in layers.iter().enumerate() {
+            let color = Palette99::pick(k).to_rgba();
+            let bars: Vec<Rectangle<(f64, f64)>> = r
+                .breakdown
+                .iter()
+                .enumerate()
+                .map(|(i, l)| {
+                    // The sender's two parts stack on the left half, the
+                    // receiver's on the right, each as a share of the total.
+                    let side = if k < 2 { 0.1 } else { 0.5 };
+                    let below: f64 = layers[if k < 2 { 0 } else { 2 }..k]
+                        .iter()
+                        .map(|(_, g)| g(l))
+                        .sum();
+                    let pct = |v: f64| 100.0 * v / l.total.max(1e-12);
+                    Rectangle::new(
+                        [
+                            (i as f64 + side, pct(below)),
+                            (i as f64 + side + 0.35, pct(below + f(l))),
+                        ],
+                        color.filled(),
+                    )
+                })
+                .collect();
+            chart
+                .draw_series(bars)
+                .map_err(e)?
+                .label(*name)
+                .legend(move |(x, y)| {
+                    Rectangle::new([(x, y - 5), (x + 15, y + 5)], color.filled())
+                });
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperRight)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()
+            .map_err(e)?;
+        root.present().map_err(e)
+    }
+}
+
 fn main() {
+    if std::env::args().nth(1).as_deref() == Some("plot") {
+        let dir = std::env::args()
+            .skip(2)
+            .skip_while(|a| a != "--in")
+            .nth(1)
+            .unwrap_or_else(|| "target/intervm-bench".into());
+        if let Err(e) = plot(std::path::Path::new(&dir)) {
+            eprintln!("intervm-bench plot: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
     let o = match opts() {
         Ok(o) => o,
         Err(e) => {
@@ -279,14 +540,30 @@ fn main() {
     let raw = portio::raw_exit() * 1e6;
     let t0 = Instant::now();
     let points = run(&o);
+    let breakdown = if o.channels.iter().any(|c| c == "shmem") {
+        layers(&o)
+    } else {
+        Vec::new()
+    };
+    let results = Results {
+        kvm: flavor,
+        repeat: o.repeat,
+        raw_pio_exit_us: raw,
+        points,
+        breakdown,
+    };
     if let Err(e) = std::fs::create_dir_all(&o.out) {
         eprintln!("intervm-bench: {}: {e}", o.out.display());
         std::process::exit(1);
     }
-    for (name, body) in [
-        ("results.json", json(&points, &o, &flavor, raw)),
-        ("results.md", markdown(&points, &o, &flavor, raw)),
-    ] {
+    let json = match serde_json::to_string_pretty(&results) {
+        Ok(j) => j,
+        Err(e) => {
+            eprintln!("intervm-bench: {e}");
+            std::process::exit(1);
+        }
+    };
+    for (name, body) in [("results.json", json), ("results.md", markdown(&results))] {
         let p = o.out.join(name);
         if let Err(e) = std::fs::write(&p, body) {
             eprintln!("intervm-bench: {}: {e}", p.display());
@@ -295,7 +572,7 @@ fn main() {
     }
     eprintln!(
         "intervm-bench: {} points in {:.0?}; wrote {}/results.json and results.md",
-        points.len(),
+        results.points.len(),
         Duration::from_secs(t0.elapsed().as_secs()),
         o.out.display()
     );

@@ -119,3 +119,84 @@ pub fn vm_to_vm(bytes: u64, rounds: u64) -> (Duration, Duration) {
     let secs = |c: u64| Duration::from_secs_f64(res.cycles_to_seconds(c).unwrap_or(0.0));
     (secs(res.end_tsc - res.start_tsc), secs(res.round_cycles.0))
 }
+
+/// Where the time of a polled shared-memory transfer goes, per transfer.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Breakdown {
+    /// Whole transfer (receiver's clock), seconds.
+    pub total: f64,
+    /// Sender guest userspace (CPL3) copying and checksumming into the ring.
+    pub send_copy: f64,
+    /// Sender waiting on a full ring.
+    pub send_wait: f64,
+    /// Receiver guest userspace copying and checksumming out of the ring.
+    pub recv_copy: f64,
+    /// Receiver waiting for the peer (data in flight through the caches).
+    pub recv_wait: f64,
+    /// VM exits of both VMs during the transfer window.
+    pub exits: u64,
+    /// Interrupts taken by both guests.
+    pub interrupts: u64,
+}
+
+/// Measures [`Breakdown`] over `rounds` transfers of `bytes`.
+pub fn breakdown(bytes: u64, rounds: u64) -> Breakdown {
+    let shared = Arc::new(SharedRegion::open(&Backing::Memfd, region()).expect("region"));
+    let t = Transport::attach(shared, 2).expect("attach");
+    let vm = |name: &str, me: u32, role: Role| {
+        let mut task = ShmemTask::new(me, role, bytes);
+        task.chunk = chunk();
+        task.rounds = rounds;
+        let mut cfg = VmConfig::new(name, 64 << 20);
+        cfg.serial = SerialOutput::Sink;
+        let vm = Vm::new(&cfg).expect("VM");
+        vm.add_pci_device(Arc::new(Mutex::new(IvshmemPlain::new(t.region().clone()))))
+            .expect("device");
+        probe::load(&vm, probe_image::PROBE_ELF, &task.boot_info()).expect("probe");
+        let m = t.join(me).expect("join");
+        (vm.start().expect("start"), m)
+    };
+    let rx = vm("rx", 1, Role::Recv { from: 1 });
+    let tx = vm("tx", 0, Role::Send { to: 1 });
+    let exits = |r: &vmm_core::RunningVm| {
+        use std::sync::atomic::Ordering::Relaxed;
+        let s = &r.vm().control().stats;
+        s.pio.load(Relaxed) + s.mmio.load(Relaxed)
+    };
+    // Count exits from the moment both are ready (boot and setup excluded).
+    let ready = intervm_protocol::probe::State::Ready;
+    let limit = Duration::from_secs(600);
+    assert!(probe::wait_state(rx.0.vm().memory(), ready, limit));
+    assert!(probe::wait_state(tx.0.vm().memory(), ready, limit));
+    let before = exits(&rx.0) + exits(&tx.0);
+    // Snapshot again as soon as the receiver has its last byte (before its
+    // closing console line, whose characters are exits too).
+    use intervm_protocol::probe::results as res_idx;
+    let t0 = std::time::Instant::now();
+    let mut after = before;
+    while t0.elapsed() < limit {
+        let i = probe::read_info(rx.0.vm().memory()).expect("info");
+        if i.results[res_idx::SHM_END_TSC] != 0 {
+            after = exits(&rx.0) + exits(&tx.0);
+            break;
+        }
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    rx.0.wait_timeout(limit).expect("receiver finished");
+    tx.0.wait_timeout(limit).expect("sender finished");
+    let ri = probe::read_info(rx.0.vm().memory()).expect("info");
+    let ti = probe::read_info(tx.0.vm().memory()).expect("info");
+    let res = ShmemResult::from_info(&ri);
+    assert!(res.error.is_none(), "{:?}", res.error);
+    let s = |c: u64| res.cycles_to_seconds(c).unwrap_or(0.0) / rounds as f64;
+    use intervm_protocol::probe::results as r;
+    Breakdown {
+        total: s(res.end_tsc - res.start_tsc),
+        send_copy: s(ti.results[r::SHM_COPY_CYCLES]),
+        send_wait: s(ti.results[r::SHM_WAIT_CYCLES]),
+        recv_copy: s(ri.results[r::SHM_COPY_CYCLES]),
+        recv_wait: s(ri.results[r::SHM_WAIT_CYCLES]),
+        exits: after - before,
+        interrupts: ri.results[r::SHM_IRQS] + ti.results[r::SHM_IRQS],
+    }
+}

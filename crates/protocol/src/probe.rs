@@ -349,6 +349,12 @@ pub mod results {
     pub const SHM_SLEEPS: usize = 10;
     /// Shared memory: interrupts this side took.
     pub const SHM_IRQS: usize = 11;
+    /// Shared memory: TSC cycles spent copying frames into (send) or out of
+    /// (receive) the ring, checksum included.
+    pub const SHM_COPY_CYCLES: usize = 12;
+    /// Shared memory: TSC cycles spent finding the ring full (send) or
+    /// empty (receive): waiting for the peer.
+    pub const SHM_WAIT_CYCLES: usize = 13;
     /// Shared memory: first per-peer record; each is [`SHM_RECORD_LEN`]
     /// slots: bytes, frames, stream checksum (`ring::fold` of the frame
     /// checksums), TSC of the last frame. A sender has one record, at its

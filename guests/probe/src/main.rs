@@ -26,13 +26,18 @@ use intervm_protocol::probe::{
     RESULT_SLOTS, TASK_TABLE_GPA,
 };
 
-fn info() -> *mut BootInfo {
+pub(crate) fn info() -> *mut BootInfo {
     BOOT_INFO_GPA as *mut BootInfo
 }
 
 fn arg(i: usize) -> u64 {
     // SAFETY: the boot-info page is identity mapped and owned by the probe.
     unsafe { core::ptr::read_volatile(&(*info()).args[i]) }
+}
+
+fn result(i: usize) -> u64 {
+    // SAFETY: the boot-info page is identity mapped and owned by the probe.
+    unsafe { core::ptr::read_volatile(&(*info()).results[i]) }
 }
 
 fn set_result(i: usize, v: u64) {

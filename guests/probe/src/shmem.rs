@@ -112,6 +112,11 @@ fn wait_for(
     }
 }
 
+fn ch_start_tsc() -> u64 {
+    // SAFETY: the boot-info page is identity mapped.
+    unsafe { core::ptr::read_volatile(&(*crate::info()).results[results::SHM_START_TSC]) }
+}
+
 /// Interrupts on MSI-X vector 0, where doorbells arrive.
 fn bell_counter() -> &'static core::sync::atomic::AtomicU64 {
     &crate::cpl0::PROBE_IRQ_COUNTS[intervm_protocol::probe::IRQ_VECTOR_BASE as usize]
@@ -195,6 +200,7 @@ fn try_send() -> Result<(), u32> {
     let rounds = arg(shmem_args::ROUNDS).max(1);
     let budget = spin_cycles(&clock);
     let (mut rang, mut sleeps, mut rng) = (0u64, 0u64, 0x9e37_79b9_7f4a_7c15u64 ^ ch.me as u64);
+    let mut copy_cycles = 0u64;
     let mut live = Liveness::new(
         &ch.region,
         &ch.geo,
@@ -232,8 +238,12 @@ fn try_send() -> Result<(), u32> {
                 return Err(corrupt_head(&ch, peer));
             }
             let n = (chunk.min(bytes - sent) as usize).min(src.len() - pos);
-            match p.try_send(&src[pos..pos + n]).map_err(ring_fail)? {
+            let c0 = arch::rdtsc();
+            let attempt = p.try_send(&src[pos..pos + n]).map_err(ring_fail)?;
+            let c1 = arch::rdtsc();
+            match attempt {
                 Some(sum) => {
+                    copy_cycles += c1 - c0;
                     stream = fold(stream, sum);
                     sent += n as u64;
                     frames += 1;
@@ -290,6 +300,12 @@ fn try_send() -> Result<(), u32> {
     set_result(
         results::SHM_IRQS,
         counter.load(core::sync::atomic::Ordering::SeqCst),
+    );
+    set_result(results::SHM_COPY_CYCLES, copy_cycles);
+    let start = ch_start_tsc();
+    set_result(
+        results::SHM_WAIT_CYCLES,
+        (end - start).saturating_sub(copy_cycles),
     );
     record(peer, sent, frames, stream, end);
     Ok(())
@@ -434,6 +450,8 @@ fn pump(
     let counter = bell_counter();
     let budget = spin_cycles(clock);
     let (mut idle_since, mut rang, mut sleeps) = (0u64, 0u64, 0u64);
+    let mut copy_cycles = 0u64;
+    let pump_start = arch::rdtsc();
     let mut rng = 0x2545_f491_4f6c_dd1du64 ^ ch.me as u64;
     let outcome = loop {
         if pending == 0 {
@@ -448,7 +466,12 @@ fn pump(
                 continue;
             }
             let out = &mut dst[pos..pos + chunk];
-            match p.c.try_recv(out)? {
+            let c0 = arch::rdtsc();
+            let got = p.c.try_recv(out)?;
+            if got.is_some() {
+                copy_cycles += arch::rdtsc() - c0;
+            }
+            match got {
                 Some((n, sum)) => {
                     p.bytes += n as u64;
                     p.frames += 1;
@@ -547,6 +570,16 @@ fn pump(
     set_result(
         results::SHM_IRQS,
         counter.load(core::sync::atomic::Ordering::SeqCst),
+    );
+    // Accumulated over the rounds (pump runs once per round).
+    set_result(
+        results::SHM_COPY_CYCLES,
+        crate::result(results::SHM_COPY_CYCLES) + copy_cycles,
+    );
+    set_result(
+        results::SHM_WAIT_CYCLES,
+        crate::result(results::SHM_WAIT_CYCLES)
+            + (arch::rdtsc() - pump_start).saturating_sub(copy_cycles),
     );
     outcome
 }
