@@ -293,7 +293,7 @@ fn markdown(r: &Results) -> String {
         );
     }
     s += "\n## Where the time goes: shared memory, polled (per transfer)\n\n";
-    s += "| size | total | sender copy (CPL3) | sender waits | receiver copy (CPL3) | receiver waits (peer) | VM exits | interrupts |\n|---|---|---|---|---|---|---|---|\n";
+    s += "| size | total | sender copy (CPL3) | sender waits | receiver copy (CPL3) | receiver waits (peer) | VM exits (incl. 2 power-offs) | interrupts |\n|---|---|---|---|---|---|---|---|\n";
     for l in &r.breakdown {
         let ms = |v: f64| format!("{:.3} ms", v * 1e3);
         s += &format!(

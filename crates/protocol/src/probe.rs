@@ -273,6 +273,10 @@ pub mod doorbell_args {
 /// Needs ivshmem-doorbell devices (like [`SHMEM_NOTIFY`]).
 pub const SHMEM_ADAPTIVE: u64 = 4;
 
+/// `shmem_args::FLAGS` bit: print nothing (so that a host counting VM
+/// exits sees only the transfer's own).
+pub const SHMEM_QUIET: u64 = 8;
+
 /// Doorbell flag: use INTx (IOAPIC, Interrupt Status) instead of MSI-X.
 pub const DB_INTX: u64 = 1;
 /// Doorbell flag: program the INTx pin edge-triggered (PVM does not inject

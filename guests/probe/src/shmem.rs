@@ -427,11 +427,13 @@ fn try_recv() -> Result<(), u32> {
         .unwrap_or(start);
     set_result(results::SHM_END_TSC, end);
     set_result(results::SHM_WAITS, waits);
-    crate::println!(
-        "probe: shmem: received {} bytes from each of {} peers",
-        want,
-        peers.iter().flatten().count()
-    );
+    if arg(shmem_args::FLAGS) & intervm_protocol::probe::SHMEM_QUIET == 0 {
+        crate::println!(
+            "probe: shmem: received {} bytes from each of {} peers",
+            want,
+            peers.iter().flatten().count()
+        );
+    }
     Ok(())
 }
 
