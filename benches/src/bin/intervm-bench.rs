@@ -351,6 +351,34 @@ mod plots {
         out
     }
 
+    /// A tick label for a byte count.
+    fn approx_bytes(v: f64) -> String {
+        const U: [(f64, &str); 4] = [
+            (1073741824.0, "GiB"),
+            (1048576.0, "MiB"),
+            (1024.0, "KiB"),
+            (1.0, "B"),
+        ];
+        U.iter()
+            .find(|(d, _)| v >= *d)
+            .map_or(format!("{v:.0} B"), |(d, u)| {
+                format!("{:.3} {u}", v / d).replace(".000", "")
+            })
+    }
+
+    /// A tick label for seconds or MiB/s.
+    fn approx(v: f64, unit: &str) -> String {
+        if unit != "seconds" {
+            return format!("{v}");
+        }
+        const U: [(f64, &str); 4] = [(1.0, "s"), (1e-3, "ms"), (1e-6, "µs"), (1e-9, "ns")];
+        U.iter()
+            .find(|(d, _)| v >= *d * 0.999)
+            .map_or(format!("{v:e} s"), |(d, u)| {
+                format!("{} {u}", (v / d * 1000.0).round() / 1000.0)
+            })
+    }
+
     fn bounds(v: impl Iterator<Item = f64>) -> (f64, f64) {
         let (lo, hi) = v.fold((f64::MAX, f64::MIN), |(a, b), x| (a.min(x), b.max(x)));
         (lo / 2.0, hi * 2.0)
@@ -379,7 +407,8 @@ mod plots {
             .configure_mesh()
             .x_desc("transfer size")
             .y_desc(y_desc)
-            .x_label_formatter(&|v| label(*v as u64))
+            .x_label_formatter(&|v| approx_bytes(*v))
+            .y_label_formatter(&|v| approx(*v, y_desc))
             .draw()
             .map_err(e)?;
         for (i, (name, pts)) in s.iter().enumerate() {
@@ -437,25 +466,29 @@ mod plots {
             .margin(15)
             .x_label_area_size(45)
             .y_label_area_size(60)
-            .build_cartesian_2d(0f64..n as f64, 0f64..100f64)
+            .build_cartesian_2d(0f64..n as f64, 0f64..140f64)
             .map_err(e)?;
         chart
             .configure_mesh()
             .disable_x_mesh()
-            .x_labels(n)
-            .x_label_formatter(&|v| {
-                r.breakdown.get(*v as usize).map_or(String::new(), |l| {
+            .x_labels(0)
+            .y_desc("% of the transfer (left bar: sender, right bar: receiver)")
+            .draw()
+            .map_err(e)?;
+        chart
+            .draw_series(r.breakdown.iter().enumerate().map(|(i, l)| {
+                Text::new(
                     format!(
-                        "{} ({:.2} ms, {} exits, {} irqs)",
+                        "{}: {:.2} ms per transfer, {} exits, {} interrupts",
                         label(l.bytes),
                         l.total * 1e3,
                         l.exits,
                         l.interrupts
-                    )
-                })
-            })
-            .y_desc("% of the transfer (each side's own time)")
-            .draw()
+                    ),
+                    (i as f64 + 0.05, 106.0),
+                    ("sans-serif", 14),
+                )
+            }))
             .map_err(e)?;
         type Layer = (&'static str, fn(&super::Layers) -> f64);
         let layers: [Layer; 4] = [
