@@ -216,6 +216,41 @@ struct Results {
     raw_pio_exit_us: f64,
     points: Vec<Point>,
     breakdown: Vec<Layers>,
+    doorbell: Option<DoorbellFacts>,
+}
+
+/// Doorbell latency and idle cost, medians over the repetitions.
+#[derive(Serialize, Deserialize)]
+struct DoorbellFacts {
+    /// Round trip through ioeventfd -> irqfd in KVM, µs.
+    round_trip_in_kernel_us: f64,
+    /// Round trip through the VMM's doorbell handler, µs.
+    round_trip_vmm_us: f64,
+    /// CPU use of an idle receiver (share of one CPU): polling.
+    idle_cpu_polling: f64,
+    /// ... doorbell per frame (sleeps whenever idle).
+    idle_cpu_always: f64,
+    /// ... adaptive.
+    idle_cpu_adaptive: f64,
+}
+
+fn doorbell_facts(o: &Opts) -> DoorbellFacts {
+    eprintln!("doorbell latency and idle CPU x{}", o.repeat);
+    let rt = |fast: bool| {
+        median(
+            (0..o.repeat)
+                .map(|_| doorbell::ping_pong(2000, fast).as_secs_f64() / 2000.0 * 1e6)
+                .collect(),
+        )
+    };
+    let idle = |m: doorbell::Mode| median((0..o.repeat).map(|_| doorbell::idle_cpu(m)).collect());
+    DoorbellFacts {
+        round_trip_in_kernel_us: rt(true),
+        round_trip_vmm_us: rt(false),
+        idle_cpu_polling: idle(doorbell::Mode::Never),
+        idle_cpu_always: idle(doorbell::Mode::Always),
+        idle_cpu_adaptive: idle(doorbell::Mode::Adaptive),
+    }
 }
 
 /// The per-layer breakdown of the fastest channel (shared memory, polled)
@@ -290,6 +325,16 @@ fn markdown(r: &Results) -> String {
             p.interrupts.map_or("-".into(), |v| format!("{v:.1}")),
             p.extrapolated_from
                 .map_or(String::new(), |b| format!("extrapolated from {}", label(b)))
+        );
+    }
+    if let Some(d) = &r.doorbell {
+        s += &format!(
+            "\n## Doorbells\n\n| | value |\n|---|---|\n| round trip, ioeventfd -> irqfd in KVM | {:.1} µs |\n| round trip, VMM handler | {:.1} µs |\n| idle receiver CPU, polling | {:.1}% |\n| idle receiver CPU, doorbell per frame | {:.1}% |\n| idle receiver CPU, adaptive | {:.1}% |\n",
+            d.round_trip_in_kernel_us,
+            d.round_trip_vmm_us,
+            d.idle_cpu_polling * 100.0,
+            d.idle_cpu_always * 100.0,
+            d.idle_cpu_adaptive * 100.0
         );
     }
     s += "\n## Where the time goes: shared memory, polled (per transfer)\n\n";
@@ -578,12 +623,18 @@ fn main() {
     } else {
         Vec::new()
     };
+    let doorbell = o
+        .channels
+        .iter()
+        .any(|c| c == "doorbell")
+        .then(|| doorbell_facts(&o));
     let results = Results {
         kvm: flavor,
         repeat: o.repeat,
         raw_pio_exit_us: raw,
         points,
         breakdown,
+        doorbell,
     };
     if let Err(e) = std::fs::create_dir_all(&o.out) {
         eprintln!("intervm-bench: {}: {e}", o.out.display());
