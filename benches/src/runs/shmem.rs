@@ -86,15 +86,19 @@ pub fn src_len_for(bytes: u64, frame: u64) -> usize {
     shmem_source_bytes(bytes, frame).max(frame) as usize
 }
 
-/// Two probe VMs moving `bytes` `rounds` times; returns the receiver's
-/// total and fastest-round times.
-pub fn vm_to_vm(bytes: u64, rounds: u64) -> (Duration, Duration) {
+/// A started VM and its membership in the channel.
+pub type Member = (vmm_core::RunningVm, shmem_device::Membership);
+
+/// Starts a receiving and a sending probe VM on one memfd region, moving
+/// `bytes` `rounds` times (`quiet`: the probes print nothing).
+pub fn pair(bytes: u64, rounds: u64, quiet: bool) -> (Member, Member) {
     let shared = Arc::new(SharedRegion::open(&Backing::Memfd, region()).expect("region"));
     let t = Transport::attach(shared, 2).expect("attach");
     let vm = |name: &str, me: u32, role: Role| {
         let mut task = ShmemTask::new(me, role, bytes);
         task.chunk = chunk();
         task.rounds = rounds;
+        task.quiet = quiet;
         let mut cfg = VmConfig::new(name, 64 << 20);
         cfg.serial = SerialOutput::Sink;
         let vm = Vm::new(&cfg).expect("VM");
@@ -106,6 +110,13 @@ pub fn vm_to_vm(bytes: u64, rounds: u64) -> (Duration, Duration) {
     };
     let rx = vm("rx", 1, Role::Recv { from: 1 });
     let tx = vm("tx", 0, Role::Send { to: 1 });
+    (rx, tx)
+}
+
+/// Two probe VMs moving `bytes` `rounds` times; returns the receiver's
+/// total and fastest-round times.
+pub fn vm_to_vm(bytes: u64, rounds: u64) -> (Duration, Duration) {
+    let (rx, tx) = pair(bytes, rounds, false);
     let limit = Duration::from_secs(600);
     rx.0.wait_timeout(limit).expect("receiver finished");
     tx.0.wait_timeout(limit).expect("sender finished");
@@ -141,24 +152,7 @@ pub struct Breakdown {
 
 /// Measures [`Breakdown`] over `rounds` transfers of `bytes`.
 pub fn breakdown(bytes: u64, rounds: u64) -> Breakdown {
-    let shared = Arc::new(SharedRegion::open(&Backing::Memfd, region()).expect("region"));
-    let t = Transport::attach(shared, 2).expect("attach");
-    let vm = |name: &str, me: u32, role: Role| {
-        let mut task = ShmemTask::new(me, role, bytes);
-        task.chunk = chunk();
-        task.rounds = rounds;
-        task.quiet = true;
-        let mut cfg = VmConfig::new(name, 64 << 20);
-        cfg.serial = SerialOutput::Sink;
-        let vm = Vm::new(&cfg).expect("VM");
-        vm.add_pci_device(Arc::new(Mutex::new(IvshmemPlain::new(t.region().clone()))))
-            .expect("device");
-        probe::load(&vm, probe_image::PROBE_ELF, &task.boot_info()).expect("probe");
-        let m = t.join(me).expect("join");
-        (vm.start().expect("start"), m)
-    };
-    let rx = vm("rx", 1, Role::Recv { from: 1 });
-    let tx = vm("tx", 0, Role::Send { to: 1 });
+    let (rx, tx) = pair(bytes, rounds, true);
     let exits = |r: &vmm_core::RunningVm| {
         use std::sync::atomic::Ordering::Relaxed;
         let s = &r.vm().control().stats;
