@@ -58,49 +58,20 @@ struct UioOpts {
 
 #[derive(Subcommand)]
 enum DoorbellCmd {
-    /// Send through the ring in BAR2, ringing the receiver after each frame.
+    /// Send through the ring in BAR2, ringing the receiver when it sleeps
+    /// (or after every frame with --notify always).
     Send {
         #[command(flatten)]
         uio: UioOpts,
-        /// This member's index in the channel.
-        #[arg(long)]
-        me: u32,
-        /// The receiving member.
-        #[arg(long)]
-        to: u32,
-        /// Bytes of test pattern (K, M, G suffixes).
-        #[arg(long, conflicts_with = "file", required_unless_present = "file")]
-        size: Option<String>,
-        /// Send this file, then an end-of-stream frame.
-        #[arg(long)]
-        file: Option<PathBuf>,
-        /// Pattern seed.
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// Payload bytes per frame.
-        #[arg(long, default_value = "64K")]
-        chunk: String,
         #[command(flatten)]
-        timing: Timing,
+        args: SendArgs,
     },
     /// Receive, sleeping in read() on the UIO device until rung.
     Recv {
         #[command(flatten)]
         uio: UioOpts,
-        /// This member's index in the channel.
-        #[arg(long)]
-        me: u32,
-        /// The sending member.
-        #[arg(long)]
-        from: u32,
-        /// Bytes to receive (default: until end of stream).
-        #[arg(long)]
-        size: Option<String>,
-        /// Write the payload here.
-        #[arg(long)]
-        file: Option<PathBuf>,
         #[command(flatten)]
-        timing: Timing,
+        args: RecvArgs,
     },
     /// Ring a peer and wait for its ring, --rounds times.
     Pingpong {
@@ -219,51 +190,78 @@ struct Timing {
     join_timeout: f64,
 }
 
+/// What a ring send takes (shared by `shmem send` and `doorbell send`).
+#[derive(Args, Clone)]
+struct SendArgs {
+    /// This member's index in the channel.
+    #[arg(long)]
+    me: u32,
+    /// The receiving member.
+    #[arg(long)]
+    to: u32,
+    /// Bytes of test pattern to send (K, M, G suffixes).
+    #[arg(long, conflicts_with = "file", required_unless_present = "file")]
+    size: Option<String>,
+    /// Send this file, then an end-of-stream frame.
+    #[arg(long)]
+    file: Option<PathBuf>,
+    /// Pattern seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Payload bytes per frame.
+    #[arg(long, default_value = "64K")]
+    chunk: String,
+    #[command(flatten)]
+    timing: Timing,
+}
+
+/// What a ring receive takes (shared by `shmem recv` and `doorbell recv`).
+#[derive(Args, Clone)]
+struct RecvArgs {
+    /// This member's index in the channel.
+    #[arg(long)]
+    me: u32,
+    /// The sending member.
+    #[arg(long)]
+    from: u32,
+    /// Bytes to receive (default: until end of stream).
+    #[arg(long)]
+    size: Option<String>,
+    /// Write the payload here.
+    #[arg(long)]
+    file: Option<PathBuf>,
+    #[command(flatten)]
+    timing: Timing,
+}
+
+impl SendArgs {
+    fn payload(&self) -> Result<shmem::Payload, Error> {
+        match (&self.file, &self.size) {
+            (Some(f), _) => Ok(shmem::Payload::File(f.clone())),
+            (None, Some(s)) => Ok(shmem::Payload::Pattern {
+                seed: self.seed,
+                size: size(s)?,
+            }),
+            (None, None) => Err(Error::Usage("give --size or --file".into())),
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum ShmemCmd {
     /// Send the seeded test pattern (--size) or a file (--file).
     Send {
         #[command(flatten)]
         region: Region,
-        /// This member's index in the channel.
-        #[arg(long)]
-        me: u32,
-        /// The receiving member.
-        #[arg(long)]
-        to: u32,
-        /// Bytes of test pattern to send (K, M, G suffixes).
-        #[arg(long, conflicts_with = "file", required_unless_present = "file")]
-        size: Option<String>,
-        /// Send this file, then an end-of-stream frame.
-        #[arg(long)]
-        file: Option<PathBuf>,
-        /// Pattern seed.
-        #[arg(long, default_value_t = 0)]
-        seed: u64,
-        /// Payload bytes per frame.
-        #[arg(long, default_value = "64K")]
-        chunk: String,
         #[command(flatten)]
-        timing: Timing,
+        args: SendArgs,
     },
     /// Receive --size bytes, or until the sender's end-of-stream frame.
     Recv {
         #[command(flatten)]
         region: Region,
-        /// This member's index in the channel.
-        #[arg(long)]
-        me: u32,
-        /// The sending member.
-        #[arg(long)]
-        from: u32,
-        /// Bytes to receive (default: until end of stream).
-        #[arg(long)]
-        size: Option<String>,
-        /// Write the payload here.
-        #[arg(long)]
-        file: Option<PathBuf>,
         #[command(flatten)]
-        timing: Timing,
+        args: RecvArgs,
     },
     /// Write a fresh ring layout (for regions no intervm VMM manages).
     Format {
@@ -366,39 +364,15 @@ fn uio_common(
 
 fn run(cmd: Cmd) -> Result<String, Error> {
     match cmd {
-        Cmd::Doorbell(DoorbellCmd::Send {
-            uio,
-            me,
-            to,
-            size: sz,
-            file,
-            seed,
-            chunk,
-            timing,
-        }) => {
-            let (c, mut u) = uio_common(&uio, me, to, &timing)?;
-            let payload = match (file, sz) {
-                (Some(f), _) => shmem::Payload::File(f),
-                (None, Some(s)) => shmem::Payload::Pattern {
-                    seed,
-                    size: size(&s)?,
-                },
-                (None, None) => return Err(Error::Usage("give --size or --file".into())),
-            };
-            let s = shmem::send(&c, &payload, size(&chunk)?, &mut u)?;
+        Cmd::Doorbell(DoorbellCmd::Send { uio, args: a }) => {
+            let (c, mut u) = uio_common(&uio, a.me, a.to, &a.timing)?;
+            let s = shmem::send(&c, &a.payload()?, size(&a.chunk)?, &mut u)?;
             Ok(format!("sent {s}"))
         }
-        Cmd::Doorbell(DoorbellCmd::Recv {
-            uio,
-            me,
-            from,
-            size: sz,
-            file,
-            timing,
-        }) => {
-            let (c, mut u) = uio_common(&uio, me, from, &timing)?;
-            let want = sz.as_deref().map(size).transpose()?;
-            let s = shmem::recv(&c, want, file.as_ref(), &mut u)?;
+        Cmd::Doorbell(DoorbellCmd::Recv { uio, args: a }) => {
+            let (c, mut u) = uio_common(&uio, a.me, a.from, &a.timing)?;
+            let want = a.size.as_deref().map(size).transpose()?;
+            let s = shmem::recv(&c, want, a.file.as_ref(), &mut u)?;
             Ok(format!("received {s}"))
         }
         Cmd::Doorbell(DoorbellCmd::Pingpong {
@@ -470,39 +444,15 @@ fn run(cmd: Cmd) -> Result<String, Error> {
             )?;
             Ok(format!("received {s}"))
         }
-        Cmd::Shmem(ShmemCmd::Send {
-            region,
-            me,
-            to,
-            size: sz,
-            file,
-            seed,
-            chunk,
-            timing,
-        }) => {
-            let c = common(region, me, to, &timing)?;
-            let payload = match (file, sz) {
-                (Some(f), _) => shmem::Payload::File(f),
-                (None, Some(s)) => shmem::Payload::Pattern {
-                    seed,
-                    size: size(&s)?,
-                },
-                (None, None) => return Err(Error::Usage("give --size or --file".into())),
-            };
-            let s = shmem::send(&c, &payload, size(&chunk)?, &mut shmem::Polling)?;
+        Cmd::Shmem(ShmemCmd::Send { region, args: a }) => {
+            let c = common(region, a.me, a.to, &a.timing)?;
+            let s = shmem::send(&c, &a.payload()?, size(&a.chunk)?, &mut shmem::Polling)?;
             Ok(format!("sent {s}"))
         }
-        Cmd::Shmem(ShmemCmd::Recv {
-            region,
-            me,
-            from,
-            size: sz,
-            file,
-            timing,
-        }) => {
-            let c = common(region, me, from, &timing)?;
-            let want = sz.as_deref().map(size).transpose()?;
-            let s = shmem::recv(&c, want, file.as_ref(), &mut shmem::Polling)?;
+        Cmd::Shmem(ShmemCmd::Recv { region, args: a }) => {
+            let c = common(region, a.me, a.from, &a.timing)?;
+            let want = a.size.as_deref().map(size).transpose()?;
+            let s = shmem::recv(&c, want, a.file.as_ref(), &mut shmem::Polling)?;
             Ok(format!("received {s}"))
         }
         Cmd::Shmem(ShmemCmd::Format {
