@@ -25,16 +25,7 @@ struct Opts {
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let (n, m) = match t.chars().last() {
-        Some('K' | 'k') => (&t[..t.len() - 1], 1u64 << 10),
-        Some('M' | 'm') => (&t[..t.len() - 1], 1 << 20),
-        Some('G' | 'g') => (&t[..t.len() - 1], 1 << 30),
-        _ => (t, 1),
-    };
-    n.parse::<u64>()
-        .ok()
-        .and_then(|v| v.checked_mul(m))
+    intervm_protocol::units::parse_size(s)
         .filter(|v| *v > 0)
         .ok_or_else(|| format!("--sizes: {s:?} is not a size (e.g. 4K, 2M, 1G)"))
 }

@@ -330,22 +330,12 @@ pub fn parse_size_str(s: &str) -> Result<u64, String> {
 fn parse_size(s: &RawSize) -> Result<u64, String> {
     match s {
         RawSize::Bytes(b) => Ok(*b),
-        RawSize::Text(t) => {
-            let t = t.trim();
-            let (num, mult) = match t.char_indices().last() {
-                Some((i, 'K' | 'k')) => (&t[..i], 1u64 << 10),
-                Some((i, 'M' | 'm')) => (&t[..i], 1 << 20),
-                Some((i, 'G' | 'g')) => (&t[..i], 1 << 30),
-                _ => (t, 1),
-            };
-            num.trim()
-                .parse::<u64>()
-                .ok()
-                .and_then(|n| n.checked_mul(mult))
-                .ok_or_else(|| {
-                    format!("{t:?} is not a size (use bytes or a number with K, M or G)")
-                })
-        }
+        RawSize::Text(t) => intervm_protocol::units::parse_size(t).ok_or_else(|| {
+            format!(
+                "{:?} is not a size (use bytes or a number with K, M or G)",
+                t.trim()
+            )
+        }),
     }
 }
 

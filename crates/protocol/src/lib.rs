@@ -10,3 +10,4 @@
 pub mod portio;
 pub mod probe;
 pub mod ring;
+pub mod units;

@@ -277,16 +277,7 @@ enum ShmemCmd {
 }
 
 fn size(s: &str) -> Result<u64, Error> {
-    let t = s.trim();
-    let (num, mult) = match t.chars().last() {
-        Some('K' | 'k') => (&t[..t.len() - 1], 1u64 << 10),
-        Some('M' | 'm') => (&t[..t.len() - 1], 1 << 20),
-        Some('G' | 'g') => (&t[..t.len() - 1], 1 << 30),
-        _ => (t, 1),
-    };
-    num.parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(mult))
+    intervm_protocol::units::parse_size(s)
         .filter(|n| *n > 0)
         .ok_or_else(|| {
             Error::Usage(format!(
