@@ -15,7 +15,10 @@ use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_device::bus::{MmioAddress, PioAddress};
 use vm_device::device_manager::{IoManager, MmioManager, PioManager};
 
+use vm_memory::{Bytes, GuestAddress};
+
 use crate::devices::debug::ExitRequest;
+use crate::memory::GuestMemoryMmap;
 
 /// Why a VM stopped.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -52,6 +55,9 @@ pub struct ExitStats {
     pub mmio: AtomicU64,
     /// Accesses no device claimed.
     pub unclaimed: AtomicU64,
+    /// Instructions (`int3`, `fwait`) the VMM completed after KVM's
+    /// emulator gave up on them (PVM).
+    pub emulated: AtomicU64,
 }
 
 /// Shared run state of a VM: the first exit reason, and who to kick.
@@ -191,8 +197,72 @@ fn io_element_size() -> usize {
     }
 }
 
-/// Runs `vcpu` until the VM stops. Call on the vCPU's own thread.
-pub fn run_loop(mut vcpu: VcpuFd, id: u8, io: Arc<RwLock<IoManager>>, ctl: Arc<VmControl>) {
+/// `KVM_INTERNAL_ERROR_EMULATION`: KVM's instruction emulator gave up.
+const INTERNAL_ERROR_EMULATION: u32 = 1;
+const INT3: u8 = 0xcc;
+const FWAIT: u8 = 0x9b;
+const BP_VECTOR: u8 = 3;
+
+fn internal_suberror() -> Option<u32> {
+    let run = KVM_RUN.with(|c| c.get());
+    if run.is_null() {
+        return None;
+    }
+    // SAFETY: `run` is this thread's vCPU's kvm_run mapping and the caller
+    // handles a KVM_EXIT_INTERNAL_ERROR, whose union member is `internal`.
+    Some(unsafe { (*run).__bindgen_anon_1.internal.suberror })
+}
+
+/// PVM's emulator gives up on a few instructions that Linux runs at CPL0:
+/// `int3` (a boot self-test, and code patching) and `fwait` (when a task's
+/// FPU state is dropped, e.g. at exec). KVM reports an emulation failure;
+/// if the instruction at RIP is one of these, do what the CPU would:
+/// for `int3`, step over it and deliver `#BP`; for `fwait` with no pending
+/// x87 exception (the kernel masks them all), step over it. Returns what
+/// was emulated, or `None` if it was something else.
+fn emulate_unsupported(vcpu: &VcpuFd, mem: &GuestMemoryMmap) -> Option<Emulated> {
+    let mut regs = vcpu.get_regs().ok()?;
+    let tr = vcpu.translate_gva(regs.rip).ok()?;
+    if tr.valid == 0 {
+        return None;
+    }
+    let op = mem.read_obj::<u8>(GuestAddress(tr.physical_address)).ok()?;
+    match op {
+        INT3 => {
+            let mut events = vcpu.get_vcpu_events().ok()?;
+            regs.rip += 1;
+            events.exception.injected = 1;
+            events.exception.nr = BP_VECTOR;
+            events.exception.has_error_code = 0;
+            events.exception.error_code = 0;
+            vcpu.set_regs(&regs).ok()?;
+            vcpu.set_vcpu_events(&events).ok()?;
+            Some(Emulated::Int3)
+        }
+        FWAIT => {
+            regs.rip += 1;
+            vcpu.set_regs(&regs).ok()?;
+            Some(Emulated::Fwait)
+        }
+        _ => None,
+    }
+}
+
+/// Instructions the VMM completed for KVM's emulator.
+enum Emulated {
+    Int3,
+    Fwait,
+}
+
+/// Runs `vcpu` until the VM stops. Call on the vCPU's own thread. `mem` is
+/// the guest RAM, read when an exit has to look at guest instructions.
+pub fn run_loop(
+    mut vcpu: VcpuFd,
+    id: u8,
+    io: Arc<RwLock<IoManager>>,
+    ctl: Arc<VmControl>,
+    mem: GuestMemoryMmap,
+) {
     KVM_RUN.with(|c| c.set(vcpu.get_kvm_run() as *mut kvm_run));
     ctl.register_thread();
     while !ctl.stopping() {
@@ -242,6 +312,29 @@ pub fn run_loop(mut vcpu: VcpuFd, id: u8, io: Arc<RwLock<IoManager>>, ctl: Arc<V
             }
             Ok(VcpuExit::Hlt) => ctl.request_stop(VmExit::Shutdown),
             Ok(VcpuExit::IrqWindowOpen) | Ok(VcpuExit::Intr) => {}
+            Ok(VcpuExit::InternalError) => {
+                let sub = internal_suberror();
+                let done = if sub == Some(INTERNAL_ERROR_EMULATION) {
+                    emulate_unsupported(&vcpu, &mem)
+                } else {
+                    None
+                };
+                if let Some(what) = done {
+                    ctl.stats.emulated.fetch_add(1, Ordering::Relaxed);
+                    log::debug!(
+                        "vcpu{id}: completed {} for KVM",
+                        match what {
+                            Emulated::Int3 => "int3",
+                            Emulated::Fwait => "fwait",
+                        }
+                    );
+                } else {
+                    let regs = vcpu_state(&vcpu);
+                    ctl.request_stop(VmExit::Error(format!(
+                        "vcpu{id}: KVM internal error (suberror {sub:?}) ({regs})"
+                    )));
+                }
+            }
             Ok(other) => {
                 let what = format!("{other:?}");
                 let regs = vcpu_state(&vcpu);

@@ -275,9 +275,10 @@ impl Vm {
         for (id, v) in self.vcpus.drain(..).enumerate() {
             let io = self.io.clone();
             let ctl = self.control.clone();
+            let mem = self.memory.clone();
             let t = std::thread::Builder::new()
                 .name(format!("{}-vcpu{id}", self.name))
-                .spawn(move || vcpu::run_loop(v, id as u8, io, ctl))
+                .spawn(move || vcpu::run_loop(v, id as u8, io, ctl, mem))
                 .map_err(Error::io("spawning a vCPU thread"))?;
             threads.push(t);
         }

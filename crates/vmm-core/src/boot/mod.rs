@@ -1,3 +1,4 @@
-//! Loading guests: the bare-metal probe (Linux boot comes with its own module).
+//! Loading guests: the bare-metal probe and Linux.
 
+pub mod linux;
 pub mod probe;

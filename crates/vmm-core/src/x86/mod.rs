@@ -2,5 +2,6 @@
 
 pub mod cpuid;
 pub mod gdt;
+pub mod mptable;
 pub mod paging;
 pub mod regs;
