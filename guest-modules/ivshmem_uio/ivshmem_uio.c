@@ -15,10 +15,13 @@
  * the line) and userspace may write 0/1 to /dev/uioN to mask/unmask it.
  *
  * selftest=1 checks the device at probe time and prints one line:
- *   ivshmem_uio 0000:00:03.0: selftest: ivposition=N bar2=ok doorbell=ok
+ *   ivshmem_uio 0000:00:03.0: selftest: ivposition=N bar2=ok doorbell=ok irq=msix peer=none
  * It reads IVPosition, writes and reads back a pattern at the end of BAR2
  * (restoring what was there), rings its own doorbell on vector 0 and waits
- * up to a second for the interrupt.
+ * up to a second for the interrupt. With selftest_peer=P it then rings peer
+ * P on vector 0 and waits up to five seconds for P to ring back
+ * ("peer=P:ok" or "peer=P:timeout"): a cross-VM interrupt round trip that
+ * needs no userspace (intervm's probe guest answers with its "pong" task).
  */
 
 #include <linux/completion.h>
@@ -42,6 +45,10 @@
 static bool selftest;
 module_param(selftest, bool, 0444);
 MODULE_PARM_DESC(selftest, "Check registers, BAR2 and a doorbell to itself at probe");
+
+static int selftest_peer = -1;
+module_param(selftest_peer, int, 0444);
+MODULE_PARM_DESC(selftest_peer, "With selftest=1: also ring this peer ID and wait for its answer");
 
 struct ivshmem_uio {
 	struct uio_info info;
@@ -82,7 +89,7 @@ static int ivshmem_uio_irqcontrol(struct uio_info *info, s32 on)
 {
 	struct ivshmem_uio *iv = container_of(info, struct ivshmem_uio, info);
 
-	if (iv->msix)
+	if (iv->msix || iv->info.irq == UIO_IRQ_NONE)
 		return -ENOTSUPP;
 	writel(on ? 1 : 0, iv->regs + REG_INTR_MASK);
 	return 0;
@@ -118,8 +125,11 @@ static int ivshmem_uio_setup_irqs(struct ivshmem_uio *iv)
 	/* INTx fallback. */
 	iv->msix = false;
 	iv->nvec = 0;
-	if (!pdev->irq)
-		return -ENODEV;
+	if (!pdev->irq || !pdev->pin) {
+		/* ivshmem-plain: no interrupts, the maps are still useful. */
+		iv->info.irq = UIO_IRQ_NONE;
+		return 0;
+	}
 	err = request_irq(pdev->irq, ivshmem_uio_intx, IRQF_SHARED, "ivshmem_uio", iv);
 	if (err)
 		return err;
@@ -136,10 +146,23 @@ static void ivshmem_uio_free_irqs(struct ivshmem_uio *iv)
 		for (i = 0; i < iv->nvec; i++)
 			free_irq(pci_irq_vector(iv->pdev, i), iv);
 		pci_free_irq_vectors(iv->pdev);
-	} else {
+	} else if (iv->info.irq == UIO_IRQ_CUSTOM) {
 		writel(0, iv->regs + REG_INTR_MASK);
 		free_irq(iv->pdev->irq, iv);
 	}
+}
+
+/* Rings (peer, vector 0) and waits up to @timeout for any interrupt. */
+static bool ivshmem_uio_ring_and_wait(struct ivshmem_uio *iv, u32 peer, unsigned long timeout)
+{
+	bool ok;
+
+	reinit_completion(&iv->selftest_irq);
+	WRITE_ONCE(iv->selftest_waiting, true);
+	writel(peer << 16, iv->regs + REG_DOORBELL);
+	ok = wait_for_completion_timeout(&iv->selftest_irq, timeout) > 0;
+	WRITE_ONCE(iv->selftest_waiting, false);
+	return ok;
 }
 
 static void ivshmem_uio_selftest(struct ivshmem_uio *iv)
@@ -148,7 +171,8 @@ static void ivshmem_uio_selftest(struct ivshmem_uio *iv)
 	resource_size_t len = pci_resource_len(pdev, 2);
 	void __iomem *shm;
 	u32 id, saved, seen;
-	bool bar2_ok = false, bell_ok = false;
+	bool bar2_ok = false, bell_ok = false, peer_ok = false;
+	char peer[24];
 
 	id = readl(iv->regs + REG_IVPOSITION);
 	shm = len >= 8 ? pci_iomap_range(pdev, 2, len - 8, 8) : NULL;
@@ -160,14 +184,21 @@ static void ivshmem_uio_selftest(struct ivshmem_uio *iv)
 		bar2_ok = seen == (0x5a17e57u ^ id);
 		pci_iounmap(pdev, shm);
 	}
-	reinit_completion(&iv->selftest_irq);
-	WRITE_ONCE(iv->selftest_waiting, true);
-	writel((id << 16) | 0, iv->regs + REG_DOORBELL);
-	bell_ok = wait_for_completion_timeout(&iv->selftest_irq, HZ) > 0;
-	WRITE_ONCE(iv->selftest_waiting, false);
-	dev_info(&pdev->dev, "selftest: ivposition=%u bar2=%s doorbell=%s irq=%s\n", id,
+	if (iv->info.irq == UIO_IRQ_NONE) {
+		dev_info(&pdev->dev, "selftest: ivposition=%u bar2=%s doorbell=none irq=none peer=none\n",
+			 id, bar2_ok ? "ok" : "FAILED");
+		return;
+	}
+	bell_ok = ivshmem_uio_ring_and_wait(iv, id, HZ);
+	if (selftest_peer >= 0 && selftest_peer <= 0xffff)
+		peer_ok = ivshmem_uio_ring_and_wait(iv, selftest_peer, 5 * HZ);
+	if (selftest_peer < 0)
+		snprintf(peer, sizeof(peer), "none");
+	else
+		snprintf(peer, sizeof(peer), "%d:%s", selftest_peer, peer_ok ? "ok" : "timeout");
+	dev_info(&pdev->dev, "selftest: ivposition=%u bar2=%s doorbell=%s irq=%s peer=%s\n", id,
 		 bar2_ok ? "ok" : "FAILED", bell_ok ? "ok" : "timeout",
-		 iv->msix ? "msix" : "intx");
+		 iv->msix ? "msix" : "intx", peer);
 }
 
 static int ivshmem_uio_probe(struct pci_dev *pdev, const struct pci_device_id *id)
@@ -216,7 +247,8 @@ static int ivshmem_uio_probe(struct pci_dev *pdev, const struct pci_device_id *i
 	dev_info(&pdev->dev, "ivshmem: ID %u, %llu bytes shared, %s (%d vectors)\n",
 		 readl(iv->regs + REG_IVPOSITION),
 		 (unsigned long long)pci_resource_len(pdev, 2),
-		 iv->msix ? "MSI-X" : "INTx", iv->nvec);
+		 iv->msix ? "MSI-X" : iv->info.irq == UIO_IRQ_NONE ? "no interrupts" : "INTx",
+		 iv->nvec);
 	if (selftest)
 		ivshmem_uio_selftest(iv);
 	return 0;

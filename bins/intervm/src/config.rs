@@ -617,6 +617,13 @@ impl Config {
                     Kernel::Probe
                 }
                 Some(p) => {
+                    if memory < vmm_core::boot::linux::MIN_RAM {
+                        return Err(err(format!(
+                            "{}: a Linux guest needs at least {}M",
+                            key("memory"),
+                            vmm_core::boot::linux::MIN_RAM >> 20
+                        )));
+                    }
                     let path = resolve(p);
                     if !path.is_file() {
                         return Err(err(format!(

@@ -10,8 +10,9 @@ use interrupt_doorbell::IvshmemDoorbell;
 use intervm_protocol::portio::PORT_COUNT;
 use portio_channel::{PortioDevice, RingLink};
 use shmem_device::{IvshmemPlain, Membership, SharedRegion, Transport};
+use vmm_core::boot::{linux, probe};
 use vmm_core::devices::serial::SerialOutput;
-use vmm_core::{boot::probe, RunningVm, Vm, VmConfig, VmExit};
+use vmm_core::{RunningVm, Vm, VmConfig, VmExit};
 
 use crate::config::{Backing, ChannelKind, Config, Kernel, Serial};
 use crate::tasks::{self, Report};
@@ -25,9 +26,9 @@ extern "C" fn on_signal(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c
 /// Why `run` could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
-    /// A setting the config parser accepts but this build cannot run yet.
+    /// A file the config names (kernel, initrd) cannot be read.
     #[error("{file}: {key}: {msg}")]
-    Unsupported {
+    Input {
         /// Config file.
         file: String,
         /// Offending key.
@@ -261,16 +262,30 @@ pub fn run(
         let joined = plug_channels(cfg, &vm, &mut transports, &mut groups)?;
         match &spec.kernel {
             Kernel::Probe => {
-                let index = cfg.vms.iter().position(|v| v.name == spec.name).unwrap_or(i);
+                let index = cfg
+                    .vms
+                    .iter()
+                    .position(|v| v.name == spec.name)
+                    .unwrap_or(i);
                 let infos = tasks::boot_infos(cfg, spec, index);
                 probe::load_tasks(&vm, probe_image::PROBE_ELF, &infos).map_err(verr)?;
             }
-            Kernel::Linux { .. } => {
-                return Err(RunError::Unsupported {
-                    file: file.clone(),
-                    key: format!("vm[{}].kernel", spec.name),
-                    msg: "booting a Linux kernel is not available in this build yet; use kernel = \"probe\"".into(),
-                })
+            Kernel::Linux {
+                path,
+                cmdline,
+                initrd,
+            } => {
+                let read = |p: &std::path::Path, what: &str| {
+                    std::fs::read(p).map_err(|e| RunError::Input {
+                        file: file.clone(),
+                        key: format!("vm[{}].{what}", spec.name),
+                        msg: format!("cannot read {}: {e}", p.display()),
+                    })
+                };
+                let kernel = read(path, "kernel")?;
+                let initrd = initrd.as_deref().map(|p| read(p, "initrd")).transpose()?;
+                let cmdline = linux::cmdline_for(vm.flavor(), cmdline);
+                linux::load(&vm, &kernel, initrd.as_deref(), &cmdline).map_err(verr)?;
             }
         }
         vms.push((vm, joined, *spec));

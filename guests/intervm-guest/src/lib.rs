@@ -29,6 +29,14 @@ pub enum Error {
     /// A bad size argument.
     #[error("{0}")]
     Usage(String),
+    /// Received bytes differ from the test pattern (`--verify-seed`).
+    #[error("payload differs from the pattern with seed {seed} at byte {offset}")]
+    Mismatch {
+        /// The pattern seed checked against.
+        seed: u64,
+        /// First differing byte of the stream.
+        offset: u64,
+    },
 }
 
 /// Names a port-I/O result code.

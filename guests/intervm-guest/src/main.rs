@@ -230,6 +230,10 @@ struct RecvArgs {
     /// Write the payload here.
     #[arg(long)]
     file: Option<PathBuf>,
+    /// Check every byte against the test pattern with this seed (what
+    /// `send --size` and the probe send); the first difference fails.
+    #[arg(long)]
+    verify_seed: Option<u64>,
     #[command(flatten)]
     timing: Timing,
 }
@@ -363,7 +367,7 @@ fn run(cmd: Cmd) -> Result<String, Error> {
         Cmd::Doorbell(DoorbellCmd::Recv { uio, args: a }) => {
             let (c, mut u) = uio_common(&uio, a.me, a.from, &a.timing)?;
             let want = a.size.as_deref().map(size).transpose()?;
-            let s = shmem::recv(&c, want, a.file.as_ref(), &mut u)?;
+            let s = shmem::recv(&c, want, a.file.as_ref(), a.verify_seed, &mut u)?;
             Ok(format!("received {s}"))
         }
         Cmd::Doorbell(DoorbellCmd::Pingpong {
@@ -443,7 +447,13 @@ fn run(cmd: Cmd) -> Result<String, Error> {
         Cmd::Shmem(ShmemCmd::Recv { region, args: a }) => {
             let c = common(region, a.me, a.from, &a.timing)?;
             let want = a.size.as_deref().map(size).transpose()?;
-            let s = shmem::recv(&c, want, a.file.as_ref(), &mut shmem::Polling)?;
+            let s = shmem::recv(
+                &c,
+                want,
+                a.file.as_ref(),
+                a.verify_seed,
+                &mut shmem::Polling,
+            )?;
             Ok(format!("received {s}"))
         }
         Cmd::Shmem(ShmemCmd::Format {

@@ -353,11 +353,14 @@ pub(crate) fn read_full(f: &mut impl Read, buf: &mut [u8]) -> std::io::Result<us
 }
 
 /// Receives from `c.peer` until `size` bytes (if given) or an end-of-stream
-/// frame, writing the payload to `out` if given.
+/// frame, writing the payload to `out` if given, and comparing it with the
+/// test pattern of seed `verify` if given (the first difference is an
+/// error).
 pub fn recv(
     c: &Common,
     size: Option<u64>,
     out: Option<&PathBuf>,
+    verify: Option<u64>,
     notify: &mut dyn Notify,
 ) -> Result<Summary, Error> {
     let j = Joined::join(&c.source, c.me)?;
@@ -378,6 +381,11 @@ pub fn recv(
         None => None,
     };
     let mut buf = vec![0u8; j.geo.max_payload() as usize];
+    let mut want = if verify.is_some() {
+        vec![0u8; buf.len()]
+    } else {
+        Vec::new()
+    };
     j.wait_peer(c, |r| {
         r.member_state(&j.geo, c.peer) == Ok(MemberState::Alive)
             && r.ready(&j.geo, c.peer) == Ok(READY_PREPARED)
@@ -400,6 +408,15 @@ pub fn recv(
         match cons.try_recv(&mut buf).map_err(ring_err)? {
             Some((0, _)) => break,
             Some((n, sum)) => {
+                if let Some(seed) = verify {
+                    ring::fill_pattern(seed, got, &mut want[..n]);
+                    if let Some(i) = (0..n).find(|&i| buf[i] != want[i]) {
+                        return Err(Error::Mismatch {
+                            seed,
+                            offset: got + i as u64,
+                        });
+                    }
+                }
                 got += n as u64;
                 frames += 1;
                 stream = fold(stream, sum);

@@ -99,7 +99,7 @@ fn transfer(tag: &str, adaptive: Option<Duration>) -> (u64, u64, u64) {
             sleeps: 0,
             adaptive,
         };
-        let s = shmem::recv(&rc, Some(8 << 20), None, &mut b).unwrap();
+        let s = shmem::recv(&rc, Some(8 << 20), None, None, &mut b).unwrap();
         (s, b.sleeps)
     });
     let mut tb = Bell {
