@@ -2,6 +2,9 @@
 /*
  * ivshmem_uio: a UIO driver for the ivshmem PCI device (1af4:1110) in its
  * doorbell personality (QEMU's ivshmem-doorbell, intervm's doorbell channel).
+ * A device without interrupts (ivshmem-plain) is registered too, as UIO
+ * name "ivshmem-plain" with no interrupt, so its BAR2 can be mapped through
+ * /dev/uioN as well as through sysfs resource2.
  *
  * Userspace opens /dev/uioN and
  *   - mmaps map 0 (BAR0: IntrMask, IntrStatus, IVPosition, Doorbell) to
@@ -238,6 +241,9 @@ static int ivshmem_uio_probe(struct pci_dev *pdev, const struct pci_device_id *i
 		dev_err(&pdev->dev, "no usable interrupt (%d)\n", err);
 		return err;
 	}
+	/* Tools looking for doorbells match the name "ivshmem". */
+	if (iv->info.irq == UIO_IRQ_NONE)
+		iv->info.name = "ivshmem-plain";
 	err = uio_register_device(&pdev->dev, &iv->info);
 	if (err) {
 		ivshmem_uio_free_irqs(iv);

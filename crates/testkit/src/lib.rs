@@ -6,11 +6,21 @@
 //! elsewhere the test prints why and returns (skips).
 #![deny(missing_docs)]
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use intervm_protocol::probe::{results, BootInfo};
 use vmm_core::devices::serial::{SerialBuffer, SerialOutput};
 use vmm_core::{boot::probe, RunningVm, Vm, VmConfig, VmExit};
+
+/// The skip/fail policy for something a test needs: under `CI=true`
+/// panics with `why`; elsewhere prints it as the reason for skipping.
+pub fn missing(why: &str) {
+    if std::env::var("CI").is_ok_and(|v| v == "true") {
+        panic!("CI=true but {why}");
+    }
+    eprintln!("SKIPPED: {why}");
+}
 
 /// Returns false (after printing why) when KVM is unusable and the test
 /// should be skipped; panics instead under `CI=true`, where a missing
@@ -19,13 +29,59 @@ pub fn kvm_available() -> bool {
     match vmm_core::host::kvm_unavailable_reason() {
         None => true,
         Some(why) => {
-            if std::env::var("CI").is_ok_and(|v| v == "true") {
-                panic!("CI=true but KVM is unavailable: {why}");
-            }
-            eprintln!("SKIPPED: KVM is unavailable here ({why})");
+            missing(&format!("KVM is unavailable here ({why})"));
             false
         }
     }
+}
+
+/// The Linux guest `scripts/guest-linux` builds under `target/guest-linux/`.
+#[derive(Clone, Debug)]
+pub struct GuestLinux {
+    /// Uncompressed kernel (what intervm boots).
+    pub vmlinux: PathBuf,
+    /// Compressed kernel (what QEMU boots).
+    pub bzimage: PathBuf,
+    /// Uncompressed initramfs.
+    pub initramfs: PathBuf,
+    /// Compressed initramfs.
+    pub initramfs_gz: PathBuf,
+}
+
+/// The built Linux guest, or `None` (skip; a failure under `CI=true`) if
+/// `scripts/guest-linux` has not been run.
+pub fn guest_linux() -> Option<GuestLinux> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/guest-linux");
+    let g = GuestLinux {
+        vmlinux: dir.join("vmlinux"),
+        bzimage: dir.join("bzImage"),
+        initramfs: dir.join("initramfs.cpio"),
+        initramfs_gz: dir.join("initramfs.cpio.gz"),
+    };
+    for p in [&g.vmlinux, &g.bzimage, &g.initramfs, &g.initramfs_gz] {
+        if !p.is_file() {
+            missing(&format!(
+                "{} is missing (run scripts/guest-linux)",
+                p.display()
+            ));
+            return None;
+        }
+    }
+    Some(g)
+}
+
+/// The path of host program `name` on `PATH`, or `None` (skip; a failure
+/// under `CI=true`).
+pub fn host_program(name: &str) -> Option<PathBuf> {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|d| d.join(name))
+            .find(|p| p.is_file())
+    });
+    if found.is_none() {
+        missing(&format!("{name} is not installed"));
+    }
+    found
 }
 
 /// Skips the calling test when KVM is unavailable (see [`kvm_available`]).

@@ -5,6 +5,7 @@
 
 pub mod pci;
 pub mod portio;
+pub mod power;
 pub mod shmem;
 pub mod uio;
 

@@ -40,6 +40,13 @@ enum Cmd {
     /// Shared memory with doorbells, through the ivshmem_uio driver.
     #[command(subcommand)]
     Doorbell(DoorbellCmd),
+    /// End the VM with an exit status: through intervm's debug port (so
+    /// `intervm run` exits with it), else by rebooting (needs root).
+    Poweroff {
+        /// The status (0-255).
+        #[arg(long, default_value_t = 0)]
+        status: u8,
+    },
 }
 
 #[derive(Args, Clone)]
@@ -359,6 +366,7 @@ fn uio_common(
 
 fn run(cmd: Cmd) -> Result<String, Error> {
     match cmd {
+        Cmd::Poweroff { status } => Err(intervm_guest::power::poweroff(status)),
         Cmd::Doorbell(DoorbellCmd::Send { uio, args: a }) => {
             let (c, mut u) = uio_common(&uio, a.me, a.to, &a.timing)?;
             let s = shmem::send(&c, &a.payload()?, size(&a.chunk)?, &mut u)?;

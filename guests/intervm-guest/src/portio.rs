@@ -347,11 +347,16 @@ pub struct Hardware {
 impl Hardware {
     /// Asks the kernel for ports `base..base + PORT_COUNT`.
     pub fn open(base: u16) -> Result<Self, Error> {
-        let end = base as u32 + PORT_COUNT as u32;
+        Self::open_range(base, PORT_COUNT)
+    }
+
+    /// Asks the kernel for ports `base..base + count`.
+    pub fn open_range(base: u16, count: u16) -> Result<Self, Error> {
+        let end = base as u32 + count as u32;
         // SAFETY: ioperm/iopl change this process's I/O permission only.
         let r = unsafe {
             if end <= 0x400 {
-                libc::ioperm(base as libc::c_ulong, PORT_COUNT as libc::c_ulong, 1)
+                libc::ioperm(base as libc::c_ulong, count as libc::c_ulong, 1)
             } else {
                 libc::iopl(3)
             }

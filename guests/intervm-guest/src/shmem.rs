@@ -97,12 +97,22 @@ pub fn map(src: &Source) -> Result<Mapping, Error> {
 }
 
 impl Joined {
-    /// Maps the region, checks its header and joins as member `me`.
-    pub fn join(src: &Source, me: u32) -> Result<Self, Error> {
+    /// Maps the region, checks its header and joins as member `me`. A
+    /// region nobody formatted yet (the VMM or a peer's tool does that) is
+    /// waited for up to `wait`.
+    pub fn join(src: &Source, me: u32, wait: Duration) -> Result<Self, Error> {
         let map = map(src)?;
         // SAFETY: the mapping lives in `Joined` as long as the region.
         let region = unsafe { Region::new(map.ptr(), map.len() as u64) };
-        let geo = region.geometry().map_err(ring_err)?;
+        let t0 = Instant::now();
+        let geo = loop {
+            match region.geometry() {
+                Err(RingError::NotInitialized) if t0.elapsed() < wait => {
+                    std::thread::sleep(Duration::from_millis(10))
+                }
+                r => break r.map_err(ring_err)?,
+            }
+        };
         if me >= geo.members {
             return Err(Error::Ring(RingError::BadMember(me)));
         }
@@ -244,7 +254,7 @@ pub fn send(
     chunk: u64,
     notify: &mut dyn Notify,
 ) -> Result<Summary, Error> {
-    let j = Joined::join(&c.source, c.me)?;
+    let j = Joined::join(&c.source, c.me, c.join_timeout)?;
     let mut p = j.region.producer(j.geo, c.me, c.peer).map_err(ring_err)?;
     let mut file = match payload {
         Payload::File(path) => {
@@ -363,7 +373,7 @@ pub fn recv(
     verify: Option<u64>,
     notify: &mut dyn Notify,
 ) -> Result<Summary, Error> {
-    let j = Joined::join(&c.source, c.me)?;
+    let j = Joined::join(&c.source, c.me, c.join_timeout)?;
     let sleeps = match notify.my_id() {
         Some(id) => {
             j.region

@@ -22,8 +22,10 @@ pub const MPTABLE_END: u64 = 0x10_0000;
 
 const SPEC_REV: u8 = 4;
 const APIC_VERSION: u8 = 0x14;
-const ISA_BUS: u8 = 0;
-const PCI_BUS: u8 = 1;
+// Linux matches a PCI device's bus number against the MP bus ID, so the
+// PCI bus (bus 0) must have ID 0.
+const PCI_BUS: u8 = 0;
+const ISA_BUS: u8 = 1;
 const IOAPIC_ID_BASE: u8 = 0xf0;
 
 // Entry types.
@@ -103,8 +105,8 @@ pub fn build(cpus: u8) -> Result<Vec<u8>> {
     for id in 0..cpus {
         push(&processor(id, id == 0));
     }
-    push(&bus(ISA_BUS, b"ISA   "));
     push(&bus(PCI_BUS, b"PCI   "));
+    push(&bus(ISA_BUS, b"ISA   "));
     push(&ioapic(ioapic_id));
     // ISA IRQs: 0 (the PIT) arrives on pin 2, the others on their own pin.
     for irq in 0..16u8 {
