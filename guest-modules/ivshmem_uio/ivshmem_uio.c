@@ -228,7 +228,13 @@ static int ivshmem_uio_probe(struct pci_dev *pdev, const struct pci_device_id *i
 	iv->info.version = "1";
 	iv->info.mem[0].name = "registers";
 	iv->info.mem[0].addr = pci_resource_start(pdev, 0);
-	iv->info.mem[0].size = pci_resource_len(pdev, 0);
+	/*
+	 * UIO refuses an mmap longer than the map, and an mmap is at least a
+	 * page, so the 256-byte register BAR is offered as its whole page.
+	 * The rest of that page may hold another device's small BAR; only
+	 * root can open /dev/uioN, and root can map /dev/mem anyway.
+	 */
+	iv->info.mem[0].size = PAGE_ALIGN(pci_resource_len(pdev, 0));
 	iv->info.mem[0].memtype = UIO_MEM_PHYS;
 	iv->info.mem[1].name = "shmem";
 	iv->info.mem[1].addr = pci_resource_start(pdev, 2);

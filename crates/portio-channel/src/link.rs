@@ -121,7 +121,7 @@ impl Link for RingLink {
         let t = self.membership.transport();
         let (r, geo) = (t.ring_region(), t.geometry());
         match r.member_state(&geo, peer) {
-            Ok(MemberState::Absent) => PeerState::Absent,
+            Ok(MemberState::Absent) | Ok(MemberState::Idle) => PeerState::Absent,
             Ok(MemberState::Gone) | Err(_) => PeerState::Gone,
             Ok(MemberState::Alive) => {
                 let beat = r.heartbeat(&geo, peer).unwrap_or(0);

@@ -81,6 +81,10 @@ pub enum MemberState {
     /// Left or died (written by its VMM, or by a peer that saw its
     /// heartbeat stop).
     Gone = 2,
+    /// Left after finishing its transfers, and may join again (a guest
+    /// tool that runs one command per process). A peer waiting for a new
+    /// transfer keeps waiting; a transfer under way treats it as gone.
+    Idle = 3,
 }
 
 impl MemberState {
@@ -89,6 +93,7 @@ impl MemberState {
             0 => Some(Self::Absent),
             1 => Some(Self::Alive),
             2 => Some(Self::Gone),
+            3 => Some(Self::Idle),
             _ => None,
         }
     }
@@ -725,7 +730,8 @@ impl RingRef {
     }
 }
 
-fn frame_bytes(len: u64) -> u64 {
+/// Ring bytes a frame with `len` payload bytes takes (header and padding).
+pub fn frame_bytes(len: u64) -> u64 {
     FRAME_HEADER_BYTES + len.next_multiple_of(8)
 }
 
@@ -946,7 +952,10 @@ impl Liveness {
 
     /// `Err(PeerGone)` when the peer is gone or stalled.
     pub fn check(&mut self, region: &Region, geo: &Geometry, now_ms: u64) -> Result<(), RingError> {
-        if region.member_state(geo, self.peer)? == MemberState::Gone {
+        if matches!(
+            region.member_state(geo, self.peer)?,
+            MemberState::Gone | MemberState::Idle
+        ) {
             return Err(RingError::PeerGone(self.peer));
         }
         let beat = region.heartbeat(geo, self.peer)?;
@@ -1269,6 +1278,11 @@ mod tests {
         r.set_member_state(&geo, 2, MemberState::Gone).unwrap();
         assert_eq!(l2.check(&r, &geo, 1), Err(RingError::PeerGone(2)));
         assert_eq!(r.member_state(&geo, 9), Err(RingError::BadMember(9)));
+        // A member that finished and left is gone for a transfer under way,
+        // and may come back: its state reads as Idle, not Gone.
+        r.set_member_state(&geo, 2, MemberState::Idle).unwrap();
+        assert_eq!(r.member_state(&geo, 2), Ok(MemberState::Idle));
+        assert_eq!(l2.check(&r, &geo, 2), Err(RingError::PeerGone(2)));
     }
 
     #[test]

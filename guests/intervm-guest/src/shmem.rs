@@ -59,6 +59,7 @@ pub struct Joined {
     me: u32,
     stop: Arc<AtomicBool>,
     beat: Option<std::thread::JoinHandle<()>>,
+    done: bool,
 }
 
 fn monotonic_ms() -> u64 {
@@ -138,7 +139,13 @@ impl Joined {
             me,
             stop,
             beat: Some(beat),
+            done: false,
         })
+    }
+
+    /// Marks the transfer finished: leaving then says "idle", not "gone".
+    fn finished(&mut self) {
+        self.done = true;
     }
 
     fn wait_peer(&self, c: &Common, ok: impl Fn(&Region) -> bool) -> Result<(), Error> {
@@ -164,9 +171,14 @@ impl Drop for Joined {
             t.thread().unpark();
             let _ = t.join();
         }
-        let _ = self
-            .region
-            .set_member_state(&self.geo, self.me, MemberState::Gone);
+        // After a clean finish peers may expect this member back (the next
+        // command of a script); after an error it is gone.
+        let state = if self.done {
+            MemberState::Idle
+        } else {
+            MemberState::Gone
+        };
+        let _ = self.region.set_member_state(&self.geo, self.me, state);
     }
 }
 
@@ -254,7 +266,7 @@ pub fn send(
     chunk: u64,
     notify: &mut dyn Notify,
 ) -> Result<Summary, Error> {
-    let j = Joined::join(&c.source, c.me, c.join_timeout)?;
+    let mut j = Joined::join(&c.source, c.me, c.join_timeout)?;
     let mut p = j.region.producer(j.geo, c.me, c.peer).map_err(ring_err)?;
     let mut file = match payload {
         Payload::File(path) => {
@@ -275,6 +287,13 @@ pub fn send(
         ),
     };
     let frame = shmem_frame_bytes(chunk, size, p.max_message()) as usize;
+    // With doorbells: publish this side's ID, so that a receiver can wake
+    // it after it slept on a full ring.
+    if let Some(id) = notify.my_id() {
+        j.region
+            .set_doorbell_id(&j.geo, c.me, id)
+            .map_err(ring_err)?;
+    }
     j.region
         .set_ready(&j.geo, c.me, READY_PREPARED)
         .map_err(ring_err)?;
@@ -299,6 +318,7 @@ pub fn send(
     );
     let (mut sent, mut frames, mut stream, mut pos) = (0u64, 0u64, 0u64, 0usize);
     let mut buf = vec![0u8; frame];
+    let mut full_since: Option<Instant> = None;
     loop {
         let msg: &[u8] = match &mut file {
             Some(f) => {
@@ -320,6 +340,7 @@ pub fn send(
         loop {
             match p.try_send(msg).map_err(ring_err)? {
                 Some(sum) => {
+                    full_since = None;
                     if !eof {
                         stream = fold(stream, sum);
                         sent += msg.len() as u64;
@@ -335,7 +356,25 @@ pub fn send(
                 None => {
                     live.check(&j.region, &j.geo, monotonic_ms())
                         .map_err(ring_err)?;
-                    std::hint::spin_loop();
+                    // Full ring. Adaptive: poll for the budget, then
+                    // declare, look again, and sleep until the receiver,
+                    // having made room, rings this side.
+                    match (bell, notify.adaptive()) {
+                        (Some(_), Some(budget)) => {
+                            let t0 = *full_since.get_or_insert_with(Instant::now);
+                            if t0.elapsed() < budget {
+                                std::hint::spin_loop();
+                                continue;
+                            }
+                            p.declare_sleep();
+                            if p.free().map_err(ring_err)? < ring::frame_bytes(msg.len() as u64) {
+                                notify.wait(Duration::from_millis(50));
+                            }
+                            p.awake();
+                            full_since = None;
+                        }
+                        _ => std::hint::spin_loop(),
+                    }
                 }
             }
         }
@@ -343,6 +382,7 @@ pub fn send(
             break;
         }
     }
+    j.finished();
     Ok(Summary {
         bytes: sent,
         frames,
@@ -373,7 +413,7 @@ pub fn recv(
     verify: Option<u64>,
     notify: &mut dyn Notify,
 ) -> Result<Summary, Error> {
-    let j = Joined::join(&c.source, c.me, c.join_timeout)?;
+    let mut j = Joined::join(&c.source, c.me, c.join_timeout)?;
     let sleeps = match notify.my_id() {
         Some(id) => {
             j.region
@@ -430,6 +470,15 @@ pub fn recv(
                 got += n as u64;
                 frames += 1;
                 stream = fold(stream, sum);
+                // Adaptive: a sender asleep on a full ring has room now.
+                if sleeps && notify.adaptive().is_some() && cons.take_producer_sleep() {
+                    let id = j
+                        .region
+                        .doorbell_id(&j.geo, c.peer)
+                        .map_err(ring_err)?
+                        .ok_or(Error::Ring(RingError::PeerGone(c.peer)))?;
+                    notify.ring(id);
+                }
                 last = start.elapsed();
                 idle_since = None;
                 if let Some(w) = &mut sink {
@@ -480,6 +529,7 @@ pub fn recv(
         w.flush()
             .map_err(|e| Error::Io("writing the payload".into(), e))?;
     }
+    j.finished();
     Ok(Summary {
         bytes: got,
         frames,

@@ -231,6 +231,7 @@ fn a_peer_that_never_comes_is_an_error_not_a_hang() {
         .unwrap();
     let res = shm.path();
     let res = res.to_str().unwrap();
+    // An unformatted region is waited for, up to the join timeout.
     let o = tool(&[
         "shmem",
         "recv",
@@ -240,6 +241,8 @@ fn a_peer_that_never_comes_is_an_error_not_a_hang() {
         "1",
         "--from",
         "0",
+        "--join-timeout",
+        "0.5",
     ])
     .output()
     .unwrap();

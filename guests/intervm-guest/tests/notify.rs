@@ -1,7 +1,8 @@
 //! The tool's doorbell-paced transfer logic (what `intervm-guest doorbell
 //! send|recv` runs over the UIO driver) with eventfds standing in for the
 //! doorbells: the receiver publishes its doorbell ID and sleeps until rung,
-//! the sender rings after each frame.
+//! the sender rings after each frame (or, adaptive, only a side that said
+//! it sleeps: the receiver on an empty ring, the sender on a full one).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,18 +45,41 @@ impl Notify for Bell {
 
 #[test]
 fn a_doorbell_paced_transfer_arrives_whole() {
-    let (rings, frames, sleeps) = transfer("always", None);
-    assert_eq!(rings, frames, "one ring per frame");
-    assert!(sleeps > 0, "the receiver slept on the doorbell");
+    let t = transfer("always", None, false);
+    assert_eq!(t.tx_rings, t.frames, "one ring per frame");
+    assert!(t.rx_sleeps > 0, "the receiver slept on the doorbell");
 }
 
 #[test]
 fn adaptive_rings_only_a_sleeping_receiver() {
-    let (rings, frames, _) = transfer("adaptive", Some(Duration::from_micros(50)));
-    assert!(rings < frames, "{rings} rings for {frames} frames");
+    let t = transfer("adaptive", Some(Duration::from_micros(50)), false);
+    assert!(
+        t.tx_rings < t.frames,
+        "{} rings for {} frames",
+        t.tx_rings,
+        t.frames
+    );
 }
 
-fn transfer(tag: &str, adaptive: Option<Duration>) -> (u64, u64, u64) {
+#[test]
+fn adaptive_receiver_wakes_a_sender_asleep_on_a_full_ring() {
+    // The receiver writes into a pipe drained slowly, so the ring fills
+    // and the sender has to sleep until the receiver rings it.
+    let t = transfer("full", Some(Duration::from_micros(50)), true);
+    assert!(t.tx_sleeps > 0, "the sender never slept on a full ring");
+    assert!(t.rx_rings > 0, "the receiver never woke the sender");
+}
+
+/// What a transfer did on each side.
+struct Counts {
+    frames: u64,
+    tx_rings: u64,
+    tx_sleeps: u64,
+    rx_rings: u64,
+    rx_sleeps: u64,
+}
+
+fn transfer(tag: &str, adaptive: Option<Duration>, slow_reader: bool) -> Counts {
     let path =
         std::env::temp_dir().join(format!("intervm-guest-bell-{tag}-{}", std::process::id()));
     std::fs::File::create(&path)
@@ -91,6 +115,28 @@ fn transfer(tag: &str, adaptive: Option<Duration>) -> (u64, u64, u64) {
         join_timeout: Duration::from_secs(10),
     };
     let (rc, f2) = (common(1, 0), fds.clone());
+    let sink = slow_reader.then(|| {
+        let fifo = path.with_extension("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let reader_path = fifo.clone();
+        let reader = std::thread::spawn(move || {
+            use std::io::Read;
+            let mut f = std::fs::File::open(reader_path).unwrap();
+            let mut buf = vec![0u8; 64 << 10];
+            let mut total = 0u64;
+            loop {
+                std::thread::sleep(Duration::from_millis(2));
+                match f.read(&mut buf).unwrap() {
+                    0 => break total,
+                    n => total += n as u64,
+                }
+            }
+        });
+        (fifo, reader)
+    });
+    let out = sink.as_ref().map(|(p, _)| p.clone());
     let rx = std::thread::spawn(move || {
         let mut b = Bell {
             me: 1,
@@ -99,8 +145,8 @@ fn transfer(tag: &str, adaptive: Option<Duration>) -> (u64, u64, u64) {
             sleeps: 0,
             adaptive,
         };
-        let s = shmem::recv(&rc, Some(8 << 20), None, None, &mut b).unwrap();
-        (s, b.sleeps)
+        let s = shmem::recv(&rc, Some(8 << 20), out.as_ref(), Some(3), &mut b).unwrap();
+        (s, b.rings, b.sleeps)
     });
     let mut tb = Bell {
         me: 0,
@@ -119,8 +165,18 @@ fn transfer(tag: &str, adaptive: Option<Duration>) -> (u64, u64, u64) {
         &mut tb,
     )
     .unwrap();
-    let (got, sleeps) = rx.join().unwrap();
+    let (got, rx_rings, rx_sleeps) = rx.join().unwrap();
     assert_eq!((got.bytes, got.stream), (sent.bytes, sent.stream));
+    if let Some((fifo, reader)) = sink {
+        assert_eq!(reader.join().unwrap(), 8 << 20);
+        std::fs::remove_file(fifo).unwrap();
+    }
     std::fs::remove_file(path).unwrap();
-    (tb.rings, sent.frames, sleeps)
+    Counts {
+        frames: sent.frames,
+        tx_rings: tb.rings,
+        tx_sleeps: tb.sleeps,
+        rx_rings,
+        rx_sleeps,
+    }
 }
