@@ -1,0 +1,258 @@
+//! Tier 4: two VMs on two VMMs share regions.
+//!
+//! A Linux guest runs under Debian's `qemu-system-x86_64 -accel tcg` with
+//! QEMU's own `ivshmem-plain` (on a `/dev/shm` object) and
+//! `ivshmem-doorbell` (connected to `intervm ivshmem-server`). An intervm
+//! probe guest on KVM joins the same two regions. The Linux guest's
+//! userspace runs `intervm-guest` (over sysfs `resource2`, and over
+//! `/dev/uioN` of the ivshmem_uio driver), and the two exchange checksummed
+//! data both ways over both regions. This checks the guest tool, the UIO
+//! driver and our server against QEMU's devices.
+//!
+//! `scripts/qemu-interop` runs this test with its output shown.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use probe_image::shmem::seed_for;
+
+/// Bytes moved each way over each region.
+const SIZE: &str = "2M";
+/// How long the whole exchange may take (TCG boots in ~2 s here).
+const DEADLINE: Duration = Duration::from_secs(300);
+
+/// Kills and reaps a child when dropped.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Waits for `child` until `deadline`; kills it after that.
+fn wait_until(child: &mut Reaped, deadline: Instant) -> Option<std::process::ExitStatus> {
+    loop {
+        if let Ok(Some(s)) = child.0.try_wait() {
+            return Some(s);
+        }
+        if Instant::now() > deadline {
+            let _ = child.0.kill();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn read_all(r: Option<impl Read>) -> String {
+    let mut s = String::new();
+    if let Some(mut r) = r {
+        let _ = r.read_to_string(&mut s);
+    }
+    s
+}
+
+struct Names {
+    dir: PathBuf,
+    plain: String,
+    bell: String,
+    socket: PathBuf,
+}
+
+impl Drop for Names {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(Path::new("/dev/shm").join(&self.plain));
+        let _ = std::fs::remove_file(Path::new("/dev/shm").join(&self.bell));
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn qemu_linux_guest_and_intervm_probe_exchange_data_both_ways() {
+    if !intervm_testkit::kvm_available() {
+        return;
+    }
+    let Some(qemu) = intervm_testkit::host_program("qemu-system-x86_64") else {
+        return;
+    };
+    let Some(guest) = intervm_testkit::guest_linux() else {
+        return;
+    };
+    let intervm = env!("CARGO_BIN_EXE_intervm");
+    let tag = std::process::id();
+    let dir = std::env::temp_dir().join(format!("intervm-qemu-{tag}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let names = Names {
+        plain: format!("intervm-qemu-{tag}-plain"),
+        bell: format!("intervm-qemu-{tag}-bell"),
+        socket: dir.join("ivshmem.sock"),
+        dir,
+    };
+    let deadline = Instant::now() + DEADLINE;
+
+    // 1. The ivshmem server owns the doorbell region and hands out IDs.
+    let server = Reaped(
+        Command::new(intervm)
+            .args(["ivshmem-server", "--socket"])
+            .arg(&names.socket)
+            .args(["--shm", &names.bell, "--size", "4M", "--vectors", "1"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting intervm ivshmem-server"),
+    );
+    while !names.socket.exists() {
+        assert!(Instant::now() < deadline, "the server never listened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // 2. intervm runs the probe; "linux" is the QEMU guest (the same
+    //    [[vm]] would boot under intervm on VMX/SVM).
+    let cfg = names.dir.join("interop.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            r#"
+[[vm]]
+name = "probe"
+memory = "64M"
+kernel = "probe"
+probe = [
+    {{ task = "send", channel = "plain", to = "linux", size = "{SIZE}" }},
+    {{ task = "recv", channel = "plain", from = ["linux"], size = "{SIZE}" }},
+    {{ task = "send", channel = "bell", to = "linux", size = "{SIZE}" }},
+    {{ task = "recv", channel = "bell", from = ["linux"], size = "{SIZE}" }},
+]
+
+[[vm]]
+name = "linux"
+memory = "256M"
+kernel = "{kernel}"
+initrd = "{initrd}"
+
+[[channel]]
+name = "plain"
+kind = "shmem"
+members = ["probe", "linux"]
+size = "4M"
+backing = {{ shm = "{plain}" }}
+
+[[channel]]
+name = "bell"
+kind = "doorbell"
+members = ["probe", "linux"]
+size = "4M"
+backing = {{ server = "{socket}" }}
+"#,
+            kernel = guest.bzimage.display(),
+            initrd = guest.initramfs_gz.display(),
+            plain = names.plain,
+            socket = names.socket.display(),
+        ),
+    )
+    .unwrap();
+    let mut probe = Reaped(
+        Command::new(intervm)
+            .arg("run")
+            .arg(&cfg)
+            .args(["--vm", "probe", "--timeout", "280"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting intervm"),
+    );
+    let plain_path = Path::new("/dev/shm").join(&names.plain);
+    while !plain_path.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "intervm never created the region"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    // 3. QEMU: the plain device at 00:04.0, the doorbell device at 00:05.0.
+    let seed = |ch: &str| seed_for(ch, "probe");
+    let run = [
+        format!(
+            "shmem recv --me 1 --from 0 --size {SIZE} --device 0000:00:04.0 --verify-seed {}",
+            seed("plain")
+        ),
+        format!(
+            "shmem send --me 1 --to 0 --size {SIZE} --device 0000:00:04.0 --seed {}",
+            seed_for("plain", "linux")
+        ),
+        format!(
+            "doorbell recv --me 1 --from 0 --size {SIZE} --verify-seed {}",
+            seed("bell")
+        ),
+        format!(
+            "doorbell send --me 1 --to 0 --size {SIZE} --seed {}",
+            seed_for("bell", "linux")
+        ),
+    ]
+    .join(" ; ");
+    let mem_plain = format!(
+        "memory-backend-file,id=plain,mem-path={},size=4M,share=on",
+        plain_path.display()
+    );
+    let chardev = format!("socket,path={},id=bell", names.socket.display());
+    let mut vm = Reaped(
+        Command::new(qemu)
+            .args(["-accel", "tcg", "-m", "256", "-nographic", "-no-reboot"])
+            .args(["-nodefaults", "-serial", "stdio"])
+            .arg("-kernel")
+            .arg(&guest.bzimage)
+            .arg("-initrd")
+            .arg(&guest.initramfs_gz)
+            .args(["-object", &mem_plain])
+            .args(["-device", "ivshmem-plain,memdev=plain,addr=4"])
+            .args(["-chardev", &chardev])
+            .args(["-device", "ivshmem-doorbell,chardev=bell,vectors=1,addr=5"])
+            .arg("-append")
+            .arg(format!(
+                "console=ttyS0 panic=-1 reboot=t quiet intervm.run=\"{run}\""
+            ))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("starting qemu-system-x86_64"),
+    );
+
+    let qemu_status = wait_until(&mut vm, deadline);
+    let console = read_all(vm.0.stdout.take()) + &read_all(vm.0.stderr.take());
+    let probe_status = wait_until(&mut probe, deadline + Duration::from_secs(10));
+    let report = read_all(probe.0.stdout.take()) + &read_all(probe.0.stderr.take());
+    drop(server);
+    eprintln!("--- QEMU guest console ---\n{console}\n--- intervm ---\n{report}");
+
+    assert!(qemu_status.is_some(), "QEMU did not finish in time");
+    assert!(
+        console.contains("intervm-init: status 0"),
+        "a guest command failed"
+    );
+    for what in ["received bytes=2097152", "sent bytes=2097152"] {
+        assert_eq!(
+            console.matches(what).count(),
+            2,
+            "expected two {what:?} lines from intervm-guest"
+        );
+    }
+    assert!(
+        probe_status.is_some_and(|s| s.success()),
+        "the intervm probe failed"
+    );
+    for ch in ["plain", "bell"] {
+        assert!(
+            report.contains(&format!("from linux over {ch}"))
+                && report
+                    .lines()
+                    .any(|l| l.contains(&format!("from linux over {ch}"))
+                        && l.contains("checksum ok")),
+            "the probe did not receive a clean stream over {ch}"
+        );
+    }
+}
