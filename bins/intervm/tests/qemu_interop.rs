@@ -16,8 +16,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use probe_image::shmem::seed_for;
-
 /// Bytes moved each way over each region.
 const SIZE: &str = "2M";
 /// How long the whole exchange may take (TCG boots in ~2 s here).
@@ -174,24 +172,14 @@ backing = {{ server = "{socket}" }}
     }
 
     // 3. QEMU: the plain device at 00:04.0, the doorbell device at 00:05.0.
-    let seed = |ch: &str| seed_for(ch, "probe");
+    // Seeds named CHANNEL:SENDER are the ones the launcher uses.
     let run = [
         format!(
-            "shmem recv --me 1 --from 0 --size {SIZE} --device 0000:00:04.0 --verify-seed {}",
-            seed("plain")
+            "shmem recv --me 1 --from 0 --size {SIZE} --device 0000:00:04.0 --verify-seed plain:probe"
         ),
-        format!(
-            "shmem send --me 1 --to 0 --size {SIZE} --device 0000:00:04.0 --seed {}",
-            seed_for("plain", "linux")
-        ),
-        format!(
-            "doorbell recv --me 1 --from 0 --size {SIZE} --verify-seed {}",
-            seed("bell")
-        ),
-        format!(
-            "doorbell send --me 1 --to 0 --size {SIZE} --seed {}",
-            seed_for("bell", "linux")
-        ),
+        format!("shmem send --me 1 --to 0 --size {SIZE} --device 0000:00:04.0 --seed plain:linux"),
+        format!("doorbell recv --me 1 --from 0 --size {SIZE} --verify-seed bell:probe"),
+        format!("doorbell send --me 1 --to 0 --size {SIZE} --seed bell:linux"),
     ]
     .join(" ; ");
     let mem_plain = format!(

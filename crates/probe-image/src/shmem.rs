@@ -256,16 +256,7 @@ pub fn frame_bytes(chunk: u64, bytes: u64, max_payload: u64) -> u64 {
     shmem_frame_bytes(chunk, bytes, max_payload)
 }
 
-/// A seed for the payload of `sender` on `channel`: both ends can compute
-/// it from the configuration alone (FNV-1a of the two names).
-pub fn seed_for(channel: &str, sender: &str) -> u64 {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in channel.bytes().chain([0]).chain(sender.bytes()) {
-        h ^= b as u64;
-        h = h.wrapping_mul(0x0100_0000_01b3);
-    }
-    h
-}
+pub use intervm_protocol::ring::seed_for;
 
 #[cfg(test)]
 mod tests {

@@ -971,6 +971,18 @@ impl Liveness {
     }
 }
 
+/// The test-pattern seed of `sender`'s payload on `channel`, so that every
+/// end (the launcher, probe guests, `intervm-guest`) can compute it from
+/// names alone: FNV-1a of `channel`, a NUL, and `sender`.
+pub fn seed_for(channel: &str, sender: &str) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in channel.bytes().chain([0]).chain(sender.bytes()) {
+        h ^= b as u64;
+        h = h.wrapping_mul(0x0100_0000_01b3);
+    }
+    h
+}
+
 /// Deterministic test payload: byte `i` of the stream seeded by `seed`.
 /// Fills `buf` with the bytes at stream offset `pos`.
 pub fn fill_pattern(seed: u64, pos: u64, buf: &mut [u8]) {

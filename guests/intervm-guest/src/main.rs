@@ -124,6 +124,19 @@ fn parse_width(s: &str) -> Result<usize, String> {
     }
 }
 
+/// A pattern seed: a number, or `CHANNEL:SENDER` (the seed intervm's
+/// launcher gives that sender's payload on that channel).
+fn parse_seed(s: &str) -> Result<u64, String> {
+    match s.split_once(':') {
+        Some((channel, sender)) if !channel.is_empty() && !sender.is_empty() => {
+            Ok(intervm_protocol::ring::seed_for(channel, sender))
+        }
+        _ => s
+            .parse()
+            .map_err(|_| format!("{s:?} is neither a number nor CHANNEL:SENDER")),
+    }
+}
+
 fn parse_port(s: &str) -> Result<u16, String> {
     let v = match s.strip_prefix("0x") {
         Some(h) => u16::from_str_radix(h, 16),
@@ -147,8 +160,8 @@ enum PortioCmd {
         /// Send this file, then an empty message.
         #[arg(long)]
         file: Option<PathBuf>,
-        /// Pattern seed.
-        #[arg(long, default_value_t = 0)]
+        /// Pattern seed: a number, or CHANNEL:SENDER (see `shmem send`).
+        #[arg(long, default_value = "0", value_parser = parse_seed)]
         seed: u64,
         /// Bytes per message.
         #[arg(long, default_value = "4K")]
@@ -212,8 +225,9 @@ struct SendArgs {
     /// Send this file, then an end-of-stream frame.
     #[arg(long)]
     file: Option<PathBuf>,
-    /// Pattern seed.
-    #[arg(long, default_value_t = 0)]
+    /// Pattern seed: a number, or CHANNEL:SENDER for the seed intervm uses
+    /// for that sender on that channel.
+    #[arg(long, default_value = "0", value_parser = parse_seed)]
     seed: u64,
     /// Payload bytes per frame.
     #[arg(long, default_value = "64K")]
@@ -237,9 +251,9 @@ struct RecvArgs {
     /// Write the payload here.
     #[arg(long)]
     file: Option<PathBuf>,
-    /// Check every byte against the test pattern with this seed (what
-    /// `send --size` and the probe send); the first difference fails.
-    #[arg(long)]
+    /// Check every byte against the test pattern with this seed (a number,
+    /// or CHANNEL:SENDER as for `send --seed`); the first difference fails.
+    #[arg(long, value_parser = parse_seed)]
     verify_seed: Option<u64>,
     #[command(flatten)]
     timing: Timing,
