@@ -229,11 +229,15 @@ pub fn reports(
             for (i, task) in many.iter().enumerate() {
                 match probe::read_task(mem, i) {
                     Ok((u32::MAX, _)) => {
+                        // Not finished: stopped by an earlier failure, or
+                        // the VM stopped (timeout, host stop) during it.
+                        let why = if all.ok {
+                            "did not finish (the VM stopped first)"
+                        } else {
+                            "did not run (an earlier one failed)"
+                        };
                         all.ok = false;
-                        all.lines.push(format!(
-                            "{}: task {i} did not run (an earlier one failed)",
-                            vm.name
-                        ));
+                        all.lines.push(format!("{}: task {i} {why}", vm.name));
                     }
                     Ok((_, info)) => {
                         if let Some(r) = report(cfg, vm, task, &info, transports) {
