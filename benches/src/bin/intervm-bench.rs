@@ -1,7 +1,7 @@
 //! `intervm-bench`: the reproducible channel comparison.
 //!
 //! ```text
-//! intervm-bench [--sizes 4K,2M,1G] [--channels shmem,portio,doorbell]
+//! intervm-bench [--sizes 4K,2M,1G] [--channels shmem,portio,doorbell] [--no-linux]
 //!               [--repeat 3] [--out target/intervm-bench]
 //! ```
 //!
@@ -14,6 +14,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use intervm_benches::runs::linux::{self, LinuxBoot};
 use intervm_benches::runs::{doorbell, portio, shmem};
 use serde::{Deserialize, Serialize};
 
@@ -22,6 +23,7 @@ struct Opts {
     channels: Vec<String>,
     repeat: usize,
     out: PathBuf,
+    linux: bool,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -36,6 +38,7 @@ fn opts() -> Result<Opts, String> {
         channels: vec!["shmem".into(), "portio".into(), "doorbell".into()],
         repeat: 3,
         out: PathBuf::from("target/intervm-bench"),
+        linux: true,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -65,9 +68,10 @@ fn opts() -> Result<Opts, String> {
                     .ok_or("--repeat: a positive number")?
             }
             "--out" => o.out = PathBuf::from(val()?),
+            "--no-linux" => o.linux = false,
             "--bench" => {} // passed by `cargo bench`
             "-h" | "--help" => {
-                println!("intervm-bench [--sizes 4K,2M,1G] [--channels shmem,portio,doorbell] [--repeat N] [--out DIR]");
+                println!("intervm-bench [--sizes 4K,2M,1G] [--channels shmem,portio,doorbell] [--repeat N] [--out DIR] [--no-linux]");
                 std::process::exit(0);
             }
             other => return Err(format!("unknown argument {other:?} (see --help)")),
@@ -208,6 +212,9 @@ struct Results {
     points: Vec<Point>,
     breakdown: Vec<Layers>,
     doorbell: Option<DoorbellFacts>,
+    /// Linux boots to /init (absent when the Linux guest is not built).
+    #[serde(default)]
+    linux: Vec<LinuxBoot>,
 }
 
 /// Doorbell latency and idle cost, medians over the repetitions.
@@ -285,6 +292,22 @@ fn layers(o: &Opts) -> Vec<Layers> {
     out
 }
 
+/// Boots the Linux guest `--repeat` times, if `scripts/guest-linux` built it.
+fn linux_boots(o: &Opts) -> Vec<LinuxBoot> {
+    let Some((kernel, initrd)) = linux::artifacts() else {
+        eprintln!("intervm-bench: no Linux guest (run scripts/guest-linux); skipping its boot time");
+        return Vec::new();
+    };
+    (0..o.repeat)
+        .filter_map(|i| {
+            eprintln!("intervm-bench: Linux boot {}/{}", i + 1, o.repeat);
+            linux::boot(&kernel, &initrd)
+                .map_err(|e| eprintln!("intervm-bench: Linux boot: {e}"))
+                .ok()
+        })
+        .collect()
+}
+
 fn markdown(r: &Results) -> String {
     let (points, flavor, raw_exit_us) = (&r.points, &r.kvm, r.raw_pio_exit_us);
     let mut s = format!(
@@ -342,6 +365,23 @@ fn markdown(r: &Results) -> String {
             ms(l.recv_wait),
             l.exits,
             l.interrupts
+        );
+    }
+    if !r.linux.is_empty() {
+        let med = |f: fn(&LinuxBoot) -> f64| {
+            let mut v: Vec<f64> = r.linux.iter().map(f).collect();
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        s += &format!(
+            "\n## Linux boot (scripts/guest-linux kernel + initramfs, 128 MiB, 1 vCPU)\n\n| | median of {} |\n|---|---|\n| start to `Run /init`, wall clock | {:.1} s |\n| same, kernel timestamp | {:.1} s |\n| initramfs unpacking (kernel timestamps) | {:.1} s .. {:.1} s |\n| port-I/O exits until /init | {:.0} |\n| instructions completed by the VMM (int3, fwait) | {:.0} |\n",
+            r.linux.len(),
+            med(|b| b.wall_to_init_s),
+            med(|b| b.guest_to_init_s),
+            med(|b| b.guest_unpack_start_s),
+            med(|b| b.guest_unpack_end_s),
+            med(|b| b.pio_exits as f64),
+            med(|b| b.emulated as f64),
         );
     }
     s
@@ -619,6 +659,11 @@ fn main() {
         .iter()
         .any(|c| c == "doorbell")
         .then(|| doorbell_facts(&o));
+    let linux = if o.linux {
+        linux_boots(&o)
+    } else {
+        Vec::new()
+    };
     let results = Results {
         kvm: flavor,
         repeat: o.repeat,
@@ -626,6 +671,7 @@ fn main() {
         points,
         breakdown,
         doorbell,
+        linux,
     };
     if let Err(e) = std::fs::create_dir_all(&o.out) {
         eprintln!("intervm-bench: {}: {e}", o.out.display());

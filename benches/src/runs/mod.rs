@@ -2,5 +2,6 @@
 //! move data and return what the guests measured.
 
 pub mod doorbell;
+pub mod linux;
 pub mod portio;
 pub mod shmem;
