@@ -295,7 +295,9 @@ fn layers(o: &Opts) -> Vec<Layers> {
 /// Boots the Linux guest `--repeat` times, if `scripts/guest-linux` built it.
 fn linux_boots(o: &Opts) -> Vec<LinuxBoot> {
     let Some((kernel, initrd)) = linux::artifacts() else {
-        eprintln!("intervm-bench: no Linux guest (run scripts/guest-linux); skipping its boot time");
+        eprintln!(
+            "intervm-bench: no Linux guest (run scripts/guest-linux); skipping its boot time"
+        );
         return Vec::new();
     };
     (0..o.repeat)
@@ -659,11 +661,7 @@ fn main() {
         .iter()
         .any(|c| c == "doorbell")
         .then(|| doorbell_facts(&o));
-    let linux = if o.linux {
-        linux_boots(&o)
-    } else {
-        Vec::new()
-    };
+    let linux = if o.linux { linux_boots(&o) } else { Vec::new() };
     let results = Results {
         kvm: flavor,
         repeat: o.repeat,

@@ -30,7 +30,7 @@ use linux_loader::cmdline::Cmdline;
 use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, SETUP_RNG_SEED};
-use linux_loader::loader::{load_cmdline, BzImage, Elf, KernelLoader};
+use linux_loader::loader::{load_cmdline, BzImage, Elf, KernelLoader, KernelLoaderResult};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::host::KvmFlavor;
@@ -142,8 +142,19 @@ pub struct LoadedLinux {
     pub initrd: Option<(u64, u64)>,
 }
 
-fn load_err(what: &str) -> impl FnOnce(linux_loader::loader::Error) -> Error + '_ {
-    move |e| Error::Load(format!("{what}: {e}"))
+/// Loads `image` with loader `L` at its own addresses (at least 1 MiB).
+fn load_image<L: KernelLoader>(
+    mem: &crate::memory::GuestMemoryMmap,
+    image: &[u8],
+    what: &str,
+) -> Result<KernelLoaderResult> {
+    L::load(
+        mem,
+        None,
+        &mut Cursor::new(image),
+        Some(GuestAddress(HIMEM_START)),
+    )
+    .map_err(|e| Error::Load(format!("{what}: {e}")))
 }
 
 /// The e820 map for RAM of `mem_size` bytes.
@@ -199,31 +210,20 @@ pub fn load(vm: &Vm, kernel: &[u8], initrd: Option<&[u8]>, cmdline: &str) -> Res
     let format = KernelFormat::detect(kernel)
         .ok_or_else(|| Error::Load("the kernel is neither an ELF vmlinux nor a bzImage".into()))?;
     let mut params = boot_params::default();
-    let (entry, kernel_end) = match format {
-        KernelFormat::Elf => {
-            let r = Elf::load(
-                mem,
-                None,
-                &mut Cursor::new(kernel),
-                Some(GuestAddress(HIMEM_START)),
-            )
-            .map_err(load_err("vmlinux"))?;
-            (r.kernel_load.0, r.kernel_end)
-        }
-        KernelFormat::BzImage => {
-            let r = BzImage::load(
-                mem,
-                None,
-                &mut Cursor::new(kernel),
-                Some(GuestAddress(HIMEM_START)),
-            )
-            .map_err(load_err("bzImage"))?;
-            if let Some(hdr) = r.setup_header {
-                params.hdr = hdr;
-            }
-            (r.kernel_load.0 + BZIMAGE_ENTRY64, r.kernel_end)
-        }
+    // Both loaders place the image above 1 MiB and report where it went;
+    // a bzImage also brings its setup header for the zero page.
+    let loaded = match format {
+        KernelFormat::Elf => load_image::<Elf>(mem, kernel, "vmlinux")?,
+        KernelFormat::BzImage => load_image::<BzImage>(mem, kernel, "bzImage")?,
     };
+    if let Some(hdr) = loaded.setup_header {
+        params.hdr = hdr;
+    }
+    let entry = match format {
+        KernelFormat::Elf => loaded.kernel_load.0,
+        KernelFormat::BzImage => loaded.kernel_load.0 + BZIMAGE_ENTRY64,
+    };
+    let kernel_end = loaded.kernel_end;
 
     // Command line.
     if cmdline.len() >= CMDLINE_MAX {
