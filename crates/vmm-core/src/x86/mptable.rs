@@ -8,6 +8,12 @@
 //! Interrupt routing written here matches the rest of vmm-core: ISA IRQ n is
 //! IOAPIC pin n (IRQ 0, the PIT, is pin 2 as on PCs), and INTA# of PCI slot
 //! `d` is pin `16 + d % 8` (see [`crate::pci::PciBus::add_device`]).
+//!
+//! PCI INTx is level-triggered and active-low by the bus's rules. PVM never
+//! injects level-triggered IOAPIC interrupts, so there the table declares
+//! the PCI pins edge-triggered, active-high ([`PciIntx::Edge`]): vmm-core's
+//! INTx lines go up once per assertion, and a guest that reads the device's
+//! status (which lowers the line) before the next one loses nothing.
 
 use vm_memory::{Bytes, GuestAddress};
 
@@ -76,10 +82,24 @@ fn ioapic(id: u8) -> [u8; 8] {
     e
 }
 
+/// How PCI INTx pins are declared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PciIntx {
+    /// As the PCI bus defines them: level-triggered, active-low.
+    Level,
+    /// Edge-triggered, active-high (for PVM; see the module docs).
+    Edge,
+}
+
+/// Entry flags: polarity in bits 0-1, trigger mode in bits 2-3.
+const FLAGS_CONFORM: u16 = 0;
+const FLAGS_EDGE_HIGH: u16 = 0b01 | 0b01 << 2;
+
 /// An I/O interrupt entry; `flags` 0 means "conforms to the bus"
 /// (edge/high for ISA, level/low for PCI).
-fn io_interrupt(kind: u8, bus: u8, source: u8, apic: u8, pin: u8) -> [u8; 8] {
-    [IO_INTERRUPT, kind, 0, 0, bus, source, apic, pin]
+fn io_interrupt(kind: u8, flags: u16, bus: u8, source: u8, apic: u8, pin: u8) -> [u8; 8] {
+    let f = flags.to_le_bytes();
+    [IO_INTERRUPT, kind, f[0], f[1], bus, source, apic, pin]
 }
 
 fn local_interrupt(kind: u8, lint: u8) -> [u8; 8] {
@@ -89,7 +109,7 @@ fn local_interrupt(kind: u8, lint: u8) -> [u8; 8] {
 
 /// Builds the floating pointer and configuration table for `cpus` vCPUs
 /// (APIC IDs `0..cpus`), as they sit at [`MPTABLE_GPA`].
-pub fn build(cpus: u8) -> Result<Vec<u8>> {
+pub fn build(cpus: u8, intx: PciIntx) -> Result<Vec<u8>> {
     if cpus == 0 || cpus as u16 >= IOAPIC_ID_BASE as u16 {
         return Err(Error::InvalidArgument(format!(
             "MP table for {cpus} CPUs (1..{IOAPIC_ID_BASE})"
@@ -114,12 +134,30 @@ pub fn build(cpus: u8) -> Result<Vec<u8>> {
             continue;
         }
         let pin = if irq == 0 { 2 } else { irq };
-        push(&io_interrupt(INT, ISA_BUS, irq, ioapic_id, pin));
+        push(&io_interrupt(
+            INT,
+            FLAGS_CONFORM,
+            ISA_BUS,
+            irq,
+            ioapic_id,
+            pin,
+        ));
     }
     // PCI: source = device << 2 | pin (0 = INTA#); only INTA# is wired.
+    let pci_flags = match intx {
+        PciIntx::Level => FLAGS_CONFORM,
+        PciIntx::Edge => FLAGS_EDGE_HIGH,
+    };
     for dev in 1..32u8 {
         let pin = layout::PCI_INTX_FIRST_GSI as u8 + dev % 8;
-        push(&io_interrupt(INT, PCI_BUS, dev << 2, ioapic_id, pin));
+        push(&io_interrupt(
+            INT,
+            pci_flags,
+            PCI_BUS,
+            dev << 2,
+            ioapic_id,
+            pin,
+        ));
     }
     push(&local_interrupt(EXTINT, 0));
     push(&local_interrupt(NMI, 1));
@@ -160,8 +198,8 @@ pub fn build(cpus: u8) -> Result<Vec<u8>> {
 }
 
 /// Writes the MP table for `cpus` vCPUs at [`MPTABLE_GPA`].
-pub fn write(mem: &GuestMemoryMmap, cpus: u8) -> Result<()> {
-    let bytes = build(cpus)?;
+pub fn write(mem: &GuestMemoryMmap, cpus: u8, intx: PciIntx) -> Result<()> {
+    let bytes = build(cpus, intx)?;
     mem.write_slice(&bytes, GuestAddress(MPTABLE_GPA))
         .map_err(|e| Error::Load(format!("writing the MP table: {e}")))
 }
@@ -176,7 +214,7 @@ mod tests {
 
     #[test]
     fn floating_pointer_and_table_checksum_to_zero() {
-        let t = build(2).unwrap();
+        let t = build(2, PciIntx::Level).unwrap();
         assert_eq!(&t[0..4], b"_MP_");
         assert_eq!(sum(&t[0..16]), 0);
         let ptr = u32::from_le_bytes(t[4..8].try_into().unwrap()) as u64;
@@ -190,7 +228,7 @@ mod tests {
 
     #[test]
     fn lists_every_cpu_once_with_one_bootstrap() {
-        let t = build(3).unwrap();
+        let t = build(3, PciIntx::Edge).unwrap();
         let table = &t[16..];
         let count = u16::from_le_bytes([table[34], table[35]]) as usize;
         let mut at = 44;
@@ -203,6 +241,14 @@ mod tests {
             }
             if table[at] == IO_INTERRUPT && table[at + 4] == PCI_BUS {
                 pci_pins.push((table[at + 5] >> 2, table[at + 7]));
+                assert_eq!(table[at + 2] as u16, FLAGS_EDGE_HIGH, "PCI pins as asked");
+            }
+            if table[at] == IO_INTERRUPT && table[at + 4] == ISA_BUS {
+                assert_eq!(
+                    table[at + 2] as u16,
+                    FLAGS_CONFORM,
+                    "ISA pins as the bus says"
+                );
             }
             at += len;
         }
@@ -215,8 +261,8 @@ mod tests {
 
     #[test]
     fn refuses_what_does_not_fit() {
-        assert!(build(0).is_err());
-        assert!(build(IOAPIC_ID_BASE).is_err());
-        assert!(build(IOAPIC_ID_BASE - 1).is_ok());
+        assert!(build(0, PciIntx::Level).is_err());
+        assert!(build(IOAPIC_ID_BASE, PciIntx::Level).is_err());
+        assert!(build(IOAPIC_ID_BASE - 1, PciIntx::Level).is_ok());
     }
 }
