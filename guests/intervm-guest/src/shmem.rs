@@ -460,7 +460,8 @@ pub fn recv(
             Some((n, sum)) => {
                 if let Some(seed) = verify {
                     ring::fill_pattern(seed, got, &mut want[..n]);
-                    if let Some(i) = (0..n).find(|&i| buf[i] != want[i]) {
+                    if buf[..n] != want[..n] {
+                        let i = (0..n).find(|&i| buf[i] != want[i]).unwrap_or(0);
                         return Err(Error::Mismatch {
                             seed,
                             offset: got + i as u64,
