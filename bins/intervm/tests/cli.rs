@@ -81,6 +81,7 @@ fn check_reports_file_key_and_problem() {
         ("dup.toml", "[[vm]]\nname = \"a\"\n[[vm]]\nname = \"a\"\n", "vm[a].name: duplicate VM name"),
         ("mem.toml", "[[vm]]\nname = \"a\"\nmemory = 5000\n", "vm[a].memory: 5000 is not a non-zero multiple of 4 KiB"),
         ("kernel.toml", "[[vm]]\nname = \"a\"\nkernel = \"no-such-bzImage\"\n", "vm[a].kernel: kernel file"),
+        ("linux-mem.toml", "[[vm]]\nname = \"l\"\nmemory = \"16M\"\nkernel = \"no-such-vmlinux\"\n", "vm[l].memory: a Linux guest needs at least 32M"),
         ("kind.toml", "[[vm]]\nname = \"a\"\n[[vm]]\nname = \"b\"\n[[channel]]\nname = \"x\"\nkind = \"telepathy\"\nmembers = [\"a\", \"b\"]\n", "channel[x].kind: unknown channel kind \"telepathy\""),
     ];
     for (file, body, want) in cases {
@@ -91,6 +92,25 @@ fn check_reports_file_key_and_problem() {
         text(&o).1.contains("/nonexistent/x.toml: cannot read"),
         "{:?}",
         text(&o)
+    );
+}
+
+#[test]
+fn a_file_that_is_no_kernel_is_a_clear_error() {
+    if !kvm_available() {
+        return;
+    }
+    // The config file itself stands in for a kernel image.
+    let p = temp_config(
+        "not-a-kernel.toml",
+        "[[vm]]\nname = \"l\"\nkernel = \"not-a-kernel.toml\"\n",
+    );
+    let o = intervm(&["run", p.to_str().unwrap(), "--timeout", "10"]);
+    let (_, err) = text(&o);
+    assert!(!o.status.success());
+    assert!(
+        err.contains("vm[l]") && err.contains("neither an ELF vmlinux nor a bzImage"),
+        "{err}"
     );
 }
 
