@@ -84,10 +84,12 @@ pub const BASE_CMDLINE: &str = "console=ttyS0 panic=-1 reboot=t nokaslr \
 /// `rodata=off`: write-protecting the kernel's text and read-only data
 /// rewrites page tables with emulated CPL0 code, which costs about 5 s of a
 /// 22 s boot; on PVM a Linux guest is a test guest (its userspace cannot
-/// run), so the boot time matters more than that hardening.
+/// run), so the boot time matters more than that hardening. And
+/// `maxcpus=1`: starting a secondary vCPU (INIT/SIPI into real-mode code)
+/// hangs the boot on PVM, so a Linux VM with several vCPUs uses one there.
 pub const PVM_CMDLINE: &str = "noxsave clearcpuid=smap,popcnt,rdrand,rdseed,fsgsbase,\
 rdpid,movbe,bmi1,bmi2,avx,avx2,pku,umip,clflushopt,clwb random.trust_bootloader=on \
-rodata=off";
+rodata=off maxcpus=1";
 
 /// The full command line for a VM on `flavor`: [`BASE_CMDLINE`], then
 /// [`PVM_CMDLINE`] on PVM, then `extra` (which wins where Linux takes the
@@ -308,6 +310,13 @@ pub fn load(vm: &Vm, kernel: &[u8], initrd: Option<&[u8]>, cmdline: &str) -> Res
     )
     .map_err(|e| Error::Load(format!("writing the zero page: {e}")))?;
 
+    if vm.flavor() == KvmFlavor::Pvm && vm.vcpus().len() > 1 && cmdline.contains("maxcpus=1") {
+        log::warn!(
+            "{}: Linux uses 1 of its {} vCPUs on PVM (secondary CPU start-up hangs there)",
+            vm.name(),
+            vm.vcpus().len()
+        );
+    }
     let intx = match vm.flavor() {
         KvmFlavor::Pvm => mptable::PciIntx::Edge,
         _ => mptable::PciIntx::Level,
