@@ -281,11 +281,21 @@ pub fn report(
             let done = info.results[r::DB_ROUNDS];
             let irqs = info.results[r::DB_IRQS];
             let us = |c: u64| c as f64 / info.tsc_khz.max(1) as f64 * 1e3;
-            let what = if *initiator { "round trips" } else { "answers" };
+            // The initiator times round trips; the answering side times
+            // its waits for each ring, the first of which includes the
+            // peer's start-up.
+            let (what, timed) = if *initiator {
+                ("round trips", "round trip")
+            } else {
+                (
+                    "answers",
+                    "wait for a ring (the first includes the peer's start-up)",
+                )
+            };
             let ok = done == *rounds && irqs == *rounds;
             return Some(Report {
                 lines: vec![format!(
-                    "{}: {done} of {rounds} {what} with {to} over {channel}, {irqs} interrupts, mean {:.1} us, min {:.1} us{}",
+                    "{}: {done} of {rounds} {what} with {to} over {channel}, {irqs} interrupts; {timed}: mean {:.1} us, min {:.1} us{}",
                     vm.name,
                     us(info.results[r::DB_TOTAL_CYCLES]) / done.max(1) as f64,
                     us(info.results[r::DB_MIN_CYCLES]),
