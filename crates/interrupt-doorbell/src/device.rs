@@ -15,7 +15,6 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
 
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use shmem_device::SharedRegion;
@@ -72,6 +71,9 @@ pub struct IvshmemDoorbell {
     own: Vec<EventFd>,
     stats: DoorbellStats,
     stop: Arc<AtomicBool>,
+    /// Written when the INTx watcher should look again: the guest may have
+    /// switched between MSI-X and INTx, or the device is going away.
+    mode_changed: EventFd,
 }
 
 fn ids() -> PciIds {
@@ -144,6 +146,8 @@ impl IvshmemDoorbell {
             own,
             stats: DoorbellStats::default(),
             stop: Arc::new(AtomicBool::new(false)),
+            mode_changed: EventFd::new(libc::EFD_NONBLOCK)
+                .map_err(|e| Error::Io("eventfd".into(), e))?,
         }));
         spawn_intx_watcher(&dev)?;
         Ok(dev)
@@ -260,6 +264,13 @@ impl IvshmemDoorbell {
         !self.msix.enabled() && self.intr_mask != 0
     }
 
+    /// Wakes the INTx watcher if the guest switched between INTx and MSI-X.
+    fn intx_mode_check(&self, before: bool) {
+        if self.uses_intx() != before {
+            let _ = self.mode_changed.write(1);
+        }
+    }
+
     /// Called by the watcher: an interrupt arrived while the guest uses INTx.
     fn intx_event(&mut self) -> bool {
         if !self.uses_intx() {
@@ -283,40 +294,44 @@ impl IvshmemDoorbell {
 
 /// While the guest uses INTx, a thread turns signals on the receive
 /// eventfds into Interrupt Status + INTx (with MSI-X on, KVM's irqfds
-/// consume them instead).
+/// consume them instead). It sleeps in `poll` until a ring arrives or
+/// `mode_changed` says the guest switched modes (or the device went away);
+/// while the guest uses MSI-X it waits on `mode_changed` alone.
 fn spawn_intx_watcher(dev: &Arc<Mutex<IvshmemDoorbell>>) -> Result<()> {
     let weak: Weak<Mutex<IvshmemDoorbell>> = Arc::downgrade(dev);
-    let stop = dev
-        .lock()
-        .map_err(|_| Error::Config("lock".into()))?
-        .stop
-        .clone();
+    let (stop, wake, own) = {
+        let g = dev.lock().map_err(|_| Error::Config("lock".into()))?;
+        let dup = |e: &EventFd| e.try_clone().map_err(|e| Error::Io("eventfd".into(), e));
+        let own = g.own.iter().map(dup).collect::<Result<Vec<_>>>()?;
+        (g.stop.clone(), dup(&g.mode_changed)?, own)
+    };
+    let pollfd = |e: &EventFd| libc::pollfd {
+        fd: std::os::fd::AsRawFd::as_raw_fd(e),
+        events: libc::POLLIN,
+        revents: 0,
+    };
     std::thread::Builder::new()
         .name("ivshmem-intx".into())
         .spawn(move || {
             while !stop.load(Ordering::Acquire) {
-                let Some(d) = weak.upgrade() else { return };
-                let fds: Vec<libc::pollfd> = match d.lock() {
-                    Ok(g) if g.uses_intx() => g
-                        .own
-                        .iter()
-                        .map(|e| libc::pollfd {
-                            fd: std::os::fd::AsRawFd::as_raw_fd(e),
-                            events: libc::POLLIN,
-                            revents: 0,
-                        })
-                        .collect(),
-                    _ => Vec::new(),
+                let intx = match weak.upgrade() {
+                    Some(d) => d.lock().is_ok_and(|g| g.uses_intx()),
+                    None => return,
                 };
-                drop(d);
-                if fds.is_empty() {
-                    std::thread::sleep(Duration::from_millis(20));
+                let mut fds = vec![pollfd(&wake)];
+                if intx {
+                    fds.extend(own.iter().map(pollfd));
+                }
+                // SAFETY: `fds` is a valid array of pollfds for its length,
+                // and the eventfds they name are owned by this thread.
+                let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+                if n <= 0 {
                     continue;
                 }
-                let mut fds = fds;
-                // SAFETY: `fds` is a valid array of pollfds for its length.
-                let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 20) };
-                if n > 0 {
+                if fds[0].revents != 0 {
+                    let _ = wake.read();
+                }
+                if fds[1..].iter().any(|f| f.revents != 0) {
                     if let Some(d) = weak.upgrade() {
                         if let Ok(mut g) = d.lock() {
                             g.intx_event();
@@ -332,6 +347,7 @@ fn spawn_intx_watcher(dev: &Arc<Mutex<IvshmemDoorbell>>) -> Result<()> {
 impl Drop for IvshmemDoorbell {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
+        let _ = self.mode_changed.write(1);
         self.unregister_ioevents();
     }
 }
@@ -344,7 +360,9 @@ impl PciDevice for IvshmemDoorbell {
         &mut self.config
     }
     fn config_written(&mut self, _reg: usize) {
+        let before = self.uses_intx();
         self.msix.config_written(&self.config);
+        self.intx_mode_check(before);
     }
 
     fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
@@ -372,8 +390,10 @@ impl PciDevice for IvshmemDoorbell {
                 let v = u32::from_le_bytes([*a, *b, *c, *d]);
                 match offset {
                     INTR_MASK => {
+                        let before = self.uses_intx();
                         self.intr_mask = v;
                         self.update_intx();
+                        self.intx_mode_check(before);
                     }
                     INTR_STATUS => {
                         self.intr_status = v;
