@@ -3,10 +3,14 @@
 //! This crate is `no_std` and has no dependencies so that the bare-metal probe
 //! guest, the Linux guest tools and the VMM all compile the very same
 //! definitions. Nothing here touches hardware: it only describes memory
-//! layouts and numbers both sides must agree on.
+//! layouts and numbers both sides must agree on. The `std` feature adds
+//! [`heartbeat`], the member presence thread the VMM and the Linux guest
+//! tools share.
 #![no_std]
 #![deny(missing_docs)]
 
+#[cfg(feature = "std")]
+pub mod heartbeat;
 pub mod portio;
 pub mod probe;
 pub mod ring;

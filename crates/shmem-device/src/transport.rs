@@ -17,33 +17,17 @@
 //! The guest side runs the rings itself; the host never touches ring data.
 
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::thread::JoinHandle;
-use std::time::Duration;
 
+pub use intervm_protocol::heartbeat::{monotonic_ms, INTERVAL as HEARTBEAT_INTERVAL};
+use intervm_protocol::heartbeat::{Heartbeat, StartError};
 use intervm_protocol::ring::{self, Geometry, MemberState, RingError};
 
 use crate::{Error, Result, SharedRegion};
 
-/// How often a member's heartbeat is written.
-pub const HEARTBEAT_INTERVAL: Duration = Duration::from_millis(10);
-
 /// A heartbeat older than this means its writer is dead (used only to decide
 /// whether a region left over from an earlier run may be formatted again).
 pub const STALE_AFTER_MS: u64 = 1000;
-
-/// Milliseconds of `CLOCK_MONOTONIC`: one clock for every process on the host.
-pub fn monotonic_ms() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid out-pointer; CLOCK_MONOTONIC always exists.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    // Never 0, so a heartbeat of 0 always means "never beat".
-    (ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000).max(1)
-}
 
 /// A region formatted (or checked) for one channel.
 #[derive(Debug, Clone)]
@@ -143,32 +127,26 @@ impl Transport {
         if member >= self.geo.members {
             return Err(Error::Ring(RingError::BadMember(member)));
         }
-        let (ring, geo) = (self.ring, self.geo);
-        ring.set_heartbeat(&geo, member, monotonic_ms())
-            .map_err(Error::Ring)?;
-        ring.set_member_state(&geo, member, MemberState::Alive)
-            .map_err(Error::Ring)?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let region = self.region.clone();
-        let stop2 = stop.clone();
-        let thread = std::thread::Builder::new()
-            .name(format!("shmem-heartbeat-{member}"))
-            .spawn(move || {
-                let _keep_mapped = region;
-                while !stop2.load(Ordering::Acquire) {
-                    let _ = ring.set_heartbeat(&geo, member, monotonic_ms());
-                    std::thread::park_timeout(HEARTBEAT_INTERVAL);
-                }
-            })
-            .map_err(|source| Error::Io {
+        // SAFETY: the returned Membership holds this transport, and with it
+        // the region's mapping, for as long as the heartbeat runs.
+        let heartbeat = unsafe {
+            Heartbeat::start(
+                self.ring,
+                self.geo,
+                member,
+                &format!("shmem-heartbeat-{member}"),
+            )
+        }
+        .map_err(|e| match e {
+            StartError::Ring(e) => Error::Ring(e),
+            StartError::Thread(source) => Error::Io {
                 what: "spawning the heartbeat thread".into(),
                 source,
-            })?;
+            },
+        })?;
         Ok(Membership {
+            heartbeat,
             transport: self.clone(),
-            member,
-            stop,
-            thread: Some(thread),
         })
     }
 }
@@ -188,16 +166,16 @@ fn live_members(ring: &ring::Region, geo: &Geometry) -> u32 {
 /// One member's presence in a channel. Dropping it marks the member `Gone`.
 #[derive(Debug)]
 pub struct Membership {
+    // Declared first so it stops (and stops writing) before the transport,
+    // which keeps the region mapped, is dropped.
+    heartbeat: Heartbeat,
     transport: Transport,
-    member: u32,
-    stop: Arc<AtomicBool>,
-    thread: Option<JoinHandle<()>>,
 }
 
 impl Membership {
     /// This member's index.
     pub fn member(&self) -> u32 {
-        self.member
+        self.heartbeat.member()
     }
 
     /// The channel's transport.
@@ -207,20 +185,6 @@ impl Membership {
 
     /// Leaves the channel (same as dropping).
     pub fn leave(self) {}
-}
-
-impl Drop for Membership {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
-        if let Some(t) = self.thread.take() {
-            t.thread().unpark();
-            let _ = t.join();
-        }
-        let t = &self.transport;
-        let _ = t
-            .ring
-            .set_member_state(&t.geo, self.member, MemberState::Gone);
-    }
 }
 
 #[cfg(test)]

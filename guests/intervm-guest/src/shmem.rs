@@ -11,10 +11,9 @@
 
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use intervm_protocol::heartbeat::{monotonic_ms, Heartbeat, StartError};
 use intervm_protocol::probe::{shmem_frame_bytes, shmem_source_bytes};
 use intervm_protocol::ring::{
     self, fold, ready_go, Geometry, Liveness, MemberState, Region, RingError, READY_PREPARED,
@@ -52,24 +51,15 @@ pub struct Common {
 }
 
 /// A mapped, formatted region with this process joined as a member.
+/// Dropping it marks the member gone, or idle after a finished transfer
+/// (the next command of a script may join again).
 pub struct Joined {
-    _map: Mapping,
+    // Declared before the mapping, so the heartbeat thread stops before
+    // the region is unmapped.
+    heartbeat: Heartbeat,
     region: Region,
     geo: Geometry,
-    me: u32,
-    stop: Arc<AtomicBool>,
-    beat: Option<std::thread::JoinHandle<()>>,
-    done: bool,
-}
-
-fn monotonic_ms() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid out-pointer; CLOCK_MONOTONIC always exists.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    (ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000).max(1)
+    _map: Mapping,
 }
 
 fn ring_err(e: RingError) -> Error {
@@ -118,34 +108,25 @@ impl Joined {
             return Err(Error::Ring(RingError::BadMember(me)));
         }
         region.set_ready(&geo, me, 0).map_err(ring_err)?;
-        region
-            .set_heartbeat(&geo, me, monotonic_ms())
-            .map_err(ring_err)?;
-        region
-            .set_member_state(&geo, me, MemberState::Alive)
-            .map_err(ring_err)?;
-        let stop = Arc::new(AtomicBool::new(false));
-        let stop2 = stop.clone();
-        let beat = std::thread::spawn(move || {
-            while !stop2.load(Ordering::Acquire) {
-                let _ = region.set_heartbeat(&geo, me, monotonic_ms());
-                std::thread::park_timeout(Duration::from_millis(10));
-            }
-        });
+        // SAFETY: `Joined` keeps the mapping until after the heartbeat
+        // (field order).
+        let heartbeat = unsafe { Heartbeat::start(region, geo, me, "intervm-heartbeat") }.map_err(
+            |e| match e {
+                StartError::Ring(e) => Error::Ring(e),
+                StartError::Thread(e) => Error::Io("heartbeat thread".into(), e),
+            },
+        )?;
         Ok(Self {
-            _map: map,
+            heartbeat,
             region,
             geo,
-            me,
-            stop,
-            beat: Some(beat),
-            done: false,
+            _map: map,
         })
     }
 
     /// Marks the transfer finished: leaving then says "idle", not "gone".
     fn finished(&mut self) {
-        self.done = true;
+        self.heartbeat.finished();
     }
 
     fn wait_peer(&self, c: &Common, ok: impl Fn(&Region) -> bool) -> Result<(), Error> {
@@ -161,24 +142,6 @@ impl Joined {
             }
             std::thread::sleep(Duration::from_micros(50));
         }
-    }
-}
-
-impl Drop for Joined {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::Release);
-        if let Some(t) = self.beat.take() {
-            t.thread().unpark();
-            let _ = t.join();
-        }
-        // After a clean finish peers may expect this member back (the next
-        // command of a script); after an error it is gone.
-        let state = if self.done {
-            MemberState::Idle
-        } else {
-            MemberState::Gone
-        };
-        let _ = self.region.set_member_state(&self.geo, self.me, state);
     }
 }
 
