@@ -9,6 +9,20 @@ pub mod power;
 pub mod shmem;
 pub mod uio;
 
+/// What a sender sends, over any channel.
+pub enum Payload {
+    /// `size` bytes of the seeded test pattern (as the probe sends).
+    Pattern {
+        /// Seed.
+        seed: u64,
+        /// Bytes.
+        size: u64,
+    },
+    /// A file's bytes, then the channel's end-of-stream marker (an empty
+    /// frame or message).
+    File(std::path::PathBuf),
+}
+
 /// Errors of the tool.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {

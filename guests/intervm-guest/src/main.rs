@@ -16,7 +16,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use intervm_guest::{pci, portio, shmem, uio, Error};
+use intervm_guest::{pci, portio, shmem, uio, Error, Payload};
 
 #[derive(Parser)]
 #[command(
@@ -154,15 +154,8 @@ enum PortioCmd {
         /// The receiving member.
         #[arg(long, default_value_t = 1)]
         to: u32,
-        /// Bytes of test pattern (K, M, G suffixes).
-        #[arg(long, conflicts_with = "file", required_unless_present = "file")]
-        size: Option<String>,
-        /// Send this file, then an empty message.
-        #[arg(long)]
-        file: Option<PathBuf>,
-        /// Pattern seed: a number, or CHANNEL:SENDER (see `shmem send`).
-        #[arg(long, default_value = "0", value_parser = parse_seed)]
-        seed: u64,
+        #[command(flatten)]
+        what: PayloadArgs,
         /// Bytes per message.
         #[arg(long, default_value = "4K")]
         message: String,
@@ -219,16 +212,8 @@ struct SendArgs {
     /// The receiving member.
     #[arg(long)]
     to: u32,
-    /// Bytes of test pattern to send (K, M, G suffixes).
-    #[arg(long, conflicts_with = "file", required_unless_present = "file")]
-    size: Option<String>,
-    /// Send this file, then an end-of-stream frame.
-    #[arg(long)]
-    file: Option<PathBuf>,
-    /// Pattern seed: a number, or CHANNEL:SENDER for the seed intervm uses
-    /// for that sender on that channel.
-    #[arg(long, default_value = "0", value_parser = parse_seed)]
-    seed: u64,
+    #[command(flatten)]
+    what: PayloadArgs,
     /// Payload bytes per frame.
     #[arg(long, default_value = "64K")]
     chunk: String,
@@ -259,11 +244,26 @@ struct RecvArgs {
     timing: Timing,
 }
 
-impl SendArgs {
-    fn payload(&self) -> Result<shmem::Payload, Error> {
+/// What a sender sends (shared by every `send` subcommand).
+#[derive(Args, Clone)]
+struct PayloadArgs {
+    /// Bytes of test pattern to send (K, M, G suffixes).
+    #[arg(long, conflicts_with = "file", required_unless_present = "file")]
+    size: Option<String>,
+    /// Send this file, then an end-of-stream marker.
+    #[arg(long)]
+    file: Option<PathBuf>,
+    /// Pattern seed: a number, or CHANNEL:SENDER for the seed intervm uses
+    /// for that sender on that channel.
+    #[arg(long, default_value = "0", value_parser = parse_seed)]
+    seed: u64,
+}
+
+impl PayloadArgs {
+    fn payload(&self) -> Result<Payload, Error> {
         match (&self.file, &self.size) {
-            (Some(f), _) => Ok(shmem::Payload::File(f.clone())),
-            (None, Some(s)) => Ok(shmem::Payload::Pattern {
+            (Some(f), _) => Ok(Payload::File(f.clone())),
+            (None, Some(s)) => Ok(Payload::Pattern {
                 seed: self.seed,
                 size: size(s)?,
             }),
@@ -383,7 +383,7 @@ fn run(cmd: Cmd) -> Result<String, Error> {
         Cmd::Poweroff { status } => Err(intervm_guest::power::poweroff(status)),
         Cmd::Doorbell(DoorbellCmd::Send { uio, args: a }) => {
             let (c, mut u) = uio_common(&uio, a.me, a.to, &a.timing)?;
-            let s = shmem::send(&c, &a.payload()?, size(&a.chunk)?, &mut u)?;
+            let s = shmem::send(&c, &a.what.payload()?, size(&a.chunk)?, &mut u)?;
             Ok(format!("sent {s}"))
         }
         Cmd::Doorbell(DoorbellCmd::Recv { uio, args: a }) => {
@@ -414,20 +414,11 @@ fn run(cmd: Cmd) -> Result<String, Error> {
         Cmd::Portio(PortioCmd::Send {
             opts,
             to,
-            size: sz,
-            file,
-            seed,
+            what,
             message,
             timing,
         }) => {
-            let payload = match (file, sz) {
-                (Some(f), _) => portio::Payload::File(f),
-                (None, Some(s)) => portio::Payload::Pattern {
-                    seed,
-                    size: size(&s)?,
-                },
-                (None, None) => return Err(Error::Usage("give --size or --file".into())),
-            };
+            let payload = what.payload()?;
             let mut hw = portio::Hardware::open(opts.port)?;
             let s = portio::send(
                 &mut hw,
@@ -463,7 +454,7 @@ fn run(cmd: Cmd) -> Result<String, Error> {
         }
         Cmd::Shmem(ShmemCmd::Send { region, args: a }) => {
             let c = common(region, a.me, a.to, &a.timing)?;
-            let s = shmem::send(&c, &a.payload()?, size(&a.chunk)?, &mut shmem::Polling)?;
+            let s = shmem::send(&c, &a.what.payload()?, size(&a.chunk)?, &mut shmem::Polling)?;
             Ok(format!("sent {s}"))
         }
         Cmd::Shmem(ShmemCmd::Recv { region, args: a }) => {

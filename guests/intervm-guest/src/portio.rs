@@ -125,18 +125,7 @@ impl<P: Ports> Dev<'_, P> {
     }
 }
 
-/// What to send.
-pub enum Payload {
-    /// `size` bytes of the seeded pattern, as the probe sends.
-    Pattern {
-        /// Seed.
-        seed: u64,
-        /// Bytes.
-        size: u64,
-    },
-    /// A file's bytes, then an empty message marking the end.
-    File(PathBuf),
-}
+pub use crate::Payload;
 
 fn wait_for<P: Ports>(
     dev: &mut Dev<'_, P>,

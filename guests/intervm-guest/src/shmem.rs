@@ -177,18 +177,7 @@ impl std::fmt::Display for Summary {
     }
 }
 
-/// What to send.
-pub enum Payload {
-    /// `size` bytes of the seeded pattern (as the probe sends).
-    Pattern {
-        /// Seed.
-        seed: u64,
-        /// Bytes.
-        size: u64,
-    },
-    /// The contents of a file, then an end-of-stream frame.
-    File(PathBuf),
-}
+pub use crate::Payload;
 
 /// How a transfer waits: by polling, or on doorbells (an ivshmem-doorbell
 /// device through the UIO driver, see [`crate::uio`]).
