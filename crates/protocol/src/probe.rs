@@ -235,6 +235,21 @@ pub const fn shmem_source_bytes(bytes: u64, frame: u64) -> u64 {
     b / frame * frame
 }
 
+/// Where frame `index` of a test-pattern stream starts in the pattern. A
+/// sender of `bytes` in frames of `frame` bytes streams its source buffer
+/// ([`shmem_source_bytes`]) repeatedly, so frame `index` carries the
+/// pattern ([`crate::ring::fill_pattern`]) from this position on; a receiver
+/// checks every byte with it.
+pub const fn pattern_frame_pos(bytes: u64, frame: u64, index: u64) -> u64 {
+    let frame = if frame == 0 { 1 } else { frame };
+    let frames = shmem_source_bytes(bytes, frame) / frame;
+    if frames == 0 {
+        0
+    } else {
+        index % frames * frame
+    }
+}
+
 /// Guest RAM a probe needs to send or receive `bytes` (its buffer lies at
 /// [`SHMEM_BUF_GPA`]).
 pub const fn shmem_min_memory(bytes: u64) -> u64 {
@@ -481,3 +496,20 @@ impl TaskEntry {
 
 const _: () =
     assert!(TASK_TABLE_GPA as usize + MAX_TASKS * core::mem::size_of::<TaskEntry>() <= 0x20000);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pattern_frames_wrap_at_the_source_buffer() {
+        let frame = 64 << 10;
+        let frames = SHMEM_BUF_MAX / frame;
+        assert_eq!(pattern_frame_pos(40 << 20, frame, 3), 3 * frame);
+        assert_eq!(pattern_frame_pos(40 << 20, frame, frames), 0);
+        assert_eq!(pattern_frame_pos(40 << 20, frame, frames + 2), 2 * frame);
+        // A source smaller than the limit holds whole frames of it.
+        assert_eq!(pattern_frame_pos(3 * 4096 + 5, 4096, 3), 0);
+        assert_eq!(pattern_frame_pos(0, 0, 7), 0);
+    }
+}

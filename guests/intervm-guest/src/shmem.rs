@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use intervm_protocol::heartbeat::{monotonic_ms, Heartbeat, StartError};
-use intervm_protocol::probe::{shmem_frame_bytes, shmem_source_bytes};
+use intervm_protocol::probe::{pattern_frame_pos, shmem_frame_bytes, shmem_source_bytes};
 use intervm_protocol::ring::{
     self, fold, ready_go, Geometry, Liveness, MemberState, Region, RingError, READY_PREPARED,
 };
@@ -406,12 +406,17 @@ pub fn recv(
     let (mut got, mut frames, mut stream, mut last) = (0u64, 0u64, 0u64, start.elapsed());
     let mut idle = 0u64;
     let mut idle_since: Option<Instant> = None;
+    let mut first_frame: Option<u64> = None;
     while size.is_none_or(|s| got < s) {
         match cons.try_recv(&mut buf).map_err(ring_err)? {
             Some((0, _)) => break,
             Some((n, sum)) => {
                 if let Some(seed) = verify {
-                    ring::fill_pattern(seed, got, &mut want[..n]);
+                    // Frames after the first are as long as the first but
+                    // for the last: the sender's frame size.
+                    let frame = *first_frame.get_or_insert(n as u64);
+                    let pos = pattern_frame_pos(size.unwrap_or(u64::MAX), frame, frames);
+                    ring::fill_pattern(seed, pos, &mut want[..n]);
                     if buf[..n] != want[..n] {
                         let i = (0..n).find(|&i| buf[i] != want[i]).unwrap_or(0);
                         return Err(Error::Mismatch {

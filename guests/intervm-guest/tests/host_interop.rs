@@ -107,6 +107,9 @@ fn a_probe_guest_sends_to_the_tool() {
     let shm = Shm::new("from-probe");
     let t = shm.transport();
     let res = shm.path();
+    // More than the probe's 16 MiB source buffer, which it streams
+    // repeatedly, and a short last frame: the tool checks every byte.
+    const SIZE: u64 = (40 << 20) + 1000;
     let receiver = tool(&[
         "shmem",
         "recv",
@@ -117,7 +120,9 @@ fn a_probe_guest_sends_to_the_tool() {
         "--from",
         "0",
         "--size",
-        "8M",
+        &SIZE.to_string(),
+        "--verify-seed",
+        "5",
     ])
     .spawn()
     .unwrap();
