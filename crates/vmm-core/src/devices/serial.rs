@@ -1,21 +1,33 @@
 //! COM1: a `vm-superio` 8250 UART behind the `vm-device` PIO traits.
+//!
+//! Output goes where [`SerialOutput`] says; input is queued with
+//! [`SerialDevice::enqueue_input`], for example by a
+//! [`ConsoleInput`](super::console::ConsoleInput) thread reading the host's
+//! stdin.
 
 use std::fs::File;
 use std::io::{self, Write};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
 
 use vm_device::bus::{PioAddress, PioAddressOffset};
 use vm_device::MutDevicePio;
+use vm_superio::serial::{Error as UartError, SerialEvents};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
 /// Where a VM's console output goes.
 #[derive(Clone, Debug, Default)]
 pub enum SerialOutput {
-    /// The host's stdout, each line prefixed with `[vm-name] `.
+    /// The host's stdout, each line prefixed with `[vm-name] ` and written
+    /// whole, so the lines of several VMs do not mix.
     #[default]
     Stdout,
+    /// The host's stdout like [`SerialOutput::Stdout`], but a partial line
+    /// (a shell prompt waiting for input) is written at once instead of
+    /// when its newline comes: the output side of an interactive console.
+    Console,
     /// Appended to a file.
     File(PathBuf),
     /// Kept in memory (tests read it with [`SerialBuffer::contents`]).
@@ -57,11 +69,15 @@ impl Write for SerialBuffer {
 
 /// Prefixes each line with a tag, drops carriage returns, and writes whole
 /// lines at once so the consoles of several VMs sharing stdout do not mix
-/// within a line.
+/// within a line. An `eager` one also writes a partial line at the end of
+/// each write (prompts show up before their newline).
 struct LinePrefix<W: Write> {
     prefix: String,
     inner: W,
     line: Vec<u8>,
+    eager: bool,
+    /// The prefix and part of the current line are already out.
+    mid_line: bool,
 }
 
 impl<W: Write> LinePrefix<W> {
@@ -70,13 +86,24 @@ impl<W: Write> LinePrefix<W> {
             prefix,
             inner,
             line: Vec::new(),
+            eager: false,
+            mid_line: false,
         }
+    }
+
+    fn eager(prefix: String, inner: W) -> Self {
+        let mut w = Self::new(prefix, inner);
+        w.eager = true;
+        w
     }
 
     fn emit(&mut self) -> io::Result<()> {
         let mut out = Vec::with_capacity(self.prefix.len() + self.line.len());
-        out.extend_from_slice(self.prefix.as_bytes());
+        if !self.mid_line {
+            out.extend_from_slice(self.prefix.as_bytes());
+        }
         out.append(&mut self.line);
+        self.mid_line = out.last() != Some(&b'\n');
         self.inner.write_all(&out)?;
         self.inner.flush()
     }
@@ -101,6 +128,9 @@ impl<W: Write> Write for LinePrefix<W> {
                 }
             }
         }
+        if self.eager && !self.line.is_empty() {
+            self.emit()?;
+        }
         Ok(buf.len())
     }
     fn flush(&mut self) -> io::Result<()> {
@@ -110,7 +140,7 @@ impl<W: Write> Write for LinePrefix<W> {
 
 impl<W: Write> Drop for LinePrefix<W> {
     fn drop(&mut self) {
-        if !self.line.is_empty() {
+        if !self.line.is_empty() || self.mid_line {
             self.line.push(b'\n');
             let _ = self.emit();
         }
@@ -122,6 +152,9 @@ impl SerialOutput {
     pub fn open(&self, name: &str) -> io::Result<Box<dyn Write + Send>> {
         Ok(match self {
             SerialOutput::Stdout => Box::new(LinePrefix::new(format!("[{name}] "), io::stdout())),
+            SerialOutput::Console => {
+                Box::new(LinePrefix::eager(format!("[{name}] "), io::stdout()))
+            }
             SerialOutput::File(p) => Box::new(File::options().create(true).append(true).open(p)?),
             SerialOutput::Buffer(b) => Box::new(b.clone()),
             SerialOutput::Sink => Box::new(io::sink()),
@@ -139,22 +172,88 @@ impl Trigger for EventFdTrigger {
     }
 }
 
+/// Counts the guest's reads of the receive buffer, so that a writer who
+/// found the FIFO full can sleep until there is room again.
+#[derive(Debug, Default)]
+pub(crate) struct RxReads {
+    count: Mutex<u64>,
+    cv: Condvar,
+}
+
+impl RxReads {
+    /// Reads so far.
+    pub(crate) fn count(&self) -> u64 {
+        *self.count.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits until the count differs from `seen`, a [`RxReads::wake`], a
+    /// spurious wake-up or `timeout`, whichever comes first.
+    pub(crate) fn wait_since(&self, seen: u64, timeout: Duration) {
+        let count = self.count.lock().unwrap_or_else(|p| p.into_inner());
+        if *count == seen {
+            let _ = self.cv.wait_timeout(count, timeout);
+        }
+    }
+
+    /// Wakes every waiter without counting a read.
+    pub(crate) fn wake(&self) {
+        let _guard = self.count.lock().unwrap_or_else(|p| p.into_inner());
+        self.cv.notify_all();
+    }
+}
+
+impl SerialEvents for RxReads {
+    fn buffer_read(&self) {
+        *self.count.lock().unwrap_or_else(|p| p.into_inner()) += 1;
+        self.cv.notify_all();
+    }
+    fn out_byte(&self) {}
+    fn tx_lost_byte(&self) {}
+    fn in_buffer_empty(&self) {}
+}
+
 /// The UART as a PIO device (8 ports at its base).
 pub struct SerialDevice {
-    uart: Serial<EventFdTrigger, vm_superio::serial::NoEvents, Box<dyn Write + Send>>,
+    uart: Serial<EventFdTrigger, Arc<RxReads>, Box<dyn Write + Send>>,
+    reads: Arc<RxReads>,
 }
 
 impl SerialDevice {
     /// A UART that raises `irq` and writes to `out`.
     pub fn new(irq: EventFd, out: Box<dyn Write + Send>) -> Self {
+        let reads = Arc::new(RxReads::default());
         Self {
-            uart: Serial::new(EventFdTrigger(irq), out),
+            uart: Serial::with_events(EventFdTrigger(irq), reads.clone(), out),
+            reads,
         }
     }
 
-    /// Queues bytes for the guest to read (console input).
+    /// Queues bytes for the guest to read (console input), as many as fit
+    /// in the 64-byte receive FIFO, and raises the interrupt if the guest
+    /// enabled it. Returns how many were queued: 0 when the FIFO is full
+    /// (or the guest has the UART in loopback mode); retry the rest once
+    /// the guest has read.
     pub fn enqueue_input(&mut self, bytes: &[u8]) -> usize {
-        self.uart.enqueue_raw_bytes(bytes).unwrap_or(0)
+        let fits = self.uart.fifo_capacity().min(bytes.len());
+        match self.uart.enqueue_raw_bytes(bytes) {
+            Ok(n) => n,
+            Err(UartError::FullFifo) => 0,
+            // The bytes are queued; only the interrupt failed (the guest
+            // still finds them when it next looks at the line status).
+            Err(UartError::Trigger(e)) => {
+                log::warn!("serial: raising the receive interrupt: {e}");
+                fits
+            }
+            Err(e) => {
+                log::warn!("serial: queueing input: {e:?}");
+                0
+            }
+        }
+    }
+
+    /// The read counter console input waits on.
+    pub(crate) fn rx_reads(&self) -> Arc<RxReads> {
+        self.reads.clone()
     }
 }
 
@@ -206,6 +305,27 @@ mod tests {
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "[a] one\n[a] two\n[a] unterminated\n"
+        );
+    }
+
+    #[test]
+    fn console_output_writes_partial_lines_at_once() {
+        let out = SerialBuffer::new();
+        let mut w = LinePrefix::eager("[a] ".into(), out.clone());
+        w.write_all(b"boot\r\n~ # ").unwrap();
+        assert_eq!(
+            out.contents(),
+            "[a] boot\n[a] ~ # ",
+            "the prompt is out before its newline"
+        );
+        w.write_all(b"e").unwrap();
+        w.write_all(b"cho\r\n~ # ").unwrap();
+        assert_eq!(out.contents(), "[a] boot\n[a] ~ # echo\n[a] ~ # ");
+        drop(w);
+        assert_eq!(
+            out.contents(),
+            "[a] boot\n[a] ~ # echo\n[a] ~ # \n",
+            "the last partial line is ended"
         );
     }
 }
