@@ -125,6 +125,9 @@ pub enum Kernel {
 pub enum Serial {
     /// stdout with a `[name]` prefix.
     Stdout,
+    /// stdout with a `[name]` prefix, partial lines (prompts) written at
+    /// once, and intervm's stdin forwarded to the guest (one VM per file).
+    Console,
     /// Discarded.
     None,
     /// Appended to a file.
@@ -657,11 +660,22 @@ impl Config {
                 None => Serial::Stdout,
                 Some(RawSerial::Named(s)) if s == "stdout" => Serial::Stdout,
                 Some(RawSerial::Named(s)) if s == "none" => Serial::None,
+                Some(RawSerial::Named(s)) if s == "console" => {
+                    if let Some(other) = vms.iter().find(|o: &&VmSpec| o.serial == Serial::Console)
+                    {
+                        return Err(err(format!(
+                            "{}: \"console\" is already taken by vm[{}]: stdin can feed only one VM's console (give the others \"stdout\")",
+                            key("serial"),
+                            other.name
+                        )));
+                    }
+                    Serial::Console
+                }
                 Some(RawSerial::Named(s)) => {
                     return Err(err(format!(
-                        "{}: {s:?} is not \"stdout\", \"none\" or {{ file = \"path\" }}",
-                        key("serial")
-                    )))
+                    "{}: {s:?} is not \"stdout\", \"console\", \"none\" or {{ file = \"path\" }}",
+                    key("serial")
+                )))
                 }
                 Some(RawSerial::File { file }) => Serial::File(resolve(file)),
             };
@@ -936,6 +950,16 @@ mod tests {
     }
 
     #[test]
+    fn one_vm_may_take_the_console() {
+        let c = parse(
+            "[[vm]]\nname = \"a\"\n[[vm]]\nname = \"b\"\nserial = \"console\"\n[[vm]]\nname = \"c\"\nserial = \"none\"\n",
+        )
+        .unwrap();
+        let serials: Vec<_> = c.vms.iter().map(|v| v.serial.clone()).collect();
+        assert_eq!(serials, [Serial::Stdout, Serial::Console, Serial::None]);
+    }
+
+    #[test]
     fn sizes_accept_suffixes() {
         let c = parse(
             "[[vm]]\nname = \"a\"\nmemory = \"64M\"\n[[vm]]\nname = \"b\"\nmemory = 8388608\n",
@@ -954,7 +978,8 @@ mod tests {
             ("[[vm]]\nname = \"a\"\nmemory = \"12Q\"\n", "vm[a].memory", "is not a size"),
             ("[[vm]]\nname = \"a\"\nkernel = \"/nonexistent/bzImage\"\n", "vm[a].kernel", "does not exist"),
             ("[[vm]]\nname = \"a\"\nvcpus = 0\n", "vm[a].vcpus", "between 1 and 255"),
-            ("[[vm]]\nname = \"a\"\nserial = \"tty\"\n", "vm[a].serial", "is not \"stdout\""),
+            ("[[vm]]\nname = \"a\"\nserial = \"tty\"\n", "vm[a].serial", "is not \"stdout\", \"console\""),
+            ("[[vm]]\nname = \"a\"\nserial = \"console\"\n[[vm]]\nname = \"b\"\nserial = \"console\"\n", "vm[b].serial", "already taken by vm[a]: stdin can feed only one VM"),
             ("[[vm]]\nname = \"a\"\ncmdline = \"x\"\n", "vm[a].cmdline", "not the probe"),
             ("[[vm]]\nname = \"a\"\n[[vm]]\nname = \"b\"\n[[channel]]\nname = \"c\"\nkind = \"carrier-pigeon\"\nmembers = [\"a\", \"b\"]\n", "channel[c].kind", "unknown channel kind"),
             ("[[vm]]\nname = \"a\"\n[[channel]]\nname = \"c\"\nkind = \"shmem\"\nmembers = [\"a\", \"z\"]\n", "channel[c].members", "no [[vm]] is named \"z\""),

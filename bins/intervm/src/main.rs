@@ -5,6 +5,9 @@
 //! intervm check FILE.toml
 //! intervm ivshmem-server --socket PATH --shm NAME [--size 4M] [--vectors 1]
 //! ```
+//!
+//! `run` forwards its standard input to the COM1 of the VM with
+//! `serial = "console"` (at most one per file), if it boots that VM.
 
 mod config;
 mod tasks;
@@ -29,7 +32,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Boot every `[[vm]]` of FILE (or only --vm NAME) and wait until all stop.
+    /// Boot every `[[vm]]` of FILE (or only --vm NAME) and wait until all
+    /// stop. Standard input goes to the VM with serial = "console", if any.
     Run {
         /// Configuration file.
         file: PathBuf,

@@ -11,6 +11,7 @@ use intervm_protocol::portio::PORT_COUNT;
 use portio_channel::{PortioDevice, RingLink};
 use shmem_device::{IvshmemPlain, Membership, SharedRegion, Transport};
 use vmm_core::boot::{linux, probe};
+use vmm_core::devices::console::ConsoleInput;
 use vmm_core::devices::serial::SerialOutput;
 use vmm_core::{RunningVm, Vm, VmConfig, VmExit};
 
@@ -255,6 +256,7 @@ pub fn run(
         vc.vcpus = spec.vcpus;
         vc.serial = match &spec.serial {
             Serial::Stdout => SerialOutput::Stdout,
+            Serial::Console => SerialOutput::Console,
             Serial::None => SerialOutput::Sink,
             Serial::File(p) => SerialOutput::File(p.clone()),
         };
@@ -302,7 +304,7 @@ pub fn run(
     let start = Instant::now();
     type Slot<'a> = (
         &'a crate::config::VmSpec,
-        Option<(RunningVm, Vec<Membership>)>,
+        Option<(RunningVm, Vec<Membership>, Option<ConsoleInput>)>,
         Option<Outcome>,
     );
     let mut running: Vec<Slot> = Vec::new();
@@ -311,12 +313,26 @@ pub fn run(
             vm: spec.name.clone(),
             source,
         })?;
-        running.push((spec, Some((r, joined)), None));
+        let input = if spec.serial == Serial::Console {
+            match ConsoleInput::stdin(r.vm().serial().clone(), &spec.name) {
+                Ok(i) => Some(i),
+                Err(e) => {
+                    log::warn!(
+                        "vm[{}].serial: cannot read stdin for the console ({e}); output only",
+                        spec.name
+                    );
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        running.push((spec, Some((r, joined, input)), None));
     }
     loop {
         let mut left = 0;
         for (spec, r, out) in running.iter_mut() {
-            let Some((vm, _)) = r else { continue };
+            let Some((vm, _, _)) = r else { continue };
             if let Some(exit) = vm.wait_timeout(Duration::from_millis(5)) {
                 let elapsed = start.elapsed();
                 let report = match spec.kernel {
@@ -329,7 +345,10 @@ pub fn run(
                     elapsed,
                     report,
                 });
-                if let Some((vm, joined)) = r.take() {
+                if let Some((vm, joined, input)) = r.take() {
+                    if let Some(Err(e)) = input.map(ConsoleInput::stop) {
+                        log::warn!("vm[{}]: console input from stdin: {e}", spec.name);
+                    }
                     vm.join();
                     // Leaving marks this member gone for its peers, and
                     // wakes peers that sleep until it rings.
@@ -353,7 +372,7 @@ pub fn run(
         let expired = timeout.is_some_and(|t| start.elapsed() >= t);
         if expired || INTERRUPTED.load(Ordering::SeqCst) {
             for (_, r, _) in running.iter() {
-                if let Some((vm, _)) = r {
+                if let Some((vm, _, _)) = r {
                     vm.stop();
                 }
             }

@@ -83,6 +83,7 @@ fn check_reports_file_key_and_problem() {
         ("kernel.toml", "[[vm]]\nname = \"a\"\nkernel = \"no-such-bzImage\"\n", "vm[a].kernel: kernel file"),
         ("linux-mem.toml", "[[vm]]\nname = \"l\"\nmemory = \"16M\"\nkernel = \"no-such-vmlinux\"\n", "vm[l].memory: a Linux guest needs at least 32M"),
         ("kind.toml", "[[vm]]\nname = \"a\"\n[[vm]]\nname = \"b\"\n[[channel]]\nname = \"x\"\nkind = \"telepathy\"\nmembers = [\"a\", \"b\"]\n", "channel[x].kind: unknown channel kind \"telepathy\""),
+        ("consoles.toml", "[[vm]]\nname = \"a\"\nserial = \"console\"\n[[vm]]\nname = \"b\"\nserial = \"console\"\n", "vm[b].serial: \"console\" is already taken by vm[a]: stdin can feed only one VM's console"),
     ];
     for (file, body, want) in cases {
         check_rejects(file, body, want);
@@ -134,6 +135,50 @@ fn run_hello_boots_both_probe_guests() {
         err.contains("alpha stopped") && err.contains("Guest(0)"),
         "{err}"
     );
+}
+
+#[test]
+fn a_console_vm_ends_while_stdin_stays_open() {
+    if !kvm_available() {
+        return;
+    }
+    let p = temp_config(
+        "console-hello.toml",
+        "[[vm]]\nname = \"alpha\"\nserial = \"console\"\n",
+    );
+    let mut child = Command::new(env!("CARGO_BIN_EXE_intervm"))
+        .args(["run", p.to_str().unwrap(), "--timeout", "60"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawning intervm");
+    // Held open (no end of input) until intervm has exited by itself.
+    let stdin = child.stdin.take();
+    // Only catches a hang (intervm stuck on its stdin): kills intervm.
+    let pid = child.id() as libc::pid_t;
+    let (done, watch) = std::sync::mpsc::channel::<()>();
+    std::thread::spawn(move || {
+        let patience = std::time::Duration::from_secs(120);
+        if watch.recv_timeout(patience) == Err(std::sync::mpsc::RecvTimeoutError::Timeout) {
+            // SAFETY: signals the child we started, not yet reaped.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    });
+    let o = child.wait_with_output().expect("waiting for intervm");
+    let _ = done.send(());
+    drop(stdin);
+    let (out, err) = text(&o);
+    assert!(
+        o.status.success(),
+        "{}\nstdout:\n{out}\nstderr:\n{err}",
+        o.status
+    );
+    assert!(
+        out.contains("[alpha] intervm probe: hello from CPL3, tag 0"),
+        "{out}"
+    );
+    assert!(err.contains("Guest(0)"), "{err}");
 }
 
 #[test]
