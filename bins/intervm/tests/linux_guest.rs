@@ -6,10 +6,16 @@
 //! to itself and a doorbell round trip with a probe guest, and prints one
 //! line. On PVM Linux userspace cannot run, so this is checked without it;
 //! on VMX/SVM /init also runs and powers off with status 0.
+//!
+//! A shell on the guest's console (`serial = "console"`) runs a command the
+//! test types on intervm's stdin once the prompt shows.
 
+use std::io::{Read, Write};
 use std::path::Path;
-use std::process::Command;
-use std::time::Instant;
+use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use vmm_core::host::KvmFlavor;
 
@@ -192,5 +198,190 @@ fn linux_userspace_exchanges_data_with_a_probe_over_all_three_channels() {
     assert!(
         sent.is_some() && sent == got,
         "port-I/O streams differ:\n{all}"
+    );
+}
+
+/// `intervm run` as a child process whose console (stdin and stdout) the
+/// test drives. Dropping it kills intervm if it is still running.
+struct Console {
+    child: Child,
+    stdin: Option<ChildStdin>,
+    chunks: mpsc::Receiver<Vec<u8>>,
+    out: Vec<u8>,
+    err: Arc<Mutex<Vec<u8>>>,
+}
+
+impl Console {
+    fn spawn(config: &Path) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_intervm"))
+            .arg("run")
+            .arg(config)
+            .args(["--timeout", "900"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawning intervm");
+        let (tx, chunks) = mpsc::channel();
+        let mut stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = stdout.read(&mut buf) {
+                if tx.send(buf[..n].to_vec()).is_err() {
+                    break;
+                }
+            }
+        });
+        let err = Arc::new(Mutex::new(Vec::new()));
+        let (mut stderr, e) = (child.stderr.take().unwrap(), err.clone());
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = stderr.read(&mut buf) {
+                e.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+        Self {
+            stdin: child.stdin.take(),
+            child,
+            chunks,
+            out: Vec::new(),
+            err,
+        }
+    }
+
+    fn output(&self) -> String {
+        String::from_utf8_lossy(&self.out).into_owned()
+    }
+
+    fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.err.lock().unwrap()).into_owned()
+    }
+
+    /// Reads the console as it comes until `done` holds for everything
+    /// read so far; panics with what was read if intervm exits first or
+    /// `patience` (which only catches hangs) runs out.
+    fn wait_for(&mut self, what: &str, patience: Duration, done: impl Fn(&str) -> bool) {
+        let deadline = Instant::now() + patience;
+        while !done(&self.output()) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.chunks.recv_timeout(left) {
+                Ok(chunk) => self.out.extend_from_slice(&chunk),
+                Err(e) => panic!(
+                    "{what}: {} within {patience:?}\nconsole:\n{}\nstderr:\n{}",
+                    match e {
+                        RecvTimeoutError::Timeout => "not seen",
+                        RecvTimeoutError::Disconnected => "intervm exited first",
+                    },
+                    self.output(),
+                    self.stderr()
+                ),
+            }
+        }
+    }
+
+    /// Types `line` and Enter.
+    fn type_line(&mut self, line: &str) {
+        let stdin = self.stdin.as_mut().expect("stdin is open");
+        stdin
+            .write_all(format!("{line}\n").as_bytes())
+            .and_then(|_| stdin.flush())
+            .expect("writing to intervm's stdin");
+    }
+
+    /// Ends intervm's input, reads the console until intervm closes it,
+    /// and returns its exit status.
+    fn finish(&mut self, patience: Duration) -> ExitStatus {
+        self.stdin = None;
+        let deadline = Instant::now() + patience;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.chunks.recv_timeout(left) {
+                Ok(chunk) => self.out.extend_from_slice(&chunk),
+                Err(RecvTimeoutError::Disconnected) => break,
+                Err(RecvTimeoutError::Timeout) => panic!(
+                    "intervm still running {patience:?} after the end of its input\nconsole:\n{}\nstderr:\n{}",
+                    self.output(),
+                    self.stderr()
+                ),
+            }
+        }
+        self.child.wait().expect("waiting for intervm")
+    }
+}
+
+impl Drop for Console {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// True when the console's last line, without its `[linux] ` prefix, is a
+/// shell prompt (`/ # `) waiting for input after init started the shell.
+fn shell_prompt(console: &str) -> bool {
+    let Some((_, after)) = console.split_once("intervm-init: shell") else {
+        return false;
+    };
+    let last = after.rsplit('\n').next().unwrap_or("");
+    let last = last.strip_prefix("[linux] ").unwrap_or(last);
+    last.ends_with("# ") || last.ends_with("$ ")
+}
+
+/// True when a console line is exactly `want` (with or without the
+/// `[linux] ` prefix): the shell's output, not the echo of a command.
+fn has_line(console: &str, want: &str) -> bool {
+    console
+        .lines()
+        .any(|l| l == want || l.strip_prefix("[linux] ") == Some(want))
+}
+
+#[test]
+fn a_shell_on_the_console_runs_what_is_typed_on_stdin() {
+    if !intervm_testkit::kvm_available() {
+        return;
+    }
+    let Some(guest) = intervm_testkit::guest_linux() else {
+        return;
+    };
+    let config = std::env::temp_dir().join(format!("intervm-shell-{}.toml", std::process::id()));
+    std::fs::write(
+        &config,
+        format!(
+            "[[vm]]\nname = \"linux\"\nmemory = \"128M\"\nkernel = {:?}\ninitrd = {:?}\n\
+             cmdline = \"intervm.shell=1\"\nserial = \"console\"\n",
+            guest.vmlinux, guest.initramfs
+        ),
+    )
+    .unwrap();
+    let t0 = Instant::now();
+    let mut console = Console::spawn(&config);
+    // Generous: boots take 20-30 s and every exec several seconds on PVM.
+    let patience = Duration::from_secs(180);
+    console.wait_for("the shell's prompt", patience, shell_prompt);
+    let ready = t0.elapsed().as_secs_f64();
+    // Only evaluating the expression prints this line; the echo of the
+    // command line shows the expression itself.
+    console.type_line("echo intervm-$((6*7))");
+    console.wait_for("the command's output", patience, |c| {
+        has_line(c, "intervm-42")
+    });
+    let answered = t0.elapsed().as_secs_f64();
+    console.type_line("exit");
+    let status = console.finish(patience);
+    let _ = std::fs::remove_file(&config);
+    let (out, err) = (console.output(), console.stderr());
+    eprintln!(
+        "shell on the console ({:?}): prompt after {ready:.1} s, answer after {answered:.1} s, \
+         intervm exited after {:.1} s",
+        KvmFlavor::detect(),
+        t0.elapsed().as_secs_f64()
+    );
+    // The guest powered off with the shell's status (not a host stop, and
+    // not an end of input, which leaves the VM running).
+    assert!(
+        status.success() && err.contains("linux stopped after") && err.contains("Guest(0)"),
+        "intervm: {status}\nconsole:\n{out}\nstderr:\n{err}"
     );
 }
