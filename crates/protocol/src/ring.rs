@@ -1222,8 +1222,10 @@ mod tests {
                 }
                 let t0 = std::time::Instant::now();
                 while b2.load(Ordering::SeqCst) == seen {
+                    // Only a hang fails this (the producer thread may be
+                    // descheduled for a while on a loaded host).
                     assert!(
-                        t0.elapsed().as_secs() < 10,
+                        t0.elapsed().as_secs() < 60,
                         "lost wake-up after {got} messages"
                     );
                     std::hint::spin_loop();
