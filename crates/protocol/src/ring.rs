@@ -601,6 +601,20 @@ impl Region {
         Ok(HEADER_BYTES + geo.ring_index(from, to)? * geo.ring_stride())
     }
 
+    /// Ring `from -> to` as an onlooker sees it (a monitor, a test waiting
+    /// for a transfer to reach some point): its indices and sleep
+    /// declarations, read from shared memory as they are, unchecked.
+    pub fn ring_state(&self, geo: &Geometry, from: u32, to: u32) -> Result<RingState, RingError> {
+        let off = self.ring_offset(geo, from, to)?;
+        let flag = |line: u64| self.u64_at(off + line).load(Ordering::SeqCst) == SLEEPING;
+        Ok(RingState {
+            head: self.u64_at(off + RING_HEAD).load(Ordering::Acquire),
+            tail: self.u64_at(off + RING_TAIL).load(Ordering::Acquire),
+            producer_sleeping: flag(RING_PRODUCER_FLAGS),
+            consumer_sleeping: flag(RING_CONSUMER_FLAGS),
+        })
+    }
+
     /// The sending end of ring `from -> to`. Resumes from the ring's current
     /// head (the producer's own index).
     pub fn producer(&self, geo: Geometry, from: u32, to: u32) -> Result<Producer, RingError> {
@@ -728,6 +742,19 @@ impl RingRef {
             );
         }
     }
+}
+
+/// A snapshot of one ring, see [`Region::ring_state`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RingState {
+    /// Bytes the producer has published (free-running).
+    pub head: u64,
+    /// Bytes the consumer has taken (free-running).
+    pub tail: u64,
+    /// The producer declared that it sleeps on a full ring.
+    pub producer_sleeping: bool,
+    /// The consumer declared that it sleeps on an empty ring.
+    pub consumer_sleeping: bool,
 }
 
 /// Ring bytes a frame with `len` payload bytes takes (header and padding).
@@ -1181,14 +1208,20 @@ mod tests {
         assert!(!p.take_consumer_sleep(), "nobody sleeps yet");
         c.declare_sleep();
         p.try_send(b"x").unwrap().unwrap();
+        let seen = r.ring_state(&geo, 0, 1).unwrap();
+        assert!(seen.consumer_sleeping && !seen.producer_sleeping);
+        assert_eq!((seen.head, seen.tail), (frame_bytes(1), 0));
         assert!(p.take_consumer_sleep(), "ring once");
         assert!(!p.take_consumer_sleep(), "and only once");
+        assert!(!r.ring_state(&geo, 0, 1).unwrap().consumer_sleeping);
         c.declare_sleep();
         c.awake();
         assert!(!p.take_consumer_sleep());
         p.declare_sleep();
+        assert!(r.ring_state(&geo, 0, 1).unwrap().producer_sleeping);
         assert!(c.take_producer_sleep());
         assert!(!c.take_producer_sleep());
+        assert_eq!(r.ring_state(&geo, 1, 1), Err(RingError::BadMember(1)));
     }
 
     #[test]
