@@ -140,6 +140,13 @@ pub struct ShmemResult {
     pub end_tsc: u64,
     /// Polls that found the ring full (send) or empty (receive).
     pub waits: u64,
+    /// Doorbells this side rang (doorbell channels).
+    pub doorbells: u64,
+    /// Times this side slept waiting for a doorbell.
+    pub sleeps: u64,
+    /// Sleep declarations this side made in rings; the peer rings at most
+    /// once per declaration.
+    pub declared: u64,
     /// Guest TSC frequency.
     pub tsc_khz: u64,
     /// Rounds completed (receiver).
@@ -158,6 +165,9 @@ impl ShmemResult {
             start_tsc: r[results::SHM_START_TSC],
             end_tsc: r[results::SHM_END_TSC],
             waits: r[results::SHM_WAITS],
+            doorbells: r[results::SHM_DOORBELLS],
+            sleeps: r[results::SHM_SLEEPS],
+            declared: r[results::SHM_DECLARED],
             tsc_khz: info.tsc_khz,
             rounds: r[results::SHM_ROUNDS],
             round_cycles: (r[results::SHM_ROUND_MIN], r[results::SHM_ROUND_MAX]),

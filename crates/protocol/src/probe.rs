@@ -374,6 +374,11 @@ pub mod results {
     /// Shared memory: TSC cycles spent finding the ring full (send) or
     /// empty (receive): waiting for the peer.
     pub const SHM_WAIT_CYCLES: usize = 13;
+    /// Shared memory: sleep declarations this side made in rings (one per
+    /// ring declared on; a declaration may end without a sleep when the
+    /// ring changed meanwhile). The peer rings at most once per
+    /// declaration.
+    pub const SHM_DECLARED: usize = 14;
     /// Shared memory: first per-peer record; each is [`SHM_RECORD_LEN`]
     /// slots: bytes, frames, stream checksum (`ring::fold` of the frame
     /// checksums), TSC of the last frame. A sender has one record, at its

@@ -200,6 +200,7 @@ fn try_send() -> Result<(), u32> {
     let rounds = arg(shmem_args::ROUNDS).max(1);
     let budget = spin_cycles(&clock);
     let (mut rang, mut sleeps, mut rng) = (0u64, 0u64, 0x9e37_79b9_7f4a_7c15u64 ^ ch.me as u64);
+    let mut declared = 0u64;
     let mut copy_cycles = 0u64;
     let mut live = Liveness::new(
         &ch.region,
@@ -269,6 +270,7 @@ fn try_send() -> Result<(), u32> {
                     // Full for longer than the budget: declare, look again,
                     // then sleep until the receiver frees space and rings.
                     p.declare_sleep();
+                    declared += 1;
                     if p.free().map_err(ring_fail)? < (chunk + 16).next_multiple_of(8) {
                         sleeps += 1;
                         arch::wait_for_interrupt(counter, seen);
@@ -297,6 +299,7 @@ fn try_send() -> Result<(), u32> {
     set_result(results::SHM_WAITS, waits);
     set_result(results::SHM_DOORBELLS, rang);
     set_result(results::SHM_SLEEPS, sleeps);
+    set_result(results::SHM_DECLARED, declared);
     set_result(
         results::SHM_IRQS,
         counter.load(core::sync::atomic::Ordering::SeqCst),
@@ -451,7 +454,7 @@ fn pump(
     let mut pending = peers.iter().flatten().filter(|p| p.bytes < want).count();
     let counter = bell_counter();
     let budget = spin_cycles(clock);
-    let (mut idle_since, mut rang, mut sleeps) = (0u64, 0u64, 0u64);
+    let (mut idle_since, mut rang, mut sleeps, mut declared) = (0u64, 0u64, 0u64, 0u64);
     let mut copy_cycles = 0u64;
     let pump_start = arch::rdtsc();
     let mut rng = 0x2545_f491_4f6c_dd1du64 ^ ch.me as u64;
@@ -513,19 +516,40 @@ fn pump(
                 None => {}
             }
         }
-        if !got_any && ch.adaptive {
-            let now = arch::rdtsc();
-            if idle_since == 0 {
-                idle_since = now;
+        if !got_any && ch.notify {
+            if ch.adaptive {
+                // Adaptive: poll for the budget first.
+                let now = arch::rdtsc();
+                if idle_since == 0 {
+                    idle_since = now;
+                }
+                if now - idle_since < budget {
+                    core::hint::spin_loop();
+                    continue;
+                }
+                idle_since = 0;
             }
-            if now - idle_since < budget {
-                core::hint::spin_loop();
-                continue;
+            // Look for departed senders before sleeping, not after: `seen`
+            // was read before this, and a VMM marks its member gone before
+            // it wakes the peers, so a sender that left is either seen gone
+            // here or its wake-up ends the sleep below. (Looking only after
+            // waking misses a departure that lands between that look and
+            // the next pass, and then sleeps for ever.)
+            for p in peers.iter_mut().flatten() {
+                if p.bytes < want {
+                    if let Err(e) = p.live.check(&ch.region, &ch.geo, clock.now_ms()) {
+                        if p.c.available()? == 0 {
+                            return Err(e);
+                        }
+                    }
+                }
             }
-            // Idle past the budget: declare on every ring still expected,
-            // look once more, then sleep until a producer rings.
+            // Declare on every ring still expected, look once more, then
+            // sleep until a producer rings (an adaptive one only because of
+            // the declaration; others ring after every frame).
             for p in peers.iter().flatten().filter(|p| p.bytes < want) {
                 p.c.declare_sleep();
+                declared += 1;
             }
             let mut any = false;
             for p in peers.iter().flatten().filter(|p| p.bytes < want) {
@@ -537,23 +561,6 @@ fn pump(
             }
             for p in peers.iter().flatten() {
                 p.c.awake();
-            }
-            idle_since = 0;
-        }
-        if !got_any && ch.notify {
-            if !ch.adaptive {
-                sleeps += 1;
-                arch::wait_for_interrupt(counter, seen);
-            }
-            // Woken by a doorbell, or by the VMM because a peer left.
-            for p in peers.iter_mut().flatten() {
-                if p.bytes < want {
-                    if let Err(e) = p.live.check(&ch.region, &ch.geo, clock.now_ms()) {
-                        if p.c.available()? == 0 {
-                            return Err(e);
-                        }
-                    }
-                }
             }
             waits += 1;
             continue;
@@ -569,6 +576,7 @@ fn pump(
     };
     set_result(results::SHM_DOORBELLS, rang);
     set_result(results::SHM_SLEEPS, sleeps);
+    set_result(results::SHM_DECLARED, declared);
     set_result(
         results::SHM_IRQS,
         counter.load(core::sync::atomic::Ordering::SeqCst),
