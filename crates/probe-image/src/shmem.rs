@@ -4,7 +4,7 @@
 
 use intervm_protocol::probe::{
     results, shmem_args, shmem_frame_bytes, shmem_source_bytes, BootInfo, Workload, SHMEM_ADAPTIVE,
-    SHMEM_CORRUPT_HEAD, SHMEM_NOTIFY, SHMEM_QUIET,
+    SHMEM_CORRUPT_HEAD, SHMEM_HOLD, SHMEM_NOTIFY, SHMEM_QUIET,
 };
 use intervm_protocol::ring::{self, RingError};
 
@@ -58,6 +58,9 @@ pub struct ShmemTask {
     pub start_delay_ms: u64,
     /// Stress: largest random delay per frame, TSC cycles.
     pub jitter_cycles: u64,
+    /// Sender: after the start line, send nothing until the host writes a
+    /// non-zero `shmem_args::RELEASE` (tests: let the receiver sleep first).
+    pub hold: bool,
     /// Print nothing (exit counting).
     pub quiet: bool,
 }
@@ -81,6 +84,7 @@ impl ShmemTask {
             spin_us: 150,
             start_delay_ms: 0,
             jitter_cycles: 0,
+            hold: false,
             quiet: false,
         }
     }
@@ -108,7 +112,8 @@ impl ShmemTask {
             0
         } | if self.notify { SHMEM_NOTIFY } else { 0 }
             | if self.adaptive { SHMEM_ADAPTIVE } else { 0 }
-            | if self.quiet { SHMEM_QUIET } else { 0 };
+            | if self.quiet { SHMEM_QUIET } else { 0 }
+            | if self.hold { SHMEM_HOLD } else { 0 };
         a[shmem_args::SPIN_US] = self.spin_us;
         a[shmem_args::START_DELAY_MS] = self.start_delay_ms;
         a[shmem_args::JITTER_CYCLES] = self.jitter_cycles;

@@ -169,6 +169,9 @@ pub mod shmem_args {
     /// Stress: at most this many TSC cycles of random delay before each
     /// frame (sender) or receive (receiver); 0: none.
     pub const JITTER_CYCLES: usize = 12;
+    /// Sender with [`super::SHMEM_HOLD`]: 0 until the host lets the first
+    /// frame go by writing any other value here while the probe runs.
+    pub const RELEASE: usize = 13;
 }
 
 /// Argument slots of [`Workload::PortioSend`] and [`Workload::PortioRecv`].
@@ -292,6 +295,12 @@ pub const SHMEM_ADAPTIVE: u64 = 4;
 /// exits sees only the transfer's own).
 pub const SHMEM_QUIET: u64 = 8;
 
+/// `shmem_args::FLAGS` bit (sender): after the start line, send nothing
+/// until the host writes a non-zero `shmem_args::RELEASE`. Tests use it to
+/// let the receiver go to sleep first (a receiver updates
+/// `results::SHM_SLEEPS` as it goes), whatever the scheduling.
+pub const SHMEM_HOLD: u64 = 16;
+
 /// Doorbell flag: use INTx (IOAPIC, Interrupt Status) instead of MSI-X.
 pub const DB_INTX: u64 = 1;
 /// Doorbell flag: program the INTx pin edge-triggered (PVM does not inject
@@ -364,7 +373,8 @@ pub mod results {
     pub const SHM_ROUNDS: usize = 8;
     /// Shared memory: doorbells this side rang.
     pub const SHM_DOORBELLS: usize = 9;
-    /// Shared memory: times this side slept waiting for a doorbell.
+    /// Shared memory: times this side slept waiting for a doorbell (a
+    /// receiver updates it before each sleep, so the host can wait for one).
     pub const SHM_SLEEPS: usize = 10;
     /// Shared memory: interrupts this side took.
     pub const SHM_IRQS: usize = 11;
@@ -457,6 +467,8 @@ impl BootInfo {
     pub const STATE_OFFSET: usize = core::mem::offset_of!(BootInfo, state);
     /// Byte offset of `results`.
     pub const RESULTS_OFFSET: usize = core::mem::offset_of!(BootInfo, results);
+    /// Byte offset of `args` in the page.
+    pub const ARGS_OFFSET: usize = core::mem::offset_of!(BootInfo, args);
 }
 
 const _: () = assert!(core::mem::size_of::<BootInfo>() <= 4096);

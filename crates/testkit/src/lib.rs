@@ -9,7 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use intervm_protocol::probe::{results, BootInfo};
+use intervm_protocol::probe::{results, shmem_args, BootInfo};
 use vmm_core::devices::serial::{SerialBuffer, SerialOutput};
 use vmm_core::{boot::probe, RunningVm, Vm, VmConfig, VmExit};
 
@@ -115,6 +115,40 @@ pub fn probe_vm_with(name: &str, info: &BootInfo, vcpus: u8, mem: u64) -> (Vm, S
 
 /// Generous bound for a probe run; PVM emulates every CPL0 instruction.
 pub const RUN_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Peer liveness timeout for probe tasks in tests, in milliseconds. A live
+/// peer's heartbeat thread is never starved this long, even on a loaded
+/// host, so only a hang trips it; tests that stop a peer rely on its VMM
+/// marking it gone, which peers see at once.
+pub const PEER_TIMEOUT_MS: u64 = 30_000;
+
+/// Waits until `cond` holds, polling every millisecond; panics naming
+/// `what` after [`RUN_TIMEOUT`], which only a hang reaches. For tests that
+/// must wait for a state (a transfer under way, a member joined) instead of
+/// sleeping and hoping it was reached.
+pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    let t0 = std::time::Instant::now();
+    while !cond() {
+        assert!(
+            t0.elapsed() < RUN_TIMEOUT,
+            "timed out after {RUN_TIMEOUT:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// For a sender probe started with `ShmemTask::hold`: waits until the
+/// receiving probe `rx` has gone to sleep on a doorbell (or ended), then
+/// lets the sender `tx` send. The receiver's first sleep, and the doorbell
+/// that ends it, then happen whatever the scheduling.
+pub fn release_after_receiver_sleeps(rx: &RunningVm, tx: &RunningVm) {
+    let mem = rx.vm().memory();
+    wait_until("the receiving probe to sleep on a doorbell", || {
+        probe::result(mem, results::SHM_SLEEPS).is_ok_and(|n| n > 0)
+            || rx.wait_timeout(Duration::ZERO).is_some()
+    });
+    probe::set_arg(tx.vm().memory(), shmem_args::RELEASE, 1).expect("releasing the sender");
+}
 
 /// Runs a VM to completion (stopping it after [`RUN_TIMEOUT`]) and returns
 /// its exit and the boot-info page as the guest left it.

@@ -17,7 +17,7 @@ use crate::transfer::{buffer, record, Clock};
 use crate::{arch, arg, fail, pci, set_result, set_state};
 use intervm_protocol::probe::{
     results, shmem_args, shmem_frame_bytes, State, EXIT_OK, SHMEM_ADAPTIVE, SHMEM_CORRUPT_HEAD,
-    SHMEM_NOTIFY,
+    SHMEM_HOLD, SHMEM_NOTIFY,
 };
 use intervm_protocol::ring::{
     self, fold, ready_go, Geometry, Liveness, MemberState, RingError, READY_PREPARED,
@@ -224,6 +224,11 @@ fn try_send() -> Result<(), u32> {
                 while clock.now_ms() - t0 < delay {
                     core::hint::spin_loop();
                 }
+            }
+            if arg(shmem_args::FLAGS) & SHMEM_HOLD != 0 {
+                // Nothing is sent until the host says so (e.g. once the
+                // receiver went to sleep).
+                wait_for(&ch, &clock, peer, |_| arg(shmem_args::RELEASE) != 0)?;
             }
             set_result(results::SHM_START_TSC, arch::rdtsc());
             if ch.notify {
@@ -557,6 +562,8 @@ fn pump(
             }
             if !any {
                 sleeps += 1;
+                // Published before sleeping, for a host waiting for a sleep.
+                set_result(results::SHM_SLEEPS, sleeps);
                 arch::wait_for_interrupt(counter, seen);
             }
             for p in peers.iter().flatten() {

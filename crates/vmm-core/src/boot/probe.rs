@@ -124,6 +124,28 @@ pub fn read_info(mem: &crate::memory::GuestMemoryMmap) -> Result<BootInfo> {
     Ok(info)
 }
 
+/// Result slot `i` of the boot-info page as the probe left it so far (for a
+/// host waiting for a value the probe updates as it runs).
+pub fn result(mem: &crate::memory::GuestMemoryMmap, i: usize) -> Result<u64> {
+    let at = BOOT_INFO_GPA + (BootInfo::RESULTS_OFFSET + 8 * i) as u64;
+    if i >= intervm_protocol::probe::RESULT_SLOTS {
+        return Err(Error::Load(format!("no result slot {i}")));
+    }
+    mem.read_obj::<u64>(GuestAddress(at))
+        .map_err(|e| Error::Load(format!("reading result {i}: {e}")))
+}
+
+/// Sets argument slot `i` of a running probe's boot-info page (for a task
+/// that waits for the host, e.g. `shmem_args::RELEASE`).
+pub fn set_arg(mem: &crate::memory::GuestMemoryMmap, i: usize, v: u64) -> Result<()> {
+    let at = BOOT_INFO_GPA + (BootInfo::ARGS_OFFSET + 8 * i) as u64;
+    if i >= intervm_protocol::probe::ARG_SLOTS {
+        return Err(Error::Load(format!("no argument slot {i}")));
+    }
+    mem.write_obj(v, GuestAddress(at))
+        .map_err(|e| Error::Load(format!("writing argument {i}: {e}")))
+}
+
 /// The probe's current [`State`] as a raw value.
 pub fn state(mem: &crate::memory::GuestMemoryMmap) -> u32 {
     mem.read_obj::<u32>(GuestAddress(BOOT_INFO_GPA + BootInfo::STATE_OFFSET as u64))
