@@ -8,11 +8,19 @@ use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
 use crate::link::{Link, LinkError, PeerState};
 
+/// Slots of [`PortioStats::commands`]: one per command code, up to
+/// [`C_RECV_DESC`] (slot 0 stays 0).
+pub const COMMAND_SLOTS: usize = C_RECV_DESC as usize + 1;
+
 /// What the device has done, for benchmarks and for spotting hostile guests.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PortioStats {
     /// Port accesses (one per element of a string instruction).
     pub accesses: u64,
+    /// Commands written to `CONTROL`, by code (`commands[C_SEND_DESC as
+    /// usize]`), whatever their result; unknown codes count only as
+    /// [`PortioStats::errors`].
+    pub commands: [u64; COMMAND_SLOTS],
     /// Accesses to the data register.
     pub data_accesses: u64,
     /// Messages sent.
@@ -228,6 +236,9 @@ impl<L: Link, M: GuestMemory> PortioDevice<L, M> {
     }
 
     fn command(&mut self, c: u32) {
+        if (C_SEND..=C_RECV_DESC).contains(&c) {
+            self.stats.commands[c as usize] += 1;
+        }
         match c {
             C_SEND => self.send(false),
             C_SEND_DESC => self.send(true),
@@ -534,6 +545,8 @@ mod tests {
         assert_eq!(rd(&mut d[0], RESULT), R_OK);
         assert_eq!(d[0].stats().would_block, 1);
         assert_eq!(d[0].stats().sent, 3);
+        assert_eq!(d[0].stats().commands[C_SEND as usize], 4);
+        assert_eq!(d[1].stats().commands[C_DISCARD_RX as usize], 1);
     }
 
     #[test]
@@ -630,6 +643,9 @@ mod tests {
         }
         wr(dev, CONTROL, 77);
         assert_eq!(rd(dev, RESULT), R_BAD_COMMAND);
+        wr(dev, CONTROL, 0);
+        assert_eq!(rd(dev, RESULT), R_BAD_COMMAND);
+        assert_eq!(dev.stats().commands, [0; COMMAND_SLOTS], "not commands");
         // Writing more than a message holds: the extra bytes are dropped
         // and counted, and the send still carries a full message.
         for _ in 0..MAX / 4 + 3 {

@@ -64,6 +64,7 @@ pub struct RingLink {
     consumers: Vec<Option<Consumer>>,
     broken: Vec<bool>,
     next: usize,
+    stale_after_ms: u64,
 }
 
 impl RingLink {
@@ -90,7 +91,15 @@ impl RingLink {
             consumers,
             broken: vec![false; geo.members as usize],
             next: 0,
+            stale_after_ms: STALE_AFTER_MS,
         })
+    }
+
+    /// How long a peer's heartbeat may stand still before the peer counts
+    /// as gone (a VMM killed without leaving); [`STALE_AFTER_MS`] unless
+    /// set. Tests on loaded hosts raise it so that only a hang trips it.
+    pub fn set_stale_after_ms(&mut self, ms: u64) {
+        self.stale_after_ms = ms;
     }
 
     fn producer(&mut self, peer: u32) -> Result<&mut Producer, LinkError> {
@@ -125,7 +134,7 @@ impl Link for RingLink {
             Ok(MemberState::Gone) | Err(_) => PeerState::Gone,
             Ok(MemberState::Alive) => {
                 let beat = r.heartbeat(&geo, peer).unwrap_or(0);
-                if monotonic_ms().saturating_sub(beat) > STALE_AFTER_MS {
+                if monotonic_ms().saturating_sub(beat) > self.stale_after_ms {
                     PeerState::Gone
                 } else {
                     PeerState::Present
