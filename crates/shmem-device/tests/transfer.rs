@@ -3,13 +3,14 @@
 //! mid-transfer, and a hostile member that corrupts a ring index.
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use intervm_protocol::probe::{
     results, shmem_args, BootInfo, State, Workload, EXIT_FAILED, EXIT_OK,
 };
 use intervm_protocol::ring::RingError;
-use intervm_testkit::{finish, probe_vm_with, require_kvm, RUN_TIMEOUT};
+use intervm_testkit::{
+    finish, probe_vm_with, require_kvm, wait_until, PEER_TIMEOUT_MS, RUN_TIMEOUT,
+};
 use probe_image::shmem::{self, peer_record, Role, ShmemTask};
 use shmem_device::{Backing, IvshmemPlain, Membership, SharedRegion, Transport};
 use vmm_core::boot::probe;
@@ -34,6 +35,7 @@ fn args(workload: Workload, me: u32, peers: u64, bytes: u64) -> BootInfo {
     let mut task = ShmemTask::new(me, role, bytes);
     task.chunk = CHUNK;
     task.seed = SEED + me as u64;
+    task.timeout_ms = PEER_TIMEOUT_MS;
     task.boot_info()
 }
 
@@ -154,7 +156,12 @@ fn a_member_stopped_mid_transfer_is_reported_gone() {
         State::Ready,
         RUN_TIMEOUT
     ));
-    std::thread::sleep(Duration::from_millis(200));
+    // Stop the sender once the receiver has taken a frame.
+    let ring = t.ring_region();
+    let geo = t.geometry();
+    wait_until("the receiver to take a frame", || {
+        ring.ring_state(&geo, 0, 1).unwrap().tail > 0
+    });
     let (tx_exit, _, _) = {
         tx.vm.stop();
         end(tx)
@@ -190,6 +197,7 @@ fn a_hostile_member_corrupting_the_head_index_is_detected() {
     bad.chunk = CHUNK;
     bad.corrupt_head = true;
     bad.seed = SEED;
+    bad.timeout_ms = PEER_TIMEOUT_MS;
     let bad = bad.boot_info();
     let tx = start("evil", &bad, &t);
     let (tx_exit, _, tx_console) = end(tx);
