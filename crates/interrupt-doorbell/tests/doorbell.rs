@@ -4,27 +4,39 @@
 //! that leaves while the receiver sleeps.
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use interrupt_doorbell::device::new_eventfds;
 use interrupt_doorbell::{group, IvshmemDoorbell};
 use intervm_protocol::probe::{
-    doorbell_args as a, results, BootInfo, State, Workload, DB_EDGE, DB_INTX, EXIT_OK, SHMEM_NOTIFY,
+    doorbell_args as a, results, BootInfo, Workload, DB_EDGE, DB_INTX, EXIT_OK, SHMEM_NOTIFY,
 };
 use intervm_protocol::ring::RingError;
-use intervm_testkit::{finish, probe_vm_with, require_kvm, RUN_TIMEOUT};
+use intervm_testkit::{
+    finish, probe_vm_with, release_after_receiver_sleeps, require_kvm, wait_until, PEER_TIMEOUT_MS,
+    RUN_TIMEOUT,
+};
 use probe_image::shmem::{expected_stream, peer_record, Role, ShmemResult, ShmemTask};
 use shmem_device::{Backing, Membership, SharedRegion, Transport};
-use vmm_core::boot::probe;
 use vmm_core::devices::serial::SerialBuffer;
 use vmm_core::host::KvmFlavor;
 use vmm_core::{RunningVm, VmExit};
 
-struct Member {
-    vm: RunningVm,
+struct Member<V = RunningVm> {
+    vm: V,
     console: SerialBuffer,
     dev: Arc<Mutex<IvshmemDoorbell>>,
     _m: Option<Membership>,
+}
+
+impl Member<vmm_core::Vm> {
+    fn start(self) -> Member {
+        Member {
+            vm: self.vm.start().unwrap(),
+            console: self.console,
+            dev: self.dev,
+            _m: self._m,
+        }
+    }
 }
 
 fn boot(
@@ -140,11 +152,13 @@ fn intx_mode_delivers_every_doorbell() {
     report("INTx", &r[0].0);
 }
 
-fn shmem_member(name: &str, task: &ShmemTask, t: &Transport, fast: bool) -> Member {
+/// A member ready to start once the group is wired (a doorbell rung before
+/// that would be dropped).
+fn shmem_member(name: &str, task: &ShmemTask, t: &Transport, fast: bool) -> Member<vmm_core::Vm> {
     let (vm, console, dev) = boot(name, &task.boot_info(), t.region(), task.me as u16, fast);
     let m = t.join(task.me).unwrap();
     Member {
-        vm: vm.start().unwrap(),
+        vm,
         console,
         dev,
         _m: Some(m),
@@ -154,6 +168,7 @@ fn shmem_member(name: &str, task: &ShmemTask, t: &Transport, fast: bool) -> Memb
 fn notify_task(me: u32, role: Role, bytes: u64) -> ShmemTask {
     let mut t = ShmemTask::new(me, role, bytes);
     t.seed = 21;
+    t.timeout_ms = PEER_TIMEOUT_MS;
     t
 }
 
@@ -171,9 +186,14 @@ fn one_gib_paced_by_doorbells_is_checksummed() {
     for k in [&mut rx, &mut tx] {
         k.notify = true;
     }
+    // The receiver sleeps at least once whatever the scheduling: the sender
+    // holds its first frame until it did.
+    tx.hold = true;
     let rxm = shmem_member("rx", &rx, &t, true);
     let txm = shmem_member("tx", &tx, &t, true);
     group::wire(&[rxm.dev.clone(), txm.dev.clone()]).unwrap();
+    let (rxm, txm) = (rxm.start(), txm.start());
+    release_after_receiver_sleeps(&rxm.vm, &txm.vm);
     let (tx_exit, _) = finish(txm.vm, &txm.console, RUN_TIMEOUT * 3);
     let (rx_exit, rx_info) = finish(rxm.vm, &rxm.console, RUN_TIMEOUT * 3);
     assert_eq!(
@@ -195,22 +215,28 @@ fn one_gib_paced_by_doorbells_is_checksummed() {
     eprintln!(
         "1 GiB paced by doorbells in {:.3} s; receiver slept {} times",
         res.seconds().unwrap_or(0.0),
-        res.waits
+        res.sleeps
     );
-    assert!(res.waits > 0, "the receiver never slept on a doorbell");
+    assert!(
+        res.sleeps > 0 && res.waits >= res.sleeps,
+        "the receiver never slept on a doorbell"
+    );
     let _ = SHMEM_NOTIFY;
 }
 
 #[test]
 fn a_sender_that_leaves_wakes_the_sleeping_receiver() {
     require_kvm!();
+    const SENT: u64 = 1 << 20;
     let t = Transport::attach(
         Arc::new(SharedRegion::open(&Backing::Memfd, 1 << 20).unwrap()),
         2,
     )
     .unwrap();
+    // The receiver waits for far more than the sender sends: once it has
+    // taken everything it sleeps until rung, and nobody rings.
     let mut rx = notify_task(1, Role::Recv { from: 1 }, 1 << 40);
-    let mut tx = notify_task(0, Role::Send { to: 1 }, 1 << 40);
+    let mut tx = notify_task(0, Role::Send { to: 1 }, SENT);
     for k in [&mut rx, &mut tx] {
         k.notify = true;
     }
@@ -218,18 +244,25 @@ fn a_sender_that_leaves_wakes_the_sleeping_receiver() {
     let txm = shmem_member("tx", &tx, &t, true);
     let devs = [rxm.dev.clone(), txm.dev.clone()];
     group::wire(&devs).unwrap();
-    assert!(probe::wait_state(
-        rxm.vm.vm().memory(),
-        State::Ready,
-        RUN_TIMEOUT
-    ));
-    std::thread::sleep(Duration::from_millis(300));
-    txm.vm.stop();
-    let Member { vm, _m, .. } = txm;
-    drop(vm);
+    let (rxm, txm) = (rxm.start(), txm.start());
+    let Member {
+        vm, console, _m, ..
+    } = txm;
+    let (tx_exit, _) = finish(vm, &console, RUN_TIMEOUT);
+    assert_eq!(tx_exit, VmExit::Guest(EXIT_OK), "{}", console.contents());
+    // The sender's guest is done; wait until the receiver took every frame
+    // and declared that it sleeps (after which it sleeps: nothing is left
+    // to receive).
+    let (ring, geo) = (t.ring_region(), t.geometry());
+    wait_until("the receiver to sleep on an empty ring", || {
+        let s = ring.ring_state(&geo, 0, 1).unwrap();
+        s.head > 0 && s.tail == s.head && s.consumer_sleeping
+    });
+    // Now its VMM leaves, as `intervm run` does: the member is marked gone
+    // and the peers are woken.
     drop(_m);
     group::leave(&devs, 0);
-    let (exit, info) = finish(rxm.vm, &rxm.console, Duration::from_secs(30));
+    let (exit, info) = finish(rxm.vm, &rxm.console, RUN_TIMEOUT);
     assert_ne!(exit, VmExit::Guest(EXIT_OK));
     let res = ShmemResult::from_info(&info);
     assert_eq!(
@@ -238,6 +271,8 @@ fn a_sender_that_leaves_wakes_the_sleeping_receiver() {
         "{}",
         rxm.console.contents()
     );
+    assert_eq!(peer_record(&info, 0).bytes, SENT, "what was sent arrived");
+    assert!(res.sleeps > 0);
 }
 
 #[test]

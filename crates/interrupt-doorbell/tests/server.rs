@@ -7,14 +7,14 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use interrupt_doorbell::client::{self, Session};
 use interrupt_doorbell::device::DOORBELL;
 use interrupt_doorbell::server::Server;
 use interrupt_doorbell::{proto, IvshmemDoorbell};
 use intervm_protocol::probe::{doorbell_args as a, results, BootInfo, Workload, EXIT_OK};
-use intervm_testkit::{finish, probe_vm_with, require_kvm, RUN_TIMEOUT};
+use intervm_testkit::{finish, probe_vm_with, require_kvm, wait_until, RUN_TIMEOUT};
 use shmem_device::SharedRegion;
 use vmm_core::irq::poll_readable;
 use vmm_core::pci::PciDevice;
@@ -47,17 +47,6 @@ fn server(tag: &str, vectors: usize) -> Running {
         stop,
         thread: Some(thread),
         path,
-    }
-}
-
-fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-    let t0 = Instant::now();
-    while !f() {
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "timed out waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
@@ -134,7 +123,8 @@ fn garbage_and_short_messages_disconnect_only_the_offender() {
     let srv = server("garbage", 1);
     // An observer speaking the protocol by hand sees every notice.
     let obs = UnixStream::connect(&srv.path).unwrap();
-    obs.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    // Only a hang reaches this (the server thread may run late).
+    obs.set_read_timeout(Some(RUN_TIMEOUT)).unwrap();
     let next = || proto::recv(&obs).unwrap().unwrap();
     let hello: Vec<(i64, bool)> = (0..4)
         .map(|_| next())
