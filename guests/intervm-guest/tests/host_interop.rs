@@ -8,7 +8,10 @@ use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 
-use intervm_testkit::{finish, probe_vm_with, require_kvm, RUN_TIMEOUT};
+use intervm_protocol::ring::{MemberState, Region};
+use intervm_testkit::{
+    finish, probe_vm_with, require_kvm, wait_until, PEER_TIMEOUT_MS, RUN_TIMEOUT,
+};
 use probe_image::shmem::{expected_stream, peer_record, Role, ShmemResult, ShmemTask};
 use shmem_device::{Backing, IvshmemPlain, SharedRegion, Transport};
 use vmm_core::VmExit;
@@ -43,6 +46,14 @@ fn tool(args: &[&str]) -> Command {
     c
 }
 
+/// [`tool`] for a transfer: its peer counts as gone only after a hang, not
+/// after a moment without CPU on a loaded host.
+fn transfer_tool(args: &[&str]) -> Command {
+    let mut c = tool(args);
+    c.args(["--timeout", &(PEER_TIMEOUT_MS / 1000).to_string()]);
+    c
+}
+
 fn text(o: &Output) -> String {
     format!(
         "status {:?}\nstdout:\n{}\nstderr:\n{}",
@@ -68,13 +79,14 @@ fn the_tool_sends_to_a_probe_guest() {
     let t = shm.transport();
     let mut task = ShmemTask::new(1, Role::Recv { from: 0b01 }, SIZE);
     task.chunk = CHUNK;
+    task.timeout_ms = PEER_TIMEOUT_MS;
     let (vm, console) = probe_vm_with("rx", &task.boot_info(), 1, 64 << 20);
     vm.add_pci_device(Arc::new(Mutex::new(IvshmemPlain::new(t.region().clone()))))
         .unwrap();
     let _m = t.join(1).unwrap();
     let vm = vm.start().unwrap();
     let res = shm.path();
-    let sender = tool(&[
+    let sender = transfer_tool(&[
         "shmem",
         "send",
         "--resource",
@@ -110,7 +122,7 @@ fn a_probe_guest_sends_to_the_tool() {
     // More than the probe's 16 MiB source buffer, which it streams
     // repeatedly, and a short last frame: the tool checks every byte.
     const SIZE: u64 = (40 << 20) + 1000;
-    let receiver = tool(&[
+    let receiver = transfer_tool(&[
         "shmem",
         "recv",
         "--resource",
@@ -129,6 +141,7 @@ fn a_probe_guest_sends_to_the_tool() {
     let mut task = ShmemTask::new(0, Role::Send { to: 1 }, SIZE);
     task.chunk = CHUNK;
     task.seed = 5;
+    task.timeout_ms = PEER_TIMEOUT_MS;
     let (vm, console) = probe_vm_with("tx", &task.boot_info(), 1, 64 << 20);
     vm.add_pci_device(Arc::new(Mutex::new(IvshmemPlain::new(t.region().clone()))))
         .unwrap();
@@ -164,7 +177,7 @@ fn a_file_streams_between_two_tools_with_end_of_stream() {
     let mut data = vec![0u8; 1_500_001];
     intervm_protocol::ring::fill_pattern(3, 0, &mut data);
     std::fs::write(&input, &data).unwrap();
-    let rx = tool(&[
+    let rx = transfer_tool(&[
         "shmem",
         "recv",
         "--resource",
@@ -178,7 +191,7 @@ fn a_file_streams_between_two_tools_with_end_of_stream() {
     ])
     .spawn()
     .unwrap();
-    let tx = tool(&[
+    let tx = transfer_tool(&[
         "shmem",
         "send",
         "--resource",
@@ -216,7 +229,16 @@ fn a_file_streams_between_two_tools_with_end_of_stream() {
     ])
     .spawn()
     .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    // Format only once it has joined.
+    let map = SharedRegion::open(&Backing::File(shm.path()), 1 << 20).unwrap();
+    // SAFETY: `map` stays mapped while `region` is used (to the end of the
+    // test).
+    let region = unsafe { Region::new(map.host_addr(), map.size()) };
+    wait_until("the waiting receiver to join", || {
+        region
+            .geometry()
+            .is_ok_and(|g| region.member_state(&g, 1) == Ok(MemberState::Alive))
+    });
     let o = tool(&["shmem", "format", "--resource", res, "--members", "3"])
         .output()
         .unwrap();

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use intervm_guest::portio::{self, DmaBuf, Mode, Payload, Ports};
 use intervm_protocol::portio::{DEFAULT_BASE, PORT_COUNT};
-use intervm_testkit::{finish, probe_vm_with, require_kvm, RUN_TIMEOUT};
+use intervm_testkit::{finish, probe_vm_with, require_kvm, PEER_TIMEOUT_MS, RUN_TIMEOUT};
 use portio_channel::{PortioDevice, RingLink};
 use probe_image::portio::PortioTask;
 use probe_image::shmem::{expected_stream, peer_record, Role};
@@ -32,7 +32,7 @@ struct Model {
 impl Model {
     fn new(t: &Transport, me: u32) -> Self {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 8 << 20)]).unwrap();
-        let link = RingLink::join(t, me).unwrap();
+        let link = link(t, me);
         Self {
             dev: Arc::new(Mutex::new(PortioDevice::new(link, mem.clone()))),
             mem,
@@ -84,6 +84,14 @@ impl Ports for Model {
 
 // SAFETY: the model's memory is only touched from the thread that owns it.
 unsafe impl Send for Model {}
+
+/// A link whose peers count as gone only after a hang, not after a moment
+/// without CPU on a loaded host.
+fn link(t: &Transport, me: u32) -> RingLink {
+    let mut l = RingLink::join(t, me).unwrap();
+    l.set_stale_after_ms(PEER_TIMEOUT_MS);
+    l
+}
 
 fn transport(members: u32) -> Transport {
     let r = SharedRegion::open(&Backing::Memfd, 1 << 20).unwrap();
@@ -187,8 +195,10 @@ fn the_tool_sends_to_a_probe_guest() {
     let mut task = PortioTask::new(Role::Recv { from: 0b01 }, size);
     task.width = 2;
     let (vm, console) = probe_vm_with("rx", &task.boot_info(), 1, 64 << 20);
-    let link = RingLink::join(&t, 1).unwrap();
-    let dev = Arc::new(Mutex::new(PortioDevice::new(link, vm.memory().clone())));
+    let dev = Arc::new(Mutex::new(PortioDevice::new(
+        link(&t, 1),
+        vm.memory().clone(),
+    )));
     vm.add_pio_device(DEFAULT_BASE, PORT_COUNT, dev).unwrap();
     let vm = vm.start().unwrap();
     let mut tool = Model::new(&t, 0);
