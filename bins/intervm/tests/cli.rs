@@ -3,7 +3,9 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use intervm_testkit::kvm_available;
+use intervm_protocol::ring::{MemberState, Region};
+use intervm_testkit::{kvm_available, wait_until};
+use shmem_device::{Backing, SharedRegion};
 
 fn intervm(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_intervm"))
@@ -46,6 +48,15 @@ fn check_rejects(name: &str, body: &str, want: &str) {
         err.contains(name) && err.contains(want),
         "{name}: expected {want:?} in {err:?}"
     );
+}
+
+/// `/dev/shm/NAME` (created if missing) as the ring protocol sees it, for a
+/// test that waits for a state of a channel the `intervm` processes share.
+fn watch_shm(name: &str, size: u64) -> (SharedRegion, Region) {
+    let map = SharedRegion::open(&Backing::Shm(name.to_string()), size).unwrap();
+    // SAFETY: the caller keeps `map` (and so the mapping) with the region.
+    let region = unsafe { Region::new(map.host_addr(), map.size()) };
+    (map, region)
 }
 
 fn temp_config(name: &str, body: &str) -> PathBuf {
@@ -332,10 +343,16 @@ fn killing_a_member_process_is_reported_as_peer_gone() {
     // A transfer far too large to finish: the sender is killed mid-way.
     let (cfg, shm) = shm_config("kill", "1024G");
     let cfg = cfg.to_str().unwrap().to_string();
+    let (_map, region) = watch_shm(&shm, 1 << 20);
     let spawn = |vm: &str| spawn_vm(&cfg, vm);
     let rx = spawn("b");
     let mut tx = spawn("a");
-    std::thread::sleep(std::time::Duration::from_secs(2));
+    // Kill the sender once the receiver has taken a frame from it.
+    wait_until("the transfer to start", || {
+        region
+            .geometry()
+            .is_ok_and(|g| region.ring_state(&g, 0, 1).is_ok_and(|s| s.tail > 0))
+    });
     // SIGKILL: the sender's VMM gets no chance to say goodbye; the receiver
     // must notice the heartbeat stop.
     tx.kill().unwrap();
@@ -349,8 +366,10 @@ fn killing_a_member_process_is_reported_as_peer_gone() {
         out.contains("b: receive over c stopped: peer gone"),
         "{out}"
     );
+    // Noticed through the heartbeat (a 2 s timeout), long before the
+    // receiver's own --timeout would stop it; the bound only catches that.
     assert!(
-        t0.elapsed() < std::time::Duration::from_secs(30),
+        t0.elapsed() < std::time::Duration::from_secs(60),
         "took {:?}",
         t0.elapsed()
     );
@@ -434,8 +453,7 @@ fn portio_members_in_separate_processes() {
     assert!(tx.status.success(), "{:?}", text(&tx));
     let (out, _) = text(&rx);
     assert!(
-        rx.status.success() && out.contains("received 8 MiB of 8 MiB from a over c: ")
-            || out.contains("checksum ok"),
+        rx.status.success() && out.contains("received 8 MiB of 8 MiB from a over c"),
         "{:?}",
         text(&rx)
     );
@@ -501,9 +519,15 @@ fn doorbell_members_in_separate_processes_through_our_server() {
     let cfg = cfg.to_str().unwrap().to_string();
     let spawn = |vm: &str| spawn_vm(&cfg, vm);
     // The receiver joins first, so the server gives it ID 0 and the sender
-    // ID 1: the doorbell IDs differ from the member indices.
+    // ID 1: the doorbell IDs differ from the member indices. It joins the
+    // channel (member 1) only after the server gave it its ID.
+    let (_map, region) = watch_shm(&shm, 4 << 20);
     let rx = spawn("b");
-    std::thread::sleep(std::time::Duration::from_millis(500));
+    wait_until("the receiver to join", || {
+        region
+            .geometry()
+            .is_ok_and(|g| region.member_state(&g, 1) == Ok(MemberState::Alive))
+    });
     let tx = spawn("a").wait_with_output().unwrap();
     let rx = rx.wait_with_output().unwrap();
     // SAFETY: signals the child process we started.
