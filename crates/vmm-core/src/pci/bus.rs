@@ -93,6 +93,9 @@ pub struct PciBus {
     platform: Box<dyn PciPlatform>,
 }
 
+/// The least alignment of a memory BAR (a 4 KiB page).
+const MEM_BAR_ALIGN: u64 = 4096;
+
 fn window_of(kind: BarKind) -> (u64, u64) {
     match kind {
         BarKind::Io => (layout::PCI_IO_BASE as u64, layout::PCI_IO_SIZE as u64),
@@ -159,7 +162,14 @@ impl PciBus {
                     BarKind::Mem32 => &mut st.windows.mmio32_next,
                     BarKind::Mem64 { .. } => &mut st.windows.mmio64_next,
                 };
-                let addr = next.next_multiple_of(spec.size);
+                // Memory BARs get a page of their own at least: a guest
+                // maps BARs to userspace (sysfs resourceN, UIO) by pages,
+                // and Linux's UIO refuses a BAR that starts inside one.
+                let align = match spec.kind {
+                    BarKind::Io => spec.size,
+                    _ => spec.size.max(MEM_BAR_ALIGN),
+                };
+                let addr = next.next_multiple_of(align);
                 if addr + spec.size > base + size {
                     return Err(Error::Pci(format!(
                         "no room for BAR{i} of {} bytes",
@@ -509,6 +519,22 @@ mod tests {
             *log.lock().unwrap(),
             vec![format!("map {:#x}+0x100000", layout::PCI_MMIO64_BASE)]
         );
+    }
+
+    #[test]
+    fn small_memory_bars_get_a_page_each() {
+        let (bus, _, dev) = setup();
+        // A second device like the first: its 256-byte BAR0 must not share
+        // the first one's page.
+        let config = dev.lock().unwrap().config.clone();
+        let second = Arc::new(Mutex::new(Dev {
+            config,
+            reads: Vec::new(),
+        }));
+        let info = bus.add_device(second).unwrap();
+        let (a, b) = (bus.decoded_bar(1, 0).unwrap(), info.bars[0].unwrap().0);
+        assert_eq!(b % 4096, 0, "BAR0 at {b:#x} is not page aligned");
+        assert!(b >= a + 4096, "BAR0s share a page: {a:#x} and {b:#x}");
     }
 
     #[test]
