@@ -7,8 +7,9 @@
  * /dev/uioN as well as through sysfs resource2.
  *
  * Userspace opens /dev/uioN and
- *   - mmaps map 0 (BAR0: IntrMask, IntrStatus, IVPosition, Doorbell) to
- *     read its peer ID and ring peers,
+ *   - mmaps map 0 (the page(s) holding BAR0: IntrMask, IntrStatus,
+ *     IVPosition, Doorbell, from maps/map0/offset on) to read its peer ID
+ *     and ring peers,
  *   - mmaps map 1 (BAR2) for the shared memory,
  *   - blocks in read() for interrupts: the returned count is the total
  *     number of interrupts so far (any vector).
@@ -227,14 +228,18 @@ static int ivshmem_uio_probe(struct pci_dev *pdev, const struct pci_device_id *i
 	iv->info.name = "ivshmem";
 	iv->info.version = "1";
 	iv->info.mem[0].name = "registers";
-	iv->info.mem[0].addr = pci_resource_start(pdev, 0);
 	/*
-	 * UIO refuses an mmap longer than the map, and an mmap is at least a
-	 * page, so the 256-byte register BAR is offered as its whole page.
-	 * The rest of that page may hold another device's small BAR; only
-	 * root can open /dev/uioN, and root can map /dev/mem anyway.
+	 * UIO maps whole pages and refuses a map that does not start on one
+	 * (ENODEV) or an mmap longer than the map, so the 256-byte register
+	 * BAR is offered as the page(s) holding it, with its place in them in
+	 * maps/map0/offset: firmware may pack small BARs into one page. The
+	 * rest of that page may hold another device's small BAR; only root
+	 * can open /dev/uioN, and root can map /dev/mem anyway.
 	 */
-	iv->info.mem[0].size = PAGE_ALIGN(pci_resource_len(pdev, 0));
+	iv->info.mem[0].addr = pci_resource_start(pdev, 0) & PAGE_MASK;
+	iv->info.mem[0].offs = pci_resource_start(pdev, 0) & ~PAGE_MASK;
+	iv->info.mem[0].size = PAGE_ALIGN(iv->info.mem[0].offs +
+					  pci_resource_len(pdev, 0));
 	iv->info.mem[0].memtype = UIO_MEM_PHYS;
 	iv->info.mem[1].name = "shmem";
 	iv->info.mem[1].addr = pci_resource_start(pdev, 2);

@@ -20,6 +20,8 @@ pub const DRIVER_NAME: &str = "ivshmem";
 
 const IV_POSITION: usize = 8;
 const DOORBELL: usize = 12;
+/// The registers the tool uses (IntrMask .. Doorbell).
+const REGISTER_BYTES: usize = 16;
 
 /// `/dev/uioN` devices of the ivshmem driver under `class` (normally
 /// [`SYSFS_UIO`]), sorted.
@@ -36,16 +38,28 @@ pub fn find(class: &Path) -> Result<Vec<PathBuf>, Error> {
     Ok(v)
 }
 
-/// Size of map `n` of `/dev/uioN` from sysfs.
-pub fn map_size(class: &Path, dev: &Path, n: u32) -> Result<usize, Error> {
+/// Attribute `what` (`size`, `offset`, ...) of map `n` of `/dev/uioN`
+/// from sysfs, a hexadecimal number.
+fn map_attr(class: &Path, dev: &Path, n: u32, what: &str) -> Result<usize, Error> {
     let name = dev
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let p = class.join(&name).join(format!("maps/map{n}/size"));
+    let p = class.join(&name).join(format!("maps/map{n}/{what}"));
     let s = std::fs::read_to_string(&p).map_err(|e| Error::Io(p.display().to_string(), e))?;
     usize::from_str_radix(s.trim().trim_start_matches("0x"), 16)
-        .map_err(|_| Error::NoDevice(format!("{}: not a size: {s:?}", p.display())))
+        .map_err(|_| Error::NoDevice(format!("{}: not a number: {s:?}", p.display())))
+}
+
+/// Size of map `n` of `/dev/uioN` from sysfs.
+pub fn map_size(class: &Path, dev: &Path, n: u32) -> Result<usize, Error> {
+    map_attr(class, dev, n, "size")
+}
+
+/// Where in map `n` of `/dev/uioN` its region starts (the driver offers a
+/// BAR that does not start on a page as the pages holding it).
+pub fn map_offset(class: &Path, dev: &Path, n: u32) -> Result<usize, Error> {
+    map_attr(class, dev, n, "offset")
 }
 
 /// Picks `/dev/uioN`: the one given, or the only ivshmem one.
@@ -74,6 +88,8 @@ pub fn pick(class: &Path, given: Option<&Path>) -> Result<PathBuf, Error> {
 pub struct Uio {
     file: File,
     regs: Mapping,
+    /// Where the registers start in `regs`.
+    offset: usize,
     adaptive: Option<Duration>,
 }
 
@@ -85,10 +101,22 @@ impl Uio {
             .write(true)
             .open(dev)
             .map_err(|e| Error::Io(dev.display().to_string(), e))?;
-        let regs = Mapping::open_at(dev, map_size(class, dev, 0)?.max(16), 0)?;
+        let size = map_size(class, dev, 0)?;
+        let offset = map_offset(class, dev, 0)?;
+        if offset
+            .checked_add(REGISTER_BYTES)
+            .is_none_or(|end| end > size)
+        {
+            return Err(Error::NoDevice(format!(
+                "{}: register map of {size:#x} bytes with the registers at {offset:#x}",
+                dev.display()
+            )));
+        }
+        let regs = Mapping::open_at(dev, size, 0)?;
         Ok(Self {
             file,
             regs,
+            offset,
             adaptive: Some(Duration::from_micros(150)),
         })
     }
@@ -106,8 +134,9 @@ impl Uio {
     }
 
     fn reg(&self, off: usize) -> *mut u32 {
-        // SAFETY: the register map is at least 16 bytes (checked in open).
-        unsafe { self.regs.ptr().add(off) as *mut u32 }
+        // SAFETY: the map holds REGISTER_BYTES from `offset` (checked in
+        // open) and `off` is a register offset below that.
+        unsafe { self.regs.ptr().add(self.offset + off) as *mut u32 }
     }
 
     /// This device's peer ID.
@@ -207,6 +236,8 @@ mod tests {
         let e = pick(&root, None).unwrap_err().to_string();
         assert!(e.contains("several") && e.contains("/dev/uio2"), "{e}");
         assert_eq!(map_size(&root, Path::new("/dev/uio1"), 1).unwrap(), 4 << 20);
+        std::fs::write(root.join("uio1/maps/map1/offset"), "0x100\n").unwrap();
+        assert_eq!(map_offset(&root, Path::new("/dev/uio1"), 1).unwrap(), 0x100);
         std::fs::remove_dir_all(root.join("uio2")).unwrap();
         assert_eq!(pick(&root, None).unwrap(), PathBuf::from("/dev/uio1"));
         std::fs::remove_dir_all(root).unwrap();
