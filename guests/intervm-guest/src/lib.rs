@@ -41,6 +41,20 @@ pub enum Error {
     /// The port-I/O device answered with this result code.
     #[error("port-I/O channel: {}", port_error(*.0))]
     Port(u32),
+    /// Descriptor mode could not get a physically contiguous buffer for a
+    /// whole message (messages are never split: their boundaries are part
+    /// of the channel's contract).
+    #[error(
+        "descriptor mode needs {want} physically contiguous bytes per message, \
+         but only {got} could be had; reserve 2 MiB huge pages (hugepages=N on \
+         the kernel command line) or send messages of at most {got} bytes (--message)"
+    )]
+    NoContiguousBuffer {
+        /// The message size asked for.
+        want: usize,
+        /// The largest contiguous buffer obtained.
+        got: usize,
+    },
     /// A bad size argument.
     #[error("{0}")]
     Usage(String),

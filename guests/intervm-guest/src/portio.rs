@@ -160,7 +160,12 @@ pub fn send<P: Ports>(
     let mut dma = None;
     if mode.descriptor {
         let b = dev.p.dma_buffer(message)?;
-        message = message.min(b.len);
+        if b.len < message {
+            return Err(Error::NoContiguousBuffer {
+                want: message,
+                got: b.len,
+            });
+        }
         dma = Some(b);
     }
     let (size, src, mut file) = match payload {

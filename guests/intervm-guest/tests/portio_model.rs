@@ -27,6 +27,9 @@ struct Model {
     dev: Arc<Mutex<Dev>>,
     mem: GuestMemoryMmap,
     next_dma: u64,
+    /// The largest contiguous buffer `dma_buffer` hands out (a Linux guest
+    /// without huge pages gets one 4 KiB page).
+    dma_max: usize,
 }
 
 impl Model {
@@ -37,6 +40,7 @@ impl Model {
             dev: Arc::new(Mutex::new(PortioDevice::new(link, mem.clone()))),
             mem,
             next_dma: 1 << 20,
+            dma_max: usize::MAX,
         }
     }
 }
@@ -75,6 +79,7 @@ impl Ports for Model {
         }
     }
     fn dma_buffer(&mut self, len: usize) -> Result<DmaBuf, intervm_guest::Error> {
+        let len = len.min(self.dma_max);
         let phys = self.next_dma;
         self.next_dma += (len as u64).next_multiple_of(4096);
         let ptr = self.mem.get_host_address(GuestAddress(phys)).unwrap();
@@ -222,4 +227,33 @@ fn the_tool_sends_to_a_probe_guest() {
     let got = peer_record(&info, 0);
     assert_eq!((got.bytes, got.stream), (size, s.stream));
     assert_eq!(got.stream, expected_stream(12, size, 4096));
+}
+
+#[test]
+fn descriptor_messages_are_never_split_to_fit_a_small_buffer() {
+    // The sender used to shrink its messages to the buffer it got, so the
+    // receiver saw other message boundaries than were asked for.
+    let t = transport(2);
+    let mut a = Model::new(&t, 0);
+    a.dma_max = 4096;
+    let mode = Mode {
+        descriptor: true,
+        width: 4,
+        rep: false,
+    };
+    let payload = Payload::Pattern {
+        seed: 1,
+        size: 1 << 20,
+    };
+    let e = portio::send(&mut a, DEFAULT_BASE, 1, &payload, 64 << 10, mode, T).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            intervm_guest::Error::NoContiguousBuffer {
+                want: 65536,
+                got: 4096
+            }
+        ),
+        "{e}"
+    );
 }
