@@ -58,8 +58,26 @@ impl Server {
                 Error::Io(format!("{}: removing a stale socket", path.display()), e)
             })?;
         }
-        let listener = UnixListener::bind(path)
+        // Bind under a temporary name and rename: `bind` creates the file
+        // before the socket listens, and a client that sees the file (as
+        // scripts and tests wait for it) must be able to connect.
+        let tmp = match path.file_name() {
+            Some(name) => path.with_file_name(format!(
+                ".{}.{}.binding",
+                name.to_string_lossy(),
+                std::process::id()
+            )),
+            None => path.to_path_buf(),
+        };
+        let _ = std::fs::remove_file(&tmp);
+        let listener = UnixListener::bind(&tmp)
             .map_err(|e| Error::Io(format!("{}: bind", path.display()), e))?;
+        if tmp != path {
+            std::fs::rename(&tmp, path).map_err(|e| {
+                let _ = std::fs::remove_file(&tmp);
+                Error::Io(format!("{}: bind", path.display()), e)
+            })?;
+        }
         listener
             .set_nonblocking(true)
             .map_err(|e| Error::Io("nonblocking".into(), e))?;
