@@ -72,7 +72,9 @@ fn start(name: &str, info: &BootInfo, t: &Transport, me: u32, keep_dev: bool) ->
 }
 
 fn end(m: Member) -> (VmExit, BootInfo, String, PortioStats) {
-    let (exit, info) = finish(m.vm, &m.console, RUN_TIMEOUT * 5);
+    // 1 MiB in port mode is 262,144 exits (about a minute here, more while
+    // other tests share the CPUs): the bound only catches a hang.
+    let (exit, info) = finish(m.vm, &m.console, RUN_TIMEOUT * 10);
     let stats = m.dev.map(|d| d.lock().unwrap().stats()).unwrap_or_default();
     (exit, info, m.console.contents(), stats)
 }
