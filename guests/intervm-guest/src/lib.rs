@@ -7,6 +7,8 @@ pub mod pci;
 pub mod portio;
 pub mod power;
 pub mod shmem;
+#[cfg(target_arch = "x86_64")]
+pub mod syscall_entry;
 pub mod uio;
 
 /// What a sender sends, over any channel.

@@ -40,6 +40,16 @@ enum Cmd {
     /// Shared memory with doorbells, through the ivshmem_uio driver.
     #[command(subcommand)]
     Doorbell(DoorbellCmd),
+    /// Check the guest kernel's PVM system-call shim: a jump to the
+    /// system-call entry with hostile RCX/R11 gains nothing (see
+    /// `intervm_guest::syscall_entry`).
+    #[cfg(target_arch = "x86_64")]
+    #[command(hide = true)]
+    CheckSyscallEntry {
+        /// Address of entry_SYSCALL_64 (`nm vmlinux`), hexadecimal.
+        #[arg(long, value_parser = parse_hex)]
+        entry: u64,
+    },
     /// End the VM with an exit status: through intervm's debug port (so
     /// `intervm run` exits with it), else by rebooting (needs root).
     Poweroff {
@@ -135,6 +145,11 @@ fn parse_seed(s: &str) -> Result<u64, String> {
             .parse()
             .map_err(|_| format!("{s:?} is neither a number nor CHANNEL:SENDER")),
     }
+}
+
+fn parse_hex(s: &str) -> Result<u64, String> {
+    u64::from_str_radix(s.trim_start_matches("0x"), 16)
+        .map_err(|_| format!("{s:?} is not a hexadecimal address"))
 }
 
 fn parse_port(s: &str) -> Result<u16, String> {
@@ -380,6 +395,17 @@ fn uio_common(
 
 fn run(cmd: Cmd) -> Result<String, Error> {
     match cmd {
+        #[cfg(target_arch = "x86_64")]
+        Cmd::CheckSyscallEntry { entry } => {
+            let r = intervm_guest::syscall_entry::check(entry)?;
+            Ok(format!(
+                "syscall entry ok: forged flags {:#x} became {:#x} at rip {:#x}; a kernel return address got SIGSEGV",
+                intervm_guest::syscall_entry::PRIVILEGED_FLAGS
+                    | intervm_guest::syscall_entry::USER_FLAGS_KEPT,
+                r.flags,
+                r.rip
+            ))
+        }
         Cmd::Poweroff { status } => Err(intervm_guest::power::poweroff(status)),
         Cmd::Doorbell(DoorbellCmd::Send { uio, args: a }) => {
             let (c, mut u) = uio_common(&uio, a.me, a.to, &a.timing)?;
