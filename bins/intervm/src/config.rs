@@ -102,6 +102,8 @@ struct RawChannel {
     fast_path: Option<bool>,
     notify: Option<String>,
     spin_us: Option<u64>,
+    peer_timeout: Option<String>,
+    join_timeout: Option<String>,
 }
 
 /// What a VM boots.
@@ -281,6 +283,45 @@ pub struct ChannelSpec {
     pub notify: Notify,
     /// Adaptive notification: polling budget before sleeping, µs.
     pub spin_us: u64,
+    /// A member that neither leaves nor shows a heartbeat or progress for
+    /// this long counts as gone (`peer_timeout`, ms).
+    pub peer_timeout_ms: u64,
+    /// How long a member waits for its peers to show up before giving up
+    /// (`join_timeout`, ms).
+    pub join_timeout_ms: u64,
+}
+
+/// Default `peer_timeout`: long enough for a live but slow guest (a Linux
+/// guest on PVM runs its heartbeat thread on emulated kernel code, and a
+/// busy host may not schedule a vCPU for a while), short enough that a
+/// dead member is reported within seconds.
+pub const DEFAULT_PEER_TIMEOUT_MS: u64 = 10_000;
+
+/// Default `join_timeout`.
+pub const DEFAULT_JOIN_TIMEOUT_MS: u64 = 120_000;
+
+/// Parses a duration: a number with `ms`, `s` or `m`, from 1 ms to a day.
+pub fn parse_duration_ms(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, unit) = match t.find(|c: char| !c.is_ascii_digit()) {
+        Some(i) => t.split_at(i),
+        None => (t, ""),
+    };
+    let scale = match unit.trim() {
+        "ms" => 1,
+        "s" => 1000,
+        "m" => 60_000,
+        _ => {
+            return Err(format!(
+                "{t:?} is not a duration (use e.g. \"500ms\", \"10s\" or \"2m\")"
+            ))
+        }
+    };
+    num.parse::<u64>()
+        .ok()
+        .and_then(|n| n.checked_mul(scale))
+        .filter(|ms| (1..=86_400_000).contains(ms))
+        .ok_or_else(|| format!("{t:?} is not between 1ms and 24h"))
 }
 
 /// `notify` of a doorbell channel.
@@ -895,6 +936,16 @@ impl Config {
                     }
                 },
                 spin_us: c.spin_us.unwrap_or_else(default_spin_us).max(1),
+                peer_timeout_ms: match &c.peer_timeout {
+                    None => DEFAULT_PEER_TIMEOUT_MS,
+                    Some(t) => parse_duration_ms(t)
+                        .map_err(|m| err(format!("{}: {m}", key("peer_timeout"))))?,
+                },
+                join_timeout_ms: match &c.join_timeout {
+                    None => DEFAULT_JOIN_TIMEOUT_MS,
+                    Some(t) => parse_duration_ms(t)
+                        .map_err(|m| err(format!("{}: {m}", key("join_timeout"))))?,
+                },
             });
         }
         for (v, spec) in raw.vm.iter().zip(vms.iter_mut()) {
@@ -960,6 +1011,27 @@ mod tests {
     }
 
     #[test]
+    fn durations_and_liveness_defaults() {
+        assert_eq!(parse_duration_ms("500ms"), Ok(500));
+        assert_eq!(parse_duration_ms(" 10s"), Ok(10_000));
+        assert_eq!(parse_duration_ms("2m"), Ok(120_000));
+        assert!(parse_duration_ms("10").is_err(), "a unit is required");
+        assert!(parse_duration_ms("99999999999999999999s").is_err());
+        let c = parse(
+            "[[vm]]\nname = \"a\"\n[[vm]]\nname = \"b\"\n[[channel]]\nname = \"c\"\nkind = \"shmem\"\nmembers = [\"a\", \"b\"]\n[[channel]]\nname = \"d\"\nkind = \"shmem\"\nmembers = [\"a\", \"b\"]\npeer_timeout = \"30s\"\njoin_timeout = \"5m\"\n",
+        )
+        .unwrap();
+        assert_eq!(
+            (c.channels[0].peer_timeout_ms, c.channels[0].join_timeout_ms),
+            (DEFAULT_PEER_TIMEOUT_MS, DEFAULT_JOIN_TIMEOUT_MS)
+        );
+        assert_eq!(
+            (c.channels[1].peer_timeout_ms, c.channels[1].join_timeout_ms),
+            (30_000, 300_000)
+        );
+    }
+
+    #[test]
     fn sizes_accept_suffixes() {
         let c = parse(
             "[[vm]]\nname = \"a\"\nmemory = \"64M\"\n[[vm]]\nname = \"b\"\nmemory = 8388608\n",
@@ -985,6 +1057,8 @@ mod tests {
             ("[[vm]]\nname = \"a\"\n[[channel]]\nname = \"c\"\nkind = \"shmem\"\nmembers = [\"a\", \"z\"]\n", "channel[c].members", "no [[vm]] is named \"z\""),
             ("[[vm]]\nname = \"a\"\n[[channel]]\nname = \"c\"\nkind = \"shmem\"\nmembers = [\"a\"]\n", "channel[c].members", "at least two"),
             ("", "t.toml", "no [[vm]] defined"),
+            ("[[vm]]\nname = \"a\"\n[[vm]]\nname = \"b\"\n[[channel]]\nname = \"c\"\nkind = \"shmem\"\nmembers = [\"a\", \"b\"]\npeer_timeout = \"soon\"\n", "channel[c].peer_timeout", "is not a duration"),
+            ("[[vm]]\nname = \"a\"\n[[vm]]\nname = \"b\"\n[[channel]]\nname = \"c\"\nkind = \"portio\"\nmembers = [\"a\", \"b\"]\njoin_timeout = \"0s\"\n", "channel[c].join_timeout", "between 1ms and 24h"),
         ];
         for (text, key, problem) in cases {
             let e = parse(text).expect_err(text);

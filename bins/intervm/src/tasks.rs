@@ -106,6 +106,8 @@ fn boot_info(cfg: &Config, vm: &VmSpec, task: &ProbeTask, index: usize) -> BootI
             t.descriptor = how.descriptor;
             t.width = how.width;
             t.rep = how.rep;
+            t.timeout_ms = ch.peer_timeout_ms;
+            t.join_timeout_ms = ch.join_timeout_ms;
             t.boot_info()
         }
         ProbeTask::Recv {
@@ -122,6 +124,8 @@ fn boot_info(cfg: &Config, vm: &VmSpec, task: &ProbeTask, index: usize) -> BootI
             t.descriptor = how.descriptor;
             t.width = how.width;
             t.rep = how.rep;
+            t.timeout_ms = ch.peer_timeout_ms;
+            t.join_timeout_ms = ch.join_timeout_ms;
             t.boot_info()
         }
         ProbeTask::Send {
@@ -141,6 +145,8 @@ fn boot_info(cfg: &Config, vm: &VmSpec, task: &ProbeTask, index: usize) -> BootI
             t.chunk = *chunk;
             t.seed = seed_for(c, &vm.name);
             set_notify(&mut t, ch);
+            t.timeout_ms = ch.peer_timeout_ms;
+            t.join_timeout_ms = ch.join_timeout_ms;
             t.boot_info()
         }
         ProbeTask::Recv {
@@ -156,6 +162,8 @@ fn boot_info(cfg: &Config, vm: &VmSpec, task: &ProbeTask, index: usize) -> BootI
             t.device_index = device_index(cfg, &vm.name, c);
             t.chunk = *chunk;
             set_notify(&mut t, ch);
+            t.timeout_ms = ch.peer_timeout_ms;
+            t.join_timeout_ms = ch.join_timeout_ms;
             t.boot_info()
         }
     }

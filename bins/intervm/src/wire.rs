@@ -195,7 +195,8 @@ fn plug_channels(
             ChannelKind::Portio => {
                 // The device holds the membership: the VM leaves the
                 // channel when it (and so its device) goes away.
-                let link = RingLink::join(t, me).map_err(|e| cerr(e.to_string()))?;
+                let mut link = RingLink::join(t, me).map_err(|e| cerr(e.to_string()))?;
+                link.set_stale_after_ms(c.peer_timeout_ms);
                 let dev = PortioDevice::new(link, vm.memory().clone());
                 vm.add_pio_device(c.port, PORT_COUNT, Arc::new(Mutex::new(dev)))
             }
