@@ -3,6 +3,7 @@
 //! sysfs `resource2` ([`shmem`]), and the port-I/O channel ([`portio`]).
 #![deny(missing_docs)]
 
+pub mod costs;
 pub mod pci;
 pub mod portio;
 pub mod power;

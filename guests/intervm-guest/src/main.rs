@@ -50,6 +50,13 @@ enum Cmd {
         #[arg(long, value_parser = parse_hex)]
         entry: u64,
     },
+    /// Time the guest kernel's basic costs from userspace: a system call
+    /// (`getppid`) and a page fault (first touch of an anonymous page).
+    Costs {
+        /// System calls and page faults to time.
+        #[arg(long, default_value_t = 1000)]
+        count: u64,
+    },
     /// End the VM with an exit status: through intervm's debug port (so
     /// `intervm run` exits with it), else by rebooting (needs root).
     Poweroff {
@@ -210,11 +217,13 @@ struct Region {
 
 #[derive(Args, Clone)]
 struct Timing {
-    /// Seconds without a heartbeat after which the peer counts as gone.
-    #[arg(long, default_value_t = 2.0)]
+    /// Seconds without a heartbeat or progress after which the peer counts
+    /// as gone (the default of intervm's `peer_timeout`).
+    #[arg(long, default_value_t = 10.0)]
     timeout: f64,
-    /// Seconds to wait for the peer to show up.
-    #[arg(long, default_value_t = 60.0)]
+    /// Seconds to wait for the peer to show up (the default of intervm's
+    /// `join_timeout`).
+    #[arg(long, default_value_t = 120.0)]
     join_timeout: f64,
 }
 
@@ -404,6 +413,15 @@ fn run(cmd: Cmd) -> Result<String, Error> {
                     | intervm_guest::syscall_entry::USER_FLAGS_KEPT,
                 r.flags,
                 r.rip
+            ))
+        }
+        Cmd::Costs { count } => {
+            let c = intervm_guest::costs::measure(count.max(1))?;
+            Ok(format!(
+                "costs count={} syscall_us={:.3} page_fault_us={:.3}",
+                count.max(1),
+                c.syscall.as_secs_f64() * 1e6,
+                c.page_fault.as_secs_f64() * 1e6
             ))
         }
         Cmd::Poweroff { status } => Err(intervm_guest::power::poweroff(status)),
