@@ -365,14 +365,40 @@ impl Drop for Console {
     }
 }
 
-/// True when the console's last line, without its `[linux] ` prefix, is a
-/// shell prompt (`/ # `) waiting for input after init started the shell.
+/// `text` without terminal control sequences (`ESC [ ... letter`).
+fn without_escapes(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\x1b' && chars.peek() == Some(&'[') {
+            chars.next();
+            for c in chars.by_ref() {
+                if c.is_ascii_alphabetic() {
+                    break;
+                }
+            }
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// True when the console's last non-empty line, without its `[linux] `
+/// prefix and terminal control sequences, is a shell prompt (`/ # `)
+/// waiting for input after init started the shell. (Busybox's ash asks
+/// for the cursor position, `ESC [6n`, right after its prompt, and the
+/// console may end that line before or after the query arrives.)
 fn shell_prompt(console: &str) -> bool {
     let Some((_, after)) = console.split_once("intervm-init: shell") else {
         return false;
     };
-    let last = after.rsplit('\n').next().unwrap_or("");
-    let last = last.strip_prefix("[linux] ").unwrap_or(last);
+    let after = without_escapes(after);
+    let last = after
+        .rsplit('\n')
+        .map(|l| l.strip_prefix("[linux] ").unwrap_or(l))
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("");
     last.ends_with("# ") || last.ends_with("$ ")
 }
 
@@ -382,6 +408,25 @@ fn has_line(console: &str, want: &str) -> bool {
     console
         .lines()
         .any(|l| l == want || l.strip_prefix("[linux] ") == Some(want))
+}
+
+#[test]
+fn prompts_are_found_around_terminal_queries() {
+    for console in [
+        "intervm-init: shell (exit to power off)\n[linux] / # ",
+        "intervm-init: shell (exit to power off)\n[linux] / # \x1b[6n",
+        "intervm-init: shell (exit to power off)\n[linux] / # \x1b[6n\n",
+        "intervm-init: shell (exit to power off)\n[linux] / # \x1b[6n\n[linux] ",
+    ] {
+        assert!(shell_prompt(console), "{console:?}");
+    }
+    assert!(
+        !shell_prompt("[linux] / # "),
+        "before init started the shell"
+    );
+    assert!(!shell_prompt(
+        "intervm-init: shell (exit to power off)\n[linux] BusyBox v1.35.0"
+    ));
 }
 
 #[test]
