@@ -95,6 +95,8 @@ impl Drop for Heartbeat {
             t.thread().unpark();
             let _ = t.join();
         }
+        // No start line of ours outlives us (see ring::READY_PREPARED).
+        let _ = self.region.set_ready(&self.geo, self.me, 0);
         let _ = self
             .region
             .set_member_state(&self.geo, self.me, self.leave_as);

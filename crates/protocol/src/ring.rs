@@ -62,7 +62,17 @@ pub const RING_CONSUMER_FLAGS: u64 = 192;
 /// [`Region::set_ready`]). The start line of a timed transfer: senders set
 /// this, the receiver waits for all of them, then sets [`ready_go`]`(1)`
 /// and starts its clock; senders start sending when they see it.
+///
+/// Every member clears its ready word (to 0) when a transfer ends and when
+/// it joins or leaves, and a sender publishes `READY_PREPARED` only once
+/// its receiver's word is no "go" ([`is_go`]): so a go left from the
+/// previous transfer of the same pair never starts the next one.
 pub const READY_PREPARED: u64 = 2;
+
+/// Whether a ready word is a receiver's "go" ([`ready_go`]) of some round.
+pub const fn is_go(v: u64) -> bool {
+    v > 0x100
+}
 
 /// Ready word of a receiver that started round `round` (from 1) of a
 /// transfer.

@@ -308,3 +308,57 @@ fn a_peer_that_never_comes_is_an_error_not_a_hang() {
     .unwrap();
     assert!(text(&o).contains("no member 5"), "{}", text(&o));
 }
+
+#[test]
+fn a_probe_sends_twice_in_a_row_to_two_tool_runs() {
+    // Each transfer is larger than the ring, so the probe waits on its
+    // receiver. A "go" left up by the first receiver used to start the
+    // probe's second transfer at once, against a tool that was leaving:
+    // "peer gone" (found by a Linux guest under intervm).
+    require_kvm!();
+    let shm = Shm::new("twice");
+    let t = shm.transport();
+    let res = shm.path();
+    let sizes = [2u64 << 20, 3 << 20];
+    let tasks: Vec<_> = sizes
+        .iter()
+        .enumerate()
+        .map(|(i, &size)| {
+            let mut task = ShmemTask::new(0, Role::Send { to: 1 }, size);
+            task.chunk = CHUNK;
+            task.seed = 10 + i as u64;
+            task.timeout_ms = PEER_TIMEOUT_MS;
+            task.boot_info()
+        })
+        .collect();
+    let (vm, console) = probe_vm_with("tx", &tasks[0], 1, 64 << 20);
+    vmm_core::boot::probe::load_tasks(&vm, probe_image::PROBE_ELF, &tasks).unwrap();
+    vm.add_pci_device(Arc::new(Mutex::new(IvshmemPlain::new(t.region().clone()))))
+        .unwrap();
+    let m = t.join(0).unwrap();
+    let running = vm.start().unwrap();
+    for (i, &size) in sizes.iter().enumerate() {
+        let seed = 10 + i as u64;
+        let out = transfer_tool(&[
+            "shmem",
+            "recv",
+            "--resource",
+            res.to_str().unwrap(),
+            "--me",
+            "1",
+            "--from",
+            "0",
+            "--size",
+            &size.to_string(),
+            "--verify-seed",
+            &seed.to_string(),
+        ])
+        .output()
+        .unwrap();
+        assert!(out.status.success(), "transfer {i}: {}", text(&out));
+        assert_eq!(checksum_in(&out), expected_stream(seed, size, CHUNK));
+    }
+    let (exit, _) = finish(running, &console, RUN_TIMEOUT);
+    drop(m);
+    assert_eq!(exit, VmExit::Guest(0), "{}", console.contents());
+}

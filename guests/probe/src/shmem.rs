@@ -20,7 +20,7 @@ use intervm_protocol::probe::{
     SHMEM_HOLD, SHMEM_NOTIFY,
 };
 use intervm_protocol::ring::{
-    self, fold, ready_go, Geometry, Liveness, MemberState, RingError, READY_PREPARED,
+    self, fold, is_go, ready_go, Geometry, Liveness, MemberState, RingError, READY_PREPARED,
 };
 
 /// Idle polls between liveness checks.
@@ -177,6 +177,13 @@ pub fn send() -> u32 {
 
 fn try_send() -> Result<(), u32> {
     let ch = open_channel()?;
+    let r = send_on(&ch);
+    // The next transfer's start line must not see this one's word.
+    let _ = ch.region.set_ready(&ch.geo, ch.me, 0);
+    r
+}
+
+fn send_on(ch: &Channel) -> Result<(), u32> {
     let clock = Clock::new();
     let peer = arg(shmem_args::PEERS) as u32;
     let bytes = arg(shmem_args::BYTES);
@@ -190,8 +197,14 @@ fn try_send() -> Result<(), u32> {
     let mut seen = counter.load(core::sync::atomic::Ordering::SeqCst);
     if ch.adaptive {
         // The receiver rings this side when it frees space we sleep for.
-        listen(&ch)?;
+        listen(ch)?;
     }
+    // A "go" still up from the receiver's previous transfer is not ours:
+    // wait until it ended (or the receiver is not there yet).
+    wait_for(ch, &clock, peer, |c| {
+        !c.region.ready(&c.geo, peer).is_ok_and(is_go)
+            || c.region.member_state(&c.geo, peer) != Ok(MemberState::Alive)
+    })?;
     set_state(State::Ready);
     ch.region
         .set_ready(&ch.geo, ch.me, READY_PREPARED)
@@ -214,7 +227,7 @@ fn try_send() -> Result<(), u32> {
     let mut bell = 0u32;
     for round in 1..=rounds {
         // Start line: the receiver's ready word.
-        wait_for(&ch, &clock, peer, |c| {
+        wait_for(ch, &clock, peer, |c| {
             c.region.ready(&c.geo, peer) == Ok(ready_go(round))
         })?;
         if round == 1 {
@@ -228,12 +241,12 @@ fn try_send() -> Result<(), u32> {
             if arg(shmem_args::FLAGS) & SHMEM_HOLD != 0 {
                 // Nothing is sent until the host says so (e.g. once the
                 // receiver went to sleep).
-                wait_for(&ch, &clock, peer, |_| arg(shmem_args::RELEASE) != 0)?;
+                wait_for(ch, &clock, peer, |_| arg(shmem_args::RELEASE) != 0)?;
             }
             set_result(results::SHM_START_TSC, arch::rdtsc());
             if ch.notify {
                 // The receiver published its doorbell ID before its "go".
-                bell = bell_of(&ch, peer)?;
+                bell = bell_of(ch, peer)?;
             }
         }
         let mut sent = 0u64;
@@ -241,7 +254,7 @@ fn try_send() -> Result<(), u32> {
         while sent < bytes {
             jitter(&mut rng);
             if corrupt && sent >= bytes / 2 {
-                return Err(corrupt_head(&ch, peer));
+                return Err(corrupt_head(ch, peer));
             }
             let n = (chunk.min(bytes - sent) as usize).min(src.len() - pos);
             let c0 = arch::rdtsc();
@@ -354,6 +367,13 @@ struct Inbound {
 
 fn try_recv() -> Result<(), u32> {
     let ch = open_channel()?;
+    let r = recv_on(&ch);
+    // The next transfer's start line must not see this one's "go".
+    let _ = ch.region.set_ready(&ch.geo, ch.me, 0);
+    r
+}
+
+fn recv_on(ch: &Channel) -> Result<(), u32> {
     let clock = Clock::new();
     let mask = arg(shmem_args::PEERS) as u32;
     let want = arg(shmem_args::BYTES);
@@ -378,7 +398,7 @@ fn try_recv() -> Result<(), u32> {
         });
     }
     if ch.notify {
-        listen(&ch)?;
+        listen(ch)?;
     }
     let chunk = match arg(shmem_args::CHUNK) {
         0 => ch.geo.max_payload(),
@@ -391,7 +411,7 @@ fn try_recv() -> Result<(), u32> {
         let m = m as u32;
         // Wait until the sender has prepared its payload, so that only the
         // transfer is timed.
-        wait_for(&ch, &clock, m, |c| {
+        wait_for(ch, &clock, m, |c| {
             c.region.member_state(&c.geo, m) == Ok(MemberState::Alive)
                 && c.region.ready(&c.geo, m) == Ok(READY_PREPARED)
         })?;
@@ -410,7 +430,7 @@ fn try_recv() -> Result<(), u32> {
         ch.region
             .set_ready(&ch.geo, ch.me, ready_go(round))
             .map_err(ring_fail)?;
-        let pumped = pump(&ch, &clock, &mut peers, dst, chunk as usize, want * round);
+        let pumped = pump(ch, &clock, &mut peers, dst, chunk as usize, want * round);
         if pumped.is_err() || round == rounds {
             for (m, p) in peers.iter().enumerate() {
                 if let Some(p) = p {
