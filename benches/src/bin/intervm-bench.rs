@@ -15,6 +15,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use intervm_benches::runs::linux::{self, LinuxBoot};
+use intervm_benches::runs::linux_user::{self, LinuxUser};
 use intervm_benches::runs::{doorbell, portio, shmem};
 use serde::{Deserialize, Serialize};
 
@@ -215,6 +216,9 @@ struct Results {
     /// Linux boots to /init (absent when the Linux guest is not built).
     #[serde(default)]
     linux: Vec<LinuxBoot>,
+    /// Linux userspace under intervm (absent without the Linux guest).
+    #[serde(default)]
+    linux_user: Option<LinuxUser>,
 }
 
 /// Doorbell latency and idle cost, medians over the repetitions.
@@ -290,6 +294,96 @@ fn layers(o: &Opts) -> Vec<Layers> {
         });
     }
     out
+}
+
+/// Linux userspace against a probe, if the Linux guest and the `intervm`
+/// launcher are built.
+fn linux_userspace() -> Option<LinuxUser> {
+    let Some((kernel, initrd)) = linux::artifacts() else {
+        eprintln!(
+            "intervm-bench: no Linux guest (run scripts/guest-linux); skipping Linux userspace"
+        );
+        return None;
+    };
+    let Some(intervm) = linux_user::launcher() else {
+        eprintln!(
+            "intervm-bench: no intervm launcher beside this binary (cargo build --release -p intervm); skipping Linux userspace"
+        );
+        return None;
+    };
+    eprintln!("intervm-bench: Linux userspace (three boots of probe + Linux)");
+    match linux_user::measure(&intervm, &kernel, &initrd) {
+        Ok(r) => Some(r),
+        Err(e) => {
+            eprintln!("intervm-bench: Linux userspace: {e}");
+            None
+        }
+    }
+}
+
+/// The probe-to-probe median for the same channel, variant and size.
+fn probe_median(r: &Results, channel: &str, variant: &str, bytes: u64) -> Option<f64> {
+    r.points
+        .iter()
+        .find(|p| p.channel == channel && p.variant == variant && p.bytes == bytes)
+        .map(|p| p.stats().0)
+}
+
+fn seconds(s: f64) -> String {
+    if s < 1e-3 {
+        format!("{:.1} µs", s * 1e6)
+    } else if s < 1.0 {
+        format!("{:.2} ms", s * 1e3)
+    } else {
+        format!("{s:.2} s")
+    }
+}
+
+fn linux_user_markdown(r: &Results, u: &LinuxUser) -> String {
+    let mut m = String::from(
+        "\n## Linux userspace under intervm (intervm-guest in the Linux guest, against a probe)\n\n",
+    );
+    m += &format!(
+        "| | value |\n|---|---|\n| `intervm run` to init's first line, wall clock | {:.1} s |\n| ... to the first command's output | {:.1} s |\n| one system call (`getppid`) from userspace | {:.1} µs |\n| one page fault (first touch of an anonymous page) | {:.1} µs |\n| UIO doorbell round trip Linux -> probe -> Linux, mean (min) | {:.1} µs ({:.1} µs) |\n",
+        u.wall_to_init_s,
+        u.wall_to_first_output_s,
+        u.syscall_us,
+        u.page_fault_us,
+        u.uio_round_trip_us,
+        u.uio_round_trip_min_us
+    );
+    m += "\nTransfers probe -> Linux userspace, one run, timed by the Linux receiver from its \"go\" to the last frame; beside them the probe -> probe median of the table above. Sizes Linux did not move are extrapolated linearly and say so.\n\n| channel | variant | size | Linux userspace | probe -> probe | note |\n|---|---|---|---|---|---|\n";
+    for (channel, variant) in [
+        ("shmem", "polling"),
+        ("doorbell", "adaptive"),
+        ("portio", "port-32bit"),
+        ("portio", "descriptor"),
+    ] {
+        let got: Vec<&linux_user::LinuxTransfer> = u
+            .transfers
+            .iter()
+            .filter(|t| t.channel == channel && t.variant == variant)
+            .collect();
+        let Some(largest) = got.iter().max_by_key(|t| t.bytes) else {
+            continue;
+        };
+        for bytes in [4u64 << 10, 2 << 20, 1 << 30] {
+            let (secs, note) = match got.iter().find(|t| t.bytes == bytes) {
+                Some(t) => (t.seconds, String::new()),
+                None => (
+                    largest.seconds * bytes as f64 / largest.bytes as f64,
+                    format!("extrapolated from {}", label(largest.bytes)),
+                ),
+            };
+            let probe = probe_median(r, channel, variant, bytes).map_or("-".into(), seconds);
+            m += &format!(
+                "| {channel} | {variant} | {} | {} | {probe} | {note} |\n",
+                label(bytes),
+                seconds(secs)
+            );
+        }
+    }
+    m
 }
 
 /// Boots the Linux guest `--repeat` times, if `scripts/guest-linux` built it.
@@ -385,6 +479,9 @@ fn markdown(r: &Results) -> String {
             med(|b| b.pio_exits as f64),
             med(|b| b.emulated as f64),
         );
+    }
+    if let Some(u) = &r.linux_user {
+        s += &linux_user_markdown(r, u);
     }
     s
 }
@@ -662,6 +759,7 @@ fn main() {
         .any(|c| c == "doorbell")
         .then(|| doorbell_facts(&o));
     let linux = if o.linux { linux_boots(&o) } else { Vec::new() };
+    let linux_user = if o.linux { linux_userspace() } else { None };
     let results = Results {
         kvm: flavor,
         repeat: o.repeat,
@@ -670,6 +768,7 @@ fn main() {
         breakdown,
         doorbell,
         linux,
+        linux_user,
     };
     if let Err(e) = std::fs::create_dir_all(&o.out) {
         eprintln!("intervm-bench: {}: {e}", o.out.display());

@@ -3,5 +3,6 @@
 
 pub mod doorbell;
 pub mod linux;
+pub mod linux_user;
 pub mod portio;
 pub mod shmem;
