@@ -3,6 +3,7 @@
 //! ```text
 //! intervm-bench [--sizes 4K,2M,1G] [--channels shmem,portio,doorbell] [--no-linux]
 //!               [--repeat 3] [--out target/intervm-bench]
+//! intervm-bench linux [--in DIR]   # only the Linux userspace part, into DIR/results.json
 //! ```
 //!
 //! Boots probe guests on /dev/kvm for every channel, variant and size,
@@ -486,6 +487,21 @@ fn markdown(r: &Results) -> String {
     s
 }
 
+/// `intervm-bench linux --in DIR`: measures Linux userspace again and
+/// stores it in `DIR/results.json`, then regenerates `results.md`.
+fn relinux(dir: &std::path::Path) -> Result<(), String> {
+    let path = dir.join("results.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let mut r: Results =
+        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    r.linux_user = Some(linux_userspace().ok_or("the Linux userspace run failed")?);
+    let json = serde_json::to_string_pretty(&r).map_err(|e| e.to_string())?;
+    std::fs::write(&path, json).map_err(|e| format!("{}: {e}", path.display()))?;
+    std::fs::write(dir.join("results.md"), markdown(&r)).map_err(|e| e.to_string())?;
+    eprintln!("intervm-bench linux: updated {}", path.display());
+    Ok(())
+}
+
 /// `intervm-bench plot --in DIR`: regenerates `results.md` and the SVG
 /// plots from `DIR/results.json`.
 fn plot(dir: &std::path::Path) -> Result<(), String> {
@@ -729,6 +745,20 @@ fn main() {
             .unwrap_or_else(|| "target/intervm-bench".into());
         if let Err(e) = plot(std::path::Path::new(&dir)) {
             eprintln!("intervm-bench plot: {e}");
+            std::process::exit(1);
+        }
+        return;
+    }
+    if std::env::args().nth(1).as_deref() == Some("linux") {
+        // Re-measures only the Linux userspace part into an existing
+        // results.json (the probe numbers stay as measured).
+        let dir = std::env::args()
+            .skip(2)
+            .skip_while(|a| a != "--in")
+            .nth(1)
+            .unwrap_or_else(|| "docs/results".into());
+        if let Err(e) = relinux(std::path::Path::new(&dir)) {
+            eprintln!("intervm-bench linux: {e}");
             std::process::exit(1);
         }
         return;

@@ -75,3 +75,16 @@ pub enum Error {
 pub fn port_error(r: u32) -> &'static str {
     intervm_protocol::portio::result_name(r)
 }
+
+/// A zeroed buffer of `len` bytes whose pages are already faulted in, so
+/// that a timed transfer does not pay for first touches (a page fault runs
+/// emulated kernel code on PVM: about 2.5 ms each, measured by `costs`).
+pub fn touched_buffer(len: usize) -> Vec<u8> {
+    let mut v = vec![0u8; len];
+    for i in (0..len).step_by(4096) {
+        // SAFETY: `i < len`, inside the vector; a volatile write so the
+        // touch is not optimised away.
+        unsafe { std::ptr::write_volatile(v.as_mut_ptr().add(i), 0) };
+    }
+    v
+}

@@ -185,7 +185,7 @@ pub fn send<P: Ports>(
     dev.command(C_DISCARD_RX);
     let start = Instant::now();
     let (mut sent, mut msgs, mut stream, mut pos) = (0u64, 0u64, 0u64, 0usize);
-    let mut buf = vec![0u8; message];
+    let mut buf = crate::touched_buffer(message);
     loop {
         let n = match &mut file {
             Some(f) => crate::shmem::read_full(f, &mut buf)
@@ -277,7 +277,7 @@ pub fn recv<P: Ports>(
     let r = dev.command(C_SEND);
     dev.check(r)?;
     let (mut got, mut msgs, mut stream, mut last) = (0u64, 0u64, 0u64, Duration::ZERO);
-    let mut buf = vec![0u8; max];
+    let mut buf = crate::touched_buffer(max);
     let mut idle = Instant::now();
     while size.is_none_or(|s| got < s) {
         let n = dev.rd(RX_LEN) as usize;

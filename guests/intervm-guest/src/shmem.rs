@@ -275,7 +275,7 @@ pub fn send(
         monotonic_ms(),
     );
     let (mut sent, mut frames, mut stream, mut pos) = (0u64, 0u64, 0u64, 0usize);
-    let mut buf = vec![0u8; frame];
+    let mut buf = crate::touched_buffer(frame);
     let mut full_since: Option<Instant> = None;
     loop {
         let msg: &[u8] = match &mut file {
@@ -388,9 +388,9 @@ pub fn recv(
         )),
         None => None,
     };
-    let mut buf = vec![0u8; j.geo.max_payload() as usize];
+    let mut buf = crate::touched_buffer(j.geo.max_payload() as usize);
     let mut want = if verify.is_some() {
-        vec![0u8; buf.len()]
+        crate::touched_buffer(buf.len())
     } else {
         Vec::new()
     };
