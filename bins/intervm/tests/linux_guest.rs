@@ -154,21 +154,26 @@ fn stream_of(line: &str) -> Option<&str> {
     rest.split([' ', ',', ':']).next()
 }
 
-#[test]
-fn linux_userspace_exchanges_data_with_a_probe_over_all_three_channels() {
-    if !intervm_testkit::kvm_available() {
-        return;
-    }
-    if intervm_testkit::guest_linux().is_none() {
-        return;
+/// Runs one of the multi-minute Linux configs (`configs/NAME`), taking
+/// turns with the others ([`HEAVY`]); `None` when KVM or the Linux guest is
+/// missing (skip, or a failure under `CI=true`). Returns success and the
+/// whole output.
+fn run_linux_config(name: &str) -> Option<(bool, String)> {
+    if !intervm_testkit::kvm_available() || intervm_testkit::guest_linux().is_none() {
+        return None;
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
     let _heavy = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
-    let (ok, all, _, wall) = run(&root.join("configs/linux-pair.toml"));
-    eprintln!(
-        "configs/linux-pair.toml: {wall:.1} s on {:?}",
-        KvmFlavor::detect()
-    );
+    let (ok, all, _, wall) = run(&root.join("configs").join(name));
+    eprintln!("configs/{name}: {wall:.1} s on {:?}", KvmFlavor::detect());
+    Some((ok, all))
+}
+
+#[test]
+fn linux_userspace_exchanges_data_with_a_probe_over_all_three_channels() {
+    let Some((ok, all)) = run_linux_config("linux-pair.toml") else {
+        return;
+    };
     assert!(ok, "intervm failed:\n{all}");
     assert!(
         all.contains("intervm-init: status 0"),
@@ -214,19 +219,9 @@ fn tool_streams<'a>(all: &'a str, vm: &str, what: &str) -> Vec<&'a str> {
 
 #[test]
 fn two_linux_guests_exchange_data_over_all_three_channels() {
-    if !intervm_testkit::kvm_available() {
+    let Some((ok, all)) = run_linux_config("linux-linux.toml") else {
         return;
-    }
-    if intervm_testkit::guest_linux().is_none() {
-        return;
-    }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let _heavy = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
-    let (ok, all, _, wall) = run(&root.join("configs/linux-linux.toml"));
-    eprintln!(
-        "configs/linux-linux.toml: {wall:.1} s on {:?}",
-        KvmFlavor::detect()
-    );
+    };
     assert!(ok, "intervm failed:\n{all}");
     for vm in ["left", "right"] {
         assert!(
