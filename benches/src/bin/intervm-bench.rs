@@ -487,13 +487,18 @@ fn markdown(r: &Results) -> String {
     s
 }
 
+/// `DIR/results.json`, its path and contents.
+fn read_results(dir: &std::path::Path) -> Result<(std::path::PathBuf, Results), String> {
+    let path = dir.join("results.json");
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let r = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    Ok((path, r))
+}
+
 /// `intervm-bench linux --in DIR`: measures Linux userspace again and
 /// stores it in `DIR/results.json`, then regenerates `results.md`.
 fn relinux(dir: &std::path::Path) -> Result<(), String> {
-    let path = dir.join("results.json");
-    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let mut r: Results =
-        serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    let (path, mut r) = read_results(dir)?;
     r.linux_user = Some(linux_userspace().ok_or("the Linux userspace run failed")?);
     let json = serde_json::to_string_pretty(&r).map_err(|e| e.to_string())?;
     std::fs::write(&path, json).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -505,9 +510,7 @@ fn relinux(dir: &std::path::Path) -> Result<(), String> {
 /// `intervm-bench plot --in DIR`: regenerates `results.md` and the SVG
 /// plots from `DIR/results.json`.
 fn plot(dir: &std::path::Path) -> Result<(), String> {
-    let path = dir.join("results.json");
-    let text = std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))?;
-    let r: Results = serde_json::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))?;
+    let (_, r) = read_results(dir)?;
     std::fs::write(dir.join("results.md"), markdown(&r)).map_err(|e| e.to_string())?;
     plots::time_vs_size(&r, &dir.join("time_vs_size.svg"))?;
     plots::throughput(&r, &dir.join("throughput.svg"))?;
@@ -737,28 +740,26 @@ mod plots {
 }
 
 fn main() {
-    if std::env::args().nth(1).as_deref() == Some("plot") {
+    // Subcommands that work on an existing results directory (--in DIR):
+    // `plot` redraws it, `linux` re-measures only the Linux userspace part
+    // into it (the probe numbers stay as measured).
+    type Sub = fn(&std::path::Path) -> Result<(), String>;
+    let subcommands: [(&str, Sub, &str); 2] = [
+        ("plot", plot, "target/intervm-bench"),
+        ("linux", relinux, "docs/results"),
+    ];
+    let first = std::env::args().nth(1);
+    if let Some((name, run, default)) = subcommands
+        .iter()
+        .find(|(name, ..)| first.as_deref() == Some(*name))
+    {
         let dir = std::env::args()
             .skip(2)
             .skip_while(|a| a != "--in")
             .nth(1)
-            .unwrap_or_else(|| "target/intervm-bench".into());
-        if let Err(e) = plot(std::path::Path::new(&dir)) {
-            eprintln!("intervm-bench plot: {e}");
-            std::process::exit(1);
-        }
-        return;
-    }
-    if std::env::args().nth(1).as_deref() == Some("linux") {
-        // Re-measures only the Linux userspace part into an existing
-        // results.json (the probe numbers stay as measured).
-        let dir = std::env::args()
-            .skip(2)
-            .skip_while(|a| a != "--in")
-            .nth(1)
-            .unwrap_or_else(|| "docs/results".into());
-        if let Err(e) = relinux(std::path::Path::new(&dir)) {
-            eprintln!("intervm-bench linux: {e}");
+            .unwrap_or_else(|| default.to_string());
+        if let Err(e) = run(std::path::Path::new(&dir)) {
+            eprintln!("intervm-bench {name}: {e}");
             std::process::exit(1);
         }
         return;
