@@ -14,7 +14,7 @@
 //! test types on intervm's stdin once the prompt shows.
 
 use std::io::{Read, Write};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
@@ -369,6 +369,22 @@ impl Drop for Console {
     }
 }
 
+/// Writes a temporary config with one 128 MiB Linux VM named `linux` (the
+/// built guest) plus the `extra` lines, named after `tag`; returns its path.
+fn one_linux_vm(guest: &intervm_testkit::GuestLinux, tag: &str, extra: &str) -> PathBuf {
+    let config = std::env::temp_dir().join(format!("intervm-{tag}-{}.toml", std::process::id()));
+    std::fs::write(
+        &config,
+        format!(
+            "[[vm]]\nname = \"linux\"\nmemory = \"128M\"\nkernel = {:?}\ninitrd = {:?}\n{extra}",
+            guest.vmlinux.display().to_string(),
+            guest.initramfs.display().to_string()
+        ),
+    )
+    .unwrap();
+    config
+}
+
 /// `text` without terminal control sequences (`ESC [ ... letter`).
 fn without_escapes(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
@@ -441,16 +457,11 @@ fn a_shell_on_the_console_runs_what_is_typed_on_stdin() {
     let Some(guest) = intervm_testkit::guest_linux() else {
         return;
     };
-    let config = std::env::temp_dir().join(format!("intervm-shell-{}.toml", std::process::id()));
-    std::fs::write(
-        &config,
-        format!(
-            "[[vm]]\nname = \"linux\"\nmemory = \"128M\"\nkernel = {:?}\ninitrd = {:?}\n\
-             cmdline = \"intervm.shell=1\"\nserial = \"console\"\n",
-            guest.vmlinux, guest.initramfs
-        ),
-    )
-    .unwrap();
+    let config = one_linux_vm(
+        &guest,
+        "shell",
+        "cmdline = \"intervm.shell=1\"\nserial = \"console\"\n",
+    );
     let t0 = Instant::now();
     let mut console = Console::spawn(&config);
     // Generous: boots take 20-30 s and every exec several seconds on PVM.
@@ -506,17 +517,11 @@ fn a_forged_jump_to_the_syscall_entry_gains_no_privileges() {
         .find(|l| l.ends_with(" entry_SYSCALL_64"))
         .and_then(|l| l.split(' ').next())
         .expect("entry_SYSCALL_64 in vmlinux");
-    let config = std::env::temp_dir().join(format!("intervm-shim-{}.toml", std::process::id()));
-    std::fs::write(
-        &config,
-        format!(
-            "[[vm]]\nname = \"linux\"\nmemory = \"128M\"\nkernel = {:?}\ninitrd = {:?}\n\
-             cmdline = 'intervm.run=\"check-syscall-entry --entry {entry}\"'\n",
-            guest.vmlinux.display().to_string(),
-            guest.initramfs.display().to_string()
-        ),
-    )
-    .unwrap();
+    let config = one_linux_vm(
+        &guest,
+        "shim",
+        &format!("cmdline = 'intervm.run=\"check-syscall-entry --entry {entry}\"'\n"),
+    );
     let (ok, all, _, _) = run(&config);
     let _ = std::fs::remove_file(&config);
     assert!(ok, "intervm failed:\n{all}");

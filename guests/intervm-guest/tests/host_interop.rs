@@ -54,6 +54,25 @@ fn transfer_tool(args: &[&str]) -> Command {
     c
 }
 
+/// `shmem recv` of `size` bytes from member 0, as member 1 of the region
+/// at `res`, checking every byte against the pattern of `seed`.
+fn checked_recv(res: &std::path::Path, size: u64, seed: u64) -> Command {
+    transfer_tool(&[
+        "shmem",
+        "recv",
+        "--resource",
+        res.to_str().unwrap(),
+        "--me",
+        "1",
+        "--from",
+        "0",
+        "--size",
+        &size.to_string(),
+        "--verify-seed",
+        &seed.to_string(),
+    ])
+}
+
 fn text(o: &Output) -> String {
     format!(
         "status {:?}\nstdout:\n{}\nstderr:\n{}",
@@ -122,22 +141,7 @@ fn a_probe_guest_sends_to_the_tool() {
     // More than the probe's 16 MiB source buffer, which it streams
     // repeatedly, and a short last frame: the tool checks every byte.
     const SIZE: u64 = (40 << 20) + 1000;
-    let receiver = transfer_tool(&[
-        "shmem",
-        "recv",
-        "--resource",
-        res.to_str().unwrap(),
-        "--me",
-        "1",
-        "--from",
-        "0",
-        "--size",
-        &SIZE.to_string(),
-        "--verify-seed",
-        "5",
-    ])
-    .spawn()
-    .unwrap();
+    let receiver = checked_recv(&res, SIZE, 5).spawn().unwrap();
     let mut task = ShmemTask::new(0, Role::Send { to: 1 }, SIZE);
     task.chunk = CHUNK;
     task.seed = 5;
@@ -339,22 +343,7 @@ fn a_probe_sends_twice_in_a_row_to_two_tool_runs() {
     let running = vm.start().unwrap();
     for (i, &size) in sizes.iter().enumerate() {
         let seed = 10 + i as u64;
-        let out = transfer_tool(&[
-            "shmem",
-            "recv",
-            "--resource",
-            res.to_str().unwrap(),
-            "--me",
-            "1",
-            "--from",
-            "0",
-            "--size",
-            &size.to_string(),
-            "--verify-seed",
-            &seed.to_string(),
-        ])
-        .output()
-        .unwrap();
+        let out = checked_recv(&res, size, seed).output().unwrap();
         assert!(out.status.success(), "transfer {i}: {}", text(&out));
         assert_eq!(checksum_in(&out), expected_stream(seed, size, CHUNK));
     }
