@@ -591,6 +591,13 @@ impl Region {
         Ok(self.u64_at(off + 16).load(Ordering::SeqCst))
     }
 
+    /// Whether a sender may publish [`READY_PREPARED`] to receiver `m`:
+    /// `m` shows no "go" left from an earlier transfer, or is not (yet)
+    /// alive and will clear its word when it joins.
+    pub fn may_prepare_for(&self, geo: &Geometry, m: u32) -> bool {
+        !self.ready(geo, m).is_ok_and(is_go) || self.member_state(geo, m) != Ok(MemberState::Alive)
+    }
+
     /// Publishes member `m`'s doorbell peer ID (its ivshmem IVPosition), so
     /// peers can ring it even when an ivshmem server picked the IDs.
     pub fn set_doorbell_id(&self, geo: &Geometry, m: u32, id: u16) -> Result<(), RingError> {
@@ -1208,6 +1215,26 @@ mod tests {
         assert!(one != two && two != four && one != four && two != 0 && four != 0);
         let swapped = [frames[1], frames[0]].iter().fold(0, |s, f| fold(s, *f));
         assert_ne!(swapped, run(2));
+    }
+
+    #[test]
+    fn a_stale_go_holds_back_the_next_prepare() {
+        let (_m, r, geo) = setup(2, 64 << 10);
+        assert!(r.may_prepare_for(&geo, 1), "receiver not there yet");
+        r.set_member_state(&geo, 1, MemberState::Alive).unwrap();
+        r.set_ready(&geo, 1, ready_go(1)).unwrap();
+        assert!(
+            !r.may_prepare_for(&geo, 1),
+            "its go is from the last transfer"
+        );
+        r.set_ready(&geo, 1, 0).unwrap();
+        assert!(r.may_prepare_for(&geo, 1), "transfer over");
+        r.set_ready(&geo, 1, ready_go(1)).unwrap();
+        r.set_member_state(&geo, 1, MemberState::Idle).unwrap();
+        assert!(
+            r.may_prepare_for(&geo, 1),
+            "left: clears its word on rejoin"
+        );
     }
 
     #[test]

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use intervm_protocol::heartbeat::{monotonic_ms, Heartbeat, StartError};
 use intervm_protocol::probe::{pattern_frame_pos, shmem_frame_bytes, shmem_source_bytes};
 use intervm_protocol::ring::{
-    self, fold, is_go, ready_go, Geometry, Liveness, MemberState, Region, RingError, READY_PREPARED,
+    self, fold, ready_go, Geometry, Liveness, MemberState, Region, RingError, READY_PREPARED,
 };
 
 use crate::pci::{self, Mapping};
@@ -248,10 +248,7 @@ pub fn send(
     }
     // A "go" still up from the receiver's previous transfer is not ours
     // (see ring::READY_PREPARED): wait until it ended.
-    j.wait_peer(c, |r| {
-        !r.ready(&j.geo, c.peer).is_ok_and(is_go)
-            || r.member_state(&j.geo, c.peer) != Ok(MemberState::Alive)
-    })?;
+    j.wait_peer(c, |r| r.may_prepare_for(&j.geo, c.peer))?;
     j.region
         .set_ready(&j.geo, c.me, READY_PREPARED)
         .map_err(ring_err)?;

@@ -20,7 +20,7 @@ use intervm_protocol::probe::{
     SHMEM_HOLD, SHMEM_NOTIFY,
 };
 use intervm_protocol::ring::{
-    self, fold, is_go, ready_go, Geometry, Liveness, MemberState, RingError, READY_PREPARED,
+    self, fold, ready_go, Geometry, Liveness, MemberState, RingError, READY_PREPARED,
 };
 
 /// Idle polls between liveness checks.
@@ -201,10 +201,7 @@ fn send_on(ch: &Channel) -> Result<(), u32> {
     }
     // A "go" still up from the receiver's previous transfer is not ours:
     // wait until it ended (or the receiver is not there yet).
-    wait_for(ch, &clock, peer, |c| {
-        !c.region.ready(&c.geo, peer).is_ok_and(is_go)
-            || c.region.member_state(&c.geo, peer) != Ok(MemberState::Alive)
-    })?;
+    wait_for(ch, &clock, peer, |c| c.region.may_prepare_for(&c.geo, peer))?;
     set_state(State::Ready);
     ch.region
         .set_ready(&ch.geo, ch.me, READY_PREPARED)
