@@ -3,14 +3,16 @@
 //! ```text
 //! intervm run FILE.toml [--vm NAME] [--timeout SECS]
 //! intervm check FILE.toml
-//! intervm ivshmem-server --socket PATH --shm NAME [--size 4M] [--vectors 1]
+//! intervm ivshmem-server --socket PATH (--shm NAME [--size 4M] | --file PATH) [--vectors 1]
 //! ```
 //!
 //! `run` forwards its standard input to the COM1 of the VM with
 //! `serial = "console"` (at most one per file), if it boots that VM.
 
 mod config;
+mod serve;
 mod tasks;
+mod waiting;
 mod wire;
 
 use std::path::PathBuf;
@@ -51,15 +53,24 @@ enum Cmd {
         /// Unix socket to listen on.
         #[arg(long)]
         socket: PathBuf,
-        /// POSIX shared-memory object name (/dev/shm/NAME).
+        /// POSIX shared-memory object name (/dev/shm/NAME), created if
+        /// missing.
+        #[arg(long, required_unless_present = "file", conflicts_with = "file")]
+        shm: Option<String>,
+        /// An existing file to share instead (on tmpfs, disk or hugetlbfs).
         #[arg(long)]
-        shm: String,
+        file: Option<PathBuf>,
         /// Region size (a power of two; K, M, G suffixes).
         #[arg(long, default_value = "4M")]
         size: String,
         /// Interrupt vectors per peer.
         #[arg(long, default_value_t = 1)]
         vectors: usize,
+        /// Started by a member process as the rendezvous of a doorbell
+        /// channel: serve only if no other server holds the socket's lock,
+        /// and exit when the last peer leaves.
+        #[arg(long, hide = true)]
+        on_demand: bool,
     },
     /// Validate FILE without booting anything.
     Check {
@@ -75,8 +86,10 @@ fn main() -> ExitCode {
         Cmd::IvshmemServer {
             socket,
             shm,
+            file,
             size,
             vectors,
+            on_demand,
         } => {
             let size = match config::parse_size_str(&size) {
                 Ok(s) => s,
@@ -85,7 +98,15 @@ fn main() -> ExitCode {
                     return ExitCode::from(2);
                 }
             };
-            match wire::serve(&socket, &shm, size, vectors) {
+            let src = match (shm, file) {
+                (Some(name), _) => serve::Source::Shm(name, size),
+                (None, Some(p)) => serve::Source::File(p),
+                (None, None) => {
+                    eprintln!("intervm: ivshmem-server: give --shm NAME or --file PATH");
+                    return ExitCode::from(2);
+                }
+            };
+            match serve::serve(&socket, &src, vectors, on_demand) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!("intervm: ivshmem-server: {e}");

@@ -1,11 +1,13 @@
 //! Turns a validated [`Config`] into running VMs. Parsing lives in
 //! `config`, device logic in the crates; this module only connects them.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use interrupt_doorbell::rendezvous::{self, Rendezvous};
 use interrupt_doorbell::IvshmemDoorbell;
 use intervm_protocol::portio::PORT_COUNT;
 use portio_channel::{PortioDevice, RingLink};
@@ -15,13 +17,28 @@ use vmm_core::devices::console::ConsoleInput;
 use vmm_core::devices::serial::SerialOutput;
 use vmm_core::{RunningVm, Vm, VmConfig, VmExit};
 
-use crate::config::{Backing, ChannelKind, Config, Kernel, Serial};
+use crate::config::{Backing, ChannelKind, ChannelSpec, Config, Kernel, Serial};
 use crate::tasks::{self, Report};
+use crate::waiting::Waiting;
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
 extern "C" fn on_signal(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
     INTERRUPTED.store(true, Ordering::SeqCst);
+}
+
+/// Turns SIGINT and SIGTERM into [`interrupted`] returning true.
+pub(crate) fn catch_signals() {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        if let Err(e) = vmm_sys_util::signal::register_signal_handler(sig, on_signal) {
+            log::warn!("cannot catch signal {sig}: {e}");
+        }
+    }
+}
+
+/// True once SIGINT or SIGTERM arrived (after [`catch_signals`]).
+pub(crate) fn interrupted() -> bool {
+    INTERRUPTED.load(Ordering::SeqCst)
 }
 
 /// Why `run` could not start.
@@ -80,8 +97,24 @@ pub struct Outcome {
     pub report: Option<Report>,
 }
 
+/// Where the members of a doorbell channel split across processes meet
+/// (`interrupt_doorbell::rendezvous`), and the file their server shares.
+/// `None` for backings without a name another process could open.
+pub fn rendezvous_of(c: &ChannelSpec) -> Option<(Rendezvous, PathBuf)> {
+    let dir = rendezvous::default_dir();
+    match &c.backing {
+        Backing::Shm(n) => Some((Rendezvous::for_shm(&dir, n), Path::new("/dev/shm").join(n))),
+        Backing::File(p) | Backing::Hugetlbfs(p) => {
+            Some((Rendezvous::for_file(&dir, p), p.clone()))
+        }
+        Backing::Memfd | Backing::Server(_) => None,
+    }
+}
+
 /// Opens the region of every shared-memory channel with a member among
 /// `selected`, formatting it if this process is the first to arrive.
+/// Doorbell channels with members in other processes get their rendezvous
+/// directory checked here, before any VM boots.
 fn open_channels(
     cfg: &Config,
     selected: &[&crate::config::VmSpec],
@@ -118,6 +151,21 @@ fn open_channels(
             Backing::File(p) => shmem_device::Backing::File(p.clone()),
             Backing::Hugetlbfs(p) => shmem_device::Backing::Hugetlbfs(p.clone()),
         };
+        if c.kind == ChannelKind::Doorbell && ours.len() < c.members.len() {
+            if let Some((rv, _)) = rendezvous_of(c) {
+                rv.prepare_dir().map_err(|e| {
+                    cerr(format!(
+                        "members {} run in other processes, and their doorbells meet at \
+                         {}, which cannot be used: {e}; set {} to a directory every member \
+                         process can use, or run `intervm ivshmem-server` and set \
+                         backing = {{ server = PATH }}",
+                        elsewhere(c, selected),
+                        rv.socket.display(),
+                        rendezvous::DIR_ENV
+                    ))
+                })?;
+            }
+        }
         let region = SharedRegion::open(&backing, c.size).map_err(|e| cerr(e.to_string()))?;
         let t = Transport::attach(Arc::new(region), c.members.len() as u32)
             .map_err(|e| cerr(e.to_string()))?;
@@ -126,18 +174,73 @@ fn open_channels(
     Ok(out)
 }
 
+/// The members of `c` not among `selected`, as a list for messages.
+fn elsewhere(c: &ChannelSpec, selected: &[&crate::config::VmSpec]) -> String {
+    c.members
+        .iter()
+        .filter(|m| !selected.iter().any(|v| &v.name == *m))
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Plugs a doorbell device for `session` (this member's place at an
+/// ivshmem server) into `vm`, sharing `t`'s region, and joins the ring
+/// protocol as member `me`.
+fn attach_session(
+    vm: &Vm,
+    c: &ChannelSpec,
+    me: u32,
+    t: &Transport,
+    session: interrupt_doorbell::client::Session,
+) -> Result<(Membership, Arc<Mutex<IvshmemDoorbell>>), String> {
+    let own = session
+        .own
+        .iter()
+        .map(|e| e.try_clone())
+        .collect::<std::io::Result<Vec<_>>>()
+        .map_err(|e| e.to_string())?;
+    let dev = IvshmemDoorbell::new(vm, t.region().clone(), session.id, own, c.fast_path)
+        .map_err(|e| e.to_string())?;
+    session
+        .follow(Arc::downgrade(&dev))
+        .map_err(|e| e.to_string())?;
+    let joined = t.join(me).map_err(|e| e.to_string())?;
+    vm.add_pci_device(dev.clone())
+        .map_err(|e| format!("adding the device to vm {}: {e}", vm.name()))?;
+    Ok((joined, dev))
+}
+
+/// True when `a` and `b` are the same file (device and inode).
+fn same_file(a: &std::fs::File, b: &std::fs::File) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (a.metadata(), b.metadata()) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => false,
+    }
+}
+
 /// Doorbell devices of in-process channels, to be wired to each other once
 /// every member exists: channel name -> (peer ID, device).
 type Groups = HashMap<String, Vec<(u16, Arc<Mutex<IvshmemDoorbell>>)>>;
 
+/// What plugging the VMs of this process builds up.
+#[derive(Default)]
+struct Wiring {
+    /// Regions of the channels with a member here.
+    transports: HashMap<String, Transport>,
+    /// Channels with members in other processes.
+    split: HashSet<String>,
+    /// In-process doorbell groups.
+    groups: Groups,
+    /// Doorbell devices here whose peers are elsewhere (through a server),
+    /// to wake when a peer there is marked gone: channel -> devices.
+    remote_bells: HashMap<String, Vec<Arc<Mutex<IvshmemDoorbell>>>>,
+}
+
 /// Plugs `vm` into each of its channels (in file order, so the guest finds
 /// its PCI functions in that order on its bus) and joins them.
-fn plug_channels(
-    cfg: &Config,
-    vm: &Vm,
-    transports: &mut HashMap<String, Transport>,
-    groups: &mut Groups,
-) -> Result<Vec<Membership>, RunError> {
+fn plug_channels(cfg: &Config, vm: &Vm, w: &mut Wiring) -> Result<Vec<Membership>, RunError> {
     let file = cfg.file.display().to_string();
     let mut joined = Vec::new();
     for c in &cfg.channels {
@@ -159,34 +262,56 @@ fn plug_channels(
             .map_err(|e| cerr(e.to_string()))?;
             let t = Transport::attach(Arc::new(region), c.members.len() as u32)
                 .map_err(|e| cerr(e.to_string()))?;
-            let own = session
-                .own
-                .iter()
-                .map(|e| e.try_clone())
-                .collect::<std::io::Result<Vec<_>>>()
-                .map_err(|e| cerr(e.to_string()))?;
-            let dev = IvshmemDoorbell::new(vm, t.region().clone(), session.id, own, c.fast_path)
-                .map_err(|e| cerr(e.to_string()))?;
-            session
-                .follow(Arc::downgrade(&dev))
-                .map_err(|e| cerr(e.to_string()))?;
-            joined.push(t.join(me).map_err(|e| cerr(e.to_string()))?);
-            vm.add_pci_device(dev)
-                .map_err(|e| cerr(format!("adding the device to vm {}: {e}", vm.name())))?;
-            transports.entry(c.name.clone()).or_insert(t);
+            let (m, dev) = attach_session(vm, c, me, &t, session).map_err(cerr)?;
+            joined.push(m);
+            w.remote_bells.entry(c.name.clone()).or_default().push(dev);
+            w.transports.entry(c.name.clone()).or_insert(t);
             continue;
         }
-        let Some(t) = transports.get(&c.name) else {
+        let Some(t) = w.transports.get(&c.name) else {
             continue;
         };
         let added = match c.kind {
+            ChannelKind::Doorbell if w.split.contains(&c.name) => {
+                // Members in other processes: meet them at the channel's
+                // rendezvous, starting its server if nobody serves it yet.
+                let Some((rv, path)) = rendezvous_of(c) else {
+                    continue;
+                };
+                let session = rv
+                    .join(
+                        c.vectors,
+                        interrupt_doorbell::client::JOIN_DEADLINE,
+                        &mut || crate::serve::start_on_demand(&rv, &path, c.vectors),
+                    )
+                    .map_err(|e| cerr(format!("rendezvous: {e}")))?;
+                if !same_file(&session.shm, t.region().file()) {
+                    return Err(cerr(format!(
+                        "rendezvous: the server on {} shares another object than {} \
+                         (the backing was replaced while it ran?); stop the members using it \
+                         and start again",
+                        rv.socket.display(),
+                        path.display()
+                    )));
+                }
+                log::info!(
+                    "channel {}: doorbells through {} (peer ID {})",
+                    c.name,
+                    rv.socket.display(),
+                    session.id
+                );
+                let (m, dev) = attach_session(vm, c, me, t, session).map_err(cerr)?;
+                joined.push(m);
+                w.remote_bells.entry(c.name.clone()).or_default().push(dev);
+                Ok(())
+            }
             ChannelKind::Doorbell => {
                 let own = interrupt_doorbell::device::new_eventfds(c.vectors)
                     .map_err(|e| cerr(e.to_string()))?;
                 let dev = IvshmemDoorbell::new(vm, t.region().clone(), me as u16, own, c.fast_path)
                     .map_err(|e| cerr(e.to_string()))?;
                 joined.push(t.join(me).map_err(|e| cerr(e.to_string()))?);
-                groups
+                w.groups
                     .entry(c.name.clone())
                     .or_default()
                     .push((me as u16, dev.clone()));
@@ -239,13 +364,17 @@ pub fn run(
         }
         None => cfg.vms.iter().collect(),
     };
-    let mut transports = open_channels(cfg, &selected)?;
-    let mut groups = Groups::new();
-    for sig in [libc::SIGINT, libc::SIGTERM] {
-        if let Err(e) = vmm_sys_util::signal::register_signal_handler(sig, on_signal) {
-            log::warn!("cannot catch signal {sig}: {e}");
-        }
-    }
+    let mut w = Wiring {
+        transports: open_channels(cfg, &selected)?,
+        ..Default::default()
+    };
+    w.split = cfg
+        .channels
+        .iter()
+        .filter(|c| !elsewhere(c, &selected).is_empty())
+        .map(|c| c.name.clone())
+        .collect();
+    catch_signals();
 
     let mut vms = Vec::new();
     for (i, spec) in selected.iter().enumerate() {
@@ -262,7 +391,7 @@ pub fn run(
             Serial::File(p) => SerialOutput::File(p.clone()),
         };
         let vm = Vm::new(&vc).map_err(verr)?;
-        let joined = plug_channels(cfg, &vm, &mut transports, &mut groups)?;
+        let joined = plug_channels(cfg, &vm, &mut w)?;
         match &spec.kernel {
             Kernel::Probe => {
                 let index = cfg
@@ -294,6 +423,12 @@ pub fn run(
         vms.push((vm, joined, *spec));
     }
 
+    let Wiring {
+        transports,
+        groups,
+        remote_bells,
+        ..
+    } = w;
     for (name, members) in &groups {
         let devs: Vec<_> = members.iter().map(|(_, d)| d.clone()).collect();
         interrupt_doorbell::group::wire(&devs).map_err(|e| RunError::Channel {
@@ -302,6 +437,8 @@ pub fn run(
             msg: e.to_string(),
         })?;
     }
+    let here: Vec<&str> = selected.iter().map(|v| v.name.as_str()).collect();
+    let mut waiting = Waiting::new(cfg, &here, &transports);
     let start = Instant::now();
     type Slot<'a> = (
         &'a crate::config::VmSpec,
@@ -336,10 +473,24 @@ pub fn run(
             let Some((vm, _, _)) = r else { continue };
             if let Some(exit) = vm.wait_timeout(Duration::from_millis(5)) {
                 let elapsed = start.elapsed();
-                let report = match spec.kernel {
+                let mut report = match spec.kernel {
                     Kernel::Probe => tasks::reports(cfg, spec, vm.vm().memory(), &transports),
                     Kernel::Linux { .. } => None,
                 };
+                if let Some(r) = report.as_mut() {
+                    for c in cfg
+                        .channels
+                        .iter()
+                        .filter(|c| c.index_of(&spec.name).is_some())
+                    {
+                        r.lines.extend(
+                            waiting
+                                .never_came(c)
+                                .into_iter()
+                                .map(|l| format!("{}: {l}", spec.name)),
+                        );
+                    }
+                }
                 *out = Some(Outcome {
                     name: spec.name.clone(),
                     exit,
@@ -370,8 +521,15 @@ pub fn run(
         if left == 0 {
             break;
         }
+        for c in waiting.check() {
+            for d in remote_bells.get(&c).into_iter().flatten() {
+                if let Ok(g) = d.lock() {
+                    g.wake();
+                }
+            }
+        }
         let expired = timeout.is_some_and(|t| start.elapsed() >= t);
-        if expired || INTERRUPTED.load(Ordering::SeqCst) {
+        if expired || interrupted() {
             for (_, r, _) in running.iter() {
                 if let Some((vm, _, _)) = r {
                     vm.stop();
@@ -383,36 +541,4 @@ pub fn run(
         }
     }
     Ok(running.into_iter().filter_map(|(_, _, o)| o).collect())
-}
-
-/// Runs an ivshmem server on `socket` sharing `/dev/shm/<shm>` (created
-/// with `size` bytes if missing) with `vectors` vectors per client, until
-/// SIGINT or SIGTERM.
-pub fn serve(socket: &std::path::Path, shm: &str, size: u64, vectors: usize) -> Result<(), String> {
-    let region = SharedRegion::open(&shmem_device::Backing::Shm(shm.to_string()), size)
-        .map_err(|e| format!("--shm {shm}: {e}"))?;
-    let file = region
-        .file()
-        .try_clone()
-        .map_err(|e| format!("--shm {shm}: {e}"))?;
-    let server = interrupt_doorbell::server::Server::bind(socket, file, vectors)
-        .map_err(|e| format!("--socket {}: {e}", socket.display()))?;
-    for sig in [libc::SIGINT, libc::SIGTERM] {
-        if let Err(e) = vmm_sys_util::signal::register_signal_handler(sig, on_signal) {
-            log::warn!("cannot catch signal {sig}: {e}");
-        }
-    }
-    let stop = Arc::new(AtomicBool::new(false));
-    let stop2 = stop.clone();
-    std::thread::spawn(move || {
-        while !INTERRUPTED.load(Ordering::SeqCst) {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        stop2.store(true, Ordering::SeqCst);
-    });
-    eprintln!(
-        "intervm: ivshmem server on {} sharing /dev/shm/{shm} ({size} bytes, {vectors} vectors per peer)",
-        socket.display()
-    );
-    server.run(stop).map_err(|e| e.to_string())
 }

@@ -1,40 +1,13 @@
 //! The `intervm` binary as a user runs it.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+mod common;
 
-use intervm_protocol::ring::{MemberState, Region};
+use std::path::PathBuf;
+use std::process::Command;
+
+use common::{intervm, repo_root, spawn_vm, temp_config, text, watch_shm};
+use intervm_protocol::ring::MemberState;
 use intervm_testkit::{kvm_available, wait_until};
-use shmem_device::{Backing, SharedRegion};
-
-fn intervm(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_intervm"))
-        .args(args)
-        .current_dir(repo_root())
-        .output()
-        .expect("running intervm")
-}
-
-fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
-}
-
-fn text(o: &Output) -> (String, String) {
-    (
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
-}
-
-/// Starts `intervm run CFG --vm VM` as its own process.
-fn spawn_vm(cfg: &str, vm: &str) -> std::process::Child {
-    Command::new(env!("CARGO_BIN_EXE_intervm"))
-        .args(["run", cfg, "--vm", vm, "--timeout", "120"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .expect("spawning intervm")
-}
 
 /// Writes `body` as config `name`, runs `intervm check` on it, and asserts
 /// that it is refused (exit 2) with an error naming the file and saying
@@ -48,23 +21,6 @@ fn check_rejects(name: &str, body: &str, want: &str) {
         err.contains(name) && err.contains(want),
         "{name}: expected {want:?} in {err:?}"
     );
-}
-
-/// `/dev/shm/NAME` (created if missing) as the ring protocol sees it, for a
-/// test that waits for a state of a channel the `intervm` processes share.
-fn watch_shm(name: &str, size: u64) -> (SharedRegion, Region) {
-    let map = SharedRegion::open(&Backing::Shm(name.to_string()), size).unwrap();
-    // SAFETY: the caller keeps `map` (and so the mapping) with the region.
-    let region = unsafe { Region::new(map.host_addr(), map.size()) };
-    (map, region)
-}
-
-fn temp_config(name: &str, body: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("intervm-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let p = dir.join(name);
-    std::fs::write(&p, body).unwrap();
-    p
 }
 
 #[test]

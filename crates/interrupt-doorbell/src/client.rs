@@ -9,7 +9,7 @@ use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::{Mutex, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::EventFd;
 
@@ -40,18 +40,106 @@ fn id_of(v: i64) -> Result<u16> {
     u16::try_from(v).map_err(|_| Error::Protocol(format!("{v} is not a peer ID")))
 }
 
-/// Connects to the server at `path` as a device with `vectors` vectors.
+/// How long [`connect`] may take in all: connecting, the handshake and
+/// every peer's eventfds. A server that stalls, or keeps the client busy
+/// with notices, cannot hold a joining VMM longer than this.
+pub const JOIN_DEADLINE: Duration = Duration::from_secs(10);
+
+/// How long to wait for one more own eventfd once at least one has come:
+/// a server with fewer vectors than this device sends no more.
+const MORE_VECTORS_WAIT: Duration = Duration::from_millis(500);
+
+/// Connects to the server at `path` as a device with `vectors` vectors,
+/// within [`JOIN_DEADLINE`].
 pub fn connect(path: &Path, vectors: usize) -> Result<Session> {
-    let stream = UnixStream::connect(path)
-        .map_err(|e| Error::Io(format!("{}: connect", path.display()), e))?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(5)))
-        .map_err(|e| Error::Io("timeout".into(), e))?;
+    connect_within(path, vectors, JOIN_DEADLINE)
+}
+
+/// Checks a received shared-memory fd: a regular file (or memfd) opened
+/// read-write. Reopening it (below) then cannot gain an access the server
+/// did not give.
+fn check_shm(f: &File) -> Result<()> {
+    let meta = f
+        .metadata()
+        .map_err(|e| Error::Io("stat of the shared-memory fd".into(), e))?;
+    if !meta.file_type().is_file() {
+        return Err(Error::Protocol(
+            "the shared-memory fd is not a regular file or memfd".into(),
+        ));
+    }
+    // SAFETY: F_GETFL on a descriptor we own; no memory involved.
+    let flags = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_GETFL) };
+    if flags < 0 {
+        return Err(Error::Io(
+            "fcntl of the shared-memory fd".into(),
+            std::io::Error::last_os_error(),
+        ));
+    }
+    if flags & libc::O_ACCMODE != libc::O_RDWR {
+        return Err(Error::Protocol(
+            "the shared-memory fd is not open read-write".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Like [`connect`], with the whole join bounded by `limit`.
+pub fn connect_within(path: &Path, vectors: usize, limit: Duration) -> Result<Session> {
+    let deadline = Instant::now() + limit;
+    let stream = UnixStream::connect(path).map_err(|source| Error::Unreachable {
+        socket: path.to_path_buf(),
+        source,
+    })?;
+    // Each receive waits at most `per` and never past the deadline.
+    let wait = |per: Duration| -> Result<()> {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(Error::Protocol(format!(
+                "{}: the join took longer than {} s",
+                path.display(),
+                limit.as_secs_f64()
+            )));
+        }
+        stream
+            .set_read_timeout(Some(per.min(left)))
+            .map_err(|e| Error::Io("timeout".into(), e))
+    };
+    // A receive that times out under `wait(limit)` has hit the deadline.
+    let timed_out = |e: Error| match e {
+        Error::Io(_, ref io)
+            if matches!(
+                io.kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+            ) =>
+        {
+            Error::Protocol(format!(
+                "{}: the server did not complete the join within {} s",
+                path.display(),
+                limit.as_secs_f64()
+            ))
+        }
+        e => e,
+    };
+    wait(limit)?;
+    let (version, _) = match proto::recv(&stream).map_err(timed_out)? {
+        Some(m) => m,
+        // Accepted, then closed: a server on its way out. Worth a retry.
+        None => {
+            return Err(Error::Unreachable {
+                socket: path.to_path_buf(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the server hung up before the version",
+                ),
+            })
+        }
+    };
     let next = |what: &str| -> Result<(i64, Option<File>)> {
-        proto::recv(&stream)?
+        wait(limit)?;
+        proto::recv(&stream)
+            .map_err(timed_out)?
             .ok_or_else(|| Error::Protocol(format!("server hung up before {what}")))
     };
-    let (version, _) = next("the version")?;
     if version != PROTOCOL_VERSION {
         return Err(Error::Protocol(format!(
             "version {version}, expected {PROTOCOL_VERSION}"
@@ -67,7 +155,9 @@ pub fn connect(path: &Path, vectors: usize) -> Result<Session> {
             ))
         }
     };
+    check_shm(&shm)?;
     // Reopen: a new open file description, so flock serialises formatting.
+    // The fd is read-write (checked), so this grants nothing new.
     let shm = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -75,20 +165,26 @@ pub fn connect(path: &Path, vectors: usize) -> Result<Session> {
         .unwrap_or(shm);
     let mut peers: HashMap<u16, Vec<EventFd>> = HashMap::new();
     let mut own = Vec::new();
-    stream
-        .set_read_timeout(Some(Duration::from_millis(500)))
-        .map_err(|e| Error::Io("timeout".into(), e))?;
     while own.len() < vectors {
+        wait(if own.is_empty() {
+            limit
+        } else {
+            MORE_VECTORS_WAIT
+        })?;
         let (v, fd) = match proto::recv(&stream) {
             Ok(Some(m)) => m,
             Ok(None) => return Err(Error::Protocol("server hung up during setup".into())),
             // Fewer vectors on the server than here: the rest stay unconnected.
             Err(Error::Io(_, e))
-                if !own.is_empty() && e.kind() == std::io::ErrorKind::WouldBlock =>
+                if !own.is_empty()
+                    && matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                    ) =>
             {
                 break
             }
-            Err(e) => return Err(e),
+            Err(e) => return Err(timed_out(e)),
         };
         let peer = id_of(v)?;
         let Some(fd) = fd else {

@@ -189,9 +189,16 @@ impl IvshmemDoorbell {
     pub fn remove_peer(&mut self, id: u16) {
         if self.peers.remove(&id).is_some() {
             self.register_ioevents();
-            if let Some(e) = self.own.first() {
-                let _ = e.write(1);
-            }
+            self.wake();
+        }
+    }
+
+    /// Rings this member's own vector 0, so that its guest looks at the
+    /// region again: after a peer left, or after the host marked a peer
+    /// whose heartbeat stopped as gone.
+    pub fn wake(&self) {
+        if let Some(e) = self.own.first() {
+            let _ = e.write(1);
         }
     }
 

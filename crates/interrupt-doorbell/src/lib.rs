@@ -7,12 +7,15 @@
 //! - [`group`]: members of one `intervm` process wired directly, no server.
 //! - [`server`] and [`client`]: QEMU's ivshmem-server protocol, so intervm
 //!   VMs and QEMU VMs can share one region and ring each other.
+//! - [`rendezvous`]: members in different processes meet at a socket named
+//!   after their backing, served by a server started on demand.
 #![deny(missing_docs)]
 
 pub mod client;
 pub mod device;
 pub mod group;
 pub mod proto;
+pub mod rendezvous;
 pub mod server;
 
 pub use device::{DoorbellStats, IvshmemDoorbell};
@@ -26,6 +29,16 @@ pub enum Error {
     /// A system call failed.
     #[error("{0}: {1}")]
     Io(String, #[source] std::io::Error),
+    /// No server answers on `socket` (nothing there, nobody listening, or
+    /// a server that closed the connection before the handshake).
+    #[error("{}: no ivshmem server answers: {source}", socket.display())]
+    Unreachable {
+        /// The socket tried.
+        socket: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// The peer on a protocol socket misbehaved.
     #[error("protocol: {0}")]
     Protocol(String),

@@ -10,6 +10,7 @@
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileTypeExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -37,6 +38,7 @@ pub struct Server {
     shm: File,
     vectors: usize,
     clients: Vec<Client>,
+    idle_exit: Option<Duration>,
 }
 
 impl Server {
@@ -46,8 +48,15 @@ impl Server {
         if vectors == 0 || vectors > 1024 {
             return Err(Error::Config(format!("{vectors} vectors (1..=1024)")));
         }
-        if path.exists() {
-            // Only a socket nobody listens on may be replaced.
+        if let Ok(meta) = std::fs::symlink_metadata(path) {
+            // Only a socket nobody listens on may be replaced: never a
+            // file, directory or link a user mistyped as the socket path.
+            if !meta.file_type().is_socket() {
+                return Err(Error::Config(format!(
+                    "{}: exists and is not a socket; refusing to replace it",
+                    path.display()
+                )));
+            }
             if UnixStream::connect(path).is_ok() {
                 return Err(Error::Config(format!(
                     "{}: another server is listening there",
@@ -87,7 +96,16 @@ impl Server {
             shm,
             vectors,
             clients: Vec::new(),
+            idle_exit: None,
         })
+    }
+
+    /// Makes [`Server::run`] return once the last client has left, or when
+    /// no client has come within `first`: a server started on demand for
+    /// one channel (see [`crate::rendezvous`]) lives as long as its members.
+    pub fn exit_when_idle(mut self, first: Duration) -> Self {
+        self.idle_exit = Some(first);
+        self
     }
 
     /// IDs of connected clients.
@@ -158,9 +176,19 @@ impl Server {
         }
     }
 
-    /// Serves until `stop` is set.
+    /// Serves until `stop` is set (or, with [`Server::exit_when_idle`],
+    /// until nobody uses it).
     pub fn run(mut self, stop: Arc<AtomicBool>) -> Result<()> {
+        let started = std::time::Instant::now();
+        let mut served = false;
         while !stop.load(Ordering::Acquire) {
+            served |= !self.clients.is_empty();
+            if let Some(first) = self.idle_exit {
+                if self.clients.is_empty() && (served || started.elapsed() >= first) {
+                    log::info!("ivshmem-server: no peers left; exiting");
+                    break;
+                }
+            }
             let mut fds = vec![libc::pollfd {
                 fd: self.listener.as_raw_fd(),
                 events: libc::POLLIN,
@@ -178,14 +206,16 @@ impl Server {
             }
             // Any data, hang-up or error from a client ends it: clients
             // never speak in this protocol.
-            let gone: Vec<u16> = fds[1..]
+            let gone: Vec<(u16, bool)> = fds[1..]
                 .iter()
                 .zip(&self.clients)
                 .filter(|(p, _)| p.revents != 0)
-                .map(|(_, c)| c.id)
+                .map(|(_, c)| (c.id, sent_data(&c.stream)))
                 .collect();
-            for id in gone {
-                log::warn!("ivshmem-server: peer {id} sent data or hung up; disconnecting it");
+            for (id, spoke) in gone {
+                if spoke {
+                    log::warn!("ivshmem-server: peer {id} sent data; disconnecting it");
+                }
                 self.drop_client(id);
             }
             if fds[0].revents & libc::POLLIN != 0 {
@@ -202,6 +232,23 @@ impl Server {
         }
         Ok(())
     }
+}
+
+/// True when `s` holds data to read (a violation), false when it only hung
+/// up or failed.
+fn sent_data(s: &UnixStream) -> bool {
+    let mut b = [0u8; 1];
+    // SAFETY: receives at most one byte into `b`, which outlives the call;
+    // MSG_PEEK leaves it queued and MSG_DONTWAIT never blocks.
+    let n = unsafe {
+        libc::recv(
+            s.as_raw_fd(),
+            b.as_mut_ptr().cast(),
+            1,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    n > 0
 }
 
 impl Drop for Server {

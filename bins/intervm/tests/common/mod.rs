@@ -1,0 +1,67 @@
+//! Helpers shared by the `intervm` binary's test files.
+#![allow(dead_code)] // each test file uses a part
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use intervm_protocol::ring::Region;
+use shmem_device::{Backing, SharedRegion};
+
+/// `intervm ARGS` in the repository root, without running it.
+pub fn intervm_cmd(args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_intervm"));
+    c.args(args).current_dir(repo_root());
+    c
+}
+
+/// Runs `intervm ARGS` to the end.
+pub fn intervm(args: &[&str]) -> Output {
+    intervm_cmd(args).output().expect("running intervm")
+}
+
+/// The repository's root directory.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// Standard output and error of `o` as text.
+pub fn text(o: &Output) -> (String, String) {
+    (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+/// Starts `intervm run CFG --vm VM` as its own process.
+pub fn spawn_vm(cfg: &str, vm: &str) -> std::process::Child {
+    spawn_vm_with(cfg, vm, &[])
+}
+
+/// Like [`spawn_vm`], with extra environment variables.
+pub fn spawn_vm_with(cfg: &str, vm: &str, env: &[(&str, &Path)]) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_intervm"))
+        .args(["run", cfg, "--vm", vm, "--timeout", "120"])
+        .envs(env.iter().copied())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawning intervm")
+}
+
+/// `/dev/shm/NAME` (created if missing) as the ring protocol sees it, for a
+/// test that waits for a state of a channel the `intervm` processes share.
+pub fn watch_shm(name: &str, size: u64) -> (SharedRegion, Region) {
+    let map = SharedRegion::open(&Backing::Shm(name.to_string()), size).unwrap();
+    // SAFETY: the caller keeps `map` (and so the mapping) with the region.
+    let region = unsafe { Region::new(map.host_addr(), map.size()) };
+    (map, region)
+}
+
+/// Writes `body` as config file `name` in this test process's temp dir.
+pub fn temp_config(name: &str, body: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("intervm-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join(name);
+    std::fs::write(&p, body).unwrap();
+    p
+}
