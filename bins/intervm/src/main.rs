@@ -129,6 +129,14 @@ fn main() -> ExitCode {
                         ch.kind.as_str(),
                         ch.members.join(", ")
                     );
+                    if ch.kind == config::ChannelKind::Doorbell {
+                        if let Some((rv, _)) = wire::rendezvous_of(ch) {
+                            println!(
+                                "    run with --vm, its members (and QEMU VMs) meet at {}",
+                                rv.socket.display()
+                            );
+                        }
+                    }
                 }
                 ExitCode::SUCCESS
             }

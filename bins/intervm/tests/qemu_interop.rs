@@ -2,8 +2,11 @@
 //!
 //! A Linux guest runs under Debian's `qemu-system-x86_64 -accel tcg` with
 //! QEMU's own `ivshmem-plain` (on a `/dev/shm` object) and
-//! `ivshmem-doorbell` (connected to `intervm ivshmem-server`). An intervm
-//! probe guest on KVM joins the same two regions. The Linux guest's
+//! `ivshmem-doorbell`. An intervm probe guest on KVM, run as its own
+//! process (`--vm probe`), joins the same two regions; for the doorbell
+//! region it starts the channel's on-demand ivshmem server at the socket
+//! named after the backing, and QEMU joins by that socket, as the README
+//! tells a user to. The Linux guest's
 //! userspace runs `intervm-guest` (over sysfs `resource2`, and over
 //! `/dev/uioN` of the ivshmem_uio driver), and the two exchange checksummed
 //! data both ways over both regions. This checks the guest tool, the UIO
@@ -57,7 +60,8 @@ struct Names {
     dir: PathBuf,
     plain: String,
     bell: String,
-    socket: PathBuf,
+    /// The rendezvous directory (`INTERVM_RUNTIME_DIR`).
+    run: PathBuf,
 }
 
 impl Drop for Names {
@@ -86,28 +90,12 @@ fn qemu_linux_guest_and_intervm_probe_exchange_data_both_ways() {
     let names = Names {
         plain: format!("intervm-qemu-{tag}-plain"),
         bell: format!("intervm-qemu-{tag}-bell"),
-        socket: dir.join("ivshmem.sock"),
+        run: dir.join("run"),
         dir,
     };
     let deadline = Instant::now() + DEADLINE;
 
-    // 1. The ivshmem server owns the doorbell region and hands out IDs.
-    let server = Reaped(
-        Command::new(intervm)
-            .args(["ivshmem-server", "--socket"])
-            .arg(&names.socket)
-            .args(["--shm", &names.bell, "--size", "4M", "--vectors", "1"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("starting intervm ivshmem-server"),
-    );
-    while !names.socket.exists() {
-        assert!(Instant::now() < deadline, "the server never listened");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-
-    // 2. intervm runs the probe; "linux" is the QEMU guest (the same
+    // 1. intervm runs the probe; "linux" is the QEMU guest (the same
     //    [[vm]] would boot under intervm on VMX/SVM).
     let cfg = names.dir.join("interop.toml");
     std::fs::write(
@@ -143,12 +131,12 @@ name = "bell"
 kind = "doorbell"
 members = ["probe", "linux"]
 size = "4M"
-backing = {{ server = "{socket}" }}
+backing = {{ shm = "{bell}" }}
 "#,
             kernel = guest.bzimage.display(),
             initrd = guest.initramfs_gz.display(),
             plain = names.plain,
-            socket = names.socket.display(),
+            bell = names.bell,
         ),
     )
     .unwrap();
@@ -157,21 +145,26 @@ backing = {{ server = "{socket}" }}
             .arg("run")
             .arg(&cfg)
             .args(["--vm", "probe", "--timeout", "280"])
+            .env("INTERVM_RUNTIME_DIR", &names.run)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .expect("starting intervm"),
     );
+    // The probe's process creates the plain region and, for the doorbell
+    // region, starts the on-demand server (`intervm check` names its
+    // socket: DIR/shm-NAME.sock).
     let plain_path = Path::new("/dev/shm").join(&names.plain);
-    while !plain_path.exists() {
+    let socket = names.run.join(format!("shm-{}.sock", names.bell));
+    while !(plain_path.exists() && socket.exists()) {
         assert!(
             Instant::now() < deadline,
-            "intervm never created the region"
+            "intervm never created the region or its rendezvous socket"
         );
         std::thread::sleep(Duration::from_millis(20));
     }
 
-    // 3. QEMU: the plain device at 00:04.0, the doorbell device at 00:05.0.
+    // 2. QEMU: the plain device at 00:04.0, the doorbell device at 00:05.0.
     // Seeds named CHANNEL:SENDER are the ones the launcher uses.
     let run = [
         format!(
@@ -186,7 +179,7 @@ backing = {{ server = "{socket}" }}
         "memory-backend-file,id=plain,mem-path={},size=4M,share=on",
         plain_path.display()
     );
-    let chardev = format!("socket,path={},id=bell", names.socket.display());
+    let chardev = format!("socket,path={},id=bell", socket.display());
     let mut vm = Reaped(
         Command::new(qemu)
             .args(["-accel", "tcg", "-m", "256", "-nographic", "-no-reboot"])
@@ -214,7 +207,6 @@ backing = {{ server = "{socket}" }}
     let console = read_all(vm.0.stdout.take()) + &read_all(vm.0.stderr.take());
     let probe_status = wait_until(&mut probe, deadline + Duration::from_secs(10));
     let report = read_all(probe.0.stdout.take()) + &read_all(probe.0.stderr.take());
-    drop(server);
     eprintln!("--- QEMU guest console ---\n{console}\n--- intervm ---\n{report}");
 
     assert!(qemu_status.is_some(), "QEMU did not finish in time");

@@ -182,3 +182,106 @@ fn a_client_refuses_a_lying_server() {
     t.join().unwrap();
     let _ = std::fs::remove_file(&path);
 }
+
+/// A fake server on a fresh socket that runs `script` on its first client.
+fn fake_server(
+    tag: &str,
+    script: impl FnOnce(UnixStream) + Send + 'static,
+) -> (PathBuf, std::thread::JoinHandle<()>) {
+    let path = std::env::temp_dir().join(format!("ivshmem-{tag}-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let l = UnixListener::bind(&path).unwrap();
+    let t = std::thread::spawn(move || {
+        let (s, _) = l.accept().unwrap();
+        script(s);
+    });
+    (path, t)
+}
+
+#[test]
+fn a_join_is_bounded_even_when_the_server_stalls_or_chatters() {
+    let none: Option<&std::fs::File> = None;
+    // Sends the version, then nothing: the client gives up at its deadline.
+    let (path, t) = fake_server("stall", move |s| {
+        proto::send(&s, 0, none).unwrap();
+        // Held open until the client hangs up.
+        let _ = std::io::Read::read(&mut &s, &mut [0u8; 1]);
+    });
+    let e = client::connect_within(&path, 1, Duration::from_millis(300))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("did not complete the join within 0.3 s"), "{e}");
+    t.join().unwrap();
+    // A full handshake start, then "peer 5 left" for ever: still bounded.
+    let (path2, t) = fake_server("chatter", move |s| {
+        let shm = vmm_core::memory::memfd("ivshmem-test", 0).unwrap();
+        shm.set_len(1 << 20).unwrap();
+        proto::send(&s, 0, none).unwrap();
+        proto::send(&s, 3, none).unwrap();
+        proto::send(&s, -1, Some(&shm)).unwrap();
+        while proto::send(&s, 5, none).is_ok() {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    });
+    let e = client::connect_within(&path2, 1, Duration::from_millis(300))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("longer than 0.3 s"), "{e}");
+    t.join().unwrap();
+    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_file(&path2);
+}
+
+#[test]
+fn a_read_only_region_fd_is_refused_not_reopened_writable() {
+    let none: Option<&std::fs::File> = None;
+    let file = std::env::temp_dir().join(format!("ivshmem-ro-{}", std::process::id()));
+    std::fs::write(&file, vec![0u8; 4096]).unwrap();
+    let ro = std::fs::File::open(&file).unwrap();
+    let (path, t) = fake_server("ro", move |s| {
+        proto::send(&s, 0, none).unwrap();
+        proto::send(&s, 0, none).unwrap();
+        proto::send(&s, -1, Some(&ro)).unwrap();
+        let _ = std::io::Read::read(&mut &s, &mut [0u8; 1]);
+    });
+    let e = client::connect(&path, 1).err().unwrap().to_string();
+    assert!(e.contains("not open read-write"), "{e}");
+    t.join().unwrap();
+    let _ = std::fs::remove_file(&path);
+    let _ = std::fs::remove_file(&file);
+}
+
+#[test]
+fn the_server_never_replaces_a_file_that_is_not_a_socket() {
+    let path = std::env::temp_dir().join(format!("ivshmem-notsock-{}", std::process::id()));
+    std::fs::write(&path, b"precious").unwrap();
+    let shm = vmm_core::memory::memfd("ivshmem-test", 0).unwrap();
+    shm.set_len(1 << 20).unwrap();
+    let e = Server::bind(&path, shm, 1).err().unwrap().to_string();
+    assert!(e.contains("is not a socket; refusing to replace it"), "{e}");
+    assert_eq!(std::fs::read(&path).unwrap(), b"precious");
+    std::fs::remove_file(&path).unwrap();
+}
+
+#[test]
+fn an_on_demand_server_exits_with_its_last_client() {
+    let path = std::env::temp_dir().join(format!("ivshmem-idle-{}.sock", std::process::id()));
+    let shm = vmm_core::memory::memfd("ivshmem-test", 0).unwrap();
+    shm.set_len(1 << 20).unwrap();
+    let s = Server::bind(&path, shm, 1)
+        .unwrap()
+        .exit_when_idle(Duration::from_secs(600));
+    let stop = Arc::new(AtomicBool::new(false));
+    let t = std::thread::spawn(move || s.run(stop));
+    let a = client::connect(&path, 1).unwrap();
+    let b = client::connect(&path, 1).unwrap();
+    drop(a);
+    // One client left: still serving newcomers.
+    let c = client::connect(&path, 1).unwrap();
+    drop((b, c));
+    // The last one gone: `run` returns by itself and the socket goes.
+    t.join().unwrap().unwrap();
+    assert!(!path.exists());
+}
