@@ -95,7 +95,7 @@ pub fn connect_within(path: &Path, vectors: usize, limit: Duration) -> Result<Se
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
             return Err(Error::Protocol(format!(
-                "{}: the join took longer than {} s",
+                "{}: the server did not complete the join within {} s",
                 path.display(),
                 limit.as_secs_f64()
             )));
