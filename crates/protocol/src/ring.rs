@@ -864,7 +864,9 @@ impl Producer {
         }
         // Payload first (summed while copied), then the header that carries
         // the sum; neither is visible before the head store below.
-        let sum = self.ring.write_summed(self.head + FRAME_HEADER_BYTES, msg);
+        let sum = self
+            .ring
+            .write_summed(self.head.wrapping_add(FRAME_HEADER_BYTES), msg);
         let mut hdr = [0u8; 16];
         hdr[..4].copy_from_slice(&(msg.len() as u32).to_le_bytes());
         hdr[4..8].copy_from_slice(&self.seq.to_le_bytes());
@@ -951,7 +953,9 @@ impl Consumer {
         let dst = &mut out[..len as usize];
         // The sum is of the bytes as copied out, so the peer cannot change
         // them between the check and their use.
-        let got = self.ring.read_summed(self.tail + FRAME_HEADER_BYTES, dst);
+        let got = self
+            .ring
+            .read_summed(self.tail.wrapping_add(FRAME_HEADER_BYTES), dst);
         fence(Ordering::Acquire);
         if got != sum {
             return Err(RingError::BadChecksum { seq });
@@ -1072,6 +1076,26 @@ mod tests {
         let geo = Geometry::fit(members, bytes as u64).unwrap();
         r.init(geo).unwrap();
         (m, r, geo)
+    }
+
+    #[test]
+    fn indices_near_the_top_of_u64_wrap_instead_of_overflowing() {
+        // A peer may leave any index in shared memory; a ring resumed from
+        // one just below 2^64 must wrap (no overflow panic in debug builds).
+        let (_m, r, geo) = setup(2, 1 << 16);
+        let off = r.ring_offset(&geo, 0, 1).unwrap();
+        let top = u64::MAX - 7;
+        r.u64_at(off + RING_HEAD).store(top, Ordering::SeqCst);
+        r.u64_at(off + RING_TAIL).store(top, Ordering::SeqCst);
+        let mut p = r.producer(geo, 0, 1).unwrap();
+        let mut c = r.consumer(geo, 0, 1).unwrap();
+        for i in 0..4u8 {
+            let msg = [i; 40];
+            p.try_send(&msg).unwrap().unwrap();
+            let mut out = [0u8; 64];
+            let (n, _) = c.try_recv(&mut out).unwrap().unwrap();
+            assert_eq!(&out[..n], &msg[..]);
+        }
     }
 
     #[test]
