@@ -37,23 +37,43 @@ pub struct Transport {
     geo: Geometry,
 }
 
+/// How long [`Transport::attach`] waits for another process formatting or
+/// checking the same region (which takes microseconds): a holder past
+/// this is stuck or hostile, and the attach fails instead of hanging.
+pub const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
 struct FileLock<'a>(&'a std::fs::File);
 
 impl<'a> FileLock<'a> {
-    fn exclusive(file: &'a std::fs::File, label: &str) -> Result<Self> {
+    fn exclusive(file: &'a std::fs::File, label: &str, wait: std::time::Duration) -> Result<Self> {
+        let t0 = std::time::Instant::now();
         loop {
             // SAFETY: flock on a file descriptor we own; no memory involved.
-            let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+            let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
             if r == 0 {
                 return Ok(Self(file));
             }
             let e = std::io::Error::last_os_error();
-            if e.kind() != std::io::ErrorKind::Interrupted {
+            match e.raw_os_error() {
+                Some(libc::EWOULDBLOCK) | Some(libc::EINTR) => {}
+                _ => {
+                    return Err(Error::Io {
+                        what: format!("{label}: flock"),
+                        source: e,
+                    })
+                }
+            }
+            if t0.elapsed() >= wait {
                 return Err(Error::Io {
-                    what: format!("{label}: flock"),
-                    source: e,
+                    what: format!(
+                        "{label}: another process has held the region's lock for {} s \
+                         (formatting takes microseconds; a stuck or hostile member?)",
+                        wait.as_secs_f64()
+                    ),
+                    source: std::io::Error::from_raw_os_error(libc::EWOULDBLOCK),
                 });
             }
+            std::thread::sleep(std::time::Duration::from_millis(1));
         }
     }
 }
@@ -70,10 +90,20 @@ impl Transport {
     /// it holds no valid layout or nobody alive uses it, otherwise checks
     /// that its layout was made for the same number of members.
     pub fn attach(region: Arc<SharedRegion>, members: u32) -> Result<Self> {
+        Self::attach_within(region, members, LOCK_WAIT)
+    }
+
+    /// Like [`Transport::attach`], waiting at most `lock_wait` for another
+    /// process that holds the region's lock.
+    pub fn attach_within(
+        region: Arc<SharedRegion>,
+        members: u32,
+        lock_wait: std::time::Duration,
+    ) -> Result<Self> {
         // SAFETY: the mapping lives as long as `region`, which `Transport`
         // (and every `Membership`) keeps alive through the Arc.
         let ring = unsafe { ring::Region::new(region.host_addr(), region.size()) };
-        let lock = FileLock::exclusive(region.file(), region.label())?;
+        let lock = FileLock::exclusive(region.file(), region.label(), lock_wait)?;
         let in_use = match ring.geometry() {
             Ok(geo) => live_members(&ring, &geo) > 0,
             Err(_) => false,
@@ -194,6 +224,24 @@ mod tests {
 
     fn shm_name(tag: &str) -> String {
         format!("intervm-test-{tag}-{}", std::process::id())
+    }
+
+    #[test]
+    fn a_lock_held_for_ever_fails_the_attach_instead_of_hanging() {
+        let name = shm_name("stuck");
+        let backing = Backing::Shm(name.clone());
+        let r = Arc::new(SharedRegion::open(&backing, 1 << 20).unwrap());
+        // Another open file description (as a hostile process would hold).
+        let holder = std::fs::File::open(format!("/dev/shm/{name}")).unwrap();
+        // SAFETY: flock on a descriptor we own.
+        assert_eq!(unsafe { libc::flock(holder.as_raw_fd(), libc::LOCK_EX) }, 0);
+        let e = Transport::attach_within(r.clone(), 2, std::time::Duration::from_millis(100))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("held the region's lock for 0.1 s"), "{e}");
+        drop(holder);
+        assert!(Transport::attach_within(r, 2, std::time::Duration::from_millis(100)).is_ok());
+        let _ = std::fs::remove_file(format!("/dev/shm/{name}"));
     }
 
     #[test]
