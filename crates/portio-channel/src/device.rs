@@ -175,6 +175,14 @@ impl<L: Link, M: GuestMemory> PortioDevice<L, M> {
             if len > self.max {
                 return self.set_result(R_TOO_LARGE);
             }
+            // Check the guest's range before sizing a buffer for it.
+            if !self.mem.check_range(
+                GuestAddress(self.desc_addr),
+                len,
+                vm_memory::Permissions::Read,
+            ) {
+                return self.set_result(R_BAD_ADDRESS);
+            }
             self.tx.resize(len, 0);
             if self
                 .mem
