@@ -218,6 +218,9 @@ pub const DEFAULT_SHMEM_SIZE: u64 = 4 << 20;
 /// Default queue region size of a `portio` channel.
 pub const DEFAULT_PORTIO_SIZE: u64 = 1 << 20;
 
+/// Largest port-I/O channel region.
+pub const MAX_PORTIO_SIZE: u64 = 256 << 20;
+
 /// Where a port-I/O channel's ports may go: above the legacy ISA devices
 /// and below the PCI I/O window.
 pub const PORTIO_PORTS: std::ops::Range<u32> = 0x1000..0xc000;
@@ -633,9 +636,10 @@ impl Config {
                 )));
             }
             let vcpus = v.vcpus.unwrap_or(1);
-            if !(1..=255).contains(&vcpus) {
+            let max_vcpus = vmm_core::x86::mptable::MAX_VCPUS as u32;
+            if !(1..=max_vcpus).contains(&vcpus) {
                 return Err(err(format!(
-                    "{}: {vcpus} is not between 1 and 255",
+                    "{}: {vcpus} is not between 1 and {max_vcpus}",
                     key("vcpus")
                 )));
             }
@@ -795,7 +799,7 @@ impl Config {
             let port = match c.port {
                 None => intervm_protocol::portio::DEFAULT_BASE as u32,
                 Some(p) => {
-                    let end = p + intervm_protocol::portio::PORT_COUNT as i64;
+                    let end = p.saturating_add(intervm_protocol::portio::PORT_COUNT as i64);
                     if p < PORTIO_PORTS.start as i64 || end > PORTIO_PORTS.end as i64 {
                         return Err(err(format!(
                             "{}: {p:#x}..{end:#x} must lie within {:#x}..{:#x} (below is legacy ISA, above is the PCI I/O window)",
@@ -860,9 +864,15 @@ impl Config {
                 }
                 Some(b) => match (&b.shm, &b.file, &b.hugetlbfs) {
                     (Some(n), None, None) => {
-                        if n.is_empty() || n.len() > 200 || n.contains('/') {
+                        if n.is_empty()
+                            || n.len() > 200
+                            || n.contains('/')
+                            || n.contains('\0')
+                            || n == "."
+                            || n == ".."
+                        {
                             return Err(err(format!(
-                                "{}: shm name {n:?} must be 1-200 characters without '/'",
+                                "{}: shm name {n:?} must be 1-200 characters without '/' or NUL, and not . or ..",
                                 key("backing.shm")
                             )));
                         }
@@ -878,6 +888,47 @@ impl Config {
                     }
                 },
             };
+            if kind == ChannelKind::Portio && size > MAX_PORTIO_SIZE {
+                // Each member's device holds a message buffer each way as
+                // large as a ring.
+                return Err(err(format!(
+                    "{}: {size} bytes is more than a port-I/O channel takes ({} MiB)",
+                    key("size"),
+                    MAX_PORTIO_SIZE >> 20
+                )));
+            }
+            if kind != ChannelKind::Portio && !matches!(backing, Backing::Server(_)) {
+                // BAR2 of every shared region of a VM goes into its 64-bit
+                // PCI window, in file order, each aligned to its size:
+                // place them as the PCI bus will, to fail here, not at boot.
+                for vm in &c.members {
+                    let mut next = vmm_core::layout::PCI_MMIO64_BASE;
+                    for (name, sz) in channels
+                        .iter()
+                        .filter(|o: &&ChannelSpec| {
+                            o.kind != ChannelKind::Portio
+                                && !matches!(o.backing, Backing::Server(_))
+                                && o.members.contains(vm)
+                        })
+                        .map(|o| (o.name.as_str(), o.size))
+                        .chain([(c.name.as_str(), size)])
+                    {
+                        let at = next.next_multiple_of(sz.max(4096));
+                        let end =
+                            vmm_core::layout::PCI_MMIO64_BASE + vmm_core::layout::PCI_MMIO64_SIZE;
+                        if at.saturating_add(sz) > end {
+                            return Err(err(format!(
+                                "{}: vm {vm:?} has no room for {name}'s {sz} bytes in its {} GiB \
+                                 PCI window for shared regions (placed in file order, each aligned \
+                                 to its size)",
+                                key("size"),
+                                vmm_core::layout::PCI_MMIO64_SIZE >> 30
+                            )));
+                        }
+                        next = at + sz;
+                    }
+                }
+            }
             if kind == ChannelKind::Portio {
                 let count = intervm_protocol::portio::PORT_COUNT as u32;
                 for other in channels
@@ -1049,7 +1100,13 @@ mod tests {
             ("[[vm]]\nname = \"a\"\nmemory = 10000\n", "vm[a].memory", "not a non-zero multiple of 4 KiB"),
             ("[[vm]]\nname = \"a\"\nmemory = \"12Q\"\n", "vm[a].memory", "is not a size"),
             ("[[vm]]\nname = \"a\"\nkernel = \"/nonexistent/bzImage\"\n", "vm[a].kernel", "does not exist"),
-            ("[[vm]]\nname = \"a\"\nvcpus = 0\n", "vm[a].vcpus", "between 1 and 255"),
+            ("[[vm]]\nname = \"a\"\nvcpus = 0\n", "vm[a].vcpus", "between 1 and 239"),
+            ("[[vm]]\nname = \"a\"\nvcpus = 240\n", "vm[a].vcpus", "between 1 and 239"),
+            ("[[vm]]\nname = \"a\"\n[[vm]]\nname = \"b\"\n[[channel]]\nname = \"c\"\nkind = \"portio\"\nmembers = [\"a\", \"b\"]\nport = 9223372036854775807\n", "channel[c].port", "must lie within"),
+            ("[[vm]]\nname = \"a\"\n[[vm]]\nname = \"b\"\n[[channel]]\nname = \"c\"\nkind = \"portio\"\nmembers = [\"a\", \"b\"]\nsize = \"1024G\"\n", "channel[c].size", "more than a port-I/O channel takes (256 MiB)"),
+            ("[[vm]]\nname = \"a\"\n[[vm]]\nname = \"b\"\n[[channel]]\nname = \"c\"\nkind = \"shmem\"\nmembers = [\"a\", \"b\"]\nsize = \"64G\"\n", "channel[c].size", "vm \"a\" has no room for c's"),
+            ("[[vm]]\nname = \"a\"\n[[vm]]\nname = \"b\"\n[[channel]]\nname = \"c\"\nkind = \"shmem\"\nmembers = [\"a\", \"b\"]\nsize = \"8G\"\n[[channel]]\nname = \"d\"\nkind = \"doorbell\"\nmembers = [\"b\", \"a\"]\nsize = \"16G\"\n", "channel[d].size", "no room for d's"),
+            ("[[vm]]\nname = \"a\"\n[[vm]]\nname = \"b\"\n[[channel]]\nname = \"c\"\nkind = \"shmem\"\nmembers = [\"a\", \"b\"]\nbacking = { shm = \"..\" }\n", "channel[c].backing.shm", "not . or .."),
             ("[[vm]]\nname = \"a\"\nserial = \"tty\"\n", "vm[a].serial", "is not \"stdout\", \"console\""),
             ("[[vm]]\nname = \"a\"\nserial = \"console\"\n[[vm]]\nname = \"b\"\nserial = \"console\"\n", "vm[b].serial", "already taken by vm[a]: stdin can feed only one VM"),
             ("[[vm]]\nname = \"a\"\ncmdline = \"x\"\n", "vm[a].cmdline", "not the probe"),

@@ -62,7 +62,13 @@ impl SharedRegion {
                 false,
             ),
             Backing::Shm(name) => {
-                if name.is_empty() || name.len() > 200 || name.contains('/') {
+                if name.is_empty()
+                    || name.len() > 200
+                    || name.contains('/')
+                    || name.contains('\0')
+                    || name == "."
+                    || name == ".."
+                {
                     return Err(Error::BadName(name.clone()));
                 }
                 let p = Path::new("/dev/shm").join(name);

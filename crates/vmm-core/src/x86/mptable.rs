@@ -33,6 +33,8 @@ const APIC_VERSION: u8 = 0x14;
 const PCI_BUS: u8 = 0;
 const ISA_BUS: u8 = 1;
 const IOAPIC_ID_BASE: u8 = 0xf0;
+/// Most vCPUs the MP table describes: APIC IDs below the IOAPIC's.
+pub const MAX_VCPUS: u8 = IOAPIC_ID_BASE - 1;
 
 // Entry types.
 const PROCESSOR: u8 = 0;
