@@ -114,37 +114,15 @@ fn main() -> ExitCode {
                 }
             }
         }
-        Cmd::Check { file } => match config::Config::load(&file) {
-            Ok(c) => {
-                println!(
-                    "{}: ok ({} VMs, {} channels)",
-                    file.display(),
-                    c.vms.len(),
-                    c.channels.len()
-                );
-                for ch in &c.channels {
-                    println!(
-                        "  channel {}: {} between {}",
-                        ch.name,
-                        ch.kind.as_str(),
-                        ch.members.join(", ")
-                    );
-                    if ch.kind == config::ChannelKind::Doorbell {
-                        if let Some((rv, _)) = wire::rendezvous_of(ch) {
-                            println!(
-                                "    run with --vm, its members (and QEMU VMs) meet at {}",
-                                rv.socket.display()
-                            );
-                        }
-                    }
-                }
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                eprintln!("intervm: {e}");
-                ExitCode::from(2)
-            }
-        },
+        Cmd::Check { file } => {
+            // `intervm check FILE | head` ends quietly, as a filter should,
+            // instead of panicking on a closed pipe. Only here: `run` and
+            // the server write to sockets and must see EPIPE, not die.
+            // SAFETY: restores the default action of one signal before any
+            // thread that could rely on it exists.
+            unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+            check(&file)
+        }
         Cmd::Run { file, vm, timeout } => {
             let cfg = match config::Config::load(&file) {
                 Ok(c) => c,
@@ -189,6 +167,41 @@ fn main() -> ExitCode {
                     ExitCode::from(2)
                 }
             }
+        }
+    }
+}
+
+/// `intervm check FILE`: validates and describes the file.
+fn check(file: &std::path::Path) -> ExitCode {
+    match config::Config::load(&file) {
+        Ok(c) => {
+            println!(
+                "{}: ok ({} VMs, {} channels)",
+                file.display(),
+                c.vms.len(),
+                c.channels.len()
+            );
+            for ch in &c.channels {
+                println!(
+                    "  channel {}: {} between {}",
+                    ch.name,
+                    ch.kind.as_str(),
+                    ch.members.join(", ")
+                );
+                if ch.kind == config::ChannelKind::Doorbell {
+                    if let Some((rv, _)) = wire::rendezvous_of(ch) {
+                        println!(
+                            "    run with --vm, its members (and QEMU VMs) meet at {}",
+                            rv.socket.display()
+                        );
+                    }
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("intervm: {e}");
+            ExitCode::from(2)
         }
     }
 }

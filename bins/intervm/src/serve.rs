@@ -128,6 +128,23 @@ pub fn start_on_demand(
         .stdout(log.try_clone().map_err(io("log"))?)
         .stderr(log)
         .process_group(0);
+    // SAFETY: the closure runs in the child between fork and exec and makes
+    // one async-signal-safe system call. It marks every descriptor above
+    // stdio close-on-exec, so the server inherits none of this VMM's
+    // (eventfds, received fds): it would otherwise hold them, and what they
+    // keep alive, until its last peer leaves. Older kernels without
+    // CLOSE_RANGE_CLOEXEC refuse it harmlessly.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::syscall(
+                libc::SYS_close_range,
+                3u32,
+                u32::MAX,
+                libc::CLOSE_RANGE_CLOEXEC,
+            );
+            Ok(())
+        });
+    }
     if std::env::var_os("RUST_LOG").is_none() {
         cmd.env("RUST_LOG", "info");
     }

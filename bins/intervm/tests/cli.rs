@@ -24,6 +24,22 @@ fn check_rejects(name: &str, body: &str, want: &str) {
 }
 
 #[test]
+fn check_into_a_closed_pipe_ends_quietly() {
+    // As `intervm check FILE | head -0` would: the reader is gone before
+    // intervm writes a byte.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let o = common::intervm_cmd(&["check", "configs/demo.toml"])
+        .stdout(writer)
+        .stderr(std::process::Stdio::piped())
+        .output()
+        .unwrap();
+    let (_, err) = text(&o);
+    assert!(!err.contains("panicked"), "{err}");
+    assert_ne!(o.status.code(), Some(101), "{err}");
+}
+
+#[test]
 fn every_shipped_config_checks() {
     for entry in std::fs::read_dir(repo_root().join("configs")).unwrap() {
         let p = entry.unwrap().path();

@@ -146,7 +146,7 @@ impl IvshmemDoorbell {
             own,
             stats: DoorbellStats::default(),
             stop: Arc::new(AtomicBool::new(false)),
-            mode_changed: EventFd::new(libc::EFD_NONBLOCK)
+            mode_changed: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
                 .map_err(|e| Error::Io("eventfd".into(), e))?,
         }));
         spawn_intx_watcher(&dev)?;
@@ -437,7 +437,10 @@ impl PciDevice for IvshmemDoorbell {
 /// Fresh receive eventfds for a member that is not given any by a server.
 pub fn new_eventfds(n: usize) -> Result<Vec<EventFd>> {
     (0..n)
-        .map(|_| EventFd::new(libc::EFD_NONBLOCK).map_err(|e| Error::Io("eventfd".into(), e)))
+        .map(|_| {
+            EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
+                .map_err(|e| Error::Io("eventfd".into(), e))
+        })
         .collect()
 }
 

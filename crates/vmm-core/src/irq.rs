@@ -177,8 +177,8 @@ impl KvmMsiVectors {
                 .lock()
                 .map_err(|_| Error::Device("GSI router lock poisoned".into()))?;
             for _ in 0..count {
-                let evt =
-                    EventFd::new(EFD_NONBLOCK).map_err(Error::io("eventfd for MSI vector"))?;
+                let evt = EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC)
+                    .map_err(Error::io("eventfd for MSI vector"))?;
                 vectors.push(KvmVector {
                     evt,
                     gsi: r.allocate()?,

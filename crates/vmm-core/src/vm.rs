@@ -126,7 +126,8 @@ impl Vm {
         let control = Arc::new(VmControl::default());
         let io = Arc::new(RwLock::new(IoManager::new()));
 
-        let serial_evt = EventFd::new(EFD_NONBLOCK).map_err(Error::io("serial eventfd"))?;
+        let serial_evt =
+            EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(Error::io("serial eventfd"))?;
         fd.register_irqfd(&serial_evt, layout::COM1_GSI)
             .map_err(Error::kvm("KVM_IRQFD (serial)"))?;
         let out = cfg.serial.open(&cfg.name).map_err(Error::io(format!(

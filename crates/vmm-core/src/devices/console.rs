@@ -65,7 +65,7 @@ impl ConsoleInput {
             .rx_reads();
         let stop = Arc::new(Stop {
             flag: AtomicBool::new(false),
-            evt: EventFd::new(EFD_NONBLOCK)?,
+            evt: EventFd::new(EFD_NONBLOCK | libc::EFD_CLOEXEC)?,
             reads,
         });
         let s = stop.clone();
