@@ -173,7 +173,7 @@ fn main() -> ExitCode {
 
 /// `intervm check FILE`: validates and describes the file.
 fn check(file: &std::path::Path) -> ExitCode {
-    match config::Config::load(&file) {
+    match config::Config::load(file) {
         Ok(c) => {
             println!(
                 "{}: ok ({} VMs, {} channels)",
