@@ -155,7 +155,7 @@ fn open_channels(
             if let Some((rv, _)) = rendezvous_of(c) {
                 rv.prepare_dir().map_err(|e| {
                     cerr(format!(
-                        "members {} run in other processes, and their doorbells meet at \
+                        "the doorbells of the members in other processes ({}) meet at \
                          {}, which cannot be used: {e}; set {} to a directory every member \
                          process can use, or run `intervm ivshmem-server` and set \
                          backing = {{ server = PATH }}",

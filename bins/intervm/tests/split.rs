@@ -286,7 +286,7 @@ fn unworkable_splits_are_refused_at_start() {
         "nodir",
         Path::new("/proc/intervm-no-such-dir/run"),
         &[
-            "channel[c]: members a run in other processes",
+            "channel[c]: the doorbells of the members in other processes (a) meet at",
             "INTERVM_RUNTIME_DIR",
         ],
     );
