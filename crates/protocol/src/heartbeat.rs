@@ -13,8 +13,15 @@ use std::thread::JoinHandle;
 
 use crate::ring::{Geometry, MemberState, Region, RingError};
 
-/// How often the heartbeat is written.
+/// How often a host VMM writes its heartbeat (cheap on the host).
 pub const INTERVAL: Duration = Duration::from_millis(10);
+
+/// How often a tool inside a guest writes its heartbeat. Each beat there
+/// is a timer wake-up, a system call and two context switches of guest
+/// kernel code, which is emulated on PVM (milliseconds each on a busy
+/// host): at [`INTERVAL`] the heartbeat thread alone could take most of a
+/// vCPU from the transfer it vouches for. Peers' timeouts are seconds.
+pub const GUEST_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Milliseconds of `CLOCK_MONOTONIC`, the clock heartbeats are written in
 /// (the same in every process of one host). Never 0, so a heartbeat of 0
@@ -53,6 +60,22 @@ impl Heartbeat {
         me: u32,
         name: &str,
     ) -> Result<Self, StartError> {
+        // SAFETY: the caller's guarantee, passed on.
+        unsafe { Self::start_every(region, geo, me, name, INTERVAL) }
+    }
+
+    /// Like [`Heartbeat::start`], beating every `interval` (e.g.
+    /// [`GUEST_INTERVAL`] in a guest).
+    ///
+    /// # Safety
+    /// As for [`Heartbeat::start`].
+    pub unsafe fn start_every(
+        region: Region,
+        geo: Geometry,
+        me: u32,
+        name: &str,
+        interval: Duration,
+    ) -> Result<Self, StartError> {
         region.set_heartbeat(&geo, me, monotonic_ms())?;
         region.set_member_state(&geo, me, MemberState::Alive)?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -62,7 +85,7 @@ impl Heartbeat {
             .spawn(move || {
                 while !stop2.load(Ordering::Acquire) {
                     let _ = region.set_heartbeat(&geo, me, monotonic_ms());
-                    std::thread::park_timeout(INTERVAL);
+                    std::thread::park_timeout(interval);
                 }
             })
             .map_err(StartError::Thread)?;

@@ -110,12 +110,19 @@ impl Joined {
         region.set_ready(&geo, me, 0).map_err(ring_err)?;
         // SAFETY: `Joined` keeps the mapping until after the heartbeat
         // (field order).
-        let heartbeat = unsafe { Heartbeat::start(region, geo, me, "intervm-heartbeat") }.map_err(
-            |e| match e {
-                StartError::Ring(e) => Error::Ring(e),
-                StartError::Thread(e) => Error::Io("heartbeat thread".into(), e),
-            },
-        )?;
+        let heartbeat = unsafe {
+            Heartbeat::start_every(
+                region,
+                geo,
+                me,
+                "intervm-heartbeat",
+                intervm_protocol::heartbeat::GUEST_INTERVAL,
+            )
+        }
+        .map_err(|e| match e {
+            StartError::Ring(e) => Error::Ring(e),
+            StartError::Thread(e) => Error::Io("heartbeat thread".into(), e),
+        })?;
         Ok(Self {
             heartbeat,
             region,
