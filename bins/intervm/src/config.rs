@@ -864,13 +864,7 @@ impl Config {
                 }
                 Some(b) => match (&b.shm, &b.file, &b.hugetlbfs) {
                     (Some(n), None, None) => {
-                        if n.is_empty()
-                            || n.len() > 200
-                            || n.contains('/')
-                            || n.contains('\0')
-                            || n == "."
-                            || n == ".."
-                        {
+                        if !shmem_device::is_shm_name(n) {
                             return Err(err(format!(
                                 "{}: shm name {n:?} must be 1-200 characters without '/' or NUL, and not . or ..",
                                 key("backing.shm")

@@ -19,7 +19,7 @@ pub mod region;
 pub mod transport;
 
 pub use device::IvshmemPlain;
-pub use region::{Backing, SharedRegion};
+pub use region::{is_shm_name, Backing, SharedRegion};
 pub use transport::{Membership, Transport};
 
 /// Errors of this crate.

@@ -8,6 +8,16 @@ use vm_memory::{FileOffset, MmapRegion};
 
 use crate::{Error, Result};
 
+/// True when `name` can name a POSIX shared-memory object `/dev/shm/NAME`:
+/// 1-200 bytes, no `/` or NUL, and not `.` or `..`.
+pub fn is_shm_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 200
+        && !name.contains(['/', '\0'])
+        && name != "."
+        && name != ".."
+}
+
 /// Where the shared region lives.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Backing {
@@ -62,13 +72,7 @@ impl SharedRegion {
                 false,
             ),
             Backing::Shm(name) => {
-                if name.is_empty()
-                    || name.len() > 200
-                    || name.contains('/')
-                    || name.contains('\0')
-                    || name == "."
-                    || name == ".."
-                {
+                if !is_shm_name(name) {
                     return Err(Error::BadName(name.clone()));
                 }
                 let p = Path::new("/dev/shm").join(name);
