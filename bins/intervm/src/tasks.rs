@@ -3,7 +3,7 @@
 //! guest and `probe_image::shmem`; this module only maps names to member
 //! indices and formats results.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use intervm_protocol::probe::{BootInfo, Workload};
 use probe_image::portio::PortioTask;
@@ -59,17 +59,33 @@ fn sender_chunk(cfg: &Config, sender: &str, on: &str) -> u64 {
 
 /// The boot-info pages of `vm`'s tasks, in order (its `index` in the file
 /// numbers its greeting when it has none).
-pub fn boot_infos(cfg: &Config, vm: &VmSpec, index: usize) -> Vec<BootInfo> {
+///
+/// `server_ids`: doorbell channels whose peer IDs an ivshmem server hands
+/// out (split across processes, or `backing = { server }`), so that they
+/// differ from member indices: ping-pong there finds the peer's ID in the
+/// ring region.
+pub fn boot_infos(
+    cfg: &Config,
+    vm: &VmSpec,
+    index: usize,
+    server_ids: &HashSet<String>,
+) -> Vec<BootInfo> {
     if vm.probe.is_empty() {
-        return vec![boot_info(cfg, vm, &ProbeTask::Hello, index)];
+        return vec![boot_info(cfg, vm, &ProbeTask::Hello, index, server_ids)];
     }
     vm.probe
         .iter()
-        .map(|t| boot_info(cfg, vm, t, index))
+        .map(|t| boot_info(cfg, vm, t, index, server_ids))
         .collect()
 }
 
-fn boot_info(cfg: &Config, vm: &VmSpec, task: &ProbeTask, index: usize) -> BootInfo {
+fn boot_info(
+    cfg: &Config,
+    vm: &VmSpec,
+    task: &ProbeTask,
+    index: usize,
+    server_ids: &HashSet<String>,
+) -> BootInfo {
     match task {
         ProbeTask::Hello => {
             let mut info = BootInfo::new(Workload::Hello, 0, 0);
@@ -87,6 +103,13 @@ fn boot_info(cfg: &Config, vm: &VmSpec, task: &ProbeTask, index: usize) -> BootI
             let mut info = BootInfo::new(Workload::DoorbellPingPong, 0, 0);
             info.args[a::DEVICE_INDEX] = device_index(cfg, &vm.name, c) as u64;
             info.args[a::PEER] = member(ch, to) as u64;
+            if server_ids.contains(c) {
+                // IDs from a server: both sides publish theirs in the ring
+                // region (which the launcher formats) and ring the other's.
+                info.args[a::ME] = member(ch, &vm.name) as u64;
+                info.args[a::JOIN_TIMEOUT_MS] = ch.join_timeout_ms;
+                info.args[a::FLAGS] |= intervm_protocol::probe::DB_BY_REGION;
+            }
             info.args[a::ROUNDS] = *rounds;
             info.args[a::INITIATOR] = *initiator as u64;
             info

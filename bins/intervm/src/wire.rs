@@ -376,6 +376,16 @@ pub fn run(
         .collect();
     catch_signals();
 
+    // Doorbell channels whose peer IDs come from an ivshmem server.
+    let server_ids: HashSet<String> = cfg
+        .channels
+        .iter()
+        .filter(|c| {
+            c.kind == ChannelKind::Doorbell
+                && (w.split.contains(&c.name) || matches!(c.backing, Backing::Server(_)))
+        })
+        .map(|c| c.name.clone())
+        .collect();
     let mut vms = Vec::new();
     for (i, spec) in selected.iter().enumerate() {
         let verr = |source| RunError::Vm {
@@ -399,7 +409,7 @@ pub fn run(
                     .iter()
                     .position(|v| v.name == spec.name)
                     .unwrap_or(i);
-                let infos = tasks::boot_infos(cfg, spec, index);
+                let infos = tasks::boot_infos(cfg, spec, index, &server_ids);
                 probe::load_tasks(&vm, probe_image::PROBE_ELF, &infos).map_err(verr)?;
             }
             Kernel::Linux {

@@ -89,6 +89,22 @@ fn finished(c: Child) -> (Output, String) {
     (o, all)
 }
 
+/// Waits for both, then asserts that both succeeded, showing both outputs.
+fn both_finished(a: Child, b: Child) -> (String, String) {
+    let oa = a.wait_with_output().unwrap();
+    let ob = b.wait_with_output().unwrap();
+    let show = |o: &Output| {
+        let (out, err) = text(o);
+        format!("stdout:\n{out}\nstderr:\n{err}")
+    };
+    let (sa, sb) = (show(&oa), show(&ob));
+    assert!(
+        oa.status.success() && ob.status.success(),
+        "a:\n{sa}\nb:\n{sb}"
+    );
+    (sa, sb)
+}
+
 #[test]
 fn two_processes_transfer_both_ways_and_ping_pong() {
     if !kvm_available() {
@@ -119,10 +135,19 @@ fn two_processes_transfer_both_ways_and_ping_pong() {
     );
     let cfg = temp_config("split-two.toml", &body);
     // The command lines: `--vm b`, then `--vm a`, no server by hand.
+    // b joins the region only after the server gave it its ID; waiting for
+    // that makes b ID 0 and a ID 1, the reverse of their member indices,
+    // so a side that rang a member index instead of the peer's published
+    // ID would ring itself (as the probe's ping-pong once did).
+    let (_map, region) = watch_shm(&p.shm, 4 << 20);
     let b = p.spawn(&cfg, "b");
+    wait_until("b to join", || {
+        region
+            .geometry()
+            .is_ok_and(|g| region.member_state(&g, 1) == Ok(MemberState::Alive))
+    });
     let a = p.spawn(&cfg, "a");
-    let (_, a) = finished(a);
-    let (_, b) = finished(b);
+    let (a, b) = both_finished(a, b);
     for want in [
         "b: received 256 MiB of 256 MiB from a over c",
         "a: received 64 MiB of 64 MiB from b over c",

@@ -283,6 +283,12 @@ pub mod doorbell_args {
     pub const FLAGS: usize = 4;
     /// The vector to ring on the peer (and to wait on here).
     pub const VECTOR: usize = 5;
+    /// With [`super::DB_BY_REGION`]: this side's member index in the ring
+    /// region of BAR2.
+    pub const ME: usize = 6;
+    /// With [`super::DB_BY_REGION`]: how long to wait for the peer to
+    /// publish its doorbell ID, in milliseconds.
+    pub const JOIN_TIMEOUT_MS: usize = 7;
 }
 
 /// `shmem_args::FLAGS` bit: adaptive notification. Both sides poll for
@@ -309,6 +315,14 @@ pub const DB_EDGE: u64 = 2;
 /// Doorbell flag: wait by polling the interrupt counter at CPL3 instead of
 /// halting.
 pub const DB_POLL: u64 = 4;
+/// Doorbell flag: `doorbell_args::PEER` is the peer's member index in the
+/// ring region of BAR2, not its doorbell ID. The probe publishes its own
+/// doorbell ID (IVPosition) there as member `doorbell_args::ME`, once it
+/// takes interrupts, and rings the ID the peer published (waiting for it up
+/// to `doorbell_args::JOIN_TIMEOUT_MS`). Needed when an ivshmem server
+/// hands out the IDs, and a start line: neither side rings before the
+/// other listens.
+pub const DB_BY_REGION: u64 = 8;
 
 /// `shmem_args::FLAGS` bit: the sender behaves like a hostile guest and,
 /// after sending half its bytes, writes an impossible head index.

@@ -5,9 +5,10 @@
 use crate::{arch, arg, cpl0, fail, pci, set_result, set_state};
 use core::sync::atomic::Ordering;
 use intervm_protocol::probe::{
-    doorbell_args as a, results, State, DB_EDGE, DB_INTX, DB_POLL, EXIT_OK, INTX_VECTOR,
-    IRQ_VECTOR_BASE,
+    doorbell_args as a, results, State, DB_BY_REGION, DB_EDGE, DB_INTX, DB_POLL, EXIT_OK,
+    INTX_VECTOR, IRQ_VECTOR_BASE,
 };
+use intervm_protocol::ring;
 
 const INTR_MASK: u64 = 0;
 const INTR_STATUS: u64 = 4;
@@ -51,7 +52,15 @@ pub fn ping_pong() -> u32 {
         arch::mmio_read32(bar0 + IV_POSITION) as u64,
     );
     let rounds = arg(a::ROUNDS);
-    let ring = (arg(a::PEER) as u32) << 16 | vector;
+    let peer_id = if flags & DB_BY_REGION != 0 {
+        match peer_by_region(dev, arch::mmio_read32(bar0 + IV_POSITION) as u16) {
+            Ok(id) => id as u32,
+            Err(code) => return code,
+        }
+    } else {
+        arg(a::PEER) as u32
+    };
+    let ring = peer_id << 16 | vector;
     let initiator = arg(a::INITIATOR) == 1;
     set_state(State::Ready);
     let (mut total, mut min, mut max) = (0u64, u64::MAX, 0u64);
@@ -97,4 +106,34 @@ pub fn ping_pong() -> u32 {
         counter.load(Ordering::SeqCst)
     );
     EXIT_OK
+}
+
+/// With [`DB_BY_REGION`]: publishes `own` (this side's IVPosition) as member
+/// `ME`'s doorbell ID in BAR2's ring region, and returns the ID member
+/// `PEER` published, waiting for it up to `JOIN_TIMEOUT_MS`.
+fn peer_by_region(dev: pci::Bdf, own: u16) -> Result<u16, u32> {
+    let bar = pci::size_bar(dev, 2);
+    if bar.size < 4096 || bar.addr == 0 {
+        return Err(fail(4, bar.size));
+    }
+    // SAFETY: BAR2 is decoded at `addr` for `size` bytes (memory decoding
+    // is on) and identity mapped by the boot page tables.
+    let region = unsafe { ring::Region::new(bar.addr as *mut u8, bar.size) };
+    let geo = region.geometry().map_err(|e| fail(5, e.code()))?;
+    let (me, peer) = (arg(a::ME) as u32, arg(a::PEER) as u32);
+    region
+        .set_doorbell_id(&geo, me, own)
+        .map_err(|e| fail(5, e.code()))?;
+    let clock = crate::transfer::Clock::new();
+    let t0 = clock.now_ms();
+    loop {
+        match region.doorbell_id(&geo, peer) {
+            Ok(Some(id)) => return Ok(id),
+            Ok(None) if clock.now_ms() - t0 <= arg(a::JOIN_TIMEOUT_MS).max(1) => {
+                core::hint::spin_loop()
+            }
+            Ok(None) => return Err(fail(6, peer as u64)),
+            Err(e) => return Err(fail(5, e.code())),
+        }
+    }
 }
