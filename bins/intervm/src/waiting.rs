@@ -9,7 +9,8 @@
 
 use std::time::{Duration, Instant};
 
-use intervm_protocol::ring::MemberState;
+use intervm_protocol::ring::{Liveness, MemberState};
+use shmem_device::transport::monotonic_ms;
 use shmem_device::Transport;
 
 use crate::config::{ChannelSpec, Config};
@@ -27,8 +28,8 @@ struct Awaited {
     join_timeout: Duration,
     peer_timeout: Duration,
     came: bool,
-    /// Last heartbeat seen, and when it last changed.
-    beat: Option<(u64, Instant)>,
+    /// Watches its heartbeat while it is alive.
+    live: Option<Liveness>,
     told: Option<Instant>,
     gave_up: bool,
 }
@@ -66,7 +67,7 @@ impl Waiting {
                         join_timeout: Duration::from_millis(c.join_timeout_ms),
                         peer_timeout: Duration::from_millis(c.peer_timeout_ms),
                         came: false,
-                        beat: None,
+                        live: None,
                         told: None,
                         gave_up: false,
                     });
@@ -86,37 +87,27 @@ impl Waiting {
     pub fn check(&mut self) -> Vec<String> {
         let mut marked = Vec::new();
         for a in self.awaited.iter_mut().filter(|a| a.came) {
-            if !matches!(a.transport.member_state(a.index), Ok(MemberState::Alive)) {
-                a.beat = None;
+            let (ring, geo) = (a.transport.ring_region(), a.transport.geometry());
+            if !matches!(ring.member_state(&geo, a.index), Ok(MemberState::Alive)) {
+                a.live = None;
                 continue;
             }
-            let Ok(beat) = a
-                .transport
-                .ring_region()
-                .heartbeat(&a.transport.geometry(), a.index)
-            else {
-                continue;
-            };
-            match a.beat {
-                Some((b, since)) if b == beat => {
-                    if since.elapsed() >= a.peer_timeout {
-                        let _ = a.transport.ring_region().set_member_state(
-                            &a.transport.geometry(),
-                            a.index,
-                            MemberState::Gone,
-                        );
-                        eprintln!(
-                            "intervm: channel {}: {}'s heartbeat stopped {:.0} s ago (its \
-                             process died?); marked gone",
-                            a.channel,
-                            a.member,
-                            since.elapsed().as_secs_f64()
-                        );
-                        a.beat = None;
-                        marked.push(a.channel.clone());
-                    }
-                }
-                _ => a.beat = Some((beat, Instant::now())),
+            let now = monotonic_ms();
+            let live = a.live.get_or_insert_with(|| {
+                Liveness::new(&ring, &geo, a.index, a.peer_timeout.as_millis() as u64, now)
+            });
+            // Alive, so an error means its heartbeat stood still too long.
+            if live.check(&ring, &geo, now).is_err() {
+                let _ = ring.set_member_state(&geo, a.index, MemberState::Gone);
+                eprintln!(
+                    "intervm: channel {}: {}'s heartbeat stood still for peer_timeout = {} s \
+                     (its process died?); marked gone",
+                    a.channel,
+                    a.member,
+                    a.peer_timeout.as_secs_f64()
+                );
+                a.live = None;
+                marked.push(a.channel.clone());
             }
         }
         let waited = self.start.elapsed();
