@@ -90,15 +90,18 @@ pub fn connect_within(path: &Path, vectors: usize, limit: Duration) -> Result<Se
         socket: path.to_path_buf(),
         source,
     })?;
+    let late = || {
+        Error::Protocol(format!(
+            "{}: the server did not complete the join within {} s",
+            path.display(),
+            limit.as_secs_f64()
+        ))
+    };
     // Each receive waits at most `per` and never past the deadline.
     let wait = |per: Duration| -> Result<()> {
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err(Error::Protocol(format!(
-                "{}: the server did not complete the join within {} s",
-                path.display(),
-                limit.as_secs_f64()
-            )));
+            return Err(late());
         }
         stream
             .set_read_timeout(Some(per.min(left)))
@@ -112,11 +115,7 @@ pub fn connect_within(path: &Path, vectors: usize, limit: Duration) -> Result<Se
                 std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
             ) =>
         {
-            Error::Protocol(format!(
-                "{}: the server did not complete the join within {} s",
-                path.display(),
-                limit.as_secs_f64()
-            ))
+            late()
         }
         e => e,
     };
