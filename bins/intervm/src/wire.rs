@@ -122,14 +122,11 @@ fn open_channels(
     let file = cfg.file.display().to_string();
     let mut out = HashMap::new();
     for c in &cfg.channels {
-        let ours: Vec<_> = c
-            .members
-            .iter()
-            .filter(|m| selected.iter().any(|v| &v.name == *m))
-            .collect();
-        if ours.is_empty() {
+        let away = elsewhere(c, selected);
+        if away.len() == c.members.len() {
             continue;
         }
+        let split = !away.is_empty();
         let cerr = |msg: String| RunError::Channel {
             file: file.clone(),
             channel: c.name.clone(),
@@ -138,7 +135,7 @@ fn open_channels(
         let backing = match &c.backing {
             // Each member gets the region from the server when it joins.
             Backing::Server(_) => continue,
-            Backing::Memfd if ours.len() < c.members.len() => {
+            Backing::Memfd if split => {
                 return Err(cerr(
                     "backing: an anonymous memfd cannot be shared with members in other \
                      processes; set backing = { shm = \"name\" } (or file/hugetlbfs) to run \
@@ -151,7 +148,7 @@ fn open_channels(
             Backing::File(p) => shmem_device::Backing::File(p.clone()),
             Backing::Hugetlbfs(p) => shmem_device::Backing::Hugetlbfs(p.clone()),
         };
-        if c.kind == ChannelKind::Doorbell && ours.len() < c.members.len() {
+        if c.kind == ChannelKind::Doorbell && split {
             if let Some((rv, _)) = rendezvous_of(c) {
                 rv.prepare_dir().map_err(|e| {
                     cerr(format!(
@@ -159,7 +156,7 @@ fn open_channels(
                          {}, which cannot be used: {e}; set {} to a directory every member \
                          process can use, or run `intervm ivshmem-server` and set \
                          backing = {{ server = PATH }}",
-                        elsewhere(c, selected),
+                        away.join(", "),
                         rv.socket.display(),
                         rendezvous::DIR_ENV
                     ))
@@ -174,14 +171,13 @@ fn open_channels(
     Ok(out)
 }
 
-/// The members of `c` not among `selected`, as a list for messages.
-fn elsewhere(c: &ChannelSpec, selected: &[&crate::config::VmSpec]) -> String {
+/// The members of `c` not among `selected`: they run in other processes.
+fn elsewhere<'a>(c: &'a ChannelSpec, selected: &[&crate::config::VmSpec]) -> Vec<&'a str> {
     c.members
         .iter()
         .filter(|m| !selected.iter().any(|v| &v.name == *m))
         .map(String::as_str)
-        .collect::<Vec<_>>()
-        .join(", ")
+        .collect()
 }
 
 /// Plugs a doorbell device for `session` (this member's place at an
