@@ -31,9 +31,33 @@ pub struct Session {
     vectors: usize,
 }
 
-fn eventfd(f: File) -> EventFd {
-    // SAFETY: the server sent an eventfd; we own the descriptor now.
-    unsafe { EventFd::from_raw_fd(f.into_raw_fd()) }
+/// Takes a descriptor the server says is an eventfd: checks that it is
+/// one (a pipe or socket in its place could block the vCPU that rings it)
+/// and makes it non-blocking, so that ringing a peer whose counter the
+/// server saturated fails at once (the peer has a ring pending anyway)
+/// instead of blocking under the device lock.
+fn eventfd(f: File) -> Result<EventFd> {
+    let link = std::fs::read_link(format!("/proc/self/fd/{}", f.as_raw_fd()))
+        .map_err(|e| Error::Io("inspecting a received eventfd".into(), e))?;
+    if link.as_os_str() != "anon_inode:[eventfd]" {
+        return Err(Error::Protocol(format!(
+            "the server sent {} where an eventfd belongs",
+            link.display()
+        )));
+    }
+    // SAFETY: F_GETFL/F_SETFL on a descriptor we own; no memory involved.
+    let ok = unsafe {
+        let flags = libc::fcntl(f.as_raw_fd(), libc::F_GETFL);
+        flags >= 0 && libc::fcntl(f.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) == 0
+    };
+    if !ok {
+        return Err(Error::Io(
+            "making a received eventfd non-blocking".into(),
+            std::io::Error::last_os_error(),
+        ));
+    }
+    // SAFETY: checked above to be an eventfd; we own the descriptor now.
+    Ok(unsafe { EventFd::from_raw_fd(f.into_raw_fd()) })
 }
 
 fn id_of(v: i64) -> Result<u16> {
@@ -191,11 +215,11 @@ pub fn connect_within(path: &Path, vectors: usize, limit: Duration) -> Result<Se
             continue;
         };
         if peer == id {
-            own.push(eventfd(fd));
+            own.push(eventfd(fd)?);
         } else {
             let list = peers.entry(peer).or_default();
             if list.len() < vectors {
-                list.push(eventfd(fd));
+                list.push(eventfd(fd)?);
             }
         }
     }
@@ -257,7 +281,15 @@ impl Session {
                         Some(fd) if peer != id => {
                             let list = pending.entry(peer).or_default();
                             if list.len() < vectors {
-                                list.push(eventfd(fd));
+                                match eventfd(fd) {
+                                    Ok(e) => list.push(e),
+                                    Err(e) => {
+                                        log::warn!(
+                                            "ivshmem client {id}: {e}; no more join/leave notices"
+                                        );
+                                        return;
+                                    }
+                                }
                             }
                             let clones: Vec<EventFd> =
                                 list.iter().filter_map(|e| e.try_clone().ok()).collect();

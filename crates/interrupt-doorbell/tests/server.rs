@@ -285,3 +285,64 @@ fn an_on_demand_server_exits_with_its_last_client() {
     t.join().unwrap().unwrap();
     assert!(!path.exists());
 }
+
+#[test]
+fn a_server_cannot_make_a_doorbell_block_or_pass_off_a_pipe_as_an_eventfd() {
+    require_kvm!();
+    let none: Option<&std::fs::File> = None;
+    let shm = || {
+        let f = vmm_core::memory::memfd("ivshmem-test", 0).unwrap();
+        f.set_len(1 << 20).unwrap();
+        f
+    };
+    // A pipe where this member's eventfd belongs: refused at the join.
+    let (rd, _wr) = std::io::pipe().unwrap();
+    let (region, pipe) = (shm(), std::fs::File::from(std::os::fd::OwnedFd::from(rd)));
+    let (path, t) = fake_server("pipe", move |s| {
+        proto::send(&s, 0, none).unwrap();
+        proto::send(&s, 0, none).unwrap();
+        proto::send(&s, -1, Some(&region)).unwrap();
+        proto::send(&s, 0, Some(&pipe)).unwrap();
+        let _ = std::io::Read::read(&mut &s, &mut [0u8; 1]);
+    });
+    let e = client::connect(&path, 1).err().unwrap().to_string();
+    assert!(
+        e.contains("pipe:[") && e.contains("where an eventfd belongs"),
+        "{e}"
+    );
+    t.join().unwrap();
+    let _ = std::fs::remove_file(&path);
+
+    // Peer 1's eventfd saturated by the server: ringing it must return at
+    // once (a blocking write would freeze the vCPU under the device lock).
+    let full = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
+    full.write(u64::MAX - 1).unwrap();
+    let own = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
+    let region = shm();
+    let (path, t) = fake_server("full", move |s| {
+        proto::send(&s, 0, none).unwrap();
+        proto::send(&s, 0, none).unwrap();
+        proto::send(&s, -1, Some(&region)).unwrap();
+        proto::send(&s, 1, Some(&full)).unwrap();
+        proto::send(&s, 0, Some(&own)).unwrap();
+        // Then hangs up: the client keeps the peers it was given.
+    });
+    let session = client::connect(&path, 1).unwrap();
+    let (vm, _c) = probe_vm_with("full", &BootInfo::new(Workload::Hello, 0, 0), 1, 16 << 20);
+    let dev = attach(&vm, session, false);
+    let (done_tx, done) = std::sync::mpsc::channel();
+    let d = dev.clone();
+    std::thread::spawn(move || {
+        let mut g = d.lock().unwrap();
+        g.bar_write(0, DOORBELL, &(1u32 << 16).to_le_bytes());
+        done_tx.send(g.stats()).unwrap();
+    });
+    // The deadline only catches the hang the fix removed.
+    let stats = done
+        .recv_timeout(RUN_TIMEOUT)
+        .expect("ringing a full eventfd blocked");
+    assert_eq!((stats.rung, stats.saturated), (1, 1));
+    drop(dev);
+    t.join().unwrap();
+    let _ = std::fs::remove_file(&path);
+}
