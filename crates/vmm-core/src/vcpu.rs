@@ -256,6 +256,10 @@ enum Emulated {
 
 /// Runs `vcpu` until the VM stops. Call on the vCPU's own thread. `mem` is
 /// the guest RAM, read when an exit has to look at guest instructions.
+///
+/// A panic while handling an exit (a device bug a guest found) stops the
+/// whole VM with [`VmExit::Error`] naming it, instead of leaving a VM
+/// whose vCPU is gone and which would then never stop.
 pub fn run_loop(
     mut vcpu: VcpuFd,
     id: u8,
@@ -265,6 +269,29 @@ pub fn run_loop(
 ) {
     KVM_RUN.with(|c| c.set(vcpu.get_kvm_run() as *mut kvm_run));
     ctl.register_thread();
+    let run = std::panic::AssertUnwindSafe(|| handle_exits(&mut vcpu, id, &io, &ctl, &mem));
+    if let Err(panic) = std::panic::catch_unwind(run) {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "(no message)".into());
+        ctl.request_stop(VmExit::Error(format!(
+            "vcpu{id}: the VMM panicked while handling an exit: {what}"
+        )));
+    }
+    ctl.deregister_thread();
+    KVM_RUN.with(|c| c.set(std::ptr::null_mut()));
+}
+
+/// The body of [`run_loop`]: runs and handles exits until the VM stops.
+fn handle_exits(
+    vcpu: &mut VcpuFd,
+    id: u8,
+    io: &RwLock<IoManager>,
+    ctl: &VmControl,
+    mem: &GuestMemoryMmap,
+) {
     while !ctl.stopping() {
         let exit = vcpu.run();
         let io = io.read().unwrap_or_else(|p| p.into_inner());
@@ -315,7 +342,7 @@ pub fn run_loop(
             Ok(VcpuExit::InternalError) => {
                 let sub = internal_suberror();
                 let done = if sub == Some(INTERNAL_ERROR_EMULATION) {
-                    emulate_unsupported(&vcpu, &mem)
+                    emulate_unsupported(vcpu, mem)
                 } else {
                     None
                 };
@@ -329,7 +356,7 @@ pub fn run_loop(
                         }
                     );
                 } else {
-                    let regs = vcpu_state(&vcpu);
+                    let regs = vcpu_state(vcpu);
                     ctl.request_stop(VmExit::Error(format!(
                         "vcpu{id}: KVM internal error (suberror {sub:?}) ({regs})"
                     )));
@@ -337,7 +364,7 @@ pub fn run_loop(
             }
             Ok(other) => {
                 let what = format!("{other:?}");
-                let regs = vcpu_state(&vcpu);
+                let regs = vcpu_state(vcpu);
                 ctl.request_stop(VmExit::Error(format!(
                     "vcpu{id}: unhandled exit {what} ({regs})"
                 )));
@@ -350,8 +377,6 @@ pub fn run_loop(
             }
         }
     }
-    ctl.deregister_thread();
-    KVM_RUN.with(|c| c.set(std::ptr::null_mut()));
 }
 
 fn vcpu_state(vcpu: &VcpuFd) -> String {

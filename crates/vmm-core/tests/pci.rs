@@ -51,6 +51,27 @@ fn probe_enumerates_the_bus_and_sizes_every_bar() {
 }
 
 #[test]
+fn a_device_that_panics_stops_its_vm_with_an_error_instead_of_a_hang() {
+    require_kvm!();
+    let (vm, console) = common::probe_vm("panic", &BootInfo::new(Workload::PciScan, 0, 0));
+    let dev = TestDevice::new(&vm, 1);
+    vm.add_pci_device(dev.clone()).unwrap();
+    dev.lock().unwrap().panic_on_config = true;
+    let running = vm.start().unwrap();
+    // The deadline only catches the hang: a vCPU thread that died with
+    // the panic left a VM that never stopped.
+    let exit = running.wait_timeout(common::RUN_TIMEOUT);
+    match exit {
+        Some(VmExit::Error(e)) => assert!(
+            e.contains("vcpu0: the VMM panicked while handling an exit")
+                && e.contains("a bug hit by a config-space read"),
+            "{e}"
+        ),
+        other => panic!("{other:?}; console:\n{}", console.contents()),
+    }
+}
+
+#[test]
 fn guest_sees_host_writes_through_a_memory_bar_and_can_move_it() {
     require_kvm!();
     let new_addr = layout::PCI_MMIO64_BASE + (8 << 30);

@@ -25,6 +25,8 @@ pub struct TestDevice {
     intx: Option<Box<dyn IntxLine>>,
     pub shared: MmapRegion<()>,
     pub moves: Vec<(usize, Option<u64>)>,
+    /// Panics on the next config-space read (a device bug a guest hits).
+    pub panic_on_config: bool,
 }
 
 impl TestDevice {
@@ -76,6 +78,7 @@ impl TestDevice {
             intx: None,
             shared,
             moves: Vec::new(),
+            panic_on_config: false,
         }))
     }
 
@@ -100,6 +103,9 @@ impl TestDevice {
 
 impl PciDevice for TestDevice {
     fn config(&self) -> &PciConfiguration {
+        if self.panic_on_config {
+            panic!("test device: a bug hit by a config-space read");
+        }
         &self.config
     }
     fn config_mut(&mut self) -> &mut PciConfiguration {
