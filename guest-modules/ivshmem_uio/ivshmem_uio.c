@@ -99,10 +99,15 @@ static int ivshmem_uio_irqcontrol(struct uio_info *info, s32 on)
 	return 0;
 }
 
-static int ivshmem_uio_setup_irqs(struct ivshmem_uio *iv)
+/*
+ * Picks how interrupts arrive (MSI-X vectors, INTx or none) and sets
+ * info.irq accordingly, without taking any yet: no handler may run before
+ * the UIO device is registered, since uio_event_notify() needs it.
+ */
+static int ivshmem_uio_alloc_irqs(struct ivshmem_uio *iv)
 {
 	struct pci_dev *pdev = iv->pdev;
-	int i, err, nvec;
+	int nvec;
 
 	nvec = pci_msix_vec_count(pdev);
 	if (nvec > 0) {
@@ -112,48 +117,67 @@ static int ivshmem_uio_setup_irqs(struct ivshmem_uio *iv)
 	if (nvec > 0) {
 		iv->msix = true;
 		iv->nvec = nvec;
-		for (i = 0; i < nvec; i++) {
+		/* UIO does not own the vectors; it only relays notifications. */
+		iv->info.irq = UIO_IRQ_CUSTOM;
+		return 0;
+	}
+	iv->msix = false;
+	iv->nvec = 0;
+	/* ivshmem-plain: no interrupts, the maps are still useful. */
+	iv->info.irq = pdev->irq && pdev->pin ? UIO_IRQ_CUSTOM : UIO_IRQ_NONE;
+	return 0;
+}
+
+/*
+ * Takes the interrupts chosen by ivshmem_uio_alloc_irqs(), once the UIO
+ * device exists: a ring that waited while the vector was masked (a peer
+ * that rang before this driver bound) is delivered right here.
+ */
+static int ivshmem_uio_request_irqs(struct ivshmem_uio *iv)
+{
+	struct pci_dev *pdev = iv->pdev;
+	int i, err;
+
+	if (iv->msix) {
+		for (i = 0; i < iv->nvec; i++) {
 			err = request_irq(pci_irq_vector(pdev, i), ivshmem_uio_msix, 0,
 					  "ivshmem_uio", iv);
 			if (err) {
 				while (--i >= 0)
 					free_irq(pci_irq_vector(pdev, i), iv);
-				pci_free_irq_vectors(pdev);
 				return err;
 			}
 		}
-		/* UIO does not own the vectors; it only relays notifications. */
-		iv->info.irq = UIO_IRQ_CUSTOM;
 		return 0;
 	}
-	/* INTx fallback. */
-	iv->msix = false;
-	iv->nvec = 0;
-	if (!pdev->irq || !pdev->pin) {
-		/* ivshmem-plain: no interrupts, the maps are still useful. */
-		iv->info.irq = UIO_IRQ_NONE;
+	if (iv->info.irq == UIO_IRQ_NONE)
 		return 0;
-	}
 	err = request_irq(pdev->irq, ivshmem_uio_intx, IRQF_SHARED, "ivshmem_uio", iv);
 	if (err)
 		return err;
-	iv->info.irq = UIO_IRQ_CUSTOM;
 	writel(1, iv->regs + REG_INTR_MASK);
 	return 0;
 }
 
-static void ivshmem_uio_free_irqs(struct ivshmem_uio *iv)
+/* Releases what ivshmem_uio_request_irqs() took. */
+static void ivshmem_uio_release_irqs(struct ivshmem_uio *iv)
 {
 	int i;
 
 	if (iv->msix) {
 		for (i = 0; i < iv->nvec; i++)
 			free_irq(pci_irq_vector(iv->pdev, i), iv);
-		pci_free_irq_vectors(iv->pdev);
 	} else if (iv->info.irq == UIO_IRQ_CUSTOM) {
 		writel(0, iv->regs + REG_INTR_MASK);
 		free_irq(iv->pdev->irq, iv);
 	}
+}
+
+/* Releases what ivshmem_uio_alloc_irqs() allocated. */
+static void ivshmem_uio_free_vectors(struct ivshmem_uio *iv)
+{
+	if (iv->msix)
+		pci_free_irq_vectors(iv->pdev);
 }
 
 /* Rings (peer, vector 0) and waits up to @timeout for any interrupt. */
@@ -247,17 +271,23 @@ static int ivshmem_uio_probe(struct pci_dev *pdev, const struct pci_device_id *i
 	iv->info.mem[1].memtype = UIO_MEM_PHYS;
 	iv->info.irqcontrol = ivshmem_uio_irqcontrol;
 
-	err = ivshmem_uio_setup_irqs(iv);
-	if (err) {
-		dev_err(&pdev->dev, "no usable interrupt (%d)\n", err);
+	err = ivshmem_uio_alloc_irqs(iv);
+	if (err)
 		return err;
-	}
 	/* Tools looking for doorbells match the name "ivshmem". */
 	if (iv->info.irq == UIO_IRQ_NONE)
 		iv->info.name = "ivshmem-plain";
+	/* Registered first: the interrupt handlers notify this UIO device. */
 	err = uio_register_device(&pdev->dev, &iv->info);
 	if (err) {
-		ivshmem_uio_free_irqs(iv);
+		ivshmem_uio_free_vectors(iv);
+		return err;
+	}
+	err = ivshmem_uio_request_irqs(iv);
+	if (err) {
+		dev_err(&pdev->dev, "no usable interrupt (%d)\n", err);
+		uio_unregister_device(&iv->info);
+		ivshmem_uio_free_vectors(iv);
 		return err;
 	}
 	pci_set_drvdata(pdev, iv);
@@ -275,8 +305,10 @@ static void ivshmem_uio_remove(struct pci_dev *pdev)
 {
 	struct ivshmem_uio *iv = pci_get_drvdata(pdev);
 
+	/* No handler may run once the UIO device is gone: release them first. */
+	ivshmem_uio_release_irqs(iv);
 	uio_unregister_device(&iv->info);
-	ivshmem_uio_free_irqs(iv);
+	ivshmem_uio_free_vectors(iv);
 }
 
 static const struct pci_device_id ivshmem_uio_ids[] = {
