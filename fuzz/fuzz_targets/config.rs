@@ -20,7 +20,10 @@ fuzz_target!(|data: &[u8]| {
         Ok(_) => {}
         Err(e) => {
             let msg = e.to_string();
-            assert!(msg.contains("fuzz.toml"), "an error that names no file: {msg}");
+            assert!(
+                msg.contains("fuzz.toml"),
+                "an error that names no file: {msg}"
+            );
         }
     }
 });

@@ -34,7 +34,10 @@ fuzz_target!(|data: &[u8]| {
     let (Ok(a), Ok(b)) = (RingLink::join(&t, 0), RingLink::join(&t, 1)) else {
         return;
     };
-    let mut devs = [PortioDevice::new(a, memory()), PortioDevice::new(b, memory())];
+    let mut devs = [
+        PortioDevice::new(a, memory()),
+        PortioDevice::new(b, memory()),
+    ];
     for op in data.chunks_exact(7) {
         let dev = &mut devs[(op[0] & 1) as usize];
         let write = op[0] & 2 != 0;

@@ -53,7 +53,9 @@ fuzz_target!(|data: &[u8]| {
     let (path, listener) = socket();
     let script = data.to_vec();
     let server = std::thread::spawn(move || {
-        let Ok((s, _)) = listener.accept() else { return };
+        let Ok((s, _)) = listener.accept() else {
+            return;
+        };
         // Messages of 9 bytes: a kind byte and the value; a trailing part
         // shorter than 9 bytes goes out raw (a message cut short).
         let mut chunks = script.chunks(9);
