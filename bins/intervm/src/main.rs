@@ -10,6 +10,7 @@
 //! `serial = "console"` (at most one per file), if it boots that VM.
 
 mod config;
+mod lost;
 mod serve;
 mod tasks;
 mod waiting;

@@ -18,6 +18,7 @@ use vmm_core::devices::serial::SerialOutput;
 use vmm_core::{RunningVm, Vm, VmConfig, VmExit};
 
 use crate::config::{Backing, ChannelKind, ChannelSpec, Config, Kernel, Serial};
+use crate::lost::LostRegions;
 use crate::tasks::{self, Report};
 use crate::waiting::Waiting;
 
@@ -445,6 +446,7 @@ pub fn run(
     }
     let here: Vec<&str> = selected.iter().map(|v| v.name.as_str()).collect();
     let mut waiting = Waiting::new(cfg, &here, &transports);
+    let mut lost = LostRegions::default();
     let start = Instant::now();
     type Slot<'a> = (
         &'a crate::config::VmSpec,
@@ -474,6 +476,16 @@ pub fn run(
         running.push((spec, Some((r, joined, input)), None));
     }
     loop {
+        for c in lost.poll(&transports) {
+            let members = cfg.channels.iter().find(|ch| ch.name == c);
+            for (spec, r, _) in running.iter() {
+                if let Some((vm, _, _)) = r {
+                    if members.is_some_and(|ch| ch.index_of(&spec.name).is_some()) {
+                        vm.stop();
+                    }
+                }
+            }
+        }
         let mut left = 0;
         for (spec, r, out) in running.iter_mut() {
             let Some((vm, _, _)) = r else { continue };
@@ -483,6 +495,18 @@ pub fn run(
                     Kernel::Probe => tasks::reports(cfg, spec, vm.vm().memory(), &transports),
                     Kernel::Linux { .. } => None,
                 };
+                // A guest that stopped on its own on a lost region's zeros
+                // may get here before the loop's check above.
+                lost.poll(&transports);
+                let why = lost.lines_for(cfg, &spec.name);
+                if !why.is_empty() {
+                    let r = report.get_or_insert(Report {
+                        lines: Vec::new(),
+                        ok: false,
+                    });
+                    r.lines.extend(why);
+                    r.ok = false;
+                }
                 if let Some(r) = report.as_mut() {
                     for c in cfg
                         .channels

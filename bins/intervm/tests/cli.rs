@@ -542,3 +542,39 @@ fn task_lists_report_the_failing_index() {
     let body = "[[vm]]\nname = \"a\"\nmemory = \"64M\"\nprobe = [\n  { task = \"hello\" },\n  { task = \"send\", channel = \"c\", to = \"b\" },\n]\n[[vm]]\nname = \"b\"\n[[channel]]\nname = \"c\"\nkind = \"shmem\"\nmembers = [\"a\", \"b\"]\n";
     check_rejects("tasks.toml", body, "vm[a].probe[1].size: missing");
 }
+
+#[test]
+fn a_region_shrunk_by_another_process_loses_only_that_channel() {
+    if !kvm_available() {
+        return;
+    }
+    // Both members in one process, moving far more than they will finish.
+    let (cfg, shm) = shm_config("shrink", "1024G");
+    let (map, region) = watch_shm(&shm, 1 << 20);
+    let run = common::intervm_cmd(&["run", cfg.to_str().unwrap(), "--timeout", "300"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until("the transfer to start", || {
+        region
+            .geometry()
+            .is_ok_and(|g| region.ring_state(&g, 0, 1).is_ok_and(|s| s.tail > 0))
+    });
+    // Another process with access to the object cuts it to nothing. Every
+    // access past the end used to be SIGBUS, which killed intervm (135).
+    map.file().set_len(0).unwrap();
+    let o = run.wait_with_output().unwrap();
+    let _ = std::fs::remove_file(format!("/dev/shm/{shm}"));
+    let (out, err) = text(&o);
+    // An exit status, not a signal; a failure (the guests' own error, or 3).
+    assert!(
+        o.status.code().is_some_and(|c| c != 0),
+        "{:?}\nstdout:\n{out}\nstderr:\n{err}",
+        o.status
+    );
+    assert!(
+        out.contains("channel c lost: /dev/shm/") && out.contains("was shrunk by another process"),
+        "stdout:\n{out}\nstderr:\n{err}"
+    );
+}

@@ -5,6 +5,7 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use vm_memory::{FileOffset, MmapRegion};
+use vmm_core::shrink_guard::{self, Guarded};
 
 use crate::{Error, Result};
 
@@ -32,7 +33,13 @@ pub enum Backing {
 }
 
 /// A mapped shared region.
+///
+/// The mapping is guarded ([`vmm_core::shrink_guard`]): if another process
+/// shrinks the backing, this process keeps running on a private copy and
+/// [`SharedRegion::lost`] turns true.
 pub struct SharedRegion {
+    // Dropped before `map`: stop guarding, then unmap.
+    guard: Option<Guarded>,
     map: MmapRegion<()>,
     file: File,
     size: u64,
@@ -95,6 +102,7 @@ impl SharedRegion {
         }
         let map = map_shared(&file, size, hugetlb, &label)?;
         Ok(Self {
+            guard: guard(&map, &file),
             map,
             file,
             size,
@@ -113,6 +121,7 @@ impl SharedRegion {
         }
         let map = map_shared(&file, size, false, &label)?;
         Ok(Self {
+            guard: guard(&map, &file),
             map,
             file,
             size,
@@ -141,6 +150,25 @@ impl SharedRegion {
     pub fn label(&self) -> &str {
         &self.label
     }
+    /// True once another process shrank the backing under this mapping:
+    /// this process now sees private zeroed memory there, and the channel
+    /// over it is lost (report it; nothing else is affected).
+    pub fn lost(&self) -> bool {
+        self.guard.as_ref().is_some_and(Guarded::lost)
+    }
+}
+
+/// Guards `map` (of `file`) against the file being shrunk.
+fn guard(map: &MmapRegion<()>, file: &File) -> Option<Guarded> {
+    use std::os::fd::AsRawFd;
+    let g = shrink_guard::guard(map.as_ptr(), map.size(), file.as_raw_fd(), 0);
+    if g.is_none() {
+        log::warn!(
+            "more than {} shared regions: this one is not guarded against being shrunk",
+            shrink_guard::MAX_GUARDED
+        );
+    }
+    g
 }
 
 /// Maps `size` bytes of `file` read-write and shared.

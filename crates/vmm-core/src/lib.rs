@@ -30,6 +30,7 @@ pub mod irq;
 pub mod layout;
 pub mod memory;
 pub mod pci;
+pub mod shrink_guard;
 pub mod vcpu;
 pub mod vm;
 pub mod x86;

@@ -372,6 +372,12 @@ fn handle_exits(
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 vcpu.set_kvm_immediate_exit(0);
             }
+            // A guest access to a shared page that another process cut
+            // off (it shrank the file): that region becomes private
+            // memory, its owner reports it lost, and the guest goes on.
+            Err(e) if e.errno() == libc::EFAULT && crate::shrink_guard::recover() => {
+                log::warn!("vcpu{id}: a shared region was shrunk by another process; continuing on a private copy");
+            }
             Err(e) => {
                 ctl.request_stop(VmExit::Error(format!("vcpu{id}: KVM_RUN: {e}")));
             }

@@ -1,0 +1,254 @@
+//! Surviving a shared file shrunk under a mapping.
+//!
+//! A region shared with other processes (a `/dev/shm` object, a file, a
+//! descriptor from an ivshmem server) can be truncated by any of them. The
+//! next access to a page past the new end raises SIGBUS in this process, and
+//! a guest access to it makes `KVM_RUN` fail with `EFAULT`; either would end
+//! every VM here, because of one peer.
+//!
+//! A [`Guarded`] mapping turns that into a *lost* region instead:
+//! - a SIGBUS whose address lies in a guarded mapping replaces the whole
+//!   mapping, in the signal handler, with private zeroed memory at the same
+//!   address (`MAP_FIXED`), marks it lost and returns, so the access is
+//!   retried and succeeds on the private copy;
+//! - a vCPU whose `KVM_RUN` fails with `EFAULT` calls [`recover`], which
+//!   does the same to every guarded mapping whose file became too short,
+//!   and runs the guest again. The guest then reads zeros there.
+//!
+//! Whoever owns the mapping checks [`Guarded::lost`] and reports the
+//! channel lost; nothing else in the process is affected. A SIGBUS outside
+//! every guarded mapping keeps its default action (the process dies, as
+//! without this module).
+
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
+use std::sync::{Mutex, Once};
+
+/// How many mappings can be guarded at once.
+pub const MAX_GUARDED: usize = 64;
+
+struct Slot {
+    start: AtomicUsize,
+    /// 0 while the slot is free; written last on registration, first on
+    /// removal, so the signal handler never sees a half-filled slot.
+    len: AtomicUsize,
+    fd: AtomicI32,
+    offset: AtomicUsize,
+    lost: AtomicBool,
+}
+
+#[allow(clippy::declare_interior_mutable_const)]
+const FREE: Slot = Slot {
+    start: AtomicUsize::new(0),
+    len: AtomicUsize::new(0),
+    fd: AtomicI32::new(-1),
+    offset: AtomicUsize::new(0),
+    lost: AtomicBool::new(false),
+};
+
+static SLOTS: [Slot; MAX_GUARDED] = [FREE; MAX_GUARDED];
+/// Serialises registration, removal and [`recover`] (never the handler).
+static REGISTRY: Mutex<()> = Mutex::new(());
+static INSTALL: Once = Once::new();
+
+/// A guarded mapping; dropping it stops guarding (drop it before the
+/// mapping is unmapped).
+#[derive(Debug)]
+pub struct Guarded {
+    slot: usize,
+}
+
+/// Guards `len` bytes mapped shared at `addr` from `fd` at `offset`. The
+/// mapping and `fd` must stay valid until the returned value is dropped.
+/// `None` when [`MAX_GUARDED`] mappings are guarded already (the mapping
+/// then works as before, unguarded) or the handler cannot be installed.
+pub fn guard(addr: *mut u8, len: usize, fd: RawFd, offset: u64) -> Option<Guarded> {
+    if len == 0 || !install() {
+        return None;
+    }
+    let _g = REGISTRY.lock().unwrap_or_else(|p| p.into_inner());
+    let slot = SLOTS
+        .iter()
+        .position(|s| s.len.load(Ordering::Acquire) == 0)?;
+    let s = &SLOTS[slot];
+    s.start.store(addr as usize, Ordering::Relaxed);
+    s.fd.store(fd, Ordering::Relaxed);
+    s.offset.store(offset as usize, Ordering::Relaxed);
+    s.lost.store(false, Ordering::Relaxed);
+    s.len.store(len, Ordering::Release);
+    Some(Guarded { slot })
+}
+
+impl Guarded {
+    /// True once the file was found shrunk and the mapping replaced by
+    /// private memory.
+    pub fn lost(&self) -> bool {
+        SLOTS[self.slot].lost.load(Ordering::Acquire)
+    }
+}
+
+impl Drop for Guarded {
+    fn drop(&mut self) {
+        let _g = REGISTRY.lock().unwrap_or_else(|p| p.into_inner());
+        let s = &SLOTS[self.slot];
+        s.len.store(0, Ordering::Release);
+        s.fd.store(-1, Ordering::Relaxed);
+    }
+}
+
+/// Replaces `[start, start + len)` by private zeroed memory. Async-signal
+/// safe (one system call).
+fn replace(start: usize, len: usize) -> bool {
+    // SAFETY: the range is a live mapping of ours (a guarded slot); mapping
+    // anonymous memory over it with MAP_FIXED keeps every pointer into it
+    // valid, now to private memory.
+    let p = unsafe {
+        libc::mmap(
+            start as *mut libc::c_void,
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED,
+            -1,
+            0,
+        )
+    };
+    p != libc::MAP_FAILED
+}
+
+/// After `KVM_RUN` failed with `EFAULT`: replaces every guarded mapping
+/// whose file no longer covers it, marking it lost. True when one was
+/// (run the guest again); false when the fault has another cause.
+pub fn recover() -> bool {
+    let _g = REGISTRY.lock().unwrap_or_else(|p| p.into_inner());
+    let mut any = false;
+    for s in &SLOTS {
+        let len = s.len.load(Ordering::Acquire);
+        if len == 0 || s.lost.load(Ordering::Acquire) {
+            continue;
+        }
+        // SAFETY: a zeroed stat buffer for fstat to fill.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: fstat on a descriptor the slot's owner keeps open while
+        // registered (we hold the registry lock); it writes only `st`.
+        let ok = unsafe { libc::fstat(s.fd.load(Ordering::Relaxed), &mut st) } == 0;
+        let needed = s.offset.load(Ordering::Relaxed) + len;
+        if ok
+            && (st.st_size as u64) < needed as u64
+            && replace(s.start.load(Ordering::Relaxed), len)
+        {
+            s.lost.store(true, Ordering::Release);
+            any = true;
+        }
+    }
+    any
+}
+
+extern "C" fn on_sigbus(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // SAFETY: the kernel passes a valid siginfo for an SA_SIGINFO handler.
+    let addr = unsafe { (*info).si_addr() } as usize;
+    for s in &SLOTS {
+        let len = s.len.load(Ordering::Acquire);
+        let start = s.start.load(Ordering::Relaxed);
+        if len != 0 && addr >= start && addr - start < len {
+            if replace(start, len) {
+                s.lost.store(true, Ordering::Release);
+                return;
+            }
+            break;
+        }
+    }
+    // Not ours: the default action, which the retried access then takes.
+    // SAFETY: signal() is async-signal-safe; restores the default action.
+    unsafe { libc::signal(libc::SIGBUS, libc::SIG_DFL) };
+}
+
+/// Installs the SIGBUS handler once; false when that failed.
+fn install() -> bool {
+    static OK: AtomicBool = AtomicBool::new(false);
+    INSTALL.call_once(|| {
+        // SAFETY: a zeroed sigaction, filled in below.
+        let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
+        sa.sa_sigaction = on_sigbus as *const () as usize;
+        sa.sa_flags = libc::SA_SIGINFO;
+        // SAFETY: installs a handler that only touches atomics and makes
+        // async-signal-safe calls (mmap, signal).
+        let r = unsafe {
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(libc::SIGBUS, &sa, std::ptr::null_mut())
+        };
+        OK.store(r == 0, Ordering::Release);
+        if r != 0 {
+            log::warn!(
+                "cannot handle SIGBUS ({}); a peer that shrinks a shared region will end this process",
+                std::io::Error::last_os_error()
+            );
+        }
+    });
+    OK.load(Ordering::Acquire)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+
+    #[test]
+    fn a_shrunk_file_turns_the_mapping_private_instead_of_killing_the_process() {
+        let f = crate::memory::memfd("guard-test", 1 << 16).unwrap();
+        // SAFETY: maps the 64 KiB memfd shared; unmapped at the end.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                1 << 16,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                f.as_raw_fd(),
+                0,
+            )
+        } as *mut u8;
+        assert_ne!(p as *mut libc::c_void, libc::MAP_FAILED);
+        let g = guard(p, 1 << 16, f.as_raw_fd(), 0).unwrap();
+        // SAFETY: inside the mapping.
+        unsafe { p.add(8192).write_volatile(7) };
+        assert!(!g.lost());
+        // Another process shrinks it; the next access would be SIGBUS.
+        f.set_len(4096).unwrap();
+        // SAFETY: inside the mapping (now private memory after the fault).
+        let v = unsafe {
+            p.add(8192).write_volatile(9);
+            p.add(8192).read_volatile()
+        };
+        assert_eq!(v, 9);
+        assert!(g.lost());
+        // The file is untouched by writes to the private copy.
+        assert_eq!(f.metadata().unwrap().len(), 4096);
+        drop(g);
+        // SAFETY: unmaps what was mapped above.
+        unsafe { libc::munmap(p as *mut libc::c_void, 1 << 16) };
+    }
+
+    #[test]
+    fn recover_finds_a_shrunk_file_without_a_fault() {
+        let f = crate::memory::memfd("guard-test", 1 << 16).unwrap();
+        // SAFETY: as above.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                1 << 16,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                f.as_raw_fd(),
+                0,
+            )
+        } as *mut u8;
+        let g = guard(p, 1 << 16, f.as_raw_fd(), 0).unwrap();
+        f.set_len(0).unwrap();
+        assert!(recover());
+        assert!(g.lost());
+        // SAFETY: the private copy is mapped at the same place.
+        assert_eq!(unsafe { p.add(100).read_volatile() }, 0);
+        drop(g);
+        // SAFETY: unmaps what was mapped above.
+        unsafe { libc::munmap(p as *mut libc::c_void, 1 << 16) };
+    }
+}
