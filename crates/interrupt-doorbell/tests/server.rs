@@ -36,10 +36,15 @@ impl Drop for Running {
 }
 
 fn server(tag: &str, vectors: usize) -> Running {
+    server_with(tag, vectors, |s| s)
+}
+
+/// Like [`server`], with `setup` applied before it runs.
+fn server_with(tag: &str, vectors: usize, setup: impl FnOnce(Server) -> Server) -> Running {
     let path = std::env::temp_dir().join(format!("ivshmem-{tag}-{}.sock", std::process::id()));
     let shm = vmm_core::memory::memfd("ivshmem-test", 0).unwrap();
     shm.set_len(1 << 20).unwrap();
-    let s = Server::bind(&path, shm, vectors).unwrap();
+    let s = setup(Server::bind(&path, shm, vectors).unwrap());
     let stop = Arc::new(AtomicBool::new(false));
     let st = stop.clone();
     let thread = std::thread::spawn(move || s.run(st).unwrap());
@@ -345,4 +350,34 @@ fn a_server_cannot_make_a_doorbell_block_or_pass_off_a_pipe_as_an_eventfd() {
     drop(dev);
     t.join().unwrap();
     let _ = std::fs::remove_file(&path);
+}
+
+#[test]
+fn clients_that_never_read_cannot_keep_a_good_client_out() {
+    // Forty clients connect and read nothing while the server owes each of
+    // them thousands of messages. A server that blocked on them (up to a
+    // second per send) kept the good client out for 37 s, past its 10 s
+    // join deadline; now each client has its own queue.
+    let s = server("crowd", 64);
+    let idle: Vec<UnixStream> = (0..40)
+        .map(|_| UnixStream::connect(&s.path).unwrap())
+        .collect();
+    let good = client::connect(&s.path, 64).expect("the good client joins");
+    assert_eq!(good.own.len(), 64);
+    // Whatever of the idle clients the server still serves is announced
+    // with all their vectors.
+    assert!(good.peers.values().all(|v| v.len() == 64));
+    drop(idle);
+}
+
+#[test]
+fn clients_beyond_the_cap_are_turned_away_until_one_leaves() {
+    let s = server_with("cap", 1, |s| s.with_max_clients(2));
+    let a = client::connect(&s.path, 1).unwrap();
+    let _b = client::connect(&s.path, 1).unwrap();
+    let e = client::connect(&s.path, 1).err().expect("a third client");
+    assert!(e.to_string().contains("hung up"), "{e}");
+    drop(a);
+    // The freed place is taken by the next client that asks.
+    wait_until("a place to free up", || client::connect(&s.path, 1).is_ok());
 }

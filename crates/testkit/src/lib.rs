@@ -50,7 +50,15 @@ pub struct GuestLinux {
 
 /// The built Linux guest, or `None` (skip; a failure under `CI=true`) if
 /// `scripts/guest-linux` has not been run.
+///
+/// `INTERVM_TEST_LINUX=0` skips the Linux tier on purpose, also under
+/// `CI=true`: `scripts/test` sets it for its repeat passes, which rerun
+/// the fast tiers to catch flaky tests.
 pub fn guest_linux() -> Option<GuestLinux> {
+    if std::env::var("INTERVM_TEST_LINUX").is_ok_and(|v| v == "0") {
+        eprintln!("SKIPPED: INTERVM_TEST_LINUX=0 (a repeat pass without the Linux tier)");
+        return None;
+    }
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/guest-linux");
     let g = GuestLinux {
         vmlinux: dir.join("vmlinux"),
