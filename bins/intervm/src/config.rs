@@ -882,6 +882,18 @@ impl Config {
                     }
                 },
             };
+            // One backing, one channel: two channels on one region would
+            // write each other's rings (and a host-only port-I/O ring would
+            // be open to a shared-memory guest).
+            if !matches!(backing, Backing::Memfd) {
+                if let Some(other) = channels.iter().find(|o: &&ChannelSpec| o.backing == backing) {
+                    return Err(err(format!(
+                        "{}: channel[{}] uses the same backing; every channel needs its own region",
+                        key("backing"),
+                        other.name
+                    )));
+                }
+            }
             if kind == ChannelKind::Portio && size > MAX_PORTIO_SIZE {
                 // Each member's device holds a message buffer each way as
                 // large as a ring.

@@ -219,6 +219,12 @@ fn shmem_config_errors_name_the_key() {
             "[[channel]]\nname = \"c\"\nkind = \"shmem\"\nmembers = [\"a\", \"b\"]\nbacking = { shm = \"x\", file = \"y\" }\n",
             "channel[c].backing: give exactly one of",
         ),
+        (
+            "samebacking.toml",
+            "[[channel]]\nname = \"c\"\nkind = \"shmem\"\nmembers = [\"a\", \"b\"]\nbacking = { shm = \"x\" }\n\
+             [[channel]]\nname = \"d\"\nkind = \"portio\"\nmembers = [\"a\", \"b\"]\nbacking = { shm = \"x\" }\n",
+            "channel[d].backing: channel[c] uses the same backing",
+        ),
     ];
     for (file, body, want) in cases {
         check_rejects(file, &format!("{two}{body}"), want);
