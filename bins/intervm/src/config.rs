@@ -274,6 +274,9 @@ pub struct ChannelSpec {
     pub members: Vec<String>,
     /// Shared region bytes (`shmem`/`doorbell`; `portio`: its queues).
     pub size: u64,
+    /// True when the file gave `size` (with `backing = { server }` the
+    /// server's region must then have that size).
+    pub size_given: bool,
     /// Region backing (`shmem`/`doorbell`; `portio`: its queues).
     pub backing: Backing,
     /// First port (`portio`).
@@ -886,7 +889,10 @@ impl Config {
             // write each other's rings (and a host-only port-I/O ring would
             // be open to a shared-memory guest).
             if !matches!(backing, Backing::Memfd) {
-                if let Some(other) = channels.iter().find(|o: &&ChannelSpec| o.backing == backing) {
+                if let Some(other) = channels
+                    .iter()
+                    .find(|o: &&ChannelSpec| o.backing == backing)
+                {
                     return Err(err(format!(
                         "{}: channel[{}] uses the same backing; every channel needs its own region",
                         key("backing"),
@@ -977,6 +983,7 @@ impl Config {
                 kind,
                 members: c.members.clone(),
                 size,
+                size_given: c.size.is_some(),
                 backing,
                 port: port as u16,
                 vectors: vectors as usize,

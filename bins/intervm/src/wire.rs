@@ -257,6 +257,14 @@ fn plug_channels(cfg: &Config, vm: &Vm, w: &mut Wiring) -> Result<Vec<Membership
                 format!("{} (from {})", c.name, sock.display()),
             )
             .map_err(|e| cerr(e.to_string()))?;
+            if c.size_given && region.size() != c.size {
+                return Err(cerr(format!(
+                    "size: the server at {} shares {} bytes, not the {} the file asks for; fix size (or leave it out to take the server's)",
+                    sock.display(),
+                    region.size(),
+                    c.size
+                )));
+            }
             let t = Transport::attach(Arc::new(region), c.members.len() as u32)
                 .map_err(|e| cerr(e.to_string()))?;
             let (m, dev) = attach_session(vm, c, me, &t, session).map_err(cerr)?;

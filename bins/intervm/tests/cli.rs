@@ -493,6 +493,19 @@ fn doorbell_members_in_separate_processes_through_our_server() {
          backing = {{ server = \"{}\" }}\n",
         sock.display()
     );
+    // A size that differs from the server's is an error, not overridden.
+    let wrong = temp_config(
+        "db-server-size.toml",
+        &body.replace("size = \"4M\"", "size = \"8M\""),
+    );
+    let o = intervm(&["run", wrong.to_str().unwrap(), "--timeout", "60"]);
+    let (_, err) = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("channel[c]: size: the server at")
+            && err.contains("shares 4194304 bytes, not the 8388608 the file asks for"),
+        "{err}"
+    );
     let cfg = temp_config("db-server.toml", &body);
     let cfg = cfg.to_str().unwrap().to_string();
     let spawn = |vm: &str| spawn_vm(&cfg, vm);
