@@ -3,6 +3,7 @@
 //! of a doorbell channel split across processes
 //! (`interrupt_doorbell::rendezvous`).
 
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -39,9 +40,11 @@ fn open_source(src: &Source) -> Result<std::fs::File, String> {
                 .try_clone()
                 .map_err(|e| format!("--shm {name}: {e}"))
         }
+        // Never through a symbolic link (as members open it).
         Source::File(p) => std::fs::OpenOptions::new()
             .read(true)
             .write(true)
+            .custom_flags(libc::O_NOFOLLOW)
             .open(p)
             .map_err(|e| format!("--file {}: {e}", p.display())),
     }

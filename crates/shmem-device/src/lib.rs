@@ -47,6 +47,14 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    /// An existing backing this process should not trust with a region.
+    #[error("{path}: {why}")]
+    UntrustedBacking {
+        /// Backing path.
+        path: String,
+        /// What is wrong and what to do.
+        why: String,
+    },
     /// A bad shm name.
     #[error("shm name {0:?}: use 1-200 characters, no '/'")]
     BadName(String),

@@ -186,15 +186,51 @@ fn map_shared(file: &File, size: u64, hugetlb: bool, label: &str) -> Result<Mmap
         })
 }
 
+/// Opens (creating it `0600` if missing) a backing. Never follows a
+/// symbolic link, and refuses anything but a regular file owned by this
+/// user: in a shared directory such as `/dev/shm`, another user could have
+/// planted a link to a file of ours (which would then be formatted), or a
+/// file of theirs (which they could read or resize under us).
 fn open_file(p: &Path) -> Result<File> {
-    OpenOptions::new()
+    use std::os::unix::fs::MetadataExt;
+    let shown = p.display().to_string();
+    let f = OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
         .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(p)
-        .map_err(io(format!("{}: open", p.display())))
+        .map_err(|source| match source.raw_os_error() {
+            Some(libc::ELOOP) => Error::UntrustedBacking {
+                path: shown.clone(),
+                why: "is a symbolic link; name the file itself".into(),
+            },
+            _ => Error::Io {
+                what: format!("{shown}: open"),
+                source,
+            },
+        })?;
+    let meta = f.metadata().map_err(io(format!("{shown}: stat")))?;
+    if !meta.file_type().is_file() {
+        return Err(Error::UntrustedBacking {
+            path: shown,
+            why: "is not a regular file".into(),
+        });
+    }
+    // SAFETY: geteuid has no preconditions.
+    let me = unsafe { libc::geteuid() };
+    if meta.uid() != me {
+        return Err(Error::UntrustedBacking {
+            path: shown,
+            why: format!(
+                "belongs to uid {}, not to this user (uid {me}), who could read or resize it                  under every member; remove it, or use a backing this user owns",
+                meta.uid()
+            ),
+        });
+    }
+    Ok(f)
 }
 
 #[cfg(test)]
@@ -214,6 +250,42 @@ mod tests {
         let r = SharedRegion::open(&Backing::Memfd, 1 << 16).unwrap();
         assert!(r.created());
         assert_eq!(r.size(), 1 << 16);
+    }
+
+    #[test]
+    fn backings_that_are_links_or_not_files_are_refused() {
+        let dir = std::env::temp_dir().join(format!("intervm-region-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let victim = dir.join("victim");
+        std::fs::write(&victim, vec![7u8; 4096]).unwrap();
+        let link = dir.join("link");
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&victim, &link).unwrap();
+        let e = SharedRegion::open(&Backing::File(link.clone()), 4096).unwrap_err();
+        assert!(e.to_string().contains("is a symbolic link"), "{e}");
+        assert_eq!(
+            std::fs::read(&victim).unwrap(),
+            vec![7u8; 4096],
+            "untouched"
+        );
+        let e = SharedRegion::open(&Backing::File(dir.clone()), 4096).unwrap_err();
+        assert!(e.to_string().contains(&dir.display().to_string()), "{e}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_backing_owned_by_another_user_is_refused() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("SKIPPED: giving a file to another user needs root");
+            return;
+        }
+        let p = std::env::temp_dir().join(format!("intervm-region-theirs-{}", std::process::id()));
+        std::fs::write(&p, vec![0u8; 4096]).unwrap();
+        std::os::unix::fs::chown(&p, Some(65534), None).unwrap();
+        let e = SharedRegion::open(&Backing::File(p.clone()), 4096).unwrap_err();
+        assert!(e.to_string().contains("belongs to uid 65534"), "{e}");
+        std::fs::remove_file(&p).unwrap();
     }
 
     #[test]

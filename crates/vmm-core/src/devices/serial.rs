@@ -78,6 +78,8 @@ struct LinePrefix<W: Write> {
     eager: bool,
     /// The prefix and part of the current line are already out.
     mid_line: bool,
+    /// Control characters are shown as `^X`.
+    sanitize: bool,
 }
 
 impl<W: Write> LinePrefix<W> {
@@ -88,12 +90,23 @@ impl<W: Write> LinePrefix<W> {
             line: Vec::new(),
             eager: false,
             mid_line: false,
+            sanitize: false,
         }
     }
 
     fn eager(prefix: String, inner: W) -> Self {
         let mut w = Self::new(prefix, inner);
         w.eager = true;
+        w
+    }
+
+    /// Like [`LinePrefix::new`], showing control characters (escape
+    /// sequences above all) as `^X` instead of passing them to the
+    /// terminal: a guest's log cannot retitle, recolour or rewrite the
+    /// host's terminal, or reach its clipboard.
+    fn sanitized(prefix: String, inner: W) -> Self {
+        let mut w = Self::new(prefix, inner);
+        w.sanitize = true;
         w
     }
 
@@ -117,6 +130,9 @@ impl<W: Write> Write for LinePrefix<W> {
                 b'\n' => {
                     self.line.push(b);
                     self.emit()?;
+                }
+                b if self.sanitize && (b < 0x20 && b != b'\t' || b == 0x7f) => {
+                    self.line.extend_from_slice(&[b'^', b ^ 0x40]);
                 }
                 _ => {
                     self.line.push(b);
@@ -151,7 +167,11 @@ impl SerialOutput {
     /// Opens the sink for a VM called `name`.
     pub fn open(&self, name: &str) -> io::Result<Box<dyn Write + Send>> {
         Ok(match self {
-            SerialOutput::Stdout => Box::new(LinePrefix::new(format!("[{name}] "), io::stdout())),
+            SerialOutput::Stdout => {
+                Box::new(LinePrefix::sanitized(format!("[{name}] "), io::stdout()))
+            }
+            // The user's own terminal on the guest: sequences pass, as in
+            // any terminal session.
             SerialOutput::Console => {
                 Box::new(LinePrefix::eager(format!("[{name}] "), io::stdout()))
             }
@@ -306,6 +326,20 @@ mod tests {
             String::from_utf8(out).unwrap(),
             "[a] one\n[a] two\n[a] unterminated\n"
         );
+    }
+
+    #[test]
+    fn escape_sequences_from_a_guest_never_reach_the_terminal() {
+        let mut out = Vec::new();
+        {
+            // Set the window title, write the clipboard (OSC 52), clear.
+            let mut w = LinePrefix::sanitized("[a] ".into(), &mut out);
+            w.write_all(b"\x1b]0;owned\x07\x1b]52;c;aGk=\x07\x1b[2Jok\tdone\x7f\n")
+                .unwrap();
+        }
+        let s = String::from_utf8(out).unwrap();
+        assert_eq!(s, "[a] ^[]0;owned^G^[]52;c;aGk=^G^[[2Jok\tdone^?\n");
+        assert!(!s.contains('\x1b'));
     }
 
     #[test]
