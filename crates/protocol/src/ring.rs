@@ -325,10 +325,10 @@ impl Fletcher {
     unsafe fn copy(&mut self, dst: *mut u8, src: *const u8, n: usize) {
         let words = n / 8;
         let mut i = 0;
-        // SAFETY (all blocks below): every access is inside the first
-        // `words * 8 <= n` bytes, or the last `n % 8`; unaligned accesses
-        // are allowed.
         while i < words && self.words & 3 != 0 {
+            // SAFETY: bytes `i * 8..i * 8 + 8` lie within the first
+            // `words * 8 <= n` bytes of both buffers; unaligned access is
+            // allowed.
             unsafe {
                 let w = core::ptr::read_unaligned(src.add(i * 8) as *const u64);
                 core::ptr::write_unaligned(dst.add(i * 8) as *mut u64, w);
@@ -337,6 +337,8 @@ impl Fletcher {
             i += 1;
         }
         while i + 4 <= words {
+            // SAFETY: bytes `i * 8..i * 8 + 32` lie within the first
+            // `words * 8` bytes (`i + 4 <= words`); unaligned is allowed.
             unsafe {
                 let w = core::ptr::read_unaligned(src.add(i * 8) as *const [u64; 4]);
                 core::ptr::write_unaligned(dst.add(i * 8) as *mut [u64; 4], w);
@@ -345,6 +347,7 @@ impl Fletcher {
             i += 4;
         }
         while i < words {
+            // SAFETY: as in the first loop.
             unsafe {
                 let w = core::ptr::read_unaligned(src.add(i * 8) as *const u64);
                 core::ptr::write_unaligned(dst.add(i * 8) as *mut u64, w);
@@ -355,6 +358,8 @@ impl Fletcher {
         let rest = n % 8;
         if rest > 0 {
             let mut w = [0u8; 8];
+            // SAFETY: the last `rest < 8` bytes of the `n`-byte buffers,
+            // through a local 8-byte array.
             unsafe {
                 core::ptr::copy_nonoverlapping(src.add(words * 8), w.as_mut_ptr(), rest);
                 core::ptr::copy_nonoverlapping(w.as_ptr(), dst.add(words * 8), rest);

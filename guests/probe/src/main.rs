@@ -299,14 +299,16 @@ fn bar_move() -> u32 {
 
 fn fault() -> u32 {
     match arg(0) {
-        // SAFETY (all arms): deliberately faulting instructions; the CPL0
-        // handler records the exception and powers off.
+        // SAFETY: a deliberate divide error; the CPL0 handler records the
+        // exception and powers off.
         0 => unsafe {
             core::arch::asm!("xor edx, edx", "xor eax, eax", "div rcx", in("rcx") 0u64, out("rdx") _, out("rax") _)
         },
+        // SAFETY: a deliberate #GP (non-canonical address), handled as above.
         13 => unsafe {
             core::arch::asm!("mov qword ptr [rax], 0", in("rax") 0x8000_0000_0000_0000u64)
         },
+        // SAFETY: a deliberate #PF (unmapped address), handled as above.
         14 => unsafe { core::arch::asm!("mov qword ptr [rax], 0", in("rax") 0x7f_0000_0000u64) },
         255 => arch::triple_fault(),
         _ => return fail(5, arg(0)),
