@@ -19,21 +19,12 @@ use std::sync::{Arc, Mutex, Weak};
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
 use shmem_device::SharedRegion;
 use vmm_core::irq::{poll_readable, IntxLine, KvmMsiVectors};
-use vmm_core::pci::{BarKind, BarMemory, BarSpec, Msix, PciConfiguration, PciDevice, PciIds};
+use vmm_core::pci::{BarKind, BarMemory, BarSpec, Msix, PciConfiguration, PciDevice};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::{Error, Result};
 
-/// Interrupt Mask register.
-pub const INTR_MASK: u64 = 0;
-/// Interrupt Status register (read clears).
-pub const INTR_STATUS: u64 = 4;
-/// IVPosition register.
-pub const IV_POSITION: u64 = 8;
-/// Doorbell register.
-pub const DOORBELL: u64 = 12;
-/// BAR0 size.
-pub const REGS_SIZE: u64 = 256;
+pub use intervm_protocol::ivshmem::{DOORBELL, INTR_MASK, INTR_STATUS, IV_POSITION, REGS_SIZE};
 /// BAR1 size (MSI-X table at 0, PBA at 0x800).
 pub const MSIX_BAR_SIZE: u64 = 4096;
 const PBA_OFFSET: u64 = 0x800;
@@ -79,17 +70,6 @@ pub struct IvshmemDoorbell {
     mode_changed: EventFd,
 }
 
-fn ids() -> PciIds {
-    PciIds {
-        vendor: 0x1af4,
-        device: 0x1110,
-        subsystem_vendor: 0x1af4,
-        subsystem: 0x1100,
-        revision: 1,
-        class: 0x050000,
-    }
-}
-
 impl IvshmemDoorbell {
     /// A device for peer `id` exposing `region`, raising its `own.len()`
     /// vectors from the eventfds in `own` (peers write to clones of them).
@@ -107,7 +87,7 @@ impl IvshmemDoorbell {
                 "{vectors} vectors (1..={MAX_VECTORS})"
             )));
         }
-        let mut config = PciConfiguration::new(ids(), 1);
+        let mut config = PciConfiguration::new(shmem_device::device::ivshmem_ids(), 1);
         let bars = [
             (0, BarKind::Mem32, REGS_SIZE),
             (1, BarKind::Mem32, MSIX_BAR_SIZE),
@@ -236,7 +216,7 @@ impl IvshmemDoorbell {
         let addr = bar0 + DOORBELL;
         for (&peer, evts) in &self.peers {
             for (v, evt) in evts.iter().enumerate() {
-                let data = ((peer as u32) << 16) | v as u32;
+                let data = intervm_protocol::ivshmem::doorbell(peer, v as u16);
                 let Ok(evt) = evt.try_clone() else { continue };
                 match self.vm.register_ioevent(&evt, &IoEventAddress::Mmio(addr), data) {
                     Ok(()) => self.ioevents.push((addr, data, evt)),
@@ -249,7 +229,8 @@ impl IvshmemDoorbell {
     }
 
     fn ring(&mut self, v: u32) {
-        let (peer, vector) = ((v >> 16) as u16, (v & 0xffff) as usize);
+        let (peer, vector) = intervm_protocol::ivshmem::doorbell_target(v);
+        let vector = vector as usize;
         match self.peers.get(&peer).and_then(|e| e.get(vector)) {
             Some(evt) => {
                 self.stats.rung += 1;

@@ -11,6 +11,7 @@
 
 #[cfg(feature = "std")]
 pub mod heartbeat;
+pub mod ivshmem;
 pub mod portio;
 pub mod probe;
 pub mod ring;

@@ -487,11 +487,6 @@ impl BootInfo {
 
 const _: () = assert!(core::mem::size_of::<BootInfo>() <= 4096);
 
-/// PCI vendor ID of the ivshmem device family (Red Hat / Qumranet).
-pub const IVSHMEM_VENDOR: u16 = 0x1af4;
-/// PCI device ID of ivshmem.
-pub const IVSHMEM_DEVICE: u16 = 0x1110;
-
 /// Guest-physical address of the task table of [`Workload::Sequence`].
 pub const TASK_TABLE_GPA: u64 = 0x10000;
 /// Most tasks in a sequence.

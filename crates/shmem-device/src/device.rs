@@ -12,31 +12,24 @@
 
 use std::sync::Arc;
 
-use intervm_protocol::probe::{IVSHMEM_DEVICE, IVSHMEM_VENDOR};
 use vmm_core::pci::{BarKind, BarMemory, BarSpec, PciConfiguration, PciDevice, PciIds};
 
 use crate::region::SharedRegion;
 
-/// Size of BAR0.
-pub const REGS_SIZE: u64 = 256;
-/// IntrMask register offset.
-pub const INTR_MASK: u64 = 0x00;
-/// IntrStatus register offset.
-pub const INTR_STATUS: u64 = 0x04;
-/// IVPosition register offset.
-pub const IV_POSITION: u64 = 0x08;
-/// Doorbell register offset.
-pub const DOORBELL: u64 = 0x0c;
+pub use intervm_protocol::ivshmem::{DOORBELL, INTR_MASK, INTR_STATUS, IV_POSITION, REGS_SIZE};
 
-/// The ivshmem identity: Red Hat vendor, ivshmem device, RAM controller class.
+/// The ivshmem identity: Red Hat vendor, ivshmem device, RAM controller
+/// class (both personalities; the values are in
+/// [`intervm_protocol::ivshmem`]).
 pub fn ivshmem_ids() -> PciIds {
+    use intervm_protocol::ivshmem as iv;
     PciIds {
-        vendor: IVSHMEM_VENDOR,
-        device: IVSHMEM_DEVICE,
-        subsystem_vendor: IVSHMEM_VENDOR,
-        subsystem: 0x1100,
-        revision: 1,
-        class: 0x050000,
+        vendor: iv::VENDOR,
+        device: iv::DEVICE,
+        subsystem_vendor: iv::SUBSYSTEM_VENDOR,
+        subsystem: iv::SUBSYSTEM,
+        revision: iv::REVISION,
+        class: iv::CLASS,
     }
 }
 

@@ -76,8 +76,8 @@ pub fn map(src: &Source) -> Result<Mapping, Error> {
         None => {
             let dev = pci::pick(
                 &src.sysfs,
-                intervm_protocol::probe::IVSHMEM_VENDOR as u32,
-                intervm_protocol::probe::IVSHMEM_DEVICE as u32,
+                intervm_protocol::ivshmem::VENDOR as u32,
+                intervm_protocol::ivshmem::DEVICE as u32,
                 src.device.as_deref(),
             )?;
             pci::enable(&dev)?;

@@ -12,14 +12,15 @@ use std::time::{Duration, Instant};
 use crate::pci::Mapping;
 use crate::shmem::Notify;
 use crate::Error;
+use intervm_protocol::ivshmem;
 
 /// `/sys/class/uio`.
 pub const SYSFS_UIO: &str = "/sys/class/uio";
 /// The name the driver registers.
 pub const DRIVER_NAME: &str = "ivshmem";
 
-const IV_POSITION: usize = 8;
-const DOORBELL: usize = 12;
+const IV_POSITION: usize = ivshmem::IV_POSITION as usize;
+const DOORBELL: usize = ivshmem::DOORBELL as usize;
 /// The registers the tool uses (IntrMask .. Doorbell).
 const REGISTER_BYTES: usize = 16;
 
@@ -148,7 +149,7 @@ impl Uio {
     /// Rings `peer` on `vector`.
     pub fn ring_vector(&self, peer: u16, vector: u16) {
         // SAFETY: a mapped device register.
-        unsafe { std::ptr::write_volatile(self.reg(DOORBELL), (peer as u32) << 16 | vector as u32) }
+        unsafe { std::ptr::write_volatile(self.reg(DOORBELL), ivshmem::doorbell(peer, vector)) }
     }
 
     /// Waits up to `timeout` for an interrupt; returns the driver's total

@@ -4,21 +4,16 @@
 
 use crate::{arch, arg, cpl0, fail, pci, set_result, set_state};
 use core::sync::atomic::Ordering;
+use intervm_protocol::ivshmem::{self, DOORBELL, INTR_MASK, INTR_STATUS, IV_POSITION};
 use intervm_protocol::probe::{
     doorbell_args as a, results, State, DB_BY_REGION, DB_EDGE, DB_INTX, DB_POLL, EXIT_OK,
     INTX_VECTOR, IRQ_VECTOR_BASE,
 };
 use intervm_protocol::ring;
 
-const INTR_MASK: u64 = 0;
-const INTR_STATUS: u64 = 4;
-const IV_POSITION: u64 = 8;
-const DOORBELL: u64 = 12;
-
 /// [`intervm_protocol::probe::Workload::DoorbellPingPong`].
 pub fn ping_pong() -> u32 {
-    let id = ((intervm_protocol::probe::IVSHMEM_VENDOR as u32) << 16)
-        | intervm_protocol::probe::IVSHMEM_DEVICE as u32;
+    let id = ((ivshmem::VENDOR as u32) << 16) | ivshmem::DEVICE as u32;
     let Some(dev) = pci::find_nth(id, arg(a::DEVICE_INDEX) as usize) else {
         return fail(1, arg(a::DEVICE_INDEX));
     };
@@ -60,7 +55,7 @@ pub fn ping_pong() -> u32 {
     } else {
         arg(a::PEER) as u32
     };
-    let ring = peer_id << 16 | vector;
+    let ring = ivshmem::doorbell(peer_id as u16, vector as u16);
     let initiator = arg(a::INITIATOR) == 1;
     set_state(State::Ready);
     let (mut total, mut min, mut max) = (0u64, u64::MAX, 0u64);

@@ -15,6 +15,7 @@
 
 use crate::transfer::{buffer, record, Clock};
 use crate::{arch, arg, fail, pci, set_result, set_state};
+use intervm_protocol::ivshmem;
 use intervm_protocol::probe::{
     results, shmem_args, shmem_frame_bytes, State, EXIT_OK, SHMEM_ADAPTIVE, SHMEM_CORRUPT_HEAD,
     SHMEM_HOLD, SHMEM_NOTIFY,
@@ -42,8 +43,7 @@ struct Channel {
 /// Finds the device, enables memory decode, and checks the region header.
 fn open_channel() -> Result<Channel, u32> {
     let nth = arg(shmem_args::DEVICE_INDEX) as usize;
-    let id = ((intervm_protocol::probe::IVSHMEM_VENDOR as u32) << 16)
-        | intervm_protocol::probe::IVSHMEM_DEVICE as u32;
+    let id = ((ivshmem::VENDOR as u32) << 16) | ivshmem::DEVICE as u32;
     let Some(dev) = pci::find_nth(id, nth) else {
         return Err(fail(1, nth as u64));
     };
@@ -127,7 +127,7 @@ fn listen(ch: &Channel) -> Result<(), u32> {
     if pci::enable_msix(ch.dev, 1, intervm_protocol::probe::IRQ_VECTOR_BASE).is_none() {
         return Err(fail(5, 0));
     }
-    let id = arch::mmio_read32(ch.bar0 + 8) as u16;
+    let id = arch::mmio_read32(ch.bar0 + ivshmem::IV_POSITION) as u16;
     ch.region
         .set_doorbell_id(&ch.geo, ch.me, id)
         .map_err(ring_fail)
@@ -136,7 +136,7 @@ fn listen(ch: &Channel) -> Result<(), u32> {
 /// The doorbell value that rings member `m` (which published its ID).
 fn bell_of(ch: &Channel, m: u32) -> Result<u32, u32> {
     match ch.region.doorbell_id(&ch.geo, m) {
-        Ok(Some(id)) => Ok((id as u32) << 16),
+        Ok(Some(id)) => Ok(ivshmem::doorbell(id, 0)),
         _ => Err(fail(6, m as u64)),
     }
 }
@@ -268,7 +268,7 @@ fn send_on(ch: &Channel) -> Result<(), u32> {
                     // Doorbell: peer ID in the high half, vector 0. Adaptive:
                     // only when the receiver declared that it sleeps.
                     if ch.notify && (!ch.adaptive || p.take_consumer_sleep()) {
-                        arch::mmio_write32(ch.bar0 + 12, bell);
+                        arch::mmio_write32(ch.bar0 + ivshmem::DOORBELL, bell);
                         rang += 1;
                     }
                 }
@@ -518,10 +518,10 @@ fn pump(
                     // Adaptive: a producer asleep on a full ring has room now.
                     if ch.adaptive && p.c.take_producer_sleep() {
                         let bell = match ch.region.doorbell_id(&ch.geo, p.c.peer()) {
-                            Ok(Some(id)) => (id as u32) << 16,
+                            Ok(Some(id)) => ivshmem::doorbell(id, 0),
                             _ => return Err(RingError::PeerGone(p.c.peer())),
                         };
-                        arch::mmio_write32(ch.bar0 + 12, bell);
+                        arch::mmio_write32(ch.bar0 + ivshmem::DOORBELL, bell);
                         rang += 1;
                     }
                     jitter(&mut rng);
