@@ -54,7 +54,7 @@ struct RawVm {
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
 enum RawProbes {
-    One(RawProbe),
+    One(Box<RawProbe>),
     Many(Vec<RawProbe>),
 }
 
@@ -71,6 +71,8 @@ struct RawProbe {
     width: Option<u64>,
     rep: Option<bool>,
     rounds: Option<u64>,
+    ops: Option<u64>,
+    seed: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -193,6 +195,14 @@ pub enum ProbeTask {
         chunk: u64,
         /// Port-I/O channels: how bytes cross.
         portio: Option<PortioHow>,
+    },
+    /// A hostile guest: `ops` random accesses to every device of the VM
+    /// (config space, BARs, port-I/O registers, doorbells, its regions).
+    Chaos {
+        /// Accesses to make.
+        ops: u64,
+        /// Seed of the random sequence.
+        seed: u64,
     },
     /// Receive `size` bytes from each VM in `from` over `channel`.
     Recv {
@@ -391,7 +401,7 @@ fn parse_size(s: &RawSize) -> Result<u64, String> {
 
 /// Validates a `probe = { ... }` table; errors start with the key below `probe`.
 fn probe_task(p: &RawProbe, vm: &VmSpec, channels: &[ChannelSpec]) -> Result<ProbeTask, String> {
-    if p.task == "hello" {
+    if p.task == "hello" || p.task == "chaos" {
         for (k, set) in [
             ("channel", p.channel.is_some()),
             ("to", p.to.is_some()),
@@ -401,18 +411,32 @@ fn probe_task(p: &RawProbe, vm: &VmSpec, channels: &[ChannelSpec]) -> Result<Pro
             ("mode", p.mode.is_some()),
             ("width", p.width.is_some()),
             ("rep", p.rep.is_some()),
+            ("rounds", p.rounds.is_some()),
+            ("ops", p.ops.is_some() && p.task == "hello"),
+            ("seed", p.seed.is_some() && p.task == "hello"),
         ] {
             if set {
-                return Err(format!("{k}: not used by task \"hello\""));
+                return Err(format!("{k}: not used by task {:?}", p.task));
             }
         }
-        return Ok(ProbeTask::Hello);
+        if p.task == "hello" {
+            return Ok(ProbeTask::Hello);
+        }
+        return Ok(ProbeTask::Chaos {
+            ops: p.ops.unwrap_or(10_000),
+            seed: p.seed.unwrap_or(1),
+        });
     }
     if !["send", "recv", "ping", "pong"].contains(&p.task.as_str()) {
         return Err(format!(
-            "task: {:?} is not \"hello\", \"send\", \"recv\", \"ping\" or \"pong\"",
+            "task: {:?} is not \"hello\", \"send\", \"recv\", \"ping\", \"pong\" or \"chaos\"",
             p.task
         ));
+    }
+    for (k, set) in [("ops", p.ops.is_some()), ("seed", p.seed.is_some())] {
+        if set {
+            return Err(format!("{k}: only meaningful for task \"chaos\""));
+        }
     }
     let name = p
         .channel

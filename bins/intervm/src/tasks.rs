@@ -92,6 +92,19 @@ fn boot_info(
             info.args[0] = index as u64;
             info
         }
+        ProbeTask::Chaos { ops, seed } => {
+            use intervm_protocol::probe::chaos_args as a;
+            let mut info = BootInfo::new(Workload::Chaos, 0, 0);
+            info.args[a::SEED] = *seed;
+            info.args[a::OPS] = *ops;
+            // The first port-I/O block of this VM, if any.
+            info.args[a::PORT_BASE] = cfg
+                .channels
+                .iter()
+                .find(|c| c.kind == ChannelKind::Portio && c.index_of(&vm.name).is_some())
+                .map_or(0, |c| c.port as u64);
+            info
+        }
         ProbeTask::PingPong {
             channel: c,
             to,
@@ -302,6 +315,19 @@ pub fn report(
     let mut ok = true;
     let (c, verb) = match task {
         ProbeTask::Hello => return None,
+        ProbeTask::Chaos { ops, .. } => {
+            use intervm_protocol::probe::results as r;
+            let done = info.results[r::CHAOS_OPS];
+            return Some(Report {
+                lines: vec![format!(
+                    "{}: chaos: {done} of {ops} random accesses over {} PCI functions ({} skipped: no device there)",
+                    vm.name,
+                    info.results[r::CHAOS_FUNCTIONS],
+                    info.results[r::CHAOS_SKIPPED],
+                )],
+                ok: done == *ops,
+            });
+        }
         ProbeTask::PingPong {
             channel,
             to,
@@ -351,7 +377,7 @@ pub fn report(
         ));
     }
     match task {
-        ProbeTask::Hello | ProbeTask::PingPong { .. } => {}
+        ProbeTask::Hello | ProbeTask::Chaos { .. } | ProbeTask::PingPong { .. } => {}
         ProbeTask::Send { to, size, .. } => {
             let r = peer_record(info, member(ch, to));
             ok &= r.bytes == *size;

@@ -240,6 +240,14 @@ fn shmem_config_errors_name_the_key() {
             "vm[a].probe.channel: no [[channel]] is named \"nope\"",
         ),
         (
+            "probe = { task = \"send\", channel = \"c\", to = \"b\", size = \"1M\", ops = 5 }",
+            "vm[a].probe.ops: only meaningful for task \"chaos\"",
+        ),
+        (
+            "probe = { task = \"chaos\", channel = \"c\" }",
+            "vm[a].probe.channel: not used by task \"chaos\"",
+        ),
+        (
             "probe = { task = \"send\", channel = \"c\", to = \"b\" }",
             "vm[a].probe.size: missing",
         ),
@@ -596,4 +604,47 @@ fn a_region_shrunk_by_another_process_loses_only_that_channel() {
         out.contains("channel c lost: /dev/shm/") && out.contains("was shrunk by another process"),
         "stdout:\n{out}\nstderr:\n{err}"
     );
+}
+
+#[test]
+fn a_chaos_guest_crashes_nothing_and_corrupts_no_other_transfer() {
+    if !kvm_available() {
+        return;
+    }
+    // c writes random values at random widths to every device it has
+    // (config space, BARs, MSI-X tables, doorbells to a, the port-I/O
+    // block it shares with b, its region with a) while a sends checked
+    // data to b over a channel c is not in.
+    for seed in [1u64, 2, 3] {
+        let body = format!(
+            "[[vm]]\nname = \"a\"\nmemory = \"64M\"\nserial = \"none\"\n\
+             probe = {{ task = \"send\", channel = \"good\", to = \"b\", size = \"2G\" }}\n\
+             [[vm]]\nname = \"b\"\nmemory = \"64M\"\nserial = \"none\"\n\
+             probe = {{ task = \"recv\", channel = \"good\", size = \"2G\" }}\n\
+             [[vm]]\nname = \"c\"\nmemory = \"64M\"\nserial = \"none\"\n\
+             probe = {{ task = \"chaos\", ops = 4000, seed = {seed} }}\n\
+             [[channel]]\nname = \"good\"\nkind = \"shmem\"\nmembers = [\"a\", \"b\"]\n\
+             [[channel]]\nname = \"s\"\nkind = \"shmem\"\nmembers = [\"c\", \"a\"]\n\
+             [[channel]]\nname = \"bell\"\nkind = \"doorbell\"\nmembers = [\"c\", \"a\"]\nvectors = 4\n\
+             [[channel]]\nname = \"pio\"\nkind = \"portio\"\nmembers = [\"c\", \"b\"]\n"
+        );
+        let cfg = temp_config(&format!("chaos-{seed}.toml"), &body);
+        let o = intervm(&["run", cfg.to_str().unwrap(), "--timeout", "600"]);
+        let (out, err) = text(&o);
+        assert!(
+            o.status.success(),
+            "seed {seed}: {:?}\nstdout:\n{out}\nstderr:\n{err}",
+            o.status
+        );
+        assert!(
+            out.contains("received 2 GiB of 2 GiB from a over good")
+                && out.contains("checksum ok"),
+            "seed {seed}: {out}"
+        );
+        assert!(
+            out.contains("c: chaos: 4000 of 4000 random accesses"),
+            "seed {seed}: {out}"
+        );
+        assert!(!err.contains("panicked"), "seed {seed}: {err}");
+    }
 }

@@ -99,6 +99,21 @@ pub enum Workload {
     /// Run the `args[0]` tasks of the table at [`TASK_TABLE_GPA`] in order
     /// (each a [`TaskEntry`]), stopping at the first that fails.
     Sequence = 13,
+    /// A hostile guest: random accesses of random widths to every PCI
+    /// function's config space and BARs, the port-I/O block, doorbells to
+    /// random peers and vectors, random words in its shared regions.
+    /// Arguments in [`chaos_args`]; results `CHAOS_*` in [`results`].
+    Chaos = 14,
+}
+
+/// Arguments of [`Workload::Chaos`].
+pub mod chaos_args {
+    /// Seed of the random sequence (the same seed, the same accesses).
+    pub const SEED: usize = 0;
+    /// Number of accesses.
+    pub const OPS: usize = 1;
+    /// First port of the port-I/O block to hit (0: none).
+    pub const PORT_BASE: usize = 2;
 }
 
 impl Workload {
@@ -118,6 +133,7 @@ impl Workload {
             11 => Self::PortioRecv,
             12 => Self::DoorbellPingPong,
             13 => Self::Sequence,
+            14 => Self::Chaos,
             _ => return None,
         })
     }
@@ -341,6 +357,15 @@ pub mod results {
     pub const PIO_CPL0_CYCLES: usize = 1;
     /// Iterations run at each level.
     pub const PIO_ITERATIONS: usize = 2;
+
+    /// [`super::Workload::Chaos`]: accesses made.
+    pub const CHAOS_OPS: usize = 0;
+    /// [`super::Workload::Chaos`]: PCI functions found at the start.
+    pub const CHAOS_FUNCTIONS: usize = 1;
+    /// [`super::Workload::Chaos`]: accesses skipped because no device was
+    /// there to hit (a function without that BAR, or a BAR moved outside
+    /// the PCI windows).
+    pub const CHAOS_SKIPPED: usize = 2;
 
     /// Number of PCI functions found on bus 0.
     pub const PCI_COUNT: usize = 0;

@@ -192,22 +192,36 @@ mod tests {
     use super::*;
     use std::os::fd::AsRawFd;
 
-    #[test]
-    fn a_shrunk_file_turns_the_mapping_private_instead_of_killing_the_process() {
-        let f = crate::memory::memfd("guard-test", 1 << 16).unwrap();
-        // SAFETY: maps the 64 KiB memfd shared; unmapped at the end.
+    const LEN: usize = 1 << 16;
+
+    /// A 64 KiB memfd mapped shared (unmapped by [`unmap`]).
+    fn mapped() -> (std::fs::File, *mut u8) {
+        let f = crate::memory::memfd("guard-test", LEN as u64).unwrap();
+        // SAFETY: maps the whole memfd shared at an address of the kernel's
+        // choosing.
         let p = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                1 << 16,
+                LEN,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
                 f.as_raw_fd(),
                 0,
             )
-        } as *mut u8;
-        assert_ne!(p as *mut libc::c_void, libc::MAP_FAILED);
-        let g = guard(p, 1 << 16, f.as_raw_fd(), 0).unwrap();
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        (f, p as *mut u8)
+    }
+
+    fn unmap(p: *mut u8) {
+        // SAFETY: unmaps what `mapped` mapped.
+        unsafe { libc::munmap(p as *mut libc::c_void, LEN) };
+    }
+
+    #[test]
+    fn a_shrunk_file_turns_the_mapping_private_instead_of_killing_the_process() {
+        let (f, p) = mapped();
+        let g = guard(p, LEN, f.as_raw_fd(), 0).unwrap();
         // SAFETY: inside the mapping.
         unsafe { p.add(8192).write_volatile(7) };
         assert!(!g.lost());
@@ -223,32 +237,19 @@ mod tests {
         // The file is untouched by writes to the private copy.
         assert_eq!(f.metadata().unwrap().len(), 4096);
         drop(g);
-        // SAFETY: unmaps what was mapped above.
-        unsafe { libc::munmap(p as *mut libc::c_void, 1 << 16) };
+        unmap(p);
     }
 
     #[test]
     fn recover_finds_a_shrunk_file_without_a_fault() {
-        let f = crate::memory::memfd("guard-test", 1 << 16).unwrap();
-        // SAFETY: as above.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                1 << 16,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                f.as_raw_fd(),
-                0,
-            )
-        } as *mut u8;
-        let g = guard(p, 1 << 16, f.as_raw_fd(), 0).unwrap();
+        let (f, p) = mapped();
+        let g = guard(p, LEN, f.as_raw_fd(), 0).unwrap();
         f.set_len(0).unwrap();
         assert!(recover());
         assert!(g.lost());
         // SAFETY: the private copy is mapped at the same place.
         assert_eq!(unsafe { p.add(100).read_volatile() }, 0);
         drop(g);
-        // SAFETY: unmaps what was mapped above.
-        unsafe { libc::munmap(p as *mut libc::c_void, 1 << 16) };
+        unmap(p);
     }
 }

@@ -9,6 +9,7 @@
 #![no_main]
 
 mod arch;
+mod chaos;
 mod console;
 mod cpl0;
 mod doorbell;
@@ -106,6 +107,7 @@ fn run_workload(workload: u32, top: bool) -> u32 {
         Some(Workload::PortioSend) => portio::send(),
         Some(Workload::PortioRecv) => portio::recv(),
         Some(Workload::DoorbellPingPong) => doorbell::ping_pong(),
+        Some(Workload::Chaos) => chaos::run(),
         Some(Workload::Sequence) if top => sequence(),
         Some(Workload::Sequence) => EXIT_BAD_BOOT_INFO,
         None => {
