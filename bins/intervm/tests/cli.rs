@@ -637,8 +637,7 @@ fn a_chaos_guest_crashes_nothing_and_corrupts_no_other_transfer() {
             o.status
         );
         assert!(
-            out.contains("received 2 GiB of 2 GiB from a over good")
-                && out.contains("checksum ok"),
+            out.contains("received 2 GiB of 2 GiB from a over good") && out.contains("checksum ok"),
             "seed {seed}: {out}"
         );
         assert!(
