@@ -48,6 +48,18 @@ pub fn recv(s: &UnixStream) -> Result<Option<(i64, Option<File>)>> {
             std::io::Error::from_raw_os_error(e.errno()),
         )
     })?;
+    // Received descriptors are not close-on-exec (recvmsg without
+    // MSG_CMSG_CLOEXEC): mark them, so no program this process starts
+    // inherits a region or a doorbell.
+    if let Some(f) = &fd {
+        // SAFETY: F_SETFD on a descriptor we own; no memory involved.
+        if unsafe { libc::fcntl(f.as_raw_fd(), libc::F_SETFD, libc::FD_CLOEXEC) } != 0 {
+            return Err(Error::Io(
+                "marking a received fd close-on-exec".into(),
+                std::io::Error::last_os_error(),
+            ));
+        }
+    }
     if n == 0 {
         return Ok(None);
     }

@@ -364,6 +364,12 @@ fn clients_that_never_read_cannot_keep_a_good_client_out() {
         .collect();
     let good = client::connect(&s.path, 64).expect("the good client joins");
     assert_eq!(good.own.len(), 64);
+    // What came over the socket is close-on-exec: no child inherits it.
+    for e in good.own.iter().chain(good.peers.values().flatten()) {
+        // SAFETY: F_GETFD on a descriptor the session owns.
+        let flags = unsafe { libc::fcntl(std::os::fd::AsRawFd::as_raw_fd(e), libc::F_GETFD) };
+        assert_eq!(flags & libc::FD_CLOEXEC, libc::FD_CLOEXEC);
+    }
     // Whatever of the idle clients the server still serves is announced
     // with all their vectors.
     assert!(good.peers.values().all(|v| v.len() == 64));
