@@ -78,6 +78,22 @@ pub fn guest_linux() -> Option<GuestLinux> {
     Some(g)
 }
 
+/// QEMU's own `ivshmem-server` and `ivshmem-client`, as
+/// `scripts/qemu-ivshmem-tools` builds them under `target/qemu-ivshmem/`,
+/// or `None` (skip; a failure under `CI=true`).
+pub fn qemu_ivshmem_tools() -> Option<(PathBuf, PathBuf)> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/qemu-ivshmem");
+    let (server, client) = (dir.join("ivshmem-server"), dir.join("ivshmem-client"));
+    if !server.is_file() || !client.is_file() {
+        missing(&format!(
+            "QEMU's ivshmem-server/-client are missing under {} (run scripts/qemu-ivshmem-tools)",
+            dir.display()
+        ));
+        return None;
+    }
+    Some((server, client))
+}
+
 /// The path of host program `name` on `PATH`, or `None` (skip; a failure
 /// under `CI=true`).
 pub fn host_program(name: &str) -> Option<PathBuf> {
