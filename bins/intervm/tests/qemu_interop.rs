@@ -10,7 +10,9 @@
 //! userspace runs `intervm-guest` (over sysfs `resource2`, and over
 //! `/dev/uioN` of the ivshmem_uio driver), and the two exchange checksummed
 //! data both ways over both regions. This checks the guest tool, the UIO
-//! driver and our server against QEMU's devices.
+//! driver and our server against QEMU's devices. A second run has QEMU's
+//! own contrib ivshmem-server serve the doorbell region instead, with both
+//! VMMs as its clients.
 //!
 //! `scripts/qemu-interop` runs this test with its output shown.
 
@@ -74,6 +76,22 @@ impl Drop for Names {
 
 #[test]
 fn qemu_linux_guest_and_intervm_probe_exchange_data_both_ways() {
+    exchange(None);
+}
+
+#[test]
+fn the_same_exchange_through_qemus_own_ivshmem_server() {
+    // The doorbell region and its peers come from QEMU's contrib
+    // ivshmem-server (built by scripts/qemu-ivshmem-tools): intervm's probe
+    // joins it with backing = { server }, QEMU's device by its socket.
+    if let Some((server, _)) = intervm_testkit::qemu_ivshmem_tools() {
+        exchange(Some(&server));
+    }
+}
+
+/// Runs the exchange; with `qemu_server`, the doorbell region is served by
+/// that program (QEMU's ivshmem-server) instead of intervm's own server.
+fn exchange(qemu_server: Option<&Path>) {
     if !intervm_testkit::kvm_available() {
         return;
     }
@@ -84,7 +102,12 @@ fn qemu_linux_guest_and_intervm_probe_exchange_data_both_ways() {
         return;
     };
     let intervm = env!("CARGO_BIN_EXE_intervm");
-    let tag = std::process::id();
+    // Both tests run at once in this process: names of their own.
+    let tag = format!(
+        "{}-{}",
+        std::process::id(),
+        if qemu_server.is_some() { "q" } else { "i" }
+    );
     let dir = std::env::temp_dir().join(format!("intervm-qemu-{tag}"));
     std::fs::create_dir_all(&dir).unwrap();
     let names = Names {
@@ -94,6 +117,36 @@ fn qemu_linux_guest_and_intervm_probe_exchange_data_both_ways() {
         dir,
     };
     let deadline = Instant::now() + DEADLINE;
+    // QEMU's server, if asked for, serving the doorbell region at its own
+    // socket; else the probe's process starts ours at the rendezvous.
+    let socket = match qemu_server {
+        Some(_) => names.dir.join("qemu-ivshmem.sock"),
+        None => names.run.join(format!("shm-{}.sock", names.bell)),
+    };
+    let _qemu_server = qemu_server.map(|server| {
+        let child = Reaped(
+            Command::new(server)
+                .args(["-F", "-S"])
+                .arg(&socket)
+                .args(["-M", &names.bell, "-l", "4M", "-n", "1"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("starting QEMU's ivshmem-server"),
+        );
+        while !socket.exists() {
+            assert!(
+                Instant::now() < deadline,
+                "QEMU's ivshmem-server never listened"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        child
+    });
+    let bell_backing = match qemu_server {
+        Some(_) => format!("{{ server = \"{}\" }}", socket.display()),
+        None => format!("{{ shm = \"{}\" }}", names.bell),
+    };
 
     // 1. intervm runs the probe; "linux" is the QEMU guest (the same
     //    [[vm]] would boot under intervm on VMX/SVM).
@@ -131,12 +184,11 @@ name = "bell"
 kind = "doorbell"
 members = ["probe", "linux"]
 size = "4M"
-backing = {{ shm = "{bell}" }}
+backing = {bell_backing}
 "#,
             kernel = guest.bzimage.display(),
             initrd = guest.initramfs_gz.display(),
             plain = names.plain,
-            bell = names.bell,
         ),
     )
     .unwrap();
@@ -155,7 +207,6 @@ backing = {{ shm = "{bell}" }}
     // region, starts the on-demand server (`intervm check` names its
     // socket: DIR/shm-NAME.sock).
     let plain_path = Path::new("/dev/shm").join(&names.plain);
-    let socket = names.run.join(format!("shm-{}.sock", names.bell));
     while !(plain_path.exists() && socket.exists()) {
         assert!(
             Instant::now() < deadline,
