@@ -1,0 +1,54 @@
+//! Sixteen members in one region (the ring protocol's most): fifteen
+//! senders to one receiver, over a polled region and over a doorbell region
+//! (each sender's frames announced by a doorbell to the receiver when it
+//! sleeps), every stream checksummed.
+
+mod common;
+
+use common::{intervm, temp_config, text};
+use intervm_testkit::kvm_available;
+
+fn sixteen_to_one(kind: &str) {
+    if !kvm_available() {
+        return;
+    }
+    let senders: Vec<String> = (1..16).map(|i| format!("s{i}")).collect();
+    let mut body = String::new();
+    for s in &senders {
+        body += &format!(
+            "[[vm]]\nname = \"{s}\"\nmemory = \"64M\"\nserial = \"none\"\n\
+             probe = {{ task = \"send\", channel = \"c\", to = \"r\", size = \"4M\" }}\n"
+        );
+    }
+    let from: Vec<String> = senders.iter().map(|s| format!("\"{s}\"")).collect();
+    body += &format!(
+        "[[vm]]\nname = \"r\"\nmemory = \"64M\"\nserial = \"none\"\n\
+         probe = {{ task = \"recv\", channel = \"c\", from = [{}], size = \"4M\" }}\n\
+         [[channel]]\nname = \"c\"\nkind = \"{kind}\"\nmembers = [{}, \"r\"]\nsize = \"16M\"\n",
+        from.join(", "),
+        from.join(", ")
+    );
+    let cfg = temp_config(&format!("sixteen-{kind}.toml"), &body);
+    let o = intervm(&["run", cfg.to_str().unwrap(), "--timeout", "600"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "stdout:\n{out}\nstderr:\n{err}");
+    for s in &senders {
+        assert!(
+            out.lines().any(
+                |l| l.contains(&format!("r: received 4 MiB of 4 MiB from {s} over c"))
+                    && l.contains("checksum ok")
+            ),
+            "{s}: {out}"
+        );
+    }
+}
+
+#[test]
+fn sixteen_members_share_one_polled_region() {
+    sixteen_to_one("shmem");
+}
+
+#[test]
+fn sixteen_members_share_one_doorbell_region() {
+    sixteen_to_one("doorbell");
+}
