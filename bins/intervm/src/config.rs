@@ -525,6 +525,12 @@ fn probe_task(p: &RawProbe, vm: &VmSpec, channels: &[ChannelSpec]) -> Result<Pro
     if chunk == 0 {
         return Err("chunk: must be at least 1 byte".into());
     }
+    if chunk > intervm_protocol::probe::SHMEM_BUF_MAX {
+        return Err(format!(
+            "chunk: {chunk} bytes is more than the probe's {} MiB frame buffer",
+            intervm_protocol::probe::SHMEM_BUF_MAX >> 20
+        ));
+    }
     let need = shmem_min_memory(size);
     if vm.memory < need {
         return Err(format!(

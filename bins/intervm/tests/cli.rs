@@ -244,6 +244,10 @@ fn shmem_config_errors_name_the_key() {
             "vm[a].probe.ops: only meaningful for task \"chaos\"",
         ),
         (
+            "probe = { task = \"send\", channel = \"c\", to = \"b\", size = \"1G\", chunk = \"32M\" }",
+            "vm[a].probe.chunk: 33554432 bytes is more than the probe's 16 MiB frame buffer",
+        ),
+        (
             "probe = { task = \"chaos\", channel = \"c\" }",
             "vm[a].probe.channel: not used by task \"chaos\"",
         ),

@@ -52,3 +52,27 @@ fn sixteen_members_share_one_polled_region() {
 fn sixteen_members_share_one_doorbell_region() {
     sixteen_to_one("doorbell");
 }
+
+#[test]
+fn a_one_gib_region_carries_checked_data() {
+    // Rings of 512 MiB: the probe receiver accepts frames up to its own
+    // buffer (it refused the region outright before).
+    if !kvm_available() {
+        return;
+    }
+    let body = "[[vm]]\nname = \"a\"\nmemory = \"64M\"\nserial = \"none\"\n\
+                probe = { task = \"send\", channel = \"c\", to = \"b\", size = \"2G\" }\n\
+                [[vm]]\nname = \"b\"\nmemory = \"64M\"\nserial = \"none\"\n\
+                probe = { task = \"recv\", channel = \"c\", size = \"2G\" }\n\
+                [[channel]]\nname = \"c\"\nkind = \"shmem\"\nmembers = [\"a\", \"b\"]\nsize = \"1G\"\n";
+    let cfg = temp_config("one-gib.toml", body);
+    let o = intervm(&["run", cfg.to_str().unwrap(), "--timeout", "600"]);
+    let (out, err) = text(&o);
+    assert!(o.status.success(), "stdout:\n{out}\nstderr:\n{err}");
+    assert!(
+        out.lines()
+            .any(|l| l.contains("b: received 2 GiB of 2 GiB from a over c")
+                && l.contains("checksum ok")),
+        "{out}"
+    );
+}

@@ -397,9 +397,15 @@ fn recv_on(ch: &Channel) -> Result<(), u32> {
     if ch.notify {
         listen(ch)?;
     }
+    // The largest frame accepted: the ring's largest, but never more than
+    // the probe's buffer (a region of 1 GiB has rings of 512 MiB).
+    let largest = ch
+        .geo
+        .max_payload()
+        .min(intervm_protocol::probe::SHMEM_BUF_MAX);
     let chunk = match arg(shmem_args::CHUNK) {
-        0 => ch.geo.max_payload(),
-        c => c.clamp(8, ch.geo.max_payload()),
+        0 => largest,
+        c => c.clamp(8, largest),
     };
     let dst = buffer(want.max(chunk), chunk)?;
     // Touch the destination once so first-touch faults are not timed.
