@@ -459,11 +459,6 @@ fn probe_task(p: &RawProbe, vm: &VmSpec, channels: &[ChannelSpec]) -> Result<Pro
                 ch.kind.as_str()
             ));
         }
-        if matches!(ch.backing, Backing::Server(_)) {
-            return Err(format!(
-                "channel: ping/pong address peers by member index, but {name:?} gets its IDs from an ivshmem server; use send/recv"
-            ));
-        }
         let to = p.to.clone().ok_or("to: missing (the other VM)")?;
         if to == vm.name || ch.index_of(&to).is_none() {
             return Err(format!(

@@ -349,7 +349,10 @@ pub fn report(
                     "wait for a ring (the first includes the peer's start-up)",
                 )
             };
-            let ok = done == *rounds && irqs == *rounds;
+            // Every round answered, and at least one interrupt each; more
+            // are rings left pending by an earlier task on this vector
+            // (doorbells of a transfer), delivered once it was enabled.
+            let ok = done == *rounds && irqs >= *rounds;
             return Some(Report {
                 lines: vec![format!(
                     "{}: {done} of {rounds} {what} with {to} over {channel}, {irqs} interrupts; {timed}: mean {:.1} us, min {:.1} us{}",

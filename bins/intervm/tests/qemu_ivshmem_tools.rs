@@ -112,10 +112,12 @@ fn intervm_members_join_qemus_own_ivshmem_server() {
     let body = format!(
         "[[vm]]\nname = \"a\"\nmemory = \"64M\"\nserial = \"none\"\n\
          probe = [\n  {{ task = \"send\", channel = \"c\", to = \"b\", size = \"64M\" }},\n  \
-         {{ task = \"recv\", channel = \"c\", size = \"16M\" }},\n]\n\
+         {{ task = \"recv\", channel = \"c\", size = \"16M\" }},\n  \
+         {{ task = \"ping\", channel = \"c\", to = \"b\", rounds = 200 }},\n]\n\
          [[vm]]\nname = \"b\"\nmemory = \"64M\"\n\
          probe = [\n  {{ task = \"recv\", channel = \"c\", size = \"64M\" }},\n  \
-         {{ task = \"send\", channel = \"c\", to = \"a\", size = \"16M\" }},\n]\n\
+         {{ task = \"send\", channel = \"c\", to = \"a\", size = \"16M\" }},\n  \
+         {{ task = \"pong\", channel = \"c\", to = \"a\", rounds = 200 }},\n]\n\
          [[channel]]\nname = \"c\"\nkind = \"doorbell\"\nmembers = [\"a\", \"b\"]\nvectors = 2\n\
          backing = {{ server = \"{}\" }}\n",
         sock.display()
@@ -131,6 +133,11 @@ fn intervm_members_join_qemus_own_ivshmem_server() {
         "{out}"
     );
     assert_eq!(out.matches("checksum ok").count(), 2, "{out}");
+    // Doorbells by the IDs QEMU's server gave, published in the region.
+    assert!(
+        out.contains("a: 200 of 200 round trips with b over c") && !out.contains("LOST INTERRUPTS"),
+        "{out}"
+    );
 }
 
 #[test]
