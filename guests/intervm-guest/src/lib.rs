@@ -1,8 +1,11 @@
 //! The guest userspace side of intervm's channels, as a library (the
-//! `intervm-guest` binary is a thin CLI over it): shared memory through
-//! sysfs `resource2` ([`shmem`]), and the port-I/O channel ([`portio`]).
+//! `intervm-guest` binary is a thin CLI over it): messages between guest
+//! programs ([`channel`]: open a region, send, receive), bulk transfers
+//! over shared memory through sysfs `resource2` or UIO ([`shmem`]), and
+//! the port-I/O channel ([`portio`]).
 #![deny(missing_docs)]
 
+pub mod channel;
 pub mod costs;
 pub mod pci;
 pub mod portio;
@@ -61,6 +64,10 @@ pub enum Error {
     /// A bad size argument.
     #[error("{0}")]
     Usage(String),
+    /// A wait for a peer ran out of time (the peer is alive, but did not
+    /// answer in time).
+    #[error("timed out: {0}")]
+    Timeout(String),
     /// Received bytes differ from the test pattern (`--verify-seed`).
     #[error("payload differs from the pattern with seed {seed} at byte {offset}")]
     Mismatch {

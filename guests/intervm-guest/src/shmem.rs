@@ -57,8 +57,8 @@ pub struct Joined {
     // Declared before the mapping, so the heartbeat thread stops before
     // the region is unmapped.
     heartbeat: Heartbeat,
-    region: Region,
-    geo: Geometry,
+    pub(crate) region: Region,
+    pub(crate) geo: Geometry,
     _map: Mapping,
 }
 
