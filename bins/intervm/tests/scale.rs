@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{intervm, temp_config, text};
+use common::{assert_received_clean, run_config_ok};
 use intervm_testkit::kvm_available;
 
 fn sixteen_to_one(kind: &str) {
@@ -28,18 +28,9 @@ fn sixteen_to_one(kind: &str) {
         from.join(", "),
         from.join(", ")
     );
-    let cfg = temp_config(&format!("sixteen-{kind}.toml"), &body);
-    let o = intervm(&["run", cfg.to_str().unwrap(), "--timeout", "600"]);
-    let (out, err) = text(&o);
-    assert!(o.status.success(), "stdout:\n{out}\nstderr:\n{err}");
+    let out = run_config_ok(&format!("sixteen-{kind}.toml"), &body);
     for s in &senders {
-        assert!(
-            out.lines().any(
-                |l| l.contains(&format!("r: received 4 MiB of 4 MiB from {s} over c"))
-                    && l.contains("checksum ok")
-            ),
-            "{s}: {out}"
-        );
+        assert_received_clean(&out, &format!("r: received 4 MiB of 4 MiB from {s} over c"));
     }
 }
 
@@ -65,14 +56,6 @@ fn a_one_gib_region_carries_checked_data() {
                 [[vm]]\nname = \"b\"\nmemory = \"64M\"\nserial = \"none\"\n\
                 probe = { task = \"recv\", channel = \"c\", size = \"2G\" }\n\
                 [[channel]]\nname = \"c\"\nkind = \"shmem\"\nmembers = [\"a\", \"b\"]\nsize = \"1G\"\n";
-    let cfg = temp_config("one-gib.toml", body);
-    let o = intervm(&["run", cfg.to_str().unwrap(), "--timeout", "600"]);
-    let (out, err) = text(&o);
-    assert!(o.status.success(), "stdout:\n{out}\nstderr:\n{err}");
-    assert!(
-        out.lines()
-            .any(|l| l.contains("b: received 2 GiB of 2 GiB from a over c")
-                && l.contains("checksum ok")),
-        "{out}"
-    );
+    let out = run_config_ok("one-gib.toml", body);
+    assert_received_clean(&out, "b: received 2 GiB of 2 GiB from a over c");
 }

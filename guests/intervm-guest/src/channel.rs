@@ -156,25 +156,52 @@ impl Sender<'_> {
     }
 
     /// Sends `msg`, waiting for room up to `timeout`. The peer leaving or
-    /// stalling ends the wait with [`PeerGone`](intervm_protocol::ring::RingError::PeerGone).
+    /// stalling ends the wait with
+    /// [`PeerGone`](intervm_protocol::ring::RingError::PeerGone).
     pub fn send(&mut self, msg: &[u8], timeout: Duration) -> Result<(), Error> {
-        let t0 = Instant::now();
-        loop {
-            if self.try_send(msg)? {
-                return Ok(());
-            }
-            let j = &self.ch.joined;
-            self.live
-                .check(&j.region, &j.geo, monotonic_ms())
-                .map_err(Error::Ring)?;
-            if t0.elapsed() >= timeout {
-                return Err(Error::Timeout(format!(
-                    "member {} took no message for {timeout:?}",
-                    self.p.peer()
-                )));
-            }
-            std::hint::spin_loop();
+        let peer = self.p.peer();
+        let (p, live) = (&mut self.p, &mut self.live);
+        poll(self.ch, live, timeout, || {
+            let sent = p.try_send(msg).map_err(Error::Ring)?.is_some();
+            Ok(sent.then_some(()))
+        })
+        .map_err(|e| {
+            late(e, || {
+                format!("member {peer} took no message for {timeout:?}")
+            })
+        })
+    }
+}
+
+/// Tries `step` until it gives a value, the peer watched by `live` counts
+/// as gone, or `timeout` passes (an empty [`Error::Timeout`], which the
+/// caller words).
+fn poll<T>(
+    ch: &Channel,
+    live: &mut Liveness,
+    timeout: Duration,
+    mut step: impl FnMut() -> Result<Option<T>, Error>,
+) -> Result<T, Error> {
+    let t0 = Instant::now();
+    loop {
+        if let Some(v) = step()? {
+            live.progressed(monotonic_ms());
+            return Ok(v);
         }
+        live.check(&ch.joined.region, &ch.joined.geo, monotonic_ms())
+            .map_err(Error::Ring)?;
+        if t0.elapsed() >= timeout {
+            return Err(Error::Timeout(String::new()));
+        }
+        std::hint::spin_loop();
+    }
+}
+
+/// Words an empty timeout from [`poll`].
+fn late(e: Error, what: impl Fn() -> String) -> Error {
+    match e {
+        Error::Timeout(s) if s.is_empty() => Error::Timeout(what()),
+        e => e,
     }
 }
 
@@ -199,22 +226,15 @@ impl Receiver<'_> {
     /// before it left are still delivered; after them, its leaving is
     /// [`PeerGone`](intervm_protocol::ring::RingError::PeerGone).
     pub fn recv(&mut self, buf: &mut [u8], timeout: Duration) -> Result<usize, Error> {
-        let t0 = Instant::now();
-        loop {
-            if let Some(n) = self.try_recv(buf)? {
-                return Ok(n);
-            }
-            let j = &self.ch.joined;
-            self.live
-                .check(&j.region, &j.geo, monotonic_ms())
-                .map_err(Error::Ring)?;
-            if t0.elapsed() >= timeout {
-                return Err(Error::Timeout(format!(
-                    "no message from member {} for {timeout:?}",
-                    self.c.peer()
-                )));
-            }
-            std::hint::spin_loop();
-        }
+        let peer = self.c.peer();
+        let (c, live) = (&mut self.c, &mut self.live);
+        poll(self.ch, live, timeout, || {
+            Ok(c.try_recv(buf).map_err(Error::Ring)?.map(|(n, _)| n))
+        })
+        .map_err(|e| {
+            late(e, || {
+                format!("no message from member {peer} for {timeout:?}")
+            })
+        })
     }
 }

@@ -65,3 +65,28 @@ pub fn temp_config(name: &str, body: &str) -> PathBuf {
     std::fs::write(&p, body).unwrap();
     p
 }
+
+/// Writes `body` as config `name`, runs it to the end (a generous
+/// `--timeout` that only catches hangs), asserts it succeeded, and returns
+/// its standard output.
+pub fn run_config_ok(name: &str, body: &str) -> String {
+    let cfg = temp_config(name, body);
+    let o = intervm(&["run", cfg.to_str().unwrap(), "--timeout", "600"]);
+    let (out, err) = text(&o);
+    assert!(
+        o.status.success(),
+        "{name}: {:?}\nstdout:\n{out}\nstderr:\n{err}",
+        o.status
+    );
+    out
+}
+
+/// Asserts that one line of `out` reports `what` (e.g. `b: received 4 MiB
+/// of 4 MiB from a over c`) with a matching checksum.
+pub fn assert_received_clean(out: &str, what: &str) {
+    assert!(
+        out.lines()
+            .any(|l| l.contains(what) && l.contains("checksum ok")),
+        "no clean {what:?} in:\n{out}"
+    );
+}
