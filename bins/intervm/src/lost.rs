@@ -23,7 +23,7 @@ impl LostRegions {
             if t.region().lost() && !self.lost.contains_key(name) {
                 let label = t.region().label().to_string();
                 log::error!(
-                    "channel {name}: {label} was shrunk by another process; this process now sees a private copy, so the channel is lost; stopping its members here"
+                    "channel {name}: {label} can no longer be read (another process shrank it, or its hugepages ran out); this process now sees a private copy, so the channel is lost; stopping its members here"
                 );
                 self.lost.insert(name.clone(), label);
                 new.push(name.clone());
@@ -42,7 +42,7 @@ impl LostRegions {
                     .any(|ch| &ch.name == *c && ch.index_of(vm).is_some())
             })
             .map(|(c, label)| {
-                format!("{vm}: channel {c} lost: {label} was shrunk by another process")
+                format!("{vm}: channel {c} lost: {label} can no longer be read (shrunk by another process?)")
             })
             .collect()
     }

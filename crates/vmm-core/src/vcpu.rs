@@ -376,7 +376,7 @@ fn handle_exits(
             // off (it shrank the file): that region becomes private
             // memory, its owner reports it lost, and the guest goes on.
             Err(e) if e.errno() == libc::EFAULT && crate::shrink_guard::recover() => {
-                log::warn!("vcpu{id}: a shared region was shrunk by another process; continuing on a private copy");
+                log::warn!("vcpu{id}: a shared region can no longer be read (shrunk by another process?); continuing on a private copy");
             }
             Err(e) => {
                 ctl.request_stop(VmExit::Error(format!("vcpu{id}: KVM_RUN: {e}")));
