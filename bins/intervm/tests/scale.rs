@@ -59,3 +59,49 @@ fn a_one_gib_region_carries_checked_data() {
     let out = run_config_ok("one-gib.toml", body);
     assert_received_clean(&out, "b: received 2 GiB of 2 GiB from a over c");
 }
+
+#[test]
+fn four_regions_of_different_kinds_in_one_vm() {
+    // Each VM has four channels at once: an anonymous polled region, a
+    // 1 GiB region on /dev/shm, a doorbell region and a port-I/O block,
+    // and moves checked data over each in turn.
+    if !kvm_available() {
+        return;
+    }
+    /// Removes the /dev/shm object (up to 1 GiB of memory) even when an
+    /// assertion fails.
+    struct Removed(String);
+    impl Drop for Removed {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(format!("/dev/shm/{}", self.0));
+        }
+    }
+    let shm = format!("intervm-scale-four-{}", std::process::id());
+    let _cleanup = Removed(shm.clone());
+    let body = format!(
+        "[[vm]]\nname = \"a\"\nmemory = \"64M\"\nserial = \"none\"\n\
+         probe = [\n  {{ task = \"send\", channel = \"small\", to = \"b\", size = \"16M\" }},\n  \
+         {{ task = \"send\", channel = \"big\", to = \"b\", size = \"1G\" }},\n  \
+         {{ task = \"send\", channel = \"bell\", to = \"b\", size = \"64M\" }},\n  \
+         {{ task = \"send\", channel = \"pio\", to = \"b\", size = \"64K\" }},\n]\n\
+         [[vm]]\nname = \"b\"\nmemory = \"64M\"\nserial = \"none\"\n\
+         probe = [\n  {{ task = \"recv\", channel = \"small\", size = \"16M\" }},\n  \
+         {{ task = \"recv\", channel = \"big\", size = \"1G\" }},\n  \
+         {{ task = \"recv\", channel = \"bell\", size = \"64M\" }},\n  \
+         {{ task = \"recv\", channel = \"pio\", size = \"64K\" }},\n]\n\
+         [[channel]]\nname = \"small\"\nkind = \"shmem\"\nmembers = [\"a\", \"b\"]\nsize = \"64K\"\n\
+         [[channel]]\nname = \"big\"\nkind = \"shmem\"\nmembers = [\"a\", \"b\"]\nsize = \"1G\"\n\
+         backing = {{ shm = \"{shm}\" }}\n\
+         [[channel]]\nname = \"bell\"\nkind = \"doorbell\"\nmembers = [\"a\", \"b\"]\n\
+         [[channel]]\nname = \"pio\"\nkind = \"portio\"\nmembers = [\"a\", \"b\"]\n"
+    );
+    let out = run_config_ok("four-regions.toml", &body);
+    for (what, ch) in [
+        ("16 MiB of 16 MiB", "small"),
+        ("1 GiB of 1 GiB", "big"),
+        ("64 MiB of 64 MiB", "bell"),
+        ("64 KiB of 64 KiB", "pio"),
+    ] {
+        assert_received_clean(&out, &format!("b: received {what} from a over {ch}"));
+    }
+}
