@@ -222,8 +222,6 @@ impl Server {
             }
         }
         self.drop_clients(over, "its queue is over budget");
-        let last = self.clients.len() - 1;
-        self.flush(last);
         Ok(())
     }
 
@@ -346,19 +344,15 @@ impl Server {
             // SAFETY: `fds` is a valid array of pollfds for its length.
             let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 100) };
             // Any data, hang-up or error from a client ends it: clients
-            // never speak in this protocol. Room to write sends its queue.
+            // never speak in this protocol.
             let mut gone = Vec::new();
             if n > 0 {
-                for i in 0..self.clients.len() {
-                    let r = fds[i + 1].revents;
-                    let c = &self.clients[i];
-                    if r & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
+                for (c, p) in self.clients.iter().zip(&fds[1..]) {
+                    if p.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
                         if sent_data(&c.stream) {
                             log::warn!("ivshmem-server: peer {} sent data; disconnecting it", c.id);
                         }
                         gone.push(c.id);
-                    } else if r & libc::POLLOUT != 0 && !self.flush(i) {
-                        gone.push(self.clients[i].id);
                     }
                 }
             }
@@ -378,7 +372,12 @@ impl Server {
                 }
             }
             self.drop_clients(gone, "hung up or stalled");
-            // Notices queued above go out now where there is room.
+            if !paused && n > 0 && fds[0].revents & libc::POLLIN != 0 {
+                self.accept_all();
+            }
+            // Every queue (new clients' joins, the notices queued above,
+            // what a full socket held back) goes out where there is room;
+            // the next poll waits for room where there was none.
             let mut failed = Vec::new();
             for i in 0..self.clients.len() {
                 if !self.flush(i) {
@@ -386,9 +385,6 @@ impl Server {
                 }
             }
             self.drop_clients(failed, "a send failed");
-            if !paused && n > 0 && fds[0].revents & libc::POLLIN != 0 {
-                self.accept_all();
-            }
         }
         Ok(())
     }
