@@ -455,6 +455,8 @@ pub fn run(
     let here: Vec<&str> = selected.iter().map(|v| v.name.as_str()).collect();
     let mut waiting = Waiting::new(cfg, &here, &transports);
     let mut lost = LostRegions::default();
+    // Channels found lost whose members here are still to be stopped.
+    let mut to_stop: Vec<String> = Vec::new();
     let start = Instant::now();
     type Slot<'a> = (
         &'a crate::config::VmSpec,
@@ -484,7 +486,8 @@ pub fn run(
         running.push((spec, Some((r, joined, input)), None));
     }
     loop {
-        for c in lost.poll(&transports) {
+        to_stop.extend(lost.poll(&transports));
+        for c in to_stop.drain(..) {
             let members = cfg.channels.iter().find(|ch| ch.name == c);
             for (spec, r, _) in running.iter() {
                 if let Some((vm, _, _)) = r {
@@ -504,8 +507,9 @@ pub fn run(
                     Kernel::Linux { .. } => None,
                 };
                 // A guest that stopped on its own on a lost region's zeros
-                // may get here before the loop's check above.
-                lost.poll(&transports);
+                // may get here before the loop's check above; its peers
+                // here are stopped on the next round.
+                to_stop.extend(lost.poll(&transports));
                 let why = lost.lines_for(cfg, &spec.name);
                 if !why.is_empty() {
                     let r = report.get_or_insert(Report {
