@@ -24,7 +24,9 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::{Error, Result};
 
-pub use intervm_protocol::ivshmem::{DOORBELL, INTR_MASK, INTR_STATUS, IV_POSITION, REGS_SIZE};
+pub use intervm_protocol::ivshmem::{
+    DOORBELL, INTR_MASK, INTR_STATUS, IV_POSITION, MSIX_BAR, REGS_BAR, REGS_SIZE, SHM_BAR,
+};
 /// BAR1 size (MSI-X table at 0, PBA at 0x800).
 pub const MSIX_BAR_SIZE: u64 = 4096;
 const PBA_OFFSET: u64 = 0x800;
@@ -89,9 +91,13 @@ impl IvshmemDoorbell {
         }
         let mut config = PciConfiguration::new(shmem_device::device::ivshmem_ids(), 1);
         let bars = [
-            (0, BarKind::Mem32, REGS_SIZE),
-            (1, BarKind::Mem32, MSIX_BAR_SIZE),
-            (2, BarKind::Mem64 { prefetchable: true }, region.size()),
+            (REGS_BAR, BarKind::Mem32, REGS_SIZE),
+            (MSIX_BAR, BarKind::Mem32, MSIX_BAR_SIZE),
+            (
+                SHM_BAR,
+                BarKind::Mem64 { prefetchable: true },
+                region.size(),
+            ),
         ];
         for (i, kind, size) in bars {
             config
@@ -363,16 +369,16 @@ impl PciDevice for IvshmemDoorbell {
 
     fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
         match (bar, offset, data.len()) {
-            (0, INTR_MASK, 4) => data.copy_from_slice(&self.intr_mask.to_le_bytes()),
-            (0, INTR_STATUS, 4) => {
+            (REGS_BAR, INTR_MASK, 4) => data.copy_from_slice(&self.intr_mask.to_le_bytes()),
+            (REGS_BAR, INTR_STATUS, 4) => {
                 data.copy_from_slice(&self.intr_status.to_le_bytes());
                 self.intr_status = 0;
                 self.update_intx();
             }
-            (0, IV_POSITION, 4) => data.copy_from_slice(&(self.id as u32).to_le_bytes()),
-            (0, DOORBELL, 4) => data.fill(0),
-            (1, o, _) if o < PBA_OFFSET => self.msix.read_table(o, data),
-            (1, o, _) => self.msix.read_pba(o - PBA_OFFSET, data),
+            (REGS_BAR, IV_POSITION, 4) => data.copy_from_slice(&(self.id as u32).to_le_bytes()),
+            (REGS_BAR, DOORBELL, 4) => data.fill(0),
+            (MSIX_BAR, o, _) if o < PBA_OFFSET => self.msix.read_table(o, data),
+            (MSIX_BAR, o, _) => self.msix.read_pba(o - PBA_OFFSET, data),
             _ => {
                 self.stats.bad_access += 1;
                 data.fill(0xff);
@@ -382,7 +388,7 @@ impl PciDevice for IvshmemDoorbell {
 
     fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
         match (bar, offset, data) {
-            (0, _, [a, b, c, d]) => {
+            (REGS_BAR, _, [a, b, c, d]) => {
                 let v = u32::from_le_bytes([*a, *b, *c, *d]);
                 match offset {
                     INTR_MASK => {
@@ -399,20 +405,20 @@ impl PciDevice for IvshmemDoorbell {
                     _ => self.stats.bad_access += 1,
                 }
             }
-            (1, o, _) if o < PBA_OFFSET => self.msix.write_table(o, data),
+            (MSIX_BAR, o, _) if o < PBA_OFFSET => self.msix.write_table(o, data),
             _ => self.stats.bad_access += 1,
         }
     }
 
     fn bar_memory(&self, bar: usize) -> Option<BarMemory> {
-        (bar == 2).then(|| BarMemory {
+        (bar == SHM_BAR).then(|| BarMemory {
             host_addr: self.region.host_addr() as u64,
             len: self.region.size(),
         })
     }
 
     fn bar_moved(&mut self, bar: usize, addr: Option<u64>) {
-        if bar == 0 {
+        if bar == REGS_BAR {
             self.bar0 = addr;
             self.register_ioevents();
         }

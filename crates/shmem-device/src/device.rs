@@ -16,7 +16,9 @@ use vmm_core::pci::{BarKind, BarMemory, BarSpec, PciConfiguration, PciDevice, Pc
 
 use crate::region::SharedRegion;
 
-pub use intervm_protocol::ivshmem::{DOORBELL, INTR_MASK, INTR_STATUS, IV_POSITION, REGS_SIZE};
+pub use intervm_protocol::ivshmem::{
+    DOORBELL, INTR_MASK, INTR_STATUS, IV_POSITION, REGS_BAR, REGS_SIZE, SHM_BAR,
+};
 
 /// The ivshmem identity: Red Hat vendor, ivshmem device, RAM controller
 /// class (both personalities; the values are in
@@ -57,14 +59,14 @@ impl IvshmemPlain {
         let mut config = PciConfiguration::new(ivshmem_ids(), 0);
         // Both specs are valid by construction (power-of-two sizes, free slots).
         let _ = config.add_bar(
-            0,
+            REGS_BAR,
             BarSpec {
                 kind: BarKind::Mem32,
                 size: REGS_SIZE,
             },
         );
         let _ = config.add_bar(
-            2,
+            SHM_BAR,
             BarSpec {
                 kind: BarKind::Mem64 { prefetchable: true },
                 size: region.size(),
@@ -100,10 +102,10 @@ impl PciDevice for IvshmemPlain {
 
     fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]) {
         let v = match (bar, offset, data.len()) {
-            (0, INTR_MASK, 4) => Some(self.intr_mask),
-            (0, INTR_STATUS, 4) => Some(std::mem::take(&mut self.intr_status)),
-            (0, IV_POSITION, 4) => Some(0),
-            (0, DOORBELL, 4) => Some(0),
+            (REGS_BAR, INTR_MASK, 4) => Some(self.intr_mask),
+            (REGS_BAR, INTR_STATUS, 4) => Some(std::mem::take(&mut self.intr_status)),
+            (REGS_BAR, IV_POSITION, 4) => Some(0),
+            (REGS_BAR, DOORBELL, 4) => Some(0),
             _ => None,
         };
         match v {
@@ -121,7 +123,7 @@ impl PciDevice for IvshmemPlain {
 
     fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]) {
         let v = match data {
-            [a, b, c, d] if bar == 0 => u32::from_le_bytes([*a, *b, *c, *d]),
+            [a, b, c, d] if bar == REGS_BAR => u32::from_le_bytes([*a, *b, *c, *d]),
             _ => {
                 self.ignored.bad_access += 1;
                 return;
@@ -136,7 +138,7 @@ impl PciDevice for IvshmemPlain {
     }
 
     fn bar_memory(&self, bar: usize) -> Option<BarMemory> {
-        (bar == 2).then(|| BarMemory {
+        (bar == SHM_BAR).then(|| BarMemory {
             host_addr: self.region.host_addr() as u64,
             len: self.region.size(),
         })

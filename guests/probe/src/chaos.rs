@@ -124,7 +124,7 @@ pub fn run() -> u32 {
             // Doorbells to any peer and vector.
             4 => match f.id() {
                 Some(id) if id == ivshmem_id => {
-                    let bar0 = pci::bar_addr(f, 0);
+                    let bar0 = pci::bar_addr(f, ivshmem::REGS_BAR as u8);
                     if in_window(bar0, 16) {
                         arch::mmio_write32(bar0 + ivshmem::DOORBELL, v as u32);
                     } else {
@@ -152,7 +152,7 @@ pub fn run() -> u32 {
             // ring indices and headers included.
             _ => match f.id() {
                 Some(id) if id == ivshmem_id => {
-                    let bar2 = pci::bar_addr(f, 2);
+                    let bar2 = pci::bar_addr(f, ivshmem::SHM_BAR as u8);
                     let at = bar2.wrapping_add(rng.below(1 << 20) & !7);
                     if bar2 != 0 && in_window(at, 8) {
                         // SAFETY: inside a PCI window (mapped); the

@@ -29,7 +29,7 @@ pub fn ping_pong() -> u32 {
     };
     let mut seen = counter.load(Ordering::SeqCst);
     dev.write(0x04, (dev.read(0x04) & 0xffff) | 0x6);
-    let bar0 = pci::bar_addr(dev, 0);
+    let bar0 = pci::bar_addr(dev, ivshmem::REGS_BAR as u8);
     let _idt = if intx {
         let Some(v) = crate::intx_setup(dev, flags & DB_EDGE != 0) else {
             return fail(3, 0);
@@ -107,7 +107,7 @@ pub fn ping_pong() -> u32 {
 /// `ME`'s doorbell ID in BAR2's ring region, and returns the ID member
 /// `PEER` published, waiting for it up to `JOIN_TIMEOUT_MS`.
 fn peer_by_region(dev: pci::Bdf, own: u16) -> Result<u16, u32> {
-    let bar = pci::size_bar(dev, 2);
+    let bar = pci::size_bar(dev, ivshmem::SHM_BAR as u8);
     if bar.size < 4096 || bar.addr == 0 {
         return Err(fail(4, bar.size));
     }

@@ -47,7 +47,7 @@ fn open_channel() -> Result<Channel, u32> {
     let Some(dev) = pci::find_nth(id, nth) else {
         return Err(fail(1, nth as u64));
     };
-    let bar = pci::size_bar(dev, 2);
+    let bar = pci::size_bar(dev, ivshmem::SHM_BAR as u8);
     if bar.size < 4096 || bar.addr == 0 {
         return Err(fail(2, bar.size));
     }
@@ -65,7 +65,7 @@ fn open_channel() -> Result<Channel, u32> {
     }
     Ok(Channel {
         dev,
-        bar0: pci::bar_addr(dev, 0),
+        bar0: pci::bar_addr(dev, ivshmem::REGS_BAR as u8),
         notify: arg(shmem_args::FLAGS) & (SHMEM_NOTIFY | SHMEM_ADAPTIVE) != 0,
         adaptive: arg(shmem_args::FLAGS) & SHMEM_ADAPTIVE != 0,
         base: bar.addr,
