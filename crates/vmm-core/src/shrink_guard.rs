@@ -22,7 +22,7 @@
 
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
-use std::sync::{Mutex, Once};
+use std::sync::{Mutex, OnceLock};
 
 /// How many mappings can be guarded at once.
 pub const MAX_GUARDED: usize = 64;
@@ -49,7 +49,6 @@ const FREE: Slot = Slot {
 static SLOTS: [Slot; MAX_GUARDED] = [FREE; MAX_GUARDED];
 /// Serialises registration, removal and [`recover`] (never the handler).
 static REGISTRY: Mutex<()> = Mutex::new(());
-static INSTALL: Once = Once::new();
 
 /// A guarded mapping; dropping it stops guarding (drop it before the
 /// mapping is unmapped).
@@ -164,8 +163,8 @@ extern "C" fn on_sigbus(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc
 
 /// Installs the SIGBUS handler once; false when that failed.
 fn install() -> bool {
-    static OK: AtomicBool = AtomicBool::new(false);
-    INSTALL.call_once(|| {
+    static OK: OnceLock<bool> = OnceLock::new();
+    *OK.get_or_init(|| {
         // SAFETY: a zeroed sigaction, filled in below.
         let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
         sa.sa_sigaction = on_sigbus as *const () as usize;
@@ -176,15 +175,14 @@ fn install() -> bool {
             libc::sigemptyset(&mut sa.sa_mask);
             libc::sigaction(libc::SIGBUS, &sa, std::ptr::null_mut())
         };
-        OK.store(r == 0, Ordering::Release);
         if r != 0 {
             log::warn!(
                 "cannot handle SIGBUS ({}); a peer that shrinks a shared region will end this process",
                 std::io::Error::last_os_error()
             );
         }
-    });
-    OK.load(Ordering::Acquire)
+        r == 0
+    })
 }
 
 #[cfg(test)]
