@@ -104,7 +104,7 @@ static int ivshmem_uio_irqcontrol(struct uio_info *info, s32 on)
  * info.irq accordingly, without taking any yet: no handler may run before
  * the UIO device is registered, since uio_event_notify() needs it.
  */
-static int ivshmem_uio_alloc_irqs(struct ivshmem_uio *iv)
+static void ivshmem_uio_alloc_irqs(struct ivshmem_uio *iv)
 {
 	struct pci_dev *pdev = iv->pdev;
 	int nvec;
@@ -119,13 +119,12 @@ static int ivshmem_uio_alloc_irqs(struct ivshmem_uio *iv)
 		iv->nvec = nvec;
 		/* UIO does not own the vectors; it only relays notifications. */
 		iv->info.irq = UIO_IRQ_CUSTOM;
-		return 0;
+		return;
 	}
 	iv->msix = false;
 	iv->nvec = 0;
 	/* ivshmem-plain: no interrupts, the maps are still useful. */
 	iv->info.irq = pdev->irq && pdev->pin ? UIO_IRQ_CUSTOM : UIO_IRQ_NONE;
-	return 0;
 }
 
 /*
@@ -271,9 +270,7 @@ static int ivshmem_uio_probe(struct pci_dev *pdev, const struct pci_device_id *i
 	iv->info.mem[1].memtype = UIO_MEM_PHYS;
 	iv->info.irqcontrol = ivshmem_uio_irqcontrol;
 
-	err = ivshmem_uio_alloc_irqs(iv);
-	if (err)
-		return err;
+	ivshmem_uio_alloc_irqs(iv);
 	/* Tools looking for doorbells match the name "ivshmem". */
 	if (iv->info.irq == UIO_IRQ_NONE)
 		iv->info.name = "ivshmem-plain";
