@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use vmm_core::host::KvmFlavor;
@@ -304,6 +305,9 @@ struct Console {
     chunks: mpsc::Receiver<Vec<u8>>,
     out: Vec<u8>,
     err: Arc<Mutex<Vec<u8>>>,
+    /// The thread collecting `err`; joined once intervm has exited, so
+    /// everything intervm wrote to stderr is in `err` before it is read.
+    err_reader: Option<JoinHandle<()>>,
 }
 
 impl Console {
@@ -329,7 +333,7 @@ impl Console {
         });
         let err = Arc::new(Mutex::new(Vec::new()));
         let (mut stderr, e) = (child.stderr.take().unwrap(), err.clone());
-        std::thread::spawn(move || {
+        let err_reader = std::thread::spawn(move || {
             let mut buf = [0u8; 4096];
             while let Ok(n @ 1..) = stderr.read(&mut buf) {
                 e.lock().unwrap().extend_from_slice(&buf[..n]);
@@ -341,6 +345,7 @@ impl Console {
             chunks,
             out: Vec::new(),
             err,
+            err_reader: Some(err_reader),
         }
     }
 
@@ -384,7 +389,7 @@ impl Console {
     }
 
     /// Ends intervm's input, reads the console until intervm closes it,
-    /// and returns its exit status.
+    /// and returns its exit status once all of its stderr has been read.
     fn finish(&mut self, patience: Duration) -> ExitStatus {
         self.stdin = None;
         let deadline = Instant::now() + patience;
@@ -400,7 +405,14 @@ impl Console {
                 ),
             }
         }
-        self.child.wait().expect("waiting for intervm")
+        let status = self.child.wait().expect("waiting for intervm");
+        // The reader sees end of file once intervm (and anything it
+        // started that kept stderr) has exited; without this join the
+        // last lines, such as "linux stopped after", may not be in `err`.
+        if let Some(reader) = self.err_reader.take() {
+            reader.join().expect("the stderr reader panicked");
+        }
+        status
     }
 }
 
