@@ -56,15 +56,15 @@ fn summary() {
         "\n{:>16} {:>6} | {:>12} {:>10} {:>9} | {:>13} {:>13}",
         "notify", "size", "time", "MiB/s", "vs poll", "doorbells/MiB", "irqs/MiB"
     );
-    for (bytes, label, rounds) in [
+    for (bytes, size, rounds) in [
         (4u64 << 10, "4KiB", 200u64),
         (2 << 20, "2MiB", 20),
         (1 << 30, "1GiB", 1),
     ] {
         let mib = (bytes * rounds) as f64 / (1 << 20) as f64;
-        let poll = transfer_with(bytes, rounds, Mode::Never).time / rounds as u32;
-        for mode in [Mode::Never, Mode::Always, Mode::Adaptive] {
-            let m = if mode == Mode::Never {
+        let poll = transfer_with(bytes, rounds, Notify::Never).time / rounds as u32;
+        for mode in [Notify::Never, Notify::Always, Notify::Adaptive] {
+            let m = if mode == Notify::Never {
                 Moved {
                     time: poll * rounds as u32,
                     doorbells: 0,
@@ -75,8 +75,8 @@ fn summary() {
             };
             let d = m.time / rounds as u32;
             println!(
-                "{:>16} {label:>6} | {:>10.4} ms {:>10.2} {:>8.0}% | {:>13.2} {:>13.2}",
-                mode.label(),
+                "{:>16} {size:>6} | {:>10.4} ms {:>10.2} {:>8.0}% | {:>13.2} {:>13.2}",
+                label(mode),
                 d.as_secs_f64() * 1e3,
                 bytes as f64 / d.as_secs_f64() / (1 << 20) as f64,
                 100.0 * poll.as_secs_f64() / d.as_secs_f64(),
@@ -86,10 +86,10 @@ fn summary() {
         }
     }
     println!();
-    for mode in [Mode::Never, Mode::Always, Mode::Adaptive] {
+    for mode in [Notify::Never, Notify::Always, Notify::Adaptive] {
         println!(
             "{:>16}: idle receiver uses {:.1}% of a CPU",
-            mode.label(),
+            label(mode),
             100.0 * idle_cpu(mode)
         );
     }

@@ -182,9 +182,9 @@ fn run(o: &Opts) -> Vec<Point> {
                 }
                 _ => {
                     let mode = if variant == "always" {
-                        doorbell::Mode::Always
+                        doorbell::Notify::Always
                     } else {
-                        doorbell::Mode::Adaptive
+                        doorbell::Notify::Adaptive
                     };
                     let n = rounds(bytes);
                     let m = doorbell::transfer_with(bytes, n, mode);
@@ -246,13 +246,13 @@ fn doorbell_facts(o: &Opts) -> DoorbellFacts {
                 .collect(),
         )
     };
-    let idle = |m: doorbell::Mode| median((0..o.repeat).map(|_| doorbell::idle_cpu(m)).collect());
+    let idle = |m: doorbell::Notify| median((0..o.repeat).map(|_| doorbell::idle_cpu(m)).collect());
     DoorbellFacts {
         round_trip_in_kernel_us: rt(true),
         round_trip_vmm_us: rt(false),
-        idle_cpu_polling: idle(doorbell::Mode::Never),
-        idle_cpu_always: idle(doorbell::Mode::Always),
-        idle_cpu_adaptive: idle(doorbell::Mode::Adaptive),
+        idle_cpu_polling: idle(doorbell::Notify::Never),
+        idle_cpu_always: idle(doorbell::Notify::Always),
+        idle_cpu_adaptive: idle(doorbell::Notify::Adaptive),
     }
 }
 

@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use interrupt_doorbell::device::new_eventfds;
 use interrupt_doorbell::{group, IvshmemDoorbell};
+use intervm_protocol::notify::SPIN_US_PVM;
 use intervm_protocol::probe::{doorbell_args as a, results, BootInfo, Workload};
+pub use probe_image::shmem::Notify;
 use probe_image::shmem::{peer_record, Role, ShmemResult, ShmemTask};
 use shmem_device::{Backing, SharedRegion, Transport};
 use vmm_core::{boot::probe, devices::serial::SerialOutput, RunningVm, Vm, VmConfig};
@@ -61,28 +63,18 @@ pub fn ping_pong(rounds: u64, fast: bool) -> Duration {
     )
 }
 
-/// How a transfer notifies.
-#[derive(Clone, Copy, PartialEq)]
-pub enum Mode {
-    Always,
-    Adaptive,
-    Never,
+/// A notification mode's name in bench output.
+pub fn label(mode: Notify) -> &'static str {
+    match mode {
+        Notify::Never => "never (polling)",
+        m => m.name(),
+    }
 }
 
-impl Mode {
-    pub fn label(self) -> &'static str {
-        match self {
-            Mode::Always => "always",
-            Mode::Adaptive => "adaptive",
-            Mode::Never => "never (polling)",
-        }
-    }
-    pub fn apply(self, k: &mut ShmemTask) {
-        k.notify = self == Mode::Always;
-        k.adaptive = self == Mode::Adaptive;
-        // Two one-way doorbells on PVM (75 µs each), as the launcher's default.
-        k.spin_us = 150;
-    }
+/// Sets `k` up to notify as `mode`, with the launcher's PVM polling budget.
+fn apply(mode: Notify, k: &mut ShmemTask) {
+    k.notify = mode;
+    k.spin_us = SPIN_US_PVM;
 }
 
 pub struct Moved {
@@ -93,16 +85,16 @@ pub struct Moved {
 
 /// Moves `bytes` with a doorbell per 64 KiB frame; returns the receiver's time.
 pub fn transfer(bytes: u64, rounds: u64) -> Duration {
-    transfer_with(bytes, rounds, Mode::Always).time
+    transfer_with(bytes, rounds, Notify::Always).time
 }
 
 /// Moves `bytes` `rounds` times with notification `mode`.
-pub fn transfer_with(bytes: u64, rounds: u64, mode: Mode) -> Moved {
+pub fn transfer_with(bytes: u64, rounds: u64, mode: Notify) -> Moved {
     let region = Arc::new(SharedRegion::open(&Backing::Memfd, 4 << 20).expect("region"));
     let t = Transport::attach(region.clone(), 2).expect("attach");
     let task = |me, role| {
         let mut k = ShmemTask::new(me, role, bytes);
-        mode.apply(&mut k);
+        apply(mode, &mut k);
         k.rounds = rounds;
         k.boot_info()
     };
@@ -137,11 +129,11 @@ pub fn cpu_seconds() -> f64 {
 /// CPU seconds per second that a receiver with nothing to receive uses: the
 /// sender's slot is joined (heartbeat) and marked prepared by the host, but
 /// nothing is ever sent.
-pub fn idle_cpu(mode: Mode) -> f64 {
+pub fn idle_cpu(mode: Notify) -> f64 {
     let region = Arc::new(SharedRegion::open(&Backing::Memfd, 1 << 20).expect("region"));
     let t = Transport::attach(region.clone(), 2).expect("attach");
     let mut k = ShmemTask::new(1, Role::Recv { from: 1 }, 1 << 20);
-    mode.apply(&mut k);
+    apply(mode, &mut k);
     let (vr, dr) = vm("rx", &k.boot_info(), &region, 1, true);
     let (_vt, dt) = vm(
         "tx",

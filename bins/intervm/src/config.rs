@@ -6,6 +6,8 @@
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
+use intervm_protocol::notify;
+pub use intervm_protocol::notify::Notify;
 use intervm_protocol::probe::shmem_min_memory;
 use intervm_protocol::ring::{Geometry, RingError, MAX_MEMBERS};
 use serde::Deserialize;
@@ -340,24 +342,13 @@ pub fn parse_duration_ms(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{t:?} is not between 1ms and 24h"))
 }
 
-/// `notify` of a doorbell channel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Notify {
-    /// A doorbell per frame; the receiver always sleeps when idle.
-    Always,
-    /// Poll for `spin_us`, then sleep; ring only a side that sleeps.
-    Adaptive,
-    /// Pure polling, no doorbells.
-    Never,
-}
-
-/// The default polling budget: about two one-way doorbells as measured on
-/// this project's hosts (75 µs each on PVM, a few µs on VMX/SVM).
+/// The default polling budget of adaptive notification, µs: about two
+/// one-way doorbells as measured on this host's kind of KVM.
 pub fn default_spin_us() -> u64 {
     if vmm_core::host::KvmFlavor::detect() == vmm_core::host::KvmFlavor::Pvm {
-        150
+        notify::SPIN_US_PVM
     } else {
-        20
+        notify::SPIN_US_HARDWARE
     }
 }
 
@@ -988,6 +979,8 @@ impl Config {
             for (k, set) in [
                 ("vectors", c.vectors.is_some()),
                 ("fast_path", c.fast_path.is_some()),
+                ("notify", c.notify.is_some()),
+                ("spin_us", c.spin_us.is_some()),
             ] {
                 if set && kind != ChannelKind::Doorbell {
                     return Err(err(format!(
@@ -1014,15 +1007,10 @@ impl Config {
                 vectors: vectors as usize,
                 fast_path: c.fast_path.unwrap_or(true),
                 notify: match c.notify.as_deref() {
-                    None | Some("adaptive") => Notify::Adaptive,
-                    Some("always") => Notify::Always,
-                    Some("never") => Notify::Never,
-                    Some(n) => {
-                        return Err(err(format!(
-                            "{}: {n:?} is not \"always\", \"adaptive\" or \"never\"",
-                            key("notify")
-                        )))
-                    }
+                    None => Notify::default(),
+                    Some(n) => n
+                        .parse()
+                        .map_err(|e| err(format!("{}: {n:?} is {e}", key("notify"))))?,
                 },
                 spin_us: c.spin_us.unwrap_or_else(default_spin_us).max(1),
                 peer_timeout_ms: match &c.peer_timeout {
@@ -1121,6 +1109,24 @@ mod tests {
     }
 
     #[test]
+    fn notify_defaults_to_adaptive_and_reads_every_mode() {
+        let doorbell = |extra: &str| {
+            parse(&format!(
+                "[[vm]]\nname = \"a\"\n[[vm]]\nname = \"b\"\n[[channel]]\nname = \"c\"\nkind = \"doorbell\"\nmembers = [\"a\", \"b\"]\n{extra}"
+            ))
+            .unwrap()
+            .channels[0]
+                .clone()
+        };
+        let c = doorbell("");
+        assert_eq!((c.notify, c.spin_us), (Notify::Adaptive, default_spin_us()));
+        for n in Notify::ALL {
+            let c = doorbell(&format!("notify = \"{n}\"\nspin_us = 7\n"));
+            assert_eq!((c.notify, c.spin_us), (n, 7));
+        }
+    }
+
+    #[test]
     fn sizes_accept_suffixes() {
         let c = parse(
             "[[vm]]\nname = \"a\"\nmemory = \"64M\"\n[[vm]]\nname = \"b\"\nmemory = 8388608\n",
@@ -1154,6 +1160,9 @@ mod tests {
             ("", "t.toml", "no [[vm]] defined"),
             ("[[vm]]\nname = \"a\"\n[[vm]]\nname = \"b\"\n[[channel]]\nname = \"c\"\nkind = \"shmem\"\nmembers = [\"a\", \"b\"]\npeer_timeout = \"soon\"\n", "channel[c].peer_timeout", "is not a duration"),
             ("[[vm]]\nname = \"a\"\n[[vm]]\nname = \"b\"\n[[channel]]\nname = \"c\"\nkind = \"portio\"\nmembers = [\"a\", \"b\"]\njoin_timeout = \"0s\"\n", "channel[c].join_timeout", "between 1ms and 24h"),
+            ("[[vm]]\nname = \"a\"\n[[vm]]\nname = \"b\"\n[[channel]]\nname = \"c\"\nkind = \"doorbell\"\nmembers = [\"a\", \"b\"]\nnotify = \"sometimes\"\n", "channel[c].notify", "\"sometimes\" is not \"always\", \"adaptive\" or \"never\""),
+            ("[[vm]]\nname = \"a\"\n[[vm]]\nname = \"b\"\n[[channel]]\nname = \"c\"\nkind = \"shmem\"\nmembers = [\"a\", \"b\"]\nnotify = \"never\"\n", "channel[c].notify", "only meaningful for kind = \"doorbell\""),
+            ("[[vm]]\nname = \"a\"\n[[vm]]\nname = \"b\"\n[[channel]]\nname = \"c\"\nkind = \"portio\"\nmembers = [\"a\", \"b\"]\nspin_us = 5\n", "channel[c].spin_us", "only meaningful for kind = \"doorbell\""),
         ];
         for (text, key, problem) in cases {
             let e = parse(text).expect_err(text);

@@ -12,7 +12,7 @@ use probe_image::shmem::{
 };
 use shmem_device::Transport;
 
-use crate::config::{ChannelKind, ChannelSpec, Config, Notify, ProbeTask, VmSpec};
+use crate::config::{ChannelKind, ChannelSpec, Config, ProbeTask, VmSpec};
 
 /// The outcome of a probe task, checked.
 pub struct Report {
@@ -221,8 +221,7 @@ fn doorbells(ch: &ChannelSpec, info: &BootInfo) -> String {
 /// Doorbell channels: how a transfer waits and rings.
 fn set_notify(t: &mut ShmemTask, ch: &ChannelSpec) {
     if ch.kind == ChannelKind::Doorbell {
-        t.notify = ch.notify == Notify::Always;
-        t.adaptive = ch.notify == Notify::Adaptive;
+        t.notify = ch.notify;
         t.spin_us = ch.spin_us;
     }
 }

@@ -10,7 +10,7 @@ use intervm_protocol::probe::{results, BootInfo, EXIT_OK};
 use intervm_testkit::{
     finish, probe_vm_with, release_after_receiver_sleeps, require_kvm, PEER_TIMEOUT_MS,
 };
-use probe_image::shmem::{expected_stream, peer_record, Role, ShmemResult, ShmemTask};
+use probe_image::shmem::{expected_stream, peer_record, Notify, Role, ShmemResult, ShmemTask};
 use shmem_device::{Backing, SharedRegion, Transport};
 use vmm_core::VmExit;
 
@@ -94,7 +94,7 @@ fn pair(bytes: u64, chunk: u64) -> (ShmemTask, ShmemTask) {
     let mut rx = ShmemTask::new(1, Role::Recv { from: 1 }, bytes);
     let mut tx = ShmemTask::new(0, Role::Send { to: 1 }, bytes);
     for t in [&mut rx, &mut tx] {
-        t.adaptive = true;
+        t.notify = Notify::Adaptive;
         t.chunk = chunk;
         t.seed = 77;
         t.timeout_ms = PEER_TIMEOUT_MS;

@@ -2,9 +2,11 @@
 //! arguments of a send or receive, the results it leaves, and the stream
 //! checksum a correct transfer must produce.
 
+pub use intervm_protocol::notify::Notify;
+use intervm_protocol::notify::SPIN_US_PVM;
 use intervm_protocol::probe::{
-    results, shmem_args, shmem_frame_bytes, shmem_source_bytes, BootInfo, Workload, SHMEM_ADAPTIVE,
-    SHMEM_CORRUPT_HEAD, SHMEM_HOLD, SHMEM_NOTIFY, SHMEM_QUIET,
+    results, shmem_args, shmem_frame_bytes, shmem_source_bytes, BootInfo, Workload,
+    SHMEM_CORRUPT_HEAD, SHMEM_HOLD, SHMEM_QUIET,
 };
 use intervm_protocol::ring::{self, RingError};
 
@@ -46,13 +48,10 @@ pub struct ShmemTask {
     pub corrupt_head: bool,
     /// Repeat the transfer this many times (for timing small sizes).
     pub rounds: u64,
-    /// Notify with doorbells (an ivshmem-doorbell device): the sender rings
-    /// after each frame, the receiver sleeps until rung.
-    pub notify: bool,
-    /// Adaptive notification: poll for `spin_us`, then sleep; ring only a
-    /// side that declared it sleeps (overrides `notify`).
-    pub adaptive: bool,
-    /// Polling budget of adaptive notification, µs.
+    /// How the two sides wake each other ([`Notify::Never`], polling, by
+    /// default); the other modes need an ivshmem-doorbell device.
+    pub notify: Notify,
+    /// Polling budget of [`Notify::Adaptive`], µs.
     pub spin_us: u64,
     /// Sender: idle this long after the start line (receiver idle time).
     pub start_delay_ms: u64,
@@ -79,9 +78,8 @@ impl ShmemTask {
             join_timeout_ms: 60_000,
             corrupt_head: false,
             rounds: 1,
-            notify: false,
-            adaptive: false,
-            spin_us: 150,
+            notify: Notify::Never,
+            spin_us: SPIN_US_PVM,
             start_delay_ms: 0,
             jitter_cycles: 0,
             hold: false,
@@ -110,8 +108,7 @@ impl ShmemTask {
             SHMEM_CORRUPT_HEAD
         } else {
             0
-        } | if self.notify { SHMEM_NOTIFY } else { 0 }
-            | if self.adaptive { SHMEM_ADAPTIVE } else { 0 }
+        } | self.notify.probe_flags()
             | if self.quiet { SHMEM_QUIET } else { 0 }
             | if self.hold { SHMEM_HOLD } else { 0 };
         a[shmem_args::SPIN_US] = self.spin_us;

@@ -12,6 +12,7 @@
 #[cfg(feature = "std")]
 pub mod heartbeat;
 pub mod ivshmem;
+pub mod notify;
 pub mod portio;
 pub mod probe;
 pub mod ring;

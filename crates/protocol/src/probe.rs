@@ -280,9 +280,10 @@ pub const fn shmem_min_memory(bytes: u64) -> u64 {
     SHMEM_BUF_GPA + b
 }
 
-/// `shmem_args::FLAGS` bit: notify with doorbells. The sender rings the
-/// receiver (vector 0) after each frame; the receiver enables MSI-X and
-/// sleeps on its interrupt when every ring is empty, instead of spinning.
+/// `shmem_args::FLAGS` bit of [`Notify::Always`](crate::notify::Notify):
+/// the sender rings the receiver (vector 0) after each frame; the receiver
+/// enables MSI-X and sleeps on its interrupt when every ring is empty,
+/// instead of spinning. Set it through `Notify::probe_flags`.
 pub const SHMEM_NOTIFY: u64 = 2;
 
 /// Argument slots of [`Workload::DoorbellPingPong`].
@@ -307,10 +308,10 @@ pub mod doorbell_args {
     pub const JOIN_TIMEOUT_MS: usize = 7;
 }
 
-/// `shmem_args::FLAGS` bit: adaptive notification. Both sides poll for
-/// `shmem_args::SPIN_US`, then declare in the ring that they sleep and wait
-/// for a doorbell; each side rings the other only when it declared so.
-/// Needs ivshmem-doorbell devices (like [`SHMEM_NOTIFY`]).
+/// `shmem_args::FLAGS` bit of [`Notify::Adaptive`](crate::notify::Notify):
+/// both sides poll for `shmem_args::SPIN_US`, then declare in the ring that
+/// they sleep and wait for a doorbell; each side rings the other only when
+/// it declared so. Needs ivshmem-doorbell devices (like [`SHMEM_NOTIFY`]).
 pub const SHMEM_ADAPTIVE: u64 = 4;
 
 /// `shmem_args::FLAGS` bit: print nothing (so that a host counting VM

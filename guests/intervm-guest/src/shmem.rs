@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use intervm_protocol::heartbeat::{monotonic_ms, Heartbeat, StartError};
+use intervm_protocol::notify::{Idle, Notify, Policy, Side};
 use intervm_protocol::probe::{pattern_frame_pos, shmem_frame_bytes, shmem_source_bytes};
 use intervm_protocol::ring::{
     self, fold, ready_go, Geometry, Liveness, MemberState, Region, RingError, READY_PREPARED,
@@ -188,7 +189,7 @@ pub use crate::Payload;
 
 /// How a transfer waits: by polling, or on doorbells (an ivshmem-doorbell
 /// device through the UIO driver, see [`crate::uio`]).
-pub trait Notify {
+pub trait Notifier {
     /// This member's doorbell ID, or `None` when polling.
     fn my_id(&mut self) -> Option<u16>;
     /// Rings peer `id` on vector 0.
@@ -204,10 +205,10 @@ pub trait Notify {
     }
 }
 
-/// [`Notify`] by polling: never rings, never sleeps.
+/// [`Notifier`] by polling: never rings, never sleeps.
 pub struct Polling;
 
-impl Notify for Polling {
+impl Notifier for Polling {
     fn my_id(&mut self) -> Option<u16> {
         None
     }
@@ -217,13 +218,41 @@ impl Notify for Polling {
     }
 }
 
+/// Microseconds since this process first asked: the time base of the
+/// notification policies (only differences matter).
+fn monotonic_us() -> u64 {
+    static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    EPOCH
+        .get_or_init(Instant::now)
+        .elapsed()
+        .as_micros()
+        .try_into()
+        .unwrap_or(u64::MAX)
+}
+
+/// The shared notification policy (see `intervm_protocol::notify`) that
+/// `notify` asks for on `side`, timed in µs of [`monotonic_us`].
+fn policy_of(notify: &mut dyn Notifier, side: Side) -> Policy {
+    let budget = notify.adaptive();
+    let mode = match (notify.my_id(), budget) {
+        (None, _) => Notify::Never,
+        (Some(_), None) => Notify::Always,
+        (Some(_), Some(_)) => Notify::Adaptive,
+    };
+    Policy::new(
+        mode,
+        side,
+        budget.map_or(0, |b| b.as_micros().try_into().unwrap_or(u64::MAX)),
+    )
+}
+
 /// Sends `payload` to `c.peer`, ringing it after each frame when `notify`
 /// has a doorbell.
 pub fn send(
     c: &Common,
     payload: &Payload,
     chunk: u64,
-    notify: &mut dyn Notify,
+    notify: &mut dyn Notifier,
 ) -> Result<Summary, Error> {
     let mut j = Joined::join(&c.source, c.me, c.join_timeout)?;
     let mut p = j.region.producer(j.geo, c.me, c.peer).map_err(ring_err)?;
@@ -280,7 +309,7 @@ pub fn send(
     );
     let (mut sent, mut frames, mut stream, mut pos) = (0u64, 0u64, 0u64, 0usize);
     let mut buf = crate::touched_buffer(frame);
-    let mut full_since: Option<Instant> = None;
+    let mut policy = policy_of(notify, Side::Sender);
     loop {
         let msg: &[u8] = match &mut file {
             Some(f) => {
@@ -302,14 +331,14 @@ pub fn send(
         loop {
             match p.try_send(msg).map_err(ring_err)? {
                 Some(sum) => {
-                    full_since = None;
+                    policy.progress();
                     if !eof {
                         stream = fold(stream, sum);
                         sent += msg.len() as u64;
                         frames += 1;
                     }
                     if let Some(id) = bell {
-                        if notify.adaptive().is_none() || p.take_consumer_sleep() {
+                        if policy.ring_peer(|| p.take_consumer_sleep()) {
                             notify.ring(id);
                         }
                     }
@@ -321,21 +350,16 @@ pub fn send(
                     // Full ring. Adaptive: poll for the budget, then
                     // declare, look again, and sleep until the receiver,
                     // having made room, rings this side.
-                    match (bell, notify.adaptive()) {
-                        (Some(_), Some(budget)) => {
-                            let t0 = *full_since.get_or_insert_with(Instant::now);
-                            if t0.elapsed() < budget {
-                                std::hint::spin_loop();
-                                continue;
-                            }
+                    match policy.idle(monotonic_us()) {
+                        Idle::Sleep => {
                             p.declare_sleep();
                             if p.free().map_err(ring_err)? < ring::frame_bytes(msg.len() as u64) {
                                 notify.wait(Duration::from_millis(50));
                             }
                             p.awake();
-                            full_since = None;
+                            policy.progress();
                         }
-                        _ => std::hint::spin_loop(),
+                        Idle::Poll => std::hint::spin_loop(),
                     }
                 }
             }
@@ -373,18 +397,15 @@ pub fn recv(
     size: Option<u64>,
     out: Option<&PathBuf>,
     verify: Option<u64>,
-    notify: &mut dyn Notify,
+    notify: &mut dyn Notifier,
 ) -> Result<Summary, Error> {
     let mut j = Joined::join(&c.source, c.me, c.join_timeout)?;
-    let sleeps = match notify.my_id() {
-        Some(id) => {
-            j.region
-                .set_doorbell_id(&j.geo, c.me, id)
-                .map_err(ring_err)?;
-            true
-        }
-        None => false,
-    };
+    if let Some(id) = notify.my_id() {
+        j.region
+            .set_doorbell_id(&j.geo, c.me, id)
+            .map_err(ring_err)?;
+    }
+    let mut policy = policy_of(notify, Side::Receiver);
     let mut cons = j.region.consumer(j.geo, c.peer, c.me).map_err(ring_err)?;
     let mut sink = match out {
         Some(p) => Some(std::io::BufWriter::new(
@@ -415,7 +436,6 @@ pub fn recv(
     );
     let (mut got, mut frames, mut stream, mut last) = (0u64, 0u64, 0u64, start.elapsed());
     let mut idle = 0u64;
-    let mut idle_since: Option<Instant> = None;
     let mut first_frame: Option<u64> = None;
     while size.is_none_or(|s| got < s) {
         match cons.try_recv(&mut buf).map_err(ring_err)? {
@@ -439,7 +459,7 @@ pub fn recv(
                 frames += 1;
                 stream = fold(stream, sum);
                 // Adaptive: a sender asleep on a full ring has room now.
-                if sleeps && notify.adaptive().is_some() && cons.take_producer_sleep() {
+                if policy.ring_peer(|| cons.take_producer_sleep()) {
                     let id = j
                         .region
                         .doorbell_id(&j.geo, c.peer)
@@ -448,32 +468,27 @@ pub fn recv(
                     notify.ring(id);
                 }
                 last = start.elapsed();
-                idle_since = None;
+                policy.progress();
                 if let Some(w) = &mut sink {
                     w.write_all(&buf[..n])
                         .map_err(|e| Error::Io("writing the payload".into(), e))?;
                 }
                 idle = 0;
             }
-            None if sleeps => {
-                if let Some(budget) = notify.adaptive() {
-                    // Poll for the budget, then declare, look again, sleep.
-                    let t0 = *idle_since.get_or_insert_with(Instant::now);
-                    if t0.elapsed() < budget {
-                        std::hint::spin_loop();
-                        continue;
-                    }
+            None if policy.idle(monotonic_us()) == Idle::Sleep => {
+                // Declare, look again, sleep. The driver counts
+                // interrupts, so a ring since the last wait returns at
+                // once: no lost wake-up.
+                if policy.declares() {
                     cons.declare_sleep();
-                    if cons.available().map_err(ring_err)? == 0 {
-                        notify.wait(Duration::from_millis(50));
-                    }
-                    cons.awake();
-                    idle_since = None;
-                } else {
-                    // The driver counts interrupts, so a ring since the last
-                    // wait returns at once: no lost wake-up.
+                }
+                if cons.available().map_err(ring_err)? == 0 {
                     notify.wait(Duration::from_millis(50));
                 }
+                if policy.declares() {
+                    cons.awake();
+                }
+                policy.progress();
                 if let Err(e) = live.check(&j.region, &j.geo, monotonic_ms()) {
                     if cons.available().map_err(ring_err)? == 0 {
                         return Err(Error::Ring(e));

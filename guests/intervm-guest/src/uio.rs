@@ -10,9 +10,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::pci::Mapping;
-use crate::shmem::Notify;
+use crate::shmem::Notifier;
 use crate::Error;
 use intervm_protocol::ivshmem;
+use intervm_protocol::notify::SPIN_US_PVM;
 
 /// `/sys/class/uio`.
 pub const SYSFS_UIO: &str = "/sys/class/uio";
@@ -118,7 +119,7 @@ impl Uio {
             file,
             regs,
             offset,
-            adaptive: Some(Duration::from_micros(150)),
+            adaptive: Some(Duration::from_micros(SPIN_US_PVM)),
         })
     }
 
@@ -174,7 +175,7 @@ impl Uio {
     }
 }
 
-impl Notify for Uio {
+impl Notifier for Uio {
     fn my_id(&mut self) -> Option<u16> {
         Some(self.iv_position())
     }

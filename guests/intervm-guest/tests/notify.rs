@@ -8,7 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use intervm_guest::shmem::{self, Common, Notify, Payload, Source};
+use intervm_guest::shmem::{self, Common, Notifier, Payload, Source};
 use vmm_sys_util::eventfd::EventFd;
 
 /// Far longer than anything here takes: reaching it means a hang.
@@ -54,7 +54,7 @@ impl Bell {
     }
 }
 
-impl Notify for Bell {
+impl Notifier for Bell {
     fn my_id(&mut self) -> Option<u16> {
         Some(self.me + 10)
     }

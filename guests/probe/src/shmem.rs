@@ -16,9 +16,9 @@
 use crate::transfer::{buffer, record, Clock};
 use crate::{arch, arg, fail, pci, set_result, set_state};
 use intervm_protocol::ivshmem;
+use intervm_protocol::notify::{Idle, Notify, Policy, Side};
 use intervm_protocol::probe::{
-    results, shmem_args, shmem_frame_bytes, State, EXIT_OK, SHMEM_ADAPTIVE, SHMEM_CORRUPT_HEAD,
-    SHMEM_HOLD, SHMEM_NOTIFY,
+    results, shmem_args, shmem_frame_bytes, State, EXIT_OK, SHMEM_CORRUPT_HEAD, SHMEM_HOLD,
 };
 use intervm_protocol::ring::{
     self, fold, ready_go, Geometry, Liveness, MemberState, RingError, READY_PREPARED,
@@ -32,12 +32,18 @@ const FAIL_BASE: u64 = 100;
 struct Channel {
     dev: pci::Bdf,
     bar0: u64,
-    notify: bool,
-    adaptive: bool,
+    notify: Notify,
     base: u64,
     region: ring::Region,
     geo: Geometry,
     me: u32,
+}
+
+impl Channel {
+    /// Adaptive notification: poll first, ring only a side that sleeps.
+    fn adaptive(&self) -> bool {
+        self.notify == Notify::Adaptive
+    }
 }
 
 /// Finds the device, enables memory decode, and checks the region header.
@@ -66,8 +72,7 @@ fn open_channel() -> Result<Channel, u32> {
     Ok(Channel {
         dev,
         bar0: pci::bar_addr(dev, ivshmem::REGS_BAR as u8),
-        notify: arg(shmem_args::FLAGS) & (SHMEM_NOTIFY | SHMEM_ADAPTIVE) != 0,
-        adaptive: arg(shmem_args::FLAGS) & SHMEM_ADAPTIVE != 0,
+        notify: Notify::from_probe_flags(arg(shmem_args::FLAGS)),
         base: bar.addr,
         region,
         geo,
@@ -195,7 +200,7 @@ fn send_on(ch: &Channel) -> Result<(), u32> {
     set_result(results::SHM_PREPARE_TSC, arch::rdtsc() - t0);
     let counter = bell_counter();
     let mut seen = counter.load(core::sync::atomic::Ordering::SeqCst);
-    if ch.adaptive {
+    if ch.adaptive() {
         // The receiver rings this side when it frees space we sleep for.
         listen(ch)?;
     }
@@ -208,7 +213,7 @@ fn send_on(ch: &Channel) -> Result<(), u32> {
         .map_err(ring_fail)?;
 
     let rounds = arg(shmem_args::ROUNDS).max(1);
-    let budget = spin_cycles(&clock);
+    let mut policy = Policy::new(ch.notify, Side::Sender, spin_cycles(&clock));
     let (mut rang, mut sleeps, mut rng) = (0u64, 0u64, 0x9e37_79b9_7f4a_7c15u64 ^ ch.me as u64);
     let mut declared = 0u64;
     let mut copy_cycles = 0u64;
@@ -241,13 +246,13 @@ fn send_on(ch: &Channel) -> Result<(), u32> {
                 wait_for(ch, &clock, peer, |_| arg(shmem_args::RELEASE) != 0)?;
             }
             set_result(results::SHM_START_TSC, arch::rdtsc());
-            if ch.notify {
+            if ch.notify.rings() {
                 // The receiver published its doorbell ID before its "go".
                 bell = bell_of(ch, peer)?;
             }
         }
         let mut sent = 0u64;
-        let mut full_since = 0u64;
+        policy.progress();
         while sent < bytes {
             jitter(&mut rng);
             if corrupt && sent >= bytes / 2 {
@@ -264,40 +269,33 @@ fn send_on(ch: &Channel) -> Result<(), u32> {
                     sent += n as u64;
                     frames += 1;
                     pos = (pos + n) % src.len();
-                    full_since = 0;
-                    // Doorbell: peer ID in the high half, vector 0. Adaptive:
-                    // only when the receiver declared that it sleeps.
-                    if ch.notify && (!ch.adaptive || p.take_consumer_sleep()) {
+                    policy.progress();
+                    // Doorbell: peer ID in the high half, vector 0 (adaptive:
+                    // only when the receiver declared that it sleeps).
+                    if policy.ring_peer(|| p.take_consumer_sleep()) {
                         arch::mmio_write32(ch.bar0 + ivshmem::DOORBELL, bell);
                         rang += 1;
                     }
                 }
-                None if ch.adaptive => {
-                    waits += 1;
-                    let now = arch::rdtsc();
-                    if full_since == 0 {
-                        full_since = now;
-                    }
-                    if now - full_since < budget {
-                        core::hint::spin_loop();
-                        continue;
-                    }
-                    // Full for longer than the budget: declare, look again,
-                    // then sleep until the receiver frees space and rings.
-                    p.declare_sleep();
-                    declared += 1;
-                    if p.free().map_err(ring_fail)? < (chunk + 16).next_multiple_of(8) {
-                        sleeps += 1;
-                        arch::wait_for_interrupt(counter, seen);
-                    }
-                    seen = counter.load(core::sync::atomic::Ordering::SeqCst);
-                    p.awake();
-                    full_since = 0;
-                    live.check(&ch.region, &ch.geo, clock.now_ms())
-                        .map_err(ring_fail)?;
-                }
                 None => {
                     waits += 1;
+                    if policy.idle(arch::rdtsc()) == Idle::Sleep {
+                        // Full for longer than the budget: declare, look
+                        // again, then sleep until the receiver frees space
+                        // and rings.
+                        p.declare_sleep();
+                        declared += 1;
+                        if p.free().map_err(ring_fail)? < (chunk + 16).next_multiple_of(8) {
+                            sleeps += 1;
+                            arch::wait_for_interrupt(counter, seen);
+                        }
+                        seen = counter.load(core::sync::atomic::Ordering::SeqCst);
+                        p.awake();
+                        policy.progress();
+                        live.check(&ch.region, &ch.geo, clock.now_ms())
+                            .map_err(ring_fail)?;
+                        continue;
+                    }
                     if waits.is_multiple_of(CHECK_EVERY) {
                         live.check(&ch.region, &ch.geo, clock.now_ms())
                             .map_err(ring_fail)?;
@@ -394,7 +392,7 @@ fn recv_on(ch: &Channel) -> Result<(), u32> {
             last: 0,
         });
     }
-    if ch.notify {
+    if ch.notify.rings() {
         listen(ch)?;
     }
     // The largest frame accepted: the ring's largest, but never more than
@@ -481,8 +479,8 @@ fn pump(
     let (mut pos, mut waits, mut idle) = (0usize, 0u64, 0u64);
     let mut pending = peers.iter().flatten().filter(|p| p.bytes < want).count();
     let counter = bell_counter();
-    let budget = spin_cycles(clock);
-    let (mut idle_since, mut rang, mut sleeps, mut declared) = (0u64, 0u64, 0u64, 0u64);
+    let mut policy = Policy::new(ch.notify, Side::Receiver, spin_cycles(clock));
+    let (mut rang, mut sleeps, mut declared) = (0u64, 0u64, 0u64);
     let mut copy_cycles = 0u64;
     let pump_start = arch::rdtsc();
     let mut rng = 0x2545_f491_4f6c_dd1du64 ^ ch.me as u64;
@@ -522,7 +520,7 @@ fn pump(
                         pending -= 1;
                     }
                     // Adaptive: a producer asleep on a full ring has room now.
-                    if ch.adaptive && p.c.take_producer_sleep() {
+                    if policy.ring_peer(|| p.c.take_producer_sleep()) {
                         let bell = match ch.region.doorbell_id(&ch.geo, p.c.peer()) {
                             Ok(Some(id)) => ivshmem::doorbell(id, 0),
                             _ => return Err(RingError::PeerGone(p.c.peer())),
@@ -544,65 +542,55 @@ fn pump(
                 None => {}
             }
         }
-        if !got_any && ch.notify {
-            if ch.adaptive {
-                // Adaptive: poll for the budget first.
-                let now = arch::rdtsc();
-                if idle_since == 0 {
-                    idle_since = now;
-                }
-                if now - idle_since < budget {
-                    core::hint::spin_loop();
-                    continue;
-                }
-                idle_since = 0;
-            }
-            // Look for departed senders before sleeping, not after: `seen`
-            // was read before this, and a VMM marks its member gone before
-            // it wakes the peers, so a sender that left is either seen gone
-            // here or its wake-up ends the sleep below. (Looking only after
-            // waking misses a departure that lands between that look and
-            // the next pass, and then sleeps for ever.)
-            for p in peers.iter_mut().flatten() {
-                if p.bytes < want {
-                    if let Err(e) = p.live.check(&ch.region, &ch.geo, clock.now_ms()) {
-                        if p.c.available()? == 0 {
-                            return Err(e);
-                        }
+        if got_any {
+            idle = 0;
+            policy.progress();
+            continue;
+        }
+        waits += 1;
+        if policy.idle(arch::rdtsc()) == Idle::Poll {
+            idle += 1;
+            core::hint::spin_loop();
+            continue;
+        }
+        // Look for departed senders before sleeping, not after: `seen`
+        // was read before this, and a VMM marks its member gone before
+        // it wakes the peers, so a sender that left is either seen gone
+        // here or its wake-up ends the sleep below. (Looking only after
+        // waking misses a departure that lands between that look and
+        // the next pass, and then sleeps for ever.)
+        for p in peers.iter_mut().flatten() {
+            if p.bytes < want {
+                if let Err(e) = p.live.check(&ch.region, &ch.geo, clock.now_ms()) {
+                    if p.c.available()? == 0 {
+                        return Err(e);
                     }
                 }
             }
-            // Declare on every ring still expected, look once more, then
-            // sleep until a producer rings (an adaptive one only because of
-            // the declaration; others ring after every frame).
+        }
+        // Declare on every ring still expected, look once more, then
+        // sleep until a producer rings (an adaptive one only because of
+        // the declaration; others ring after every frame).
+        if policy.declares() {
             for p in peers.iter().flatten().filter(|p| p.bytes < want) {
                 p.c.declare_sleep();
                 declared += 1;
             }
-            let mut any = false;
-            for p in peers.iter().flatten().filter(|p| p.bytes < want) {
-                any |= p.c.available()? > 0;
-            }
-            if !any {
-                sleeps += 1;
-                // Published before sleeping, for a host waiting for a sleep.
-                set_result(results::SHM_SLEEPS, sleeps);
-                arch::wait_for_interrupt(counter, seen);
-            }
-            for p in peers.iter().flatten() {
-                p.c.awake();
-            }
-            waits += 1;
-            continue;
         }
-        if !got_any {
-            waits += 1;
-            idle += 1;
-            core::hint::spin_loop();
-        } else {
-            idle = 0;
-            idle_since = 0;
+        let mut any = false;
+        for p in peers.iter().flatten().filter(|p| p.bytes < want) {
+            any |= p.c.available()? > 0;
         }
+        if !any {
+            sleeps += 1;
+            // Published before sleeping, for a host waiting for a sleep.
+            set_result(results::SHM_SLEEPS, sleeps);
+            arch::wait_for_interrupt(counter, seen);
+        }
+        for p in peers.iter().flatten() {
+            p.c.awake();
+        }
+        policy.progress();
     };
     set_result(results::SHM_DOORBELLS, rang);
     set_result(results::SHM_SLEEPS, sleeps);
