@@ -73,6 +73,7 @@ struct RawProbe {
     width: Option<u64>,
     rep: Option<bool>,
     rounds: Option<u64>,
+    transfers: Option<u64>,
     ops: Option<u64>,
     seed: Option<u64>,
 }
@@ -218,8 +219,15 @@ pub enum ProbeTask {
         chunk: u64,
         /// Port-I/O channels: how bytes cross.
         portio: Option<PortioHow>,
+        /// 0: one transfer, ended by the first error. N: N complete
+        /// transfers from the one sender, which may leave, crash or be
+        /// restarted meanwhile (`transfers` in the file).
+        transfers: u64,
     },
 }
+
+/// Most complete transfers a `recv` task may wait for.
+pub const MAX_TRANSFERS: u64 = 1_000_000;
 
 /// Default payload bytes per frame of a probe transfer.
 pub const DEFAULT_CHUNK: u64 = 64 << 10;
@@ -403,6 +411,7 @@ fn probe_task(p: &RawProbe, vm: &VmSpec, channels: &[ChannelSpec]) -> Result<Pro
             ("width", p.width.is_some()),
             ("rep", p.rep.is_some()),
             ("rounds", p.rounds.is_some()),
+            ("transfers", p.transfers.is_some()),
             ("ops", p.ops.is_some() && p.task == "hello"),
             ("seed", p.seed.is_some() && p.task == "hello"),
         ] {
@@ -465,6 +474,9 @@ fn probe_task(p: &RawProbe, vm: &VmSpec, channels: &[ChannelSpec]) -> Result<Pro
     }
     if p.rounds.is_some() {
         return Err("rounds: only meaningful for ping/pong".into());
+    }
+    if p.transfers.is_some() && p.task != "recv" {
+        return Err("transfers: only meaningful for task \"recv\"".into());
     }
     let portio = if ch.kind == ChannelKind::Portio {
         let descriptor = match p.mode.as_deref() {
@@ -564,12 +576,34 @@ fn probe_task(p: &RawProbe, vm: &VmSpec, channels: &[ChannelSpec]) -> Result<Pro
         for f in &from {
             peer(f, "from")?;
         }
+        let transfers = match p.transfers {
+            None => 0,
+            Some(_) if portio.is_some() => {
+                return Err(
+                    "transfers: not available on \"portio\" channels (shmem and doorbell only)"
+                        .into(),
+                )
+            }
+            Some(_) if from.len() != 1 => {
+                return Err(format!(
+                    "transfers: needs exactly one sender in from (has {})",
+                    from.len()
+                ))
+            }
+            Some(n @ 1..=MAX_TRANSFERS) => n,
+            Some(n) => {
+                return Err(format!(
+                    "transfers: {n} is not between 1 and {MAX_TRANSFERS}"
+                ))
+            }
+        };
         Ok(ProbeTask::Recv {
             channel: name.into(),
             from,
             size,
             chunk: p.chunk.as_ref().map_or(0, |_| chunk),
             portio,
+            transfers,
         })
     }
 }

@@ -64,19 +64,37 @@ fn sender_chunk(cfg: &Config, sender: &str, on: &str) -> u64 {
 /// out (split across processes, or `backing = { server }`), so that they
 /// differ from member indices: ping-pong there finds the peer's ID in the
 /// ring region.
+///
+/// `transports`: the regions of the channels, whose geometry sets the
+/// frame size a receiver that checks each of several transfers expects.
 pub fn boot_infos(
     cfg: &Config,
     vm: &VmSpec,
     index: usize,
     server_ids: &HashSet<String>,
+    transports: &HashMap<String, Transport>,
 ) -> Vec<BootInfo> {
+    let info = |t: &ProbeTask| boot_info(cfg, vm, t, index, server_ids, transports);
     if vm.probe.is_empty() {
-        return vec![boot_info(cfg, vm, &ProbeTask::Hello, index, server_ids)];
+        return vec![info(&ProbeTask::Hello)];
     }
-    vm.probe
-        .iter()
-        .map(|t| boot_info(cfg, vm, t, index, server_ids))
-        .collect()
+    vm.probe.iter().map(info).collect()
+}
+
+/// The stream checksum of a complete transfer of `size` bytes from `from`
+/// over channel `c`: the sender's pattern in the sender's frames.
+fn expected_from(
+    cfg: &Config,
+    c: &str,
+    from: &str,
+    size: u64,
+    transports: &HashMap<String, Transport>,
+) -> u64 {
+    let max_payload = transports
+        .get(c)
+        .map_or(u64::MAX, |t| t.geometry().max_payload());
+    let frame = frame_bytes(sender_chunk(cfg, from, c), size, max_payload);
+    expected_stream(seed_for(c, from), size, frame)
 }
 
 fn boot_info(
@@ -85,6 +103,7 @@ fn boot_info(
     task: &ProbeTask,
     index: usize,
     server_ids: &HashSet<String>,
+    transports: &HashMap<String, Transport>,
 ) -> BootInfo {
     match task {
         ProbeTask::Hello => {
@@ -191,12 +210,17 @@ fn boot_info(
             size,
             chunk,
             portio: None,
+            transfers,
         } => {
             let ch = channel(cfg, c);
             let mask = from.iter().fold(0u32, |m, f| m | 1 << member(ch, f));
             let mut t = ShmemTask::new(member(ch, &vm.name), Role::Recv { from: mask }, *size);
             t.device_index = device_index(cfg, &vm.name, c);
             t.chunk = *chunk;
+            if let (n @ 1.., [f]) = (*transfers, from.as_slice()) {
+                t.transfers = n;
+                t.expect_stream = expected_from(cfg, c, f, *size, transports);
+            }
             set_notify(&mut t, ch);
             t.timeout_ms = ch.peer_timeout_ms;
             t.join_timeout_ms = ch.join_timeout_ms;
@@ -393,14 +417,35 @@ pub fn report(
                 doorbells(ch, info)
             ));
         }
+        ProbeTask::Recv {
+            from,
+            size,
+            transfers: n @ 1..,
+            ..
+        } => {
+            let t = res.transfers;
+            ok &= t.ok == *n && t.bad == 0;
+            let f = from.first().map_or("?", |f| f.as_str());
+            lines.push(format!(
+                "{}: received {} of {n} complete transfers of {} from {f} over {c}: {}; \
+                 {} interrupted by {f} leaving (reported, not received; {} left in the ring, dropped){}",
+                vm.name,
+                t.ok,
+                human(*size),
+                if t.bad == 0 {
+                    "every one checksum ok".to_string()
+                } else {
+                    format!("{} BAD (ring error or checksum mismatch)", t.bad)
+                },
+                t.lost,
+                human(t.stale_bytes),
+                doorbells(ch, info)
+            ));
+        }
         ProbeTask::Recv { from, size, .. } => {
-            let max_payload = transports
-                .get(c)
-                .map_or(u64::MAX, |t| t.geometry().max_payload());
             for f in from {
                 let r = peer_record(info, member(ch, f));
-                let frame = frame_bytes(sender_chunk(cfg, f, c), *size, max_payload);
-                let want = expected_stream(seed_for(c, f), *size, frame);
+                let want = expected_from(cfg, c, f, *size, transports);
                 let verdict = if r.bytes != *size {
                     ok = false;
                     "INCOMPLETE".to_string()

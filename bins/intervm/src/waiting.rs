@@ -5,7 +5,9 @@
 //!   of a silent wait;
 //! - marks a member whose heartbeat stopped for the channel's
 //!   `peer_timeout` (its process was killed) as gone, so that guests asleep
-//!   until it rings are woken and see it gone instead of sleeping for ever.
+//!   until it rings are woken and see it gone instead of sleeping for ever;
+//! - wakes those guests too when a member was restarted (a new
+//!   incarnation joined) before anybody saw the last one gone.
 
 use std::time::{Duration, Instant};
 
@@ -93,12 +95,36 @@ impl Waiting {
                 continue;
             }
             let now = monotonic_ms();
-            let live = a.live.get_or_insert_with(|| {
-                Liveness::new(&ring, &geo, a.index, a.peer_timeout.as_millis() as u64, now)
-            });
-            // Alive, so an error means its heartbeat stood still too long.
+            let watch =
+                || Liveness::new(&ring, &geo, a.index, a.peer_timeout.as_millis() as u64, now);
+            let live = a.live.get_or_insert_with(watch);
+            if live.rejoined(&ring, &geo) {
+                // Restarted (a new process joined as this member) while
+                // the last one still looked alive: watch the new one, and
+                // wake the guests here, whose transfer with the last one
+                // is over.
+                *live = watch();
+                eprintln!(
+                    "intervm: channel {}: {} joined again (a new process; the previous one is gone)",
+                    a.channel, a.member
+                );
+                marked.push(a.channel.clone());
+                continue;
+            }
+            // Alive and the same incarnation, so an error means its
+            // heartbeat stood still too long.
             if live.check(&ring, &geo, now).is_err() {
                 let _ = ring.set_member_state(&geo, a.index, MemberState::Gone);
+                if live.rejoined(&ring, &geo) {
+                    // A new incarnation joined just now, and its "alive"
+                    // may be what this overwrote: it counts its
+                    // incarnation before it stores "alive", so this look
+                    // sees it whenever that happened. Give it back.
+                    let _ = ring.set_member_state(&geo, a.index, MemberState::Alive);
+                    *live = watch();
+                    marked.push(a.channel.clone());
+                    continue;
+                }
                 eprintln!(
                     "intervm: channel {}: {}'s heartbeat stood still for peer_timeout = {} s \
                      (its process died?); marked gone",

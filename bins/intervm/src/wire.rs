@@ -414,7 +414,7 @@ pub fn run(
                     .iter()
                     .position(|v| v.name == spec.name)
                     .unwrap_or(i);
-                let infos = tasks::boot_infos(cfg, spec, index, &server_ids);
+                let infos = tasks::boot_infos(cfg, spec, index, &server_ids, &w.transports);
                 probe::load_tasks(&vm, probe_image::PROBE_ELF, &infos).map_err(verr)?;
             }
             Kernel::Linux {

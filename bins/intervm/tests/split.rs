@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Output};
 
 use common::{intervm_cmd, spawn_vm_with, temp_config, text, watch_shm};
-use intervm_protocol::ring::MemberState;
+use intervm_protocol::ring::{self, MemberState};
 use intervm_testkit::{kvm_available, wait_until};
 
 /// A private rendezvous directory (`INTERVM_RUNTIME_DIR`) and a unique shm
@@ -65,9 +65,13 @@ fn vm(name: &str, tasks: &[String]) -> String {
 }
 
 fn channel(members: &[&str], shm: &str) -> String {
+    channel_of("doorbell", members, shm)
+}
+
+fn channel_of(kind: &str, members: &[&str], shm: &str) -> String {
     let list: Vec<String> = members.iter().map(|m| format!("\"{m}\"")).collect();
     format!(
-        "[[channel]]\nname = \"c\"\nkind = \"doorbell\"\nmembers = [{}]\nsize = \"4M\"\n\
+        "[[channel]]\nname = \"c\"\nkind = \"{kind}\"\nmembers = [{}]\nsize = \"4M\"\n\
          backing = {{ shm = \"{shm}\" }}\n",
         list.join(", ")
     )
@@ -251,6 +255,92 @@ fn a_killed_member_is_reported_and_a_restart_carries_on() {
         );
     }
     p.wait_server_gone();
+}
+
+#[test]
+fn a_sender_killed_and_restarted_ten_times_rejoins_a_receiver_that_stays_up() {
+    if !kvm_available() {
+        return;
+    }
+    for kind in ["shmem", "doorbell"] {
+        killed_and_restarted(kind);
+    }
+}
+
+/// Sends `sig` to `child`.
+fn signal(child: &Child, sig: libc::c_int) {
+    // SAFETY: signals a child we started and have not reaped.
+    assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, sig) }, 0);
+}
+
+/// Receiver `b` stays up for `COMPLETE` checked transfers while sender
+/// `a` is killed mid-transfer and restarted at once, `KILLS` times: each
+/// killed transfer is reported as interrupted, none counts as received,
+/// and what it left in the ring never reaches the next one.
+fn killed_and_restarted(kind: &str) {
+    const KILLS: u64 = 10;
+    const COMPLETE: u64 = 3;
+    const SIZE: u64 = 1 << 30;
+    const FRAME: u64 = 64 << 10;
+    let p = Place::new(&format!("rejoin-{kind}"));
+    let body = format!(
+        "{}{}{}",
+        vm("a", &[send("b", "1G")]),
+        vm(
+            "b",
+            &[format!(
+                "{{ task = \"recv\", channel = \"c\", from = [\"a\"], size = \"1G\", \
+                 transfers = {COMPLETE} }}"
+            )]
+        ),
+        channel_of(kind, &["a", "b"], &p.shm)
+    );
+    let cfg = temp_config(&format!("split-rejoin-{kind}.toml"), &body);
+    let (_map, region) = watch_shm(&p.shm, 4 << 20);
+    // The head of ring a -> b: only a running sender moves it.
+    let head = || {
+        region
+            .geometry()
+            .and_then(|g| region.ring_state(&g, 0, 1))
+            .map_or(0, |s| s.head)
+    };
+    // What a whole transfer publishes: its frames, each with a header.
+    let whole = SIZE / FRAME * ring::frame_bytes(FRAME);
+    let b = p.spawn(&cfg, "b");
+    let (mut interrupted, mut completed) = (0, 0);
+    // Stops early only if transfers keep finishing before the sender can
+    // be frozen, so that b still waits for the last one below.
+    while interrupted < KILLS && completed < COMPLETE - 1 {
+        let h0 = head();
+        let mut a = p.spawn(&cfg, "a");
+        wait_until("the (re)started sender to send", || head() != h0);
+        // Frozen, it cannot finish between this look and the kill.
+        signal(&a, libc::SIGSTOP);
+        if head().wrapping_sub(h0) < whole {
+            a.kill().unwrap();
+            let _ = a.wait();
+            interrupted += 1;
+        } else {
+            signal(&a, libc::SIGCONT);
+            finished(a);
+            completed += 1;
+        }
+    }
+    while completed < COMPLETE {
+        let (_, a) = finished(p.spawn(&cfg, "a"));
+        assert!(a.contains("a: sent 1 GiB of 1 GiB to b over c"), "{a}");
+        completed += 1;
+    }
+    let (_, b) = finished(b);
+    let want = format!(
+        "b: received {COMPLETE} of {COMPLETE} complete transfers of 1 GiB from a over c: \
+         every one checksum ok; {interrupted} interrupted by a leaving"
+    );
+    assert!(b.contains(&want), "{kind}: expected {want:?} in\n{b}");
+    eprintln!("{kind}: {interrupted} kills, {completed} complete transfers\n{b}");
+    if kind == "doorbell" {
+        p.wait_server_gone();
+    }
 }
 
 #[test]

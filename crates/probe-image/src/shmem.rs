@@ -62,6 +62,13 @@ pub struct ShmemTask {
     pub hold: bool,
     /// Print nothing (exit counting).
     pub quiet: bool,
+    /// Receiver from one sender: 0 for one transfer ended by the first
+    /// error; N for N complete transfers from a sender that may leave,
+    /// crash or be restarted meanwhile (see [`Transfers`]).
+    pub transfers: u64,
+    /// With `transfers`: the stream checksum each complete transfer must
+    /// have ([`expected_stream`]).
+    pub expect_stream: u64,
 }
 
 impl ShmemTask {
@@ -84,6 +91,8 @@ impl ShmemTask {
             jitter_cycles: 0,
             hold: false,
             quiet: false,
+            transfers: 0,
+            expect_stream: 0,
         }
     }
 
@@ -114,6 +123,8 @@ impl ShmemTask {
         a[shmem_args::SPIN_US] = self.spin_us;
         a[shmem_args::START_DELAY_MS] = self.start_delay_ms;
         a[shmem_args::JITTER_CYCLES] = self.jitter_cycles;
+        a[shmem_args::TRANSFERS] = self.transfers;
+        a[shmem_args::EXPECT_STREAM] = self.expect_stream;
         info
     }
 }
@@ -155,6 +166,23 @@ pub struct ShmemResult {
     pub rounds: u64,
     /// TSC cycles of the fastest and slowest round (receiver).
     pub round_cycles: (u64, u64),
+    /// A receiver with [`ShmemTask::transfers`]: how its transfers ended.
+    pub transfers: Transfers,
+}
+
+/// How the transfers of a receiver with [`ShmemTask::transfers`] ended.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Transfers {
+    /// Complete, with the expected checksum.
+    pub ok: u64,
+    /// Left by the sender (crashed, killed, stopped) before their end;
+    /// reported, never counted as received.
+    pub lost: u64,
+    /// Ended by a ring error or with a wrong checksum.
+    pub bad: u64,
+    /// Bytes interrupted transfers left in the ring, dropped before the
+    /// next one started.
+    pub stale_bytes: u64,
 }
 
 impl ShmemResult {
@@ -173,6 +201,12 @@ impl ShmemResult {
             tsc_khz: info.tsc_khz,
             rounds: r[results::SHM_ROUNDS],
             round_cycles: (r[results::SHM_ROUND_MIN], r[results::SHM_ROUND_MAX]),
+            transfers: Transfers {
+                ok: r[results::SHM_TRANSFERS_OK],
+                lost: r[results::SHM_TRANSFERS_LOST],
+                bad: r[results::SHM_TRANSFERS_BAD],
+                stale_bytes: r[results::SHM_STALE_BYTES],
+            },
         }
     }
 

@@ -76,6 +76,10 @@ impl Heartbeat {
         name: &str,
         interval: Duration,
     ) -> Result<Self, StartError> {
+        // A new incarnation first: a peer still watching the previous one
+        // (killed, then restarted here) must not take this one's beats
+        // for its.
+        region.begin_incarnation(&geo, me)?;
         region.set_heartbeat(&geo, me, monotonic_ms())?;
         region.set_member_state(&geo, me, MemberState::Alive)?;
         let stop = Arc::new(AtomicBool::new(false));
@@ -190,5 +194,30 @@ mod tests {
         assert_eq!(region.member_state(&geo, 1), Ok(MemberState::Idle));
         // SAFETY: as above.
         assert!(unsafe { Heartbeat::start(region, geo, 2, "test-beat") }.is_err());
+    }
+
+    #[test]
+    fn every_start_is_a_new_incarnation() {
+        let mut mem = std::vec![0u64; (1 << 20) / 8];
+        // SAFETY: `mem` outlives every use of `region` below.
+        let region = unsafe { Region::new(mem.as_mut_ptr().cast(), 1 << 20) };
+        let geo = Geometry::fit(2, 1 << 20).unwrap();
+        region.init(geo).unwrap();
+        assert_eq!(region.incarnation(&geo, 0), Ok(0));
+        // SAFETY: `mem` stays alive until the end of the test.
+        let first = unsafe { Heartbeat::start(region, geo, 0, "test-beat") }.unwrap();
+        let mut live = Liveness::new(&region, &geo, 0, 60_000, monotonic_ms());
+        assert_eq!(live.incarnation(), 1);
+        // Killed: no leave is written, the slot still says alive.
+        std::mem::drop(first);
+        region
+            .set_member_state(&geo, 0, MemberState::Alive)
+            .unwrap();
+        // Restarted before anybody noticed: alive and beating, yet the
+        // watcher of the first one sees it gone.
+        // SAFETY: as above.
+        let _second = unsafe { Heartbeat::start(region, geo, 0, "test-beat") }.unwrap();
+        assert_eq!(region.incarnation(&geo, 0), Ok(2));
+        assert!(live.check(&region, &geo, monotonic_ms()).is_err());
     }
 }

@@ -188,6 +188,17 @@ pub mod shmem_args {
     /// Sender with [`super::SHMEM_HOLD`]: 0 until the host lets the first
     /// frame go by writing any other value here while the probe runs.
     pub const RELEASE: usize = 13;
+    /// Receiver from one sender: 0 for one transfer that ends at the first
+    /// error (the default); N to receive N complete transfers from a
+    /// sender that may leave, crash or be restarted between or during
+    /// them. An interrupted transfer is counted
+    /// (`results::SHM_TRANSFERS_LOST`) and the receiver waits, for up to
+    /// `JOIN_TIMEOUT_MS`, for the sender's next transfer or incarnation.
+    pub const TRANSFERS: usize = 14;
+    /// With [`TRANSFERS`]: the stream checksum (`ring::fold` of the frame
+    /// checksums) every complete transfer must have; one that differs is
+    /// counted in `results::SHM_TRANSFERS_BAD`.
+    pub const EXPECT_STREAM: usize = 15;
 }
 
 /// Argument slots of [`Workload::PortioSend`] and [`Workload::PortioRecv`].
@@ -429,6 +440,17 @@ pub mod results {
     /// ring changed meanwhile). The peer rings at most once per
     /// declaration.
     pub const SHM_DECLARED: usize = 14;
+    /// Shared memory (receiver with `shmem_args::TRANSFERS`): complete
+    /// transfers with the expected checksum.
+    pub const SHM_TRANSFERS_OK: usize = 100;
+    /// ... transfers the sender left (crashed, killed, stopped) before
+    /// their end: reported, never counted as received.
+    pub const SHM_TRANSFERS_LOST: usize = 101;
+    /// ... transfers that ended with a ring error or a wrong checksum.
+    pub const SHM_TRANSFERS_BAD: usize = 102;
+    /// ... bytes an interrupted transfer left in the ring, dropped before
+    /// the next one started (`ring::Consumer::drop_stale`).
+    pub const SHM_STALE_BYTES: usize = 103;
     /// Shared memory: first per-peer record; each is [`SHM_RECORD_LEN`]
     /// slots: bytes, frames, stream checksum (`ring::fold` of the frame
     /// checksums), TSC of the last frame. A sender has one record, at its

@@ -5,7 +5,7 @@
 //! offset 0        RegionHeader (one 4 KiB page): magic, version, geometry,
 //!                 member table (one cache line per member: state u32 at
 //!                 +0, heartbeat u64 at +8, ready word u64 at +16,
-//!                 doorbell ID + 1 at +24)
+//!                 doorbell ID + 1 at +24, incarnation u64 at +32)
 //! offset 4096     ring (0 -> 1), ring (0 -> 2), ... ring (N-1 -> N-2)
 //!                 each ring: 256-byte header (head, tail, and two flag
 //!                 lines, each on its own cache line), then `ring_bytes` data
@@ -48,6 +48,8 @@ const OFF_RING_STRIDE: u64 = 24;
 const OFF_REGION_SIZE: u64 = 32;
 const OFF_MEMBER_TABLE: u64 = 256;
 const MEMBER_ENTRY: u64 = 64;
+/// Offset of a member's incarnation in its member-table entry.
+const MEMBER_INCARNATION: u64 = 32;
 
 /// Offset of a ring's head index (written by the producer).
 pub const RING_HEAD: u64 = 0;
@@ -490,6 +492,8 @@ impl Region {
                 .store(0, Ordering::Relaxed);
             self.u64_at(OFF_MEMBER_TABLE + m * MEMBER_ENTRY + 24)
                 .store(0, Ordering::Relaxed);
+            self.u64_at(OFF_MEMBER_TABLE + m * MEMBER_ENTRY + MEMBER_INCARNATION)
+                .store(0, Ordering::Relaxed);
         }
         for r in 0..geo.ring_count() {
             let base = HEADER_BYTES + r * geo.ring_stride();
@@ -601,6 +605,27 @@ impl Region {
     /// alive and will clear its word when it joins.
     pub fn may_prepare_for(&self, geo: &Geometry, m: u32) -> bool {
         !self.ready(geo, m).is_ok_and(is_go) || self.member_state(geo, m) != Ok(MemberState::Alive)
+    }
+
+    /// Starts a new incarnation of member `m` (its VMM joins, again or for
+    /// the first time) and returns its number. Peers watching the member
+    /// with a [`Liveness`] see an incarnation change as "the one they
+    /// talked to is gone", even when the new one is alive and beating:
+    /// a member killed and restarted is never taken for the same member
+    /// resuming.
+    pub fn begin_incarnation(&self, geo: &Geometry, m: u32) -> Result<u64, RingError> {
+        let off = self.member_off(geo, m)?;
+        Ok(self
+            .u64_at(off + MEMBER_INCARNATION)
+            .fetch_add(1, Ordering::SeqCst)
+            .wrapping_add(1))
+    }
+
+    /// Member `m`'s incarnation: how many times it joined since the region
+    /// was formatted.
+    pub fn incarnation(&self, geo: &Geometry, m: u32) -> Result<u64, RingError> {
+        let off = self.member_off(geo, m)?;
+        Ok(self.u64_at(off + MEMBER_INCARNATION).load(Ordering::SeqCst))
     }
 
     /// Publishes member `m`'s doorbell peer ID (its ivshmem IVPosition), so
@@ -917,6 +942,28 @@ impl Consumer {
         self.peer
     }
 
+    /// Starts this consumer afresh at the producer's current head: drops
+    /// every frame published so far and expects sequence number 0 next.
+    /// A receiver calls it before it tells a producer to start (the
+    /// probe's and the Linux tool's "go"), when nothing of the coming
+    /// transfer can be in the ring yet, so that what an interrupted
+    /// transfer left behind (a producer killed mid-transfer, then
+    /// restarted) is never read as part of the new one. A head that is
+    /// not frame aligned is refused; any aligned one is taken, so even a
+    /// ring a crashed producer left corrupt starts clean. Returns the
+    /// bytes dropped.
+    pub fn drop_stale(&mut self) -> Result<u64, RingError> {
+        let head = self.ring.head().load(Ordering::Acquire);
+        if !head.is_multiple_of(8) {
+            return Err(RingError::CorruptIndex(head));
+        }
+        let dropped = head.wrapping_sub(self.tail);
+        self.tail = head;
+        self.seq = 0;
+        self.ring.tail().store(self.tail, Ordering::Release);
+        Ok(dropped)
+    }
+
     /// Bytes published by the producer and not yet consumed.
     pub fn available(&self) -> Result<u64, RingError> {
         let head = self.ring.head().load(Ordering::Acquire);
@@ -976,18 +1023,23 @@ impl Consumer {
 ///
 /// Call [`Liveness::check`] now and then from a wait loop with a clock in
 /// milliseconds (the TSC in a guest, `Instant` on the host). The peer is
-/// declared gone when its VMM marked it `Gone`, or when its heartbeat did
-/// not move for `timeout_ms` while we were waiting.
+/// declared gone when its VMM marked it `Gone`, when its heartbeat did not
+/// move for `timeout_ms` while we were waiting, or when it is another
+/// incarnation than the one watched (it was restarted meanwhile).
 #[derive(Clone, Copy, Debug)]
 pub struct Liveness {
     peer: u32,
     timeout_ms: u64,
     last_beat: u64,
     since_ms: u64,
+    incarnation: u64,
 }
 
 impl Liveness {
-    /// Starts watching `peer` at time `now_ms`.
+    /// Starts watching `peer`, as the incarnation it is now, at time
+    /// `now_ms`. (Create it before waiting for what that incarnation
+    /// publishes, so that a restart in between is noticed.) A peer that
+    /// has not joined yet is watched as the first incarnation that does.
     pub fn new(region: &Region, geo: &Geometry, peer: u32, timeout_ms: u64, now_ms: u64) -> Self {
         let last_beat = region.heartbeat(geo, peer).unwrap_or(0);
         Self {
@@ -995,7 +1047,22 @@ impl Liveness {
             timeout_ms,
             last_beat,
             since_ms: now_ms,
+            incarnation: region.incarnation(geo, peer).unwrap_or(0),
         }
+    }
+
+    /// The incarnation watched.
+    pub fn incarnation(&self) -> u64 {
+        self.incarnation
+    }
+
+    /// True when the peer was restarted (joined again) since this watch
+    /// began; never before it joined for the first time.
+    pub fn rejoined(&self, region: &Region, geo: &Geometry) -> bool {
+        self.incarnation != 0
+            && region
+                .incarnation(geo, self.peer)
+                .is_ok_and(|i| i != self.incarnation)
     }
 
     /// Notes that progress was made (resets the stall timer).
@@ -1003,12 +1070,18 @@ impl Liveness {
         self.since_ms = now_ms;
     }
 
-    /// `Err(PeerGone)` when the peer is gone or stalled.
+    /// `Err(PeerGone)` when the peer is gone, stalled, or another
+    /// incarnation.
     pub fn check(&mut self, region: &Region, geo: &Geometry, now_ms: u64) -> Result<(), RingError> {
+        if self.incarnation == 0 {
+            // Watching began before the peer joined: this is its first.
+            self.incarnation = region.incarnation(geo, self.peer)?;
+        }
         if matches!(
             region.member_state(geo, self.peer)?,
             MemberState::Gone | MemberState::Idle
-        ) {
+        ) || self.rejoined(region, geo)
+        {
             return Err(RingError::PeerGone(self.peer));
         }
         let beat = region.heartbeat(geo, self.peer)?;
@@ -1101,6 +1174,63 @@ mod tests {
             let (n, _) = c.try_recv(&mut out).unwrap().unwrap();
             assert_eq!(&out[..n], &msg[..]);
         }
+    }
+
+    #[test]
+    fn a_restarted_producer_carries_on_after_the_consumer_drops_what_its_last_life_left() {
+        let (_m, r, geo) = setup(2, 1 << 16);
+        // A first life of member 0 sends three frames and dies; the
+        // consumer took one.
+        assert_eq!(r.begin_incarnation(&geo, 0), Ok(1));
+        let mut live = Liveness::new(&r, &geo, 0, 1000, 0);
+        let mut old = r.producer(geo, 0, 1).unwrap();
+        let mut c = r.consumer(geo, 0, 1).unwrap();
+        for i in 0..3u8 {
+            old.try_send(&[i; 24]).unwrap().unwrap();
+        }
+        let mut out = [0u8; 64];
+        assert_eq!(c.try_recv(&mut out).unwrap().map(|x| x.0), Some(24));
+        assert_eq!(live.check(&r, &geo, 1), Ok(()));
+        // Its next life joins: alive, beating, but not the one watched.
+        r.set_member_state(&geo, 0, MemberState::Alive).unwrap();
+        assert_eq!(r.begin_incarnation(&geo, 0), Ok(2));
+        r.set_heartbeat(&geo, 0, 77).unwrap();
+        assert!(live.rejoined(&r, &geo));
+        assert_eq!(live.check(&r, &geo, 2), Err(RingError::PeerGone(0)));
+        // Without dropping, the new life's first frame (sequence 0) would
+        // follow the old life's leftovers.
+        let mut new = r.producer(geo, 0, 1).unwrap();
+        assert_eq!(c.drop_stale(), Ok(2 * frame_bytes(24)));
+        assert_eq!(c.available(), Ok(0));
+        let live = Liveness::new(&r, &geo, 0, 1000, 3);
+        assert_eq!(live.incarnation(), 2);
+        new.try_send(&[9; 40]).unwrap().unwrap();
+        let (n, _) = c.try_recv(&mut out).unwrap().unwrap();
+        assert_eq!(&out[..n], &[9; 40][..]);
+        // A head a crashed producer left unaligned is refused, any aligned
+        // one taken (the ring starts clean from there).
+        let off = r.ring_offset(&geo, 0, 1).unwrap();
+        r.u64_at(off + RING_HEAD).store(12_345, Ordering::SeqCst);
+        assert_eq!(c.drop_stale(), Err(RingError::CorruptIndex(12_345)));
+        r.u64_at(off + RING_HEAD).store(1 << 40, Ordering::SeqCst);
+        assert!(c.drop_stale().is_ok());
+        assert_eq!(c.available(), Ok(0));
+    }
+
+    #[test]
+    fn a_watch_begun_before_the_peer_joined_follows_its_first_incarnation() {
+        let (_m, r, geo) = setup(2, 1 << 16);
+        let mut live = Liveness::new(&r, &geo, 0, 1000, 0);
+        assert!(!live.rejoined(&r, &geo));
+        r.begin_incarnation(&geo, 0).unwrap();
+        r.set_member_state(&geo, 0, MemberState::Alive).unwrap();
+        r.set_heartbeat(&geo, 0, 5).unwrap();
+        assert!(!live.rejoined(&r, &geo), "its first join is no rejoin");
+        assert_eq!(live.check(&r, &geo, 1), Ok(()));
+        assert_eq!(live.incarnation(), 1);
+        r.begin_incarnation(&geo, 0).unwrap();
+        assert!(live.rejoined(&r, &geo));
+        assert_eq!(live.check(&r, &geo, 2), Err(RingError::PeerGone(0)));
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use intervm_protocol::probe::{
     results, shmem_args, BootInfo, State, Workload, EXIT_FAILED, EXIT_OK,
 };
-use intervm_protocol::ring::RingError;
+use intervm_protocol::ring::{frame_bytes, RingError};
 use intervm_testkit::{
     finish, probe_vm_with, require_kvm, wait_until, PEER_TIMEOUT_MS, RUN_TIMEOUT,
 };
@@ -185,6 +185,47 @@ fn a_member_stopped_mid_transfer_is_reported_gone() {
         "received {} bytes",
         got[0]
     );
+}
+
+#[test]
+fn a_restarted_pair_never_reads_what_an_interrupted_transfer_left() {
+    require_kvm!();
+    let t = transport(2, 1 << 20);
+    let (ring, geo) = (t.ring_region(), t.geometry());
+    // A transfer that cannot finish; its receiver's VM is stopped while
+    // its membership (and so its heartbeat) stays, so the sender, seeing
+    // it alive, fills the ring before the receiver is gone.
+    let rx = start("rx1", &args(Workload::ShmemRecv, 1, 0b01, 1 << 40), &t);
+    let tx = start("tx1", &args(Workload::ShmemSend, 0, 1, 1 << 40), &t);
+    wait_until("the receiver to take a frame", || {
+        ring.ring_state(&geo, 0, 1).unwrap().tail > 0
+    });
+    rx.vm.stop();
+    let Member { vm, membership, .. } = rx;
+    assert_eq!(vm.join(), VmExit::Stopped);
+    wait_until("frames the receiver will never take", || {
+        let s = ring.ring_state(&geo, 0, 1).unwrap();
+        s.head.wrapping_sub(s.tail) >= frame_bytes(CHUNK)
+    });
+    drop(membership);
+    let (tx_exit, tx_info, tx_console) = end(tx);
+    assert_eq!(tx_exit, VmExit::Guest(EXIT_FAILED), "sender:\n{tx_console}");
+    assert_eq!(
+        tx_info.results[results::SHM_ERROR],
+        RingError::PeerGone(1).code()
+    );
+    // Both restart on the same region (not formatted again): the new
+    // transfer starts at sequence 0 and must not read the old frames.
+    const BYTES: u64 = 8 << 20;
+    let rx = start("rx2", &args(Workload::ShmemRecv, 1, 0b01, BYTES), &t);
+    let tx = start("tx2", &args(Workload::ShmemSend, 0, 1, BYTES), &t);
+    let (rx_exit, rx_info, rx_console) = end(rx);
+    let (tx_exit, _, tx_console) = end(tx);
+    assert_eq!(rx_exit, VmExit::Guest(EXIT_OK), "receiver:\n{rx_console}");
+    assert_eq!(tx_exit, VmExit::Guest(EXIT_OK), "sender:\n{tx_console}");
+    let got = record(&rx_info, 0);
+    assert_eq!(got[0], BYTES);
+    assert_eq!(got[2], expected_stream(SEED, BYTES));
 }
 
 #[test]

@@ -161,6 +161,54 @@ pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
+/// Waits for `child` to end and returns its output, like
+/// `Child::wait_with_output`; but kills it and panics, naming `what` and
+/// showing what it printed, once it has run for `patience`, a deadline
+/// only a hang reaches (a tool waiting for ever for a peer that is alive
+/// but never sends). A regression then fails its test instead of hanging
+/// the whole suite.
+pub fn wait_within(
+    mut child: std::process::Child,
+    what: &str,
+    patience: Duration,
+) -> std::process::Output {
+    use std::io::Read;
+    fn drain(pipe: Option<impl Read + Send + 'static>) -> std::thread::JoinHandle<Vec<u8>> {
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            if let Some(mut p) = pipe {
+                let _ = p.read_to_end(&mut v);
+            }
+            v
+        })
+    }
+    let (out, err) = (drain(child.stdout.take()), drain(child.stderr.take()));
+    let t0 = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("waiting for a child") {
+            break s;
+        }
+        if t0.elapsed() > patience {
+            let _ = child.kill();
+            let _ = child.wait();
+            let text = |h: std::thread::JoinHandle<Vec<u8>>| {
+                String::from_utf8_lossy(&h.join().unwrap_or_default()).into_owned()
+            };
+            panic!(
+                "{what}: still running after {patience:?} (killed)\nstdout:\n{}\nstderr:\n{}",
+                text(out),
+                text(err)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    std::process::Output {
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    }
+}
+
 /// For a sender probe started with `ShmemTask::hold`: waits until the
 /// receiving probe `rx` has gone to sleep on a doorbell (or ended), then
 /// lets the sender `tx` send. The receiver's first sleep, and the doorbell

@@ -423,6 +423,9 @@ pub fn recv(
         r.member_state(&j.geo, c.peer) == Ok(MemberState::Alive)
             && r.ready(&j.geo, c.peer) == Ok(READY_PREPARED)
     })?;
+    // The sender sends nothing before the "go" below: whatever is in the
+    // ring now was left by an earlier, interrupted transfer.
+    cons.drop_stale().map_err(ring_err)?;
     let start = Instant::now();
     j.region
         .set_ready(&j.geo, c.me, ready_go(1))

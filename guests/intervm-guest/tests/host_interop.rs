@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 
 use intervm_protocol::ring::{MemberState, Region};
 use intervm_testkit::{
-    finish, probe_vm_with, require_kvm, wait_until, PEER_TIMEOUT_MS, RUN_TIMEOUT,
+    finish, probe_vm_with, require_kvm, wait_until, wait_within, PEER_TIMEOUT_MS, RUN_TIMEOUT,
 };
 use probe_image::shmem::{expected_stream, peer_record, Role, ShmemResult, ShmemTask};
 use shmem_device::{Backing, IvshmemPlain, SharedRegion, Transport};
@@ -72,6 +72,15 @@ fn checked_recv(res: &std::path::Path, size: u64, seed: u64) -> Command {
         &seed.to_string(),
     ])
 }
+
+/// Runs `cmd` to its end, failing (not hanging) the test if it hangs.
+fn run(mut cmd: Command, what: &str) -> Output {
+    wait_within(cmd.spawn().unwrap(), what, HANG)
+}
+
+/// Longer than any tool run here takes on a loaded host; only a hang
+/// reaches it.
+const HANG: std::time::Duration = std::time::Duration::from_secs(300);
 
 fn text(o: &Output) -> String {
     format!(
@@ -152,7 +161,7 @@ fn a_probe_guest_sends_to_the_tool() {
     let m = t.join(0).unwrap();
     let (exit, info) = finish(vm.start().unwrap(), &console, RUN_TIMEOUT);
     drop(m);
-    let out = receiver.wait_with_output().unwrap();
+    let out = wait_within(receiver, "the receiving tool", HANG);
     assert_eq!(exit, VmExit::Guest(0), "{}", console.contents());
     assert!(ShmemResult::from_info(&info).error.is_none());
     assert!(out.status.success(), "{}", text(&out));
@@ -211,7 +220,7 @@ fn a_file_streams_between_two_tools_with_end_of_stream() {
     ])
     .output()
     .unwrap();
-    let rx = rx.wait_with_output().unwrap();
+    let rx = wait_within(rx, "the receiving tool", HANG);
     assert!(tx.status.success(), "{}", text(&tx));
     assert!(rx.status.success(), "{}", text(&rx));
     assert_eq!(std::fs::read(&output).unwrap(), data);
@@ -343,7 +352,7 @@ fn a_probe_sends_twice_in_a_row_to_two_tool_runs() {
     let running = vm.start().unwrap();
     for (i, &size) in sizes.iter().enumerate() {
         let seed = 10 + i as u64;
-        let out = checked_recv(&res, size, seed).output().unwrap();
+        let out = run(checked_recv(&res, size, seed), &format!("tool run {i}"));
         assert!(out.status.success(), "transfer {i}: {}", text(&out));
         assert_eq!(checksum_in(&out), expected_stream(seed, size, CHUNK));
     }

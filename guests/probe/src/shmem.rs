@@ -96,10 +96,24 @@ fn ring_fail(e: RingError) -> u32 {
 }
 
 /// Waits until `peer` satisfies `ok`, or fails after `JOIN_TIMEOUT_MS`.
+/// A peer that is gone ends the wait at once.
 fn wait_for(
     ch: &Channel,
     clock: &Clock,
     peer: u32,
+    ok: impl Fn(&Channel) -> bool,
+) -> Result<(), u32> {
+    wait_while_may_return(ch, clock, peer, false, ok)
+}
+
+/// Like [`wait_for`], but `peer` may be gone for now (a sender that
+/// crashed and is being restarted): only `JOIN_TIMEOUT_MS` ends the wait
+/// when `may_return`.
+fn wait_while_may_return(
+    ch: &Channel,
+    clock: &Clock,
+    peer: u32,
+    may_return: bool,
     ok: impl Fn(&Channel) -> bool,
 ) -> Result<(), u32> {
     let limit = arg(shmem_args::JOIN_TIMEOUT_MS).max(1);
@@ -108,7 +122,7 @@ fn wait_for(
         if ok(ch) {
             return Ok(());
         }
-        if ch.region.member_state(&ch.geo, peer) == Ok(MemberState::Gone)
+        if (!may_return && ch.region.member_state(&ch.geo, peer) == Ok(MemberState::Gone))
             || clock.now_ms() - t0 > limit
         {
             return Err(ring_fail(RingError::PeerGone(peer)));
@@ -228,11 +242,20 @@ fn send_on(ch: &Channel) -> Result<(), u32> {
     let corrupt = arg(shmem_args::FLAGS) & SHMEM_CORRUPT_HEAD != 0;
     let mut bell = 0u32;
     for round in 1..=rounds {
-        // Start line: the receiver's ready word.
+        // Start line: the receiver's ready word; watch the incarnation that
+        // gave it (a receiver that re-joins per command, like the Linux
+        // tool, may join after this sender started).
         wait_for(ch, &clock, peer, |c| {
             c.region.ready(&c.geo, peer) == Ok(ready_go(round))
         })?;
         if round == 1 {
+            live = Liveness::new(
+                &ch.region,
+                &ch.geo,
+                peer,
+                arg(shmem_args::TIMEOUT_MS),
+                clock.now_ms(),
+            );
             let delay = arg(shmem_args::START_DELAY_MS);
             if delay > 0 {
                 let t0 = clock.now_ms();
@@ -362,7 +385,10 @@ struct Inbound {
 
 fn try_recv() -> Result<(), u32> {
     let ch = open_channel()?;
-    let r = recv_on(&ch);
+    let r = match arg(shmem_args::TRANSFERS) {
+        0 => recv_on(&ch),
+        n => serve(&ch, n),
+    };
     // The next transfer's start line must not see this one's "go".
     let _ = ch.region.set_ready(&ch.geo, ch.me, 0);
     r
@@ -395,32 +421,33 @@ fn recv_on(ch: &Channel) -> Result<(), u32> {
     if ch.notify.rings() {
         listen(ch)?;
     }
-    // The largest frame accepted: the ring's largest, but never more than
-    // the probe's buffer (a region of 1 GiB has rings of 512 MiB).
-    let largest = ch
-        .geo
-        .max_payload()
-        .min(intervm_protocol::probe::SHMEM_BUF_MAX);
-    let chunk = match arg(shmem_args::CHUNK) {
-        0 => largest,
-        c => c.clamp(8, largest),
-    };
-    let dst = buffer(want.max(chunk), chunk)?;
-    // Touch the destination once so first-touch faults are not timed.
-    dst.fill(0);
-    for (m, _) in peers.iter().enumerate().filter(|(_, p)| p.is_some()) {
-        let m = m as u32;
+    let (chunk, dst) = receive_buffer(ch, want)?;
+    for (m, slot) in peers.iter_mut().enumerate() {
+        let (m, Some(p)) = (m as u32, slot) else {
+            continue;
+        };
         // Wait until the sender has prepared its payload, so that only the
-        // transfer is timed.
-        wait_for(ch, &clock, m, |c| {
-            c.region.member_state(&c.geo, m) == Ok(MemberState::Alive)
-                && c.region.ready(&c.geo, m) == Ok(READY_PREPARED)
-        })?;
+        // transfer is timed; and watch the incarnation that did (a sender
+        // that re-joins per command, like the Linux tool, may join after
+        // this receiver started).
+        loop {
+            p.live = Liveness::new(&ch.region, &ch.geo, m, timeout, clock.now_ms());
+            wait_for(ch, &clock, m, |c| {
+                c.region.member_state(&c.geo, m) == Ok(MemberState::Alive)
+                    && c.region.ready(&c.geo, m) == Ok(READY_PREPARED)
+            })?;
+            if !p.live.rejoined(&ch.region, &ch.geo) {
+                break;
+            }
+        }
     }
     set_state(State::Ready);
     let now = clock.now_ms();
     for p in peers.iter_mut().flatten() {
         p.live.progressed(now);
+        // No sender sends before the "go" below: whatever is in the ring
+        // now was left by an earlier, interrupted transfer.
+        p.c.drop_stale().map_err(ring_fail)?;
     }
     let rounds = arg(shmem_args::ROUNDS).max(1);
     let start = arch::rdtsc();
@@ -431,7 +458,7 @@ fn recv_on(ch: &Channel) -> Result<(), u32> {
         ch.region
             .set_ready(&ch.geo, ch.me, ready_go(round))
             .map_err(ring_fail)?;
-        let pumped = pump(ch, &clock, &mut peers, dst, chunk as usize, want * round);
+        let pumped = pump(ch, &clock, &mut peers, dst, chunk, want * round);
         if pumped.is_err() || round == rounds {
             for (m, p) in peers.iter().enumerate() {
                 if let Some(p) = p {
@@ -462,6 +489,148 @@ fn recv_on(ch: &Channel) -> Result<(), u32> {
             want,
             peers.iter().flatten().count()
         );
+    }
+    Ok(())
+}
+
+/// The receive buffer of a transfer of up to `want` bytes a frame: the
+/// largest frame accepted (`CHUNK`, but never more than the ring's largest
+/// or the probe's buffer: a region of 1 GiB has rings of 512 MiB), and the
+/// destination, touched once so that first-touch faults are not timed.
+fn receive_buffer(ch: &Channel, want: u64) -> Result<(usize, &'static mut [u8]), u32> {
+    let largest = ch
+        .geo
+        .max_payload()
+        .min(intervm_protocol::probe::SHMEM_BUF_MAX);
+    let chunk = match arg(shmem_args::CHUNK) {
+        0 => largest,
+        c => c.clamp(8, largest),
+    };
+    let dst = buffer(want.max(chunk), chunk)?;
+    dst.fill(0);
+    Ok((chunk as usize, dst))
+}
+
+/// Receives `transfers` complete transfers from the one sender in `PEERS`,
+/// which may leave, crash or be restarted (a new VMM joining as the same
+/// member) before, between or during them. Each transfer starts afresh:
+/// the receiver watches the sender incarnation that is there, waits for
+/// its "prepared", drops what an interrupted transfer left in the ring,
+/// and says go. A transfer the sender leaves is counted as lost (never as
+/// received); one with a ring error or a checksum other than
+/// `EXPECT_STREAM` as bad. Fails if any was bad, or if no sender comes
+/// back within `JOIN_TIMEOUT_MS`.
+fn serve(ch: &Channel, transfers: u64) -> Result<(), u32> {
+    let clock = Clock::new();
+    let mask = arg(shmem_args::PEERS) as u32;
+    if mask.count_ones() != 1 {
+        return Err(fail(7, mask as u64));
+    }
+    let from = mask.trailing_zeros();
+    let (want, timeout) = (arg(shmem_args::BYTES), arg(shmem_args::TIMEOUT_MS));
+    let expect = arg(shmem_args::EXPECT_STREAM);
+    if ch.notify.rings() {
+        listen(ch)?;
+    }
+    let (chunk, dst) = receive_buffer(ch, want)?;
+    let mut peers: [Option<Inbound>; ring::MAX_MEMBERS as usize] =
+        [const { None }; ring::MAX_MEMBERS as usize];
+    let (mut ok, mut lost, mut bad, mut stale) = (0u64, 0u64, 0u64, 0u64);
+    set_state(State::Ready);
+    while ok < transfers {
+        // Watch the incarnation that is there now, before waiting for what
+        // it publishes; if another one joined during the wait, watch that
+        // one instead (the "prepared" seen is its own: a leaver's is
+        // cleared below).
+        let live = loop {
+            let live = Liveness::new(&ch.region, &ch.geo, from, timeout, clock.now_ms());
+            wait_while_may_return(ch, &clock, from, true, |c| {
+                c.region.member_state(&c.geo, from) == Ok(MemberState::Alive)
+                    && c.region.ready(&c.geo, from) == Ok(READY_PREPARED)
+            })?;
+            if !live.rejoined(&ch.region, &ch.geo) {
+                break live;
+            }
+        };
+        let mut c = ch.region.consumer(ch.geo, from, ch.me).map_err(ring_fail)?;
+        stale += c.drop_stale().map_err(ring_fail)?;
+        let slot = &mut peers[from as usize];
+        *slot = Some(Inbound {
+            c,
+            live,
+            bytes: 0,
+            frames: 0,
+            stream: 0,
+            last: 0,
+        });
+        if let Some(p) = slot {
+            p.live.progressed(clock.now_ms());
+        }
+        set_result(results::SHM_START_TSC, arch::rdtsc());
+        ch.region
+            .set_ready(&ch.geo, ch.me, ready_go(1))
+            .map_err(ring_fail)?;
+        let pumped = pump(ch, &clock, &mut peers, dst, chunk, want);
+        let Some(p) = peers[from as usize].take() else {
+            return Err(fail(8, from as u64));
+        };
+        record(from, p.bytes, p.frames, p.stream, p.last);
+        let n = ok + lost + bad + 1;
+        match pumped {
+            Ok(_) if p.bytes == want && p.stream == expect => {
+                ok += 1;
+                crate::println!(
+                    "probe: shmem: transfer {}: {} bytes, checksum ok",
+                    n,
+                    p.bytes
+                );
+            }
+            Ok(_) => {
+                bad += 1;
+                crate::println!(
+                    "probe: shmem: transfer {}: {} bytes, CHECKSUM {:#x} != {:#x}",
+                    n,
+                    p.bytes,
+                    p.stream,
+                    expect
+                );
+            }
+            Err(RingError::PeerGone(_)) => {
+                lost += 1;
+                crate::println!(
+                    "probe: shmem: transfer {}: sender gone after {} of {} bytes",
+                    n,
+                    p.bytes,
+                    want
+                );
+            }
+            Err(e) => {
+                bad += 1;
+                crate::println!("probe: shmem: transfer {}: ring error {}", n, e.code());
+            }
+        }
+        set_result(results::SHM_TRANSFERS_OK, ok);
+        set_result(results::SHM_TRANSFERS_LOST, lost);
+        set_result(results::SHM_TRANSFERS_BAD, bad);
+        set_result(results::SHM_STALE_BYTES, stale);
+        set_result(results::SHM_END_TSC, p.last);
+        // A sender that did not finish left its "prepared" up; clear it
+        // while our "go" still keeps any next incarnation from publishing
+        // its own, then end our side of this transfer.
+        if p.bytes < want || p.live.rejoined(&ch.region, &ch.geo) {
+            let _ = ch.region.set_ready(&ch.geo, from, 0);
+        }
+        ch.region.set_ready(&ch.geo, ch.me, 0).map_err(ring_fail)?;
+        // A sender that finished ends its side too (or leaves) before the
+        // next start line counts.
+        let watched = p.live;
+        wait_while_may_return(ch, &clock, from, true, |c| {
+            c.region.ready(&c.geo, from) != Ok(READY_PREPARED)
+                || watched.rejoined(&c.region, &c.geo)
+        })?;
+    }
+    if bad > 0 {
+        return Err(fail(9, bad));
     }
     Ok(())
 }

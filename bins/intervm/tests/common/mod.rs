@@ -40,7 +40,7 @@ pub fn spawn_vm(cfg: &str, vm: &str) -> std::process::Child {
 /// Like [`spawn_vm`], with extra environment variables.
 pub fn spawn_vm_with(cfg: &str, vm: &str, env: &[(&str, &Path)]) -> std::process::Child {
     Command::new(env!("CARGO_BIN_EXE_intervm"))
-        .args(["run", cfg, "--vm", vm, "--timeout", "120"])
+        .args(["run", cfg, "--vm", vm, "--timeout", "600"])
         .envs(env.iter().copied())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
