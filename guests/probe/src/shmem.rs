@@ -542,7 +542,7 @@ fn serve(ch: &Channel, transfers: u64) -> Result<(), u32> {
         // it publishes; if another one joined during the wait, watch that
         // one instead (the "prepared" seen is its own: a leaver's is
         // cleared below).
-        let live = loop {
+        let mut live = loop {
             let live = Liveness::new(&ch.region, &ch.geo, from, timeout, clock.now_ms());
             wait_while_may_return(ch, &clock, from, true, |c| {
                 c.region.member_state(&c.geo, from) == Ok(MemberState::Alive)
@@ -554,8 +554,8 @@ fn serve(ch: &Channel, transfers: u64) -> Result<(), u32> {
         };
         let mut c = ch.region.consumer(ch.geo, from, ch.me).map_err(ring_fail)?;
         stale += c.drop_stale().map_err(ring_fail)?;
-        let slot = &mut peers[from as usize];
-        *slot = Some(Inbound {
+        live.progressed(clock.now_ms());
+        peers[from as usize] = Some(Inbound {
             c,
             live,
             bytes: 0,
@@ -563,9 +563,6 @@ fn serve(ch: &Channel, transfers: u64) -> Result<(), u32> {
             stream: 0,
             last: 0,
         });
-        if let Some(p) = slot {
-            p.live.progressed(clock.now_ms());
-        }
         set_result(results::SHM_START_TSC, arch::rdtsc());
         ch.region
             .set_ready(&ch.geo, ch.me, ready_go(1))

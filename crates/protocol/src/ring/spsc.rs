@@ -1,0 +1,335 @@
+//! One ring: a single-producer single-consumer stream of checksummed,
+//! numbered frames, and the sleep declarations of adaptive notification.
+
+use core::sync::atomic::{fence, AtomicU64, Ordering};
+
+use super::checksum::Fletcher;
+use super::{
+    Geometry, Region, RingError, FRAME_HEADER_BYTES, RING_CONSUMER_FLAGS, RING_HEAD,
+    RING_HEADER_BYTES, RING_PRODUCER_FLAGS, RING_TAIL,
+};
+
+/// One ring of a region: where its header lies, and the geometry that
+/// bounds it.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct RingRef {
+    pub(super) region: Region,
+    pub(super) off: u64,
+    pub(super) geo: Geometry,
+}
+
+impl RingRef {
+    fn head(&self) -> &AtomicU64 {
+        self.region.u64_at(self.off + RING_HEAD)
+    }
+    fn tail(&self) -> &AtomicU64 {
+        self.region.u64_at(self.off + RING_TAIL)
+    }
+    fn producer_flags(&self) -> &AtomicU64 {
+        self.region.u64_at(self.off + RING_PRODUCER_FLAGS)
+    }
+    fn consumer_flags(&self) -> &AtomicU64 {
+        self.region.u64_at(self.off + RING_CONSUMER_FLAGS)
+    }
+    fn data(&self) -> *mut u8 {
+        // SAFETY: the ring lies inside the region (checked by `geometry`/`init`).
+        unsafe {
+            self.region
+                .base
+                .add((self.off + RING_HEADER_BYTES) as usize)
+        }
+    }
+
+    /// Copies `src` into the ring at stream position `pos` (wrapping).
+    fn write_at(&self, pos: u64, src: &[u8]) {
+        let cap = self.geo.ring_bytes;
+        let start = pos & (cap - 1);
+        let first = (cap - start).min(src.len() as u64) as usize;
+        // SAFETY: start + first <= cap and the rest (< cap) wraps to 0; the
+        // data area is `cap` bytes inside the region. The peer may read
+        // concurrently; it validates what it reads.
+        unsafe {
+            core::ptr::copy_nonoverlapping(src.as_ptr(), self.data().add(start as usize), first);
+            core::ptr::copy_nonoverlapping(src.as_ptr().add(first), self.data(), src.len() - first);
+        }
+    }
+
+    /// Copies `src` into the ring at stream position `pos` (wrapping) and
+    /// returns its checksum, computed in the same pass. `pos` is a multiple
+    /// of 8, so the wrap splits the message at a word boundary.
+    fn write_summed(&self, pos: u64, src: &[u8]) -> u64 {
+        let cap = self.geo.ring_bytes;
+        let start = pos & (cap - 1);
+        let first = (cap - start).min(src.len() as u64) as usize;
+        let mut f = Fletcher::new(src.len());
+        // SAFETY: as for `write_at`.
+        unsafe {
+            f.copy(self.data().add(start as usize), src.as_ptr(), first);
+            f.copy(self.data(), src.as_ptr().add(first), src.len() - first);
+        }
+        f.finish()
+    }
+
+    /// Copies from the ring at stream position `pos` (a multiple of 8) into
+    /// `dst` and returns the checksum of the bytes copied.
+    fn read_summed(&self, pos: u64, dst: &mut [u8]) -> u64 {
+        let cap = self.geo.ring_bytes;
+        let start = pos & (cap - 1);
+        let first = (cap - start).min(dst.len() as u64) as usize;
+        let mut f = Fletcher::new(dst.len());
+        // SAFETY: as for `read_at`.
+        unsafe {
+            f.copy(dst.as_mut_ptr(), self.data().add(start as usize), first);
+            f.copy(dst.as_mut_ptr().add(first), self.data(), dst.len() - first);
+        }
+        f.finish()
+    }
+
+    /// Copies from the ring at stream position `pos` into `dst` (wrapping).
+    fn read_at(&self, pos: u64, dst: &mut [u8]) {
+        let cap = self.geo.ring_bytes;
+        let start = pos & (cap - 1);
+        let first = (cap - start).min(dst.len() as u64) as usize;
+        // SAFETY: as for `write_at`; the copy is validated by the caller.
+        unsafe {
+            core::ptr::copy_nonoverlapping(
+                self.data().add(start as usize),
+                dst.as_mut_ptr(),
+                first,
+            );
+            core::ptr::copy_nonoverlapping(
+                self.data(),
+                dst.as_mut_ptr().add(first),
+                dst.len() - first,
+            );
+        }
+    }
+}
+
+/// A snapshot of one ring, see [`Region::ring_state`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RingState {
+    /// Bytes the producer has published (free-running).
+    pub head: u64,
+    /// Bytes the consumer has taken (free-running).
+    pub tail: u64,
+    /// The producer declared that it sleeps on a full ring.
+    pub producer_sleeping: bool,
+    /// The consumer declared that it sleeps on an empty ring.
+    pub consumer_sleeping: bool,
+}
+
+/// Ring bytes a frame with `len` payload bytes takes (header and padding).
+pub fn frame_bytes(len: u64) -> u64 {
+    FRAME_HEADER_BYTES + len.next_multiple_of(8)
+}
+
+/// The sending end of one ring.
+#[derive(Debug)]
+pub struct Producer {
+    pub(super) ring: RingRef,
+    pub(super) head: u64,
+    pub(super) seq: u32,
+    pub(super) peer: u32,
+}
+
+/// A "waiting for a doorbell" flag in a ring's flag line.
+pub(super) const SLEEPING: u64 = 1;
+
+/// Adaptive notification (event suppression): each side declares in its
+/// flag line that it is about to sleep; the other side rings only then.
+///
+/// The lost-wake-up race is closed the way a Dekker lock closes it: the
+/// sleeper stores its flag, fences, and looks at the ring once more before
+/// sleeping; the waker publishes its index, fences, and then looks at the
+/// flag. At least one of the two sees the other's store. The waker takes
+/// the flag (1 -> 0) before ringing, so one sleep costs one doorbell.
+impl RingRef {
+    fn declare(flag: &AtomicU64) {
+        flag.store(SLEEPING, Ordering::SeqCst);
+        fence(Ordering::SeqCst);
+    }
+    fn take(flag: &AtomicU64) -> bool {
+        fence(Ordering::SeqCst);
+        flag.load(Ordering::SeqCst) == SLEEPING
+            && flag
+                .compare_exchange(SLEEPING, 0, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+    }
+}
+
+impl Producer {
+    /// After publishing: true when the consumer had declared that it
+    /// sleeps (the caller rings it). Clears the declaration.
+    pub fn take_consumer_sleep(&self) -> bool {
+        RingRef::take(self.ring.consumer_flags())
+    }
+
+    /// Declares that this producer will sleep until the consumer frees
+    /// space. Call [`Producer::free`] again afterwards, and only sleep if
+    /// the ring is still full; call [`Producer::awake`] on waking.
+    pub fn declare_sleep(&self) {
+        RingRef::declare(self.ring.producer_flags());
+    }
+
+    /// Withdraws a sleep declaration.
+    pub fn awake(&self) {
+        self.ring.producer_flags().store(0, Ordering::SeqCst);
+    }
+
+    /// Member this producer sends to.
+    pub fn peer(&self) -> u32 {
+        self.peer
+    }
+
+    /// Largest message this ring takes.
+    pub fn max_message(&self) -> u64 {
+        self.ring.geo.max_payload()
+    }
+
+    /// Free bytes in the ring (for frames, including their headers).
+    pub fn free(&self) -> Result<u64, RingError> {
+        let tail = self.ring.tail().load(Ordering::Acquire);
+        let used = self.head.wrapping_sub(tail);
+        if used > self.ring.geo.ring_bytes || !used.is_multiple_of(8) {
+            return Err(RingError::CorruptIndex(tail));
+        }
+        Ok(self.ring.geo.ring_bytes - used)
+    }
+
+    /// Sends `msg` as one frame if there is room; `Ok(false)` when full.
+    /// Returns the frame's checksum through `sum` for stream accounting.
+    pub fn try_send(&mut self, msg: &[u8]) -> Result<Option<u64>, RingError> {
+        let need = frame_bytes(msg.len() as u64);
+        if msg.len() as u64 > self.max_message() {
+            return Err(RingError::TooLarge(msg.len() as u64));
+        }
+        if self.free()? < need {
+            return Ok(None);
+        }
+        // Payload first (summed while copied), then the header that carries
+        // the sum; neither is visible before the head store below.
+        let sum = self
+            .ring
+            .write_summed(self.head.wrapping_add(FRAME_HEADER_BYTES), msg);
+        let mut hdr = [0u8; 16];
+        hdr[..4].copy_from_slice(&(msg.len() as u32).to_le_bytes());
+        hdr[4..8].copy_from_slice(&self.seq.to_le_bytes());
+        hdr[8..].copy_from_slice(&sum.to_le_bytes());
+        self.ring.write_at(self.head, &hdr);
+        self.head = self.head.wrapping_add(need);
+        self.seq = self.seq.wrapping_add(1);
+        self.ring.head().store(self.head, Ordering::Release);
+        Ok(Some(sum))
+    }
+}
+
+/// The receiving end of one ring.
+#[derive(Debug)]
+pub struct Consumer {
+    pub(super) ring: RingRef,
+    pub(super) tail: u64,
+    pub(super) seq: u32,
+    pub(super) peer: u32,
+}
+
+impl Consumer {
+    /// Declares that this consumer will sleep until a doorbell. Call
+    /// [`Consumer::available`] again afterwards, and only sleep if the ring
+    /// is still empty; call [`Consumer::awake`] on waking.
+    pub fn declare_sleep(&self) {
+        RingRef::declare(self.ring.consumer_flags());
+    }
+
+    /// Withdraws a sleep declaration.
+    pub fn awake(&self) {
+        self.ring.consumer_flags().store(0, Ordering::SeqCst);
+    }
+
+    /// After consuming: true when the producer had declared that it sleeps
+    /// on a full ring (the caller rings it). Clears the declaration.
+    pub fn take_producer_sleep(&self) -> bool {
+        RingRef::take(self.ring.producer_flags())
+    }
+
+    /// Member this consumer receives from.
+    pub fn peer(&self) -> u32 {
+        self.peer
+    }
+
+    /// Starts this consumer afresh at the producer's current head: drops
+    /// every frame published so far and expects sequence number 0 next.
+    /// A receiver calls it before it tells a producer to start (the
+    /// probe's and the Linux tool's "go"), when nothing of the coming
+    /// transfer can be in the ring yet, so that what an interrupted
+    /// transfer left behind (a producer killed mid-transfer, then
+    /// restarted) is never read as part of the new one. A head that is
+    /// not frame aligned is refused; any aligned one is taken, so even a
+    /// ring a crashed producer left corrupt starts clean. Returns the
+    /// bytes dropped.
+    pub fn drop_stale(&mut self) -> Result<u64, RingError> {
+        let head = self.ring.head().load(Ordering::Acquire);
+        if !head.is_multiple_of(8) {
+            return Err(RingError::CorruptIndex(head));
+        }
+        let dropped = head.wrapping_sub(self.tail);
+        self.tail = head;
+        self.seq = 0;
+        self.ring.tail().store(self.tail, Ordering::Release);
+        Ok(dropped)
+    }
+
+    /// Bytes published by the producer and not yet consumed.
+    pub fn available(&self) -> Result<u64, RingError> {
+        let head = self.ring.head().load(Ordering::Acquire);
+        let avail = head.wrapping_sub(self.tail);
+        if avail > self.ring.geo.ring_bytes || !avail.is_multiple_of(8) {
+            return Err(RingError::CorruptIndex(head));
+        }
+        Ok(avail)
+    }
+
+    /// Receives the next frame into `out` if one is there. Returns the
+    /// payload length and checksum. The payload is checked after it was
+    /// copied, so the peer cannot change it between check and use.
+    pub fn try_recv(&mut self, out: &mut [u8]) -> Result<Option<(usize, u64)>, RingError> {
+        let avail = self.available()?;
+        if avail < FRAME_HEADER_BYTES {
+            return Ok(None);
+        }
+        let mut hdr = [0u8; 16];
+        self.ring.read_at(self.tail, &mut hdr);
+        let len = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
+        let seq = u32::from_le_bytes([hdr[4], hdr[5], hdr[6], hdr[7]]);
+        let sum = u64::from_le_bytes([
+            hdr[8], hdr[9], hdr[10], hdr[11], hdr[12], hdr[13], hdr[14], hdr[15],
+        ]);
+        let need = frame_bytes(len as u64);
+        if len as u64 > self.ring.geo.max_payload() || need > avail {
+            return Err(RingError::CorruptLength(len));
+        }
+        if len as usize > out.len() {
+            return Err(RingError::TooLarge(len as u64));
+        }
+        if seq != self.seq {
+            return Err(RingError::BadSequence {
+                expected: self.seq,
+                found: seq,
+            });
+        }
+        let dst = &mut out[..len as usize];
+        // The sum is of the bytes as copied out, so the peer cannot change
+        // them between the check and their use.
+        let got = self
+            .ring
+            .read_summed(self.tail.wrapping_add(FRAME_HEADER_BYTES), dst);
+        fence(Ordering::Acquire);
+        if got != sum {
+            return Err(RingError::BadChecksum { seq });
+        }
+        self.tail = self.tail.wrapping_add(need);
+        self.seq = self.seq.wrapping_add(1);
+        self.ring.tail().store(self.tail, Ordering::Release);
+        Ok(Some((len as usize, sum)))
+    }
+}
