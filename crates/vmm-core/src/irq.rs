@@ -32,9 +32,28 @@ pub struct MsiMessage {
 /// Owns the VM's GSI routing table.
 pub struct GsiRouter {
     vm: Arc<VmFd>,
-    routes: BTreeMap<u32, kvm_irq_routing_entry>,
+    /// The MSI route of each allocated GSI that points somewhere.
+    routes: BTreeMap<u32, MsiMessage>,
     next_gsi: u32,
     free: Vec<u32>,
+    /// Times the table was written to KVM.
+    commits: u64,
+}
+
+fn msi_route(gsi: u32, msg: MsiMessage) -> kvm_irq_routing_entry {
+    kvm_irq_routing_entry {
+        gsi,
+        type_: KVM_IRQ_ROUTING_MSI,
+        u: kvm_irq_routing_entry__bindgen_ty_1 {
+            msi: kvm_irq_routing_msi {
+                address_lo: msg.address as u32,
+                address_hi: (msg.address >> 32) as u32,
+                data: msg.data,
+                ..Default::default()
+            },
+        },
+        ..Default::default()
+    }
 }
 
 fn irqchip_route(gsi: u32, chip: u32, pin: u32) -> kvm_irq_routing_entry {
@@ -57,6 +76,7 @@ impl GsiRouter {
             routes: BTreeMap::new(),
             next_gsi: IOAPIC_PINS,
             free: Vec::new(),
+            commits: 0,
         }
     }
 
@@ -70,17 +90,25 @@ impl GsiRouter {
                 v.push(irqchip_route(gsi, KVM_IRQCHIP_PIC_SLAVE, gsi - 8));
             }
         }
-        v.extend(self.routes.values().copied());
+        v.extend(self.routes.iter().map(|(&gsi, &msg)| msi_route(gsi, msg)));
         v
     }
 
-    fn commit(&self) -> Result<()> {
+    fn commit(&mut self) -> Result<()> {
         let entries = self.entries();
         let routing = KvmIrqRouting::from_entries(&entries)
             .map_err(|e| Error::Device(format!("building GSI routing table: {e:?}")))?;
+        self.commits += 1;
         self.vm
             .set_gsi_routing(&routing)
             .map_err(Error::kvm("KVM_SET_GSI_ROUTING"))
+    }
+
+    /// How many times the table was written to KVM (each write replaces
+    /// the whole table, so a guest must not be able to cause one per
+    /// register write: see [`GsiRouter::set_msi`]).
+    pub fn commits(&self) -> u64 {
+        self.commits
     }
 
     /// Allocates a GSI for an MSI route (not yet pointing anywhere useful).
@@ -98,34 +126,39 @@ impl GsiRouter {
         Ok(gsi)
     }
 
-    /// Points `gsi` at `msg` (installs or replaces its MSI route).
+    /// Points `gsi` at `msg` (installs or replaces its MSI route). A route
+    /// that already points there is left alone: a guest that masks and
+    /// unmasks a vector over and over (each unmask sets its route) causes
+    /// no table rewrite.
     pub fn set_msi(&mut self, gsi: u32, msg: MsiMessage) -> Result<()> {
-        let e = kvm_irq_routing_entry {
-            gsi,
-            type_: KVM_IRQ_ROUTING_MSI,
-            u: kvm_irq_routing_entry__bindgen_ty_1 {
-                msi: kvm_irq_routing_msi {
-                    address_lo: msg.address as u32,
-                    address_hi: (msg.address >> 32) as u32,
-                    data: msg.data,
-                    ..Default::default()
-                },
-            },
-            ..Default::default()
-        };
-        self.routes.insert(gsi, e);
-        self.commit()
+        if self.routes.get(&gsi) == Some(&msg) {
+            return Ok(());
+        }
+        let before = self.routes.insert(gsi, msg);
+        let r = self.commit();
+        if r.is_err() {
+            // KVM kept the old table: so does this copy of it.
+            match before {
+                Some(b) => self.routes.insert(gsi, b),
+                None => self.routes.remove(&gsi),
+            };
+        }
+        r
     }
 
     /// Removes the route of `gsi` and returns it to the pool.
     pub fn release(&mut self, gsi: u32) -> Result<()> {
-        self.routes.remove(&gsi);
+        let had = self.routes.remove(&gsi).is_some();
         self.free.push(gsi);
-        self.commit()
+        if had {
+            self.commit()
+        } else {
+            Ok(())
+        }
     }
 
     /// Installs the default routes (call once after creating the irqchip).
-    pub fn install_defaults(&self) -> Result<()> {
+    pub fn install_defaults(&mut self) -> Result<()> {
         self.commit()
     }
 

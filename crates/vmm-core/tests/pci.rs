@@ -150,6 +150,34 @@ fn msix_interrupts_from_a_host_eventfd_reach_the_guest() {
 }
 
 #[test]
+fn masking_and_unmasking_a_vector_rewrites_no_routing_table() {
+    use vmm_core::irq::{KvmMsiVectors, MsiMessage, MsiVectors};
+    require_kvm!();
+    // A guest may toggle an MSI-X mask bit as often as it likes; each
+    // KVM_SET_GSI_ROUTING replaces the whole table, so an unchanged route
+    // must not be written again.
+    let (vm, _console) = common::probe_vm("msix-toggle", &BootInfo::new(Workload::Hello, 0, 0));
+    let router = vm.gsi_router().clone();
+    let mut v = KvmMsiVectors::new(router.clone(), 2).unwrap();
+    let commits = || router.lock().unwrap().commits();
+    let msg = MsiMessage {
+        address: 0xfee0_0000,
+        data: 0x41,
+    };
+    let before = commits();
+    v.configure(0, Some(msg));
+    assert_eq!(commits(), before + 1, "the first route is written");
+    for _ in 0..1000 {
+        v.configure(0, None);
+        v.configure(0, Some(msg));
+    }
+    assert_eq!(commits(), before + 1, "mask toggles wrote the table");
+    v.configure(0, Some(MsiMessage { data: 0x42, ..msg }));
+    v.configure(1, Some(msg));
+    assert_eq!(commits(), before + 3, "new routes are written");
+}
+
+#[test]
 fn masked_msix_vector_stays_pending_until_unmasked() {
     require_kvm!();
     // The guest enables MSI-X only after booting; a trigger before that must
