@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
-use shmem_device::SharedRegion;
+use shared_region::SharedRegion;
 use vmm_core::irq::{poll_readable, IntxLine, KvmMsiVectors};
 use vmm_core::pci::{BarKind, BarMemory, BarSpec, Msix, PciConfiguration, PciDevice};
 use vmm_sys_util::eventfd::EventFd;

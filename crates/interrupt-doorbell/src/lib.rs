@@ -44,7 +44,7 @@ pub enum Error {
     Protocol(String),
     /// Shared region.
     #[error(transparent)]
-    Region(#[from] shmem_device::Error),
+    Region(#[from] shared_region::Error),
 }
 
 /// Result alias.

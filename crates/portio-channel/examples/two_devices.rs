@@ -13,7 +13,7 @@ use intervm_protocol::portio::{
     S_RX_READY,
 };
 use portio_channel::{PortioDevice, RingLink};
-use shmem_device::{Backing, SharedRegion, Transport};
+use shared_region::{Backing, SharedRegion, Transport};
 use vm_device::bus::PioAddress;
 use vm_device::MutDevicePio;
 use vm_memory::{GuestAddress, GuestMemoryMmap};

@@ -14,7 +14,7 @@
 //!   are bounded, and each outcome lands in the `RESULT` register.
 //! - [`link`]: where messages go. [`RingLink`] is one bounded queue per
 //!   ordered pair of members over the intervm ring protocol in a shared
-//!   region (`shmem_device::Transport`): a memfd for members in one
+//!   region (`shared_region::Transport`): a memfd for members in one
 //!   process, a `/dev/shm` object for members in separate processes. A full
 //!   queue is reported to the guest ("would block"), never dropped; a peer
 //!   that exits or whose VMM is killed is reported as gone.

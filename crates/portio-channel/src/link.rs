@@ -7,8 +7,8 @@
 //! VMM dies is seen through its heartbeat. Tests use fakes.
 
 use intervm_protocol::ring::{Consumer, MemberState, Producer, RingError};
-use shmem_device::transport::{monotonic_ms, STALE_AFTER_MS};
-use shmem_device::{Membership, Transport};
+use shared_region::transport::{monotonic_ms, STALE_AFTER_MS};
+use shared_region::{Membership, Transport};
 
 /// A peer as seen from here.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -69,7 +69,7 @@ pub struct RingLink {
 
 impl RingLink {
     /// Joins `transport` as member `me`.
-    pub fn join(transport: &Transport, me: u32) -> Result<Self, shmem_device::Error> {
+    pub fn join(transport: &Transport, me: u32) -> Result<Self, shared_region::Error> {
         let membership = transport.join(me)?;
         let geo = transport.geometry();
         let r = transport.ring_region();
@@ -80,7 +80,7 @@ impl RingLink {
                 producers.push(None);
                 consumers.push(None);
             } else {
-                let ring = shmem_device::Error::Ring;
+                let ring = shared_region::Error::Ring;
                 producers.push(Some(r.producer(geo, me, p).map_err(ring)?));
                 consumers.push(Some(r.consumer(geo, p, me).map_err(ring)?));
             }

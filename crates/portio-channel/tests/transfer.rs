@@ -15,7 +15,7 @@ use intervm_testkit::{
 };
 use portio_channel::{PortioDevice, PortioStats, RingLink};
 use probe_image::shmem::{expected_stream, peer_record, ShmemResult};
-use shmem_device::{Backing, SharedRegion, Transport};
+use shared_region::{Backing, SharedRegion, Transport};
 use vmm_core::boot::probe;
 use vmm_core::devices::serial::SerialBuffer;
 use vmm_core::memory::GuestMemoryMmap;

@@ -1,13 +1,12 @@
 //! Shared memory without interrupts: an ivshmem-plain PCI device.
 //!
-//! - [`region`]: the host memory object shared by every member, from a POSIX
-//!   shm name, a file, a hugetlbfs file or an anonymous memfd.
 //! - [`device`]: [`IvshmemPlain`], a [`vmm_core::pci::PciDevice`] with QEMU's
 //!   `ivshmem-plain` layout: BAR0 = 256 bytes of registers, BAR2 = the region,
 //!   64-bit prefetchable, mapped straight into the guest (no exits).
-//! - [`transport`]: the host side of the intervm ring protocol
-//!   (`intervm_protocol::ring`): formatting a region, joining as a member,
-//!   heartbeats and leave notices so peers see a dead VM instead of hanging.
+//! - The region and the ring transport come from the `shared-region` crate
+//!   and are re-exported here ([`region`], [`transport`], [`SharedRegion`],
+//!   [`Transport`], ...), so a VMM that only wants this device needs only
+//!   this crate.
 //!
 //! The device knows nothing of the ring; any program that maps the same
 //! backing (another VMM, QEMU's `ivshmem-plain` with the same `/dev/shm`
@@ -15,66 +14,8 @@
 #![deny(missing_docs)]
 
 pub mod device;
-pub mod region;
-pub mod transport;
 
 pub use device::IvshmemPlain;
-pub use region::{is_shm_name, Backing, SharedRegion};
-pub use transport::{Membership, Transport};
-
-/// Errors of this crate.
-#[derive(Debug, thiserror::Error)]
-pub enum Error {
-    /// The region size is unusable.
-    #[error("shared region size {0} is not a power of two of at least 4 KiB")]
-    BadSize(u64),
-    /// An existing backing has a different size.
-    #[error("{path}: exists with {found} bytes, but the channel wants {wanted} (refusing to resize a region another program may be using)")]
-    SizeMismatch {
-        /// Backing path.
-        path: String,
-        /// Size found.
-        found: u64,
-        /// Size configured.
-        wanted: u64,
-    },
-    /// Opening, sizing or mapping the backing failed.
-    #[error("{what}: {source}")]
-    Io {
-        /// What was being done.
-        what: String,
-        /// Cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// An existing backing this process should not trust with a region.
-    #[error("{path}: {why}")]
-    UntrustedBacking {
-        /// Backing path.
-        path: String,
-        /// What is wrong and what to do.
-        why: String,
-    },
-    /// A bad shm name.
-    #[error("shm name {0:?}: use 1-200 characters, no '/'")]
-    BadName(String),
-    /// The ring transport refused the region.
-    #[error("ring transport: {0}")]
-    Ring(intervm_protocol::ring::RingError),
-    /// Another member did not format the region in time.
-    #[error("{0}: nobody formatted the region within the timeout")]
-    NotFormatted(String),
-    /// The region was formatted for another number of members.
-    #[error("{path}: formatted for {found} members, this channel has {wanted}")]
-    MemberMismatch {
-        /// Backing path.
-        path: String,
-        /// Members in the header.
-        found: u32,
-        /// Members configured.
-        wanted: u32,
-    },
-}
-
-/// Result alias.
-pub type Result<T> = std::result::Result<T, Error>;
+pub use shared_region::{
+    is_shm_name, region, transport, Backing, Error, Membership, Result, SharedRegion, Transport,
+};

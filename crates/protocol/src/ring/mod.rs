@@ -189,6 +189,8 @@ impl core::fmt::Display for RingError {
     }
 }
 
+impl core::error::Error for RingError {}
+
 impl RingError {
     /// A small stable number for reporting errors through a port or exit code.
     pub fn code(&self) -> u64 {
