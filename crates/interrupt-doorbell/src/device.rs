@@ -16,9 +16,9 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
-use kvm_ioctls::{IoEventAddress, NoDatamatch, VmFd};
+use kvm_ioctls::{IoEventAddress, VmFd};
 use shared_region::SharedRegion;
-use vmm_core::irq::{poll_readable, IntxLine, KvmMsiVectors};
+use vmm_core::irq::{poll_readable, IntxLine, KvmMsiVectors, MsiVectors};
 use vmm_core::pci::{BarKind, BarMemory, BarSpec, Msix, PciConfiguration, PciDevice};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -49,6 +49,33 @@ pub struct DoorbellStats {
     pub saturated: u64,
 }
 
+/// Where doorbell writes can be turned into eventfd signals inside the
+/// kernel: KVM's `ioeventfd` on a VM (see [`KvmIoEvents`]), or a fake in
+/// tests. The device registers one (address, datamatch) per peer and
+/// vector on the Doorbell register while BAR0 is placed.
+pub trait IoEvents: Send {
+    /// Signals `evt` when the guest writes `data` (32 bits) at `addr`.
+    fn register(&self, evt: &EventFd, addr: u64, data: u32) -> std::io::Result<()>;
+    /// Undoes [`IoEvents::register`].
+    fn unregister(&self, evt: &EventFd, addr: u64, data: u32) -> std::io::Result<()>;
+}
+
+/// [`IoEvents`] of a KVM VM: MMIO ioeventfds with datamatch.
+pub struct KvmIoEvents(pub Arc<VmFd>);
+
+impl IoEvents for KvmIoEvents {
+    fn register(&self, evt: &EventFd, addr: u64, data: u32) -> std::io::Result<()> {
+        self.0
+            .register_ioevent(evt, &IoEventAddress::Mmio(addr), data)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+    }
+    fn unregister(&self, evt: &EventFd, addr: u64, data: u32) -> std::io::Result<()> {
+        self.0
+            .unregister_ioevent(evt, &IoEventAddress::Mmio(addr), data)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+    }
+}
+
 /// One member's ivshmem-doorbell device.
 pub struct IvshmemDoorbell {
     config: PciConfiguration,
@@ -60,8 +87,8 @@ pub struct IvshmemDoorbell {
     intr_status: u32,
     intx: Option<Box<dyn IntxLine>>,
     peers: HashMap<u16, Vec<EventFd>>,
-    vm: Arc<VmFd>,
-    fast_path: bool,
+    /// The in-kernel fast path (`None`: every doorbell through the VMM).
+    ioevent_sink: Option<Box<dyn IoEvents>>,
     bar0: Option<u64>,
     ioevents: Vec<(u64, u32, EventFd)>,
     own: Vec<EventFd>,
@@ -73,9 +100,10 @@ pub struct IvshmemDoorbell {
 }
 
 impl IvshmemDoorbell {
-    /// A device for peer `id` exposing `region`, raising its `own.len()`
-    /// vectors from the eventfds in `own` (peers write to clones of them).
-    /// `fast_path` registers ioeventfds for doorbells.
+    /// A device for peer `id` exposing `region` in VM `vm`, raising its
+    /// `own.len()` vectors from the eventfds in `own` (peers write to
+    /// clones of them) through KVM irqfds. `fast_path` registers
+    /// ioeventfds for doorbells.
     pub fn new(
         vm: &vmm_core::Vm,
         region: Arc<SharedRegion>,
@@ -83,10 +111,37 @@ impl IvshmemDoorbell {
         own: Vec<EventFd>,
         fast_path: bool,
     ) -> Result<Arc<Mutex<Self>>> {
-        let vectors = own.len();
-        if vectors == 0 || vectors > MAX_VECTORS {
+        check_vectors(own.len())?;
+        let clones = own
+            .iter()
+            .map(|e| e.try_clone().map_err(|e| Error::Io("eventfd".into(), e)))
+            .collect::<Result<Vec<_>>>()?;
+        let vecs = KvmMsiVectors::from_eventfds(vm.gsi_router().clone(), clones)
+            .map_err(|e| Error::Config(e.to_string()))?;
+        let ioevents: Option<Box<dyn IoEvents>> =
+            fast_path.then(|| Box::new(KvmIoEvents(vm.fd().clone())) as Box<dyn IoEvents>);
+        Self::with_parts(region, id, own, Box::new(vecs), ioevents)
+    }
+
+    /// A device from its capabilities, for a VMM other than vmm-core's or
+    /// for tests: `vectors` delivers MSI-X vector `i` when `own[i]` is
+    /// signalled (KVM irqfds in [`IvshmemDoorbell::new`]); `ioevents`, if
+    /// any, is where doorbells to known peers are registered to be
+    /// signalled in the kernel (otherwise the register handler signals
+    /// them).
+    pub fn with_parts(
+        region: Arc<SharedRegion>,
+        id: u16,
+        own: Vec<EventFd>,
+        vectors: Box<dyn MsiVectors>,
+        ioevents: Option<Box<dyn IoEvents>>,
+    ) -> Result<Arc<Mutex<Self>>> {
+        let vectors_n = own.len();
+        check_vectors(vectors_n)?;
+        if vectors.len() != vectors_n {
             return Err(Error::Config(format!(
-                "{vectors} vectors (1..={MAX_VECTORS})"
+                "{} MSI vectors for {vectors_n} eventfds",
+                vectors.len()
             )));
         }
         let mut config = PciConfiguration::new(shmem_device::device::ivshmem_ids(), 1);
@@ -104,32 +159,25 @@ impl IvshmemDoorbell {
                 .add_bar(i, BarSpec { kind, size })
                 .ok_or_else(|| Error::Config(format!("BAR{i} of {size} bytes")))?;
         }
-        let mut clones = Vec::with_capacity(vectors);
-        for e in &own {
-            clones.push(e.try_clone().map_err(|e| Error::Io("eventfd".into(), e))?);
-        }
         // A member may ring itself (as with QEMU's server, whose own-ID
         // notices make this member its own peer).
-        let mut self_ring = Vec::with_capacity(vectors);
+        let mut self_ring = Vec::with_capacity(vectors_n);
         for e in &own {
             self_ring.push(e.try_clone().map_err(|e| Error::Io("eventfd".into(), e))?);
         }
-        let vecs = KvmMsiVectors::from_eventfds(vm.gsi_router().clone(), clones)
-            .map_err(|e| Error::Config(e.to_string()))?;
-        let msix = Msix::new(&mut config, Box::new(vecs), 1, 0, PBA_OFFSET as u32)
+        let msix = Msix::new(&mut config, vectors, 1, 0, PBA_OFFSET as u32)
             .ok_or_else(|| Error::Config("MSI-X capability".into()))?;
         let dev = Arc::new(Mutex::new(Self {
             config,
             msix,
             region,
             id,
-            vectors,
+            vectors: vectors_n,
             intr_mask: 0,
             intr_status: 0,
             intx: None,
             peers: HashMap::from([(id, self_ring)]),
-            vm: vm.fd().clone(),
-            fast_path,
+            ioevent_sink: ioevents,
             bar0: None,
             ioevents: Vec::new(),
             own,
@@ -204,11 +252,11 @@ impl IvshmemDoorbell {
     }
 
     fn unregister_ioevents(&mut self) {
+        let Some(sink) = &self.ioevent_sink else {
+            return;
+        };
         for (addr, data, evt) in self.ioevents.drain(..) {
-            if let Err(e) = self
-                .vm
-                .unregister_ioevent(&evt, &IoEventAddress::Mmio(addr), data)
-            {
+            if let Err(e) = sink.unregister(&evt, addr, data) {
                 log::warn!("ivshmem: unregistering a doorbell ioeventfd: {e}");
             }
         }
@@ -216,7 +264,7 @@ impl IvshmemDoorbell {
 
     fn register_ioevents(&mut self) {
         self.unregister_ioevents();
-        let Some(bar0) = self.bar0.filter(|_| self.fast_path) else {
+        let (Some(bar0), Some(sink)) = (self.bar0, &self.ioevent_sink) else {
             return;
         };
         let addr = bar0 + DOORBELL;
@@ -224,7 +272,7 @@ impl IvshmemDoorbell {
             for (v, evt) in evts.iter().enumerate() {
                 let data = intervm_protocol::ivshmem::doorbell(peer, v as u16);
                 let Ok(evt) = evt.try_clone() else { continue };
-                match self.vm.register_ioevent(&evt, &IoEventAddress::Mmio(addr), data) {
+                match sink.register(&evt, addr, data) {
                     Ok(()) => self.ioevents.push((addr, data, evt)),
                     Err(e) => log::warn!(
                         "ivshmem: no in-kernel doorbell for peer {peer} vector {v} ({e}); using the VMM path"
@@ -429,6 +477,13 @@ impl PciDevice for IvshmemDoorbell {
     }
 }
 
+fn check_vectors(n: usize) -> Result<()> {
+    if n == 0 || n > MAX_VECTORS {
+        return Err(Error::Config(format!("{n} vectors (1..={MAX_VECTORS})")));
+    }
+    Ok(())
+}
+
 /// Fresh receive eventfds for a member that is not given any by a server.
 pub fn new_eventfds(n: usize) -> Result<Vec<EventFd>> {
     (0..n)
@@ -443,5 +498,201 @@ pub fn new_eventfds(n: usize) -> Result<Vec<EventFd>> {
 fn _assert_send() {
     fn is_send<T: Send>() {}
     is_send::<IvshmemDoorbell>();
-    let _ = NoDatamatch;
+}
+
+#[cfg(test)]
+mod tests {
+    //! The device model without KVM: fake MSI vectors, ioeventfd sink and
+    //! INTx line stand in for the kernel.
+    use super::*;
+    use shared_region::Backing;
+    use std::time::{Duration, Instant};
+    use vmm_core::irq::MsiMessage;
+
+    /// Fake vectors: count triggers.
+    struct Vectors(usize);
+    impl MsiVectors for Vectors {
+        fn len(&self) -> usize {
+            self.0
+        }
+        fn configure(&mut self, _index: usize, _msg: Option<MsiMessage>) {}
+        fn trigger(&self, _index: usize) {}
+        fn pending(&self, _index: usize) -> bool {
+            false
+        }
+    }
+
+    /// What was registered as an ioeventfd: (address, datamatch).
+    type Registered = Arc<Mutex<Vec<(u64, u32)>>>;
+
+    struct Sink(Registered);
+    impl IoEvents for Sink {
+        fn register(&self, _evt: &EventFd, addr: u64, data: u32) -> std::io::Result<()> {
+            self.0.lock().unwrap().push((addr, data));
+            Ok(())
+        }
+        fn unregister(&self, _evt: &EventFd, addr: u64, data: u32) -> std::io::Result<()> {
+            let mut g = self.0.lock().unwrap();
+            let i = g
+                .iter()
+                .position(|r| *r == (addr, data))
+                .expect("registered");
+            g.remove(i);
+            Ok(())
+        }
+    }
+
+    struct Line(Arc<AtomicBool>);
+    impl IntxLine for Line {
+        fn set_level(&self, asserted: bool) {
+            self.0.store(asserted, Ordering::SeqCst);
+        }
+    }
+
+    fn device(id: u16, vectors: usize, sink: Option<Registered>) -> Arc<Mutex<IvshmemDoorbell>> {
+        let region = Arc::new(SharedRegion::open(&Backing::Memfd, 1 << 20).unwrap());
+        let own = new_eventfds(vectors).unwrap();
+        let ioevents = sink.map(|r| Box::new(Sink(r)) as Box<dyn IoEvents>);
+        IvshmemDoorbell::with_parts(region, id, own, Box::new(Vectors(vectors)), ioevents).unwrap()
+    }
+
+    fn read(d: &mut IvshmemDoorbell, off: u64) -> u32 {
+        let mut b = [0u8; 4];
+        d.bar_read(REGS_BAR, off, &mut b);
+        u32::from_le_bytes(b)
+    }
+
+    fn write(d: &mut IvshmemDoorbell, off: u64, v: u32) {
+        d.bar_write(REGS_BAR, off, &v.to_le_bytes());
+    }
+
+    fn doorbell(peer: u16, vector: u16) -> u32 {
+        intervm_protocol::ivshmem::doorbell(peer, vector)
+    }
+
+    #[test]
+    fn doorbells_reach_known_peers_and_the_rest_is_dropped_and_counted() {
+        let dev = device(3, 2, None);
+        let mut d = dev.lock().unwrap();
+        assert_eq!(read(&mut d, IV_POSITION), 3);
+        assert_eq!(read(&mut d, DOORBELL), 0, "write-only");
+        let peer = new_eventfds(2).unwrap();
+        d.add_peer(5, peer.iter().map(|e| e.try_clone().unwrap()).collect());
+        assert_eq!(d.peers(), vec![5]);
+        write(&mut d, DOORBELL, doorbell(5, 1));
+        assert_eq!(peer[1].read().unwrap(), 1);
+        assert!(peer[0].read().is_err(), "only the vector rung");
+        for v in [doorbell(5, 2), doorbell(9, 0), u32::MAX] {
+            write(&mut d, DOORBELL, v);
+        }
+        // A bad width, a bad offset, a write to the read-only IVPosition.
+        d.bar_write(REGS_BAR, DOORBELL, &[1, 0]);
+        d.bar_write(REGS_BAR, 0x80, &[0; 4]);
+        write(&mut d, IV_POSITION, 7);
+        let s = d.stats();
+        assert_eq!((s.rung, s.dropped, s.bad_access), (1, 3, 3), "{s:?}");
+        assert_eq!(read(&mut d, IV_POSITION), 3);
+        d.remove_peer(5);
+        write(&mut d, DOORBELL, doorbell(5, 1));
+        assert_eq!(d.stats().dropped, 4, "a peer that left");
+        assert_eq!(d.own_eventfds().unwrap()[0].read().unwrap(), 1, "woken");
+    }
+
+    #[test]
+    fn a_full_peer_counter_is_counted_not_waited_for() {
+        let dev = device(0, 1, None);
+        let mut d = dev.lock().unwrap();
+        let peer = new_eventfds(1).unwrap();
+        // An eventfd counter one below its maximum: the next write would
+        // block a blocking fd.
+        peer[0].write(u64::MAX - 1).unwrap();
+        d.add_peer(1, vec![peer[0].try_clone().unwrap()]);
+        write(&mut d, DOORBELL, doorbell(1, 0));
+        let s = d.stats();
+        assert_eq!((s.rung, s.saturated), (1, 1), "{s:?}");
+    }
+
+    #[test]
+    fn the_fast_path_follows_bar0_and_the_peer_table() {
+        let reg = Registered::default();
+        let dev = device(0, 2, Some(reg.clone()));
+        let mut d = dev.lock().unwrap();
+        let now = || {
+            let mut v = reg.lock().unwrap().clone();
+            v.sort();
+            v
+        };
+        assert!(now().is_empty(), "nothing before BAR0 is placed");
+        d.bar_moved(REGS_BAR, Some(0x8000_0000));
+        let at = 0x8000_0000 + DOORBELL;
+        // Itself (a member may ring itself), both vectors.
+        assert_eq!(now(), vec![(at, doorbell(0, 0)), (at, doorbell(0, 1))]);
+        d.add_peer(4, new_eventfds(2).unwrap());
+        assert_eq!(now().len(), 4);
+        assert!(now().contains(&(at, doorbell(4, 1))));
+        d.bar_moved(REGS_BAR, Some(0x9000_0000));
+        assert!(now().iter().all(|(a, _)| *a == 0x9000_0000 + DOORBELL));
+        assert_eq!(now().len(), 4);
+        d.remove_peer(4);
+        assert_eq!(now().len(), 2);
+        d.bar_moved(REGS_BAR, None);
+        assert!(now().is_empty(), "BAR0 unmapped: nothing left registered");
+        d.bar_moved(REGS_BAR, Some(0x8000_0000));
+        drop(d);
+        drop(dev);
+        assert!(
+            now().is_empty(),
+            "a dropped device leaves nothing registered"
+        );
+    }
+
+    #[test]
+    fn intx_raises_status_and_the_line_until_status_is_read() {
+        let dev = device(0, 1, None);
+        let level = Arc::new(AtomicBool::new(false));
+        let own = {
+            let mut d = dev.lock().unwrap();
+            d.set_intx(Box::new(Line(level.clone())));
+            // MSI-X stays off; unmasking INTx makes the device use it.
+            write(&mut d, INTR_MASK, 1);
+            d.own_eventfds().unwrap()
+        };
+        own[0].write(1).unwrap();
+        let t0 = Instant::now();
+        while !level.load(Ordering::SeqCst) {
+            assert!(t0.elapsed() < Duration::from_secs(60), "INTx never raised");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let mut d = dev.lock().unwrap();
+        assert_eq!(d.stats().intx, 1);
+        assert_eq!(read(&mut d, INTR_STATUS), 1);
+        assert!(
+            !level.load(Ordering::SeqCst),
+            "reading status lowers the line"
+        );
+        assert_eq!(read(&mut d, INTR_STATUS), 0, "cleared on read");
+    }
+
+    #[test]
+    fn vector_counts_are_checked() {
+        let region = Arc::new(SharedRegion::open(&Backing::Memfd, 1 << 20).unwrap());
+        for n in [0, MAX_VECTORS + 1] {
+            let r = IvshmemDoorbell::with_parts(
+                region.clone(),
+                0,
+                new_eventfds(n).unwrap(),
+                Box::new(Vectors(n)),
+                None,
+            );
+            assert!(r.is_err(), "{n} vectors");
+        }
+        let r = IvshmemDoorbell::with_parts(
+            region,
+            0,
+            new_eventfds(2).unwrap(),
+            Box::new(Vectors(3)),
+            None,
+        );
+        assert!(r.is_err(), "vectors and eventfds differ");
+    }
 }
