@@ -105,7 +105,7 @@ impl Waiting {
                 // is over.
                 *live = watch();
                 eprintln!(
-                    "intervm: channel {}: {} joined again (a new process; the previous one is gone)",
+                    "intervm: channel {}: {} joined again (restarted: what its last incarnation was doing is over)",
                     a.channel, a.member
                 );
                 marked.push(a.channel.clone());
