@@ -131,6 +131,30 @@ fn wait_while_may_return(
     }
 }
 
+/// Waits until sender `peer` is alive and has prepared its payload
+/// (`READY_PREPARED`), and returns a watch on the incarnation that did: the
+/// watch starts before the wait, and if another incarnation joined during
+/// it, the wait is done again for that one. With `may_return`, a sender
+/// that is gone for now may come back (see [`wait_while_may_return`]).
+fn await_prepared(
+    ch: &Channel,
+    clock: &Clock,
+    peer: u32,
+    timeout_ms: u64,
+    may_return: bool,
+) -> Result<Liveness, u32> {
+    loop {
+        let live = Liveness::new(&ch.region, &ch.geo, peer, timeout_ms, clock.now_ms());
+        wait_while_may_return(ch, clock, peer, may_return, |c| {
+            c.region.member_state(&c.geo, peer) == Ok(MemberState::Alive)
+                && c.region.ready(&c.geo, peer) == Ok(READY_PREPARED)
+        })?;
+        if !live.rejoined(&ch.region, &ch.geo) {
+            return Ok(live);
+        }
+    }
+}
+
 fn ch_start_tsc() -> u64 {
     // SAFETY: the boot-info page is identity mapped.
     unsafe { core::ptr::read_volatile(&(*crate::info()).results[results::SHM_START_TSC]) }
@@ -231,6 +255,11 @@ fn send_on(ch: &Channel) -> Result<(), u32> {
     let (mut rang, mut sleeps, mut rng) = (0u64, 0u64, 0x9e37_79b9_7f4a_7c15u64 ^ ch.me as u64);
     let mut declared = 0u64;
     let mut copy_cycles = 0u64;
+    let go = |round| move |c: &Channel| c.region.ready(&c.geo, peer) == Ok(ready_go(round));
+    // Watch the receiver incarnation that gave the first start line (a
+    // receiver that re-joins per command, like the Linux tool, may join
+    // after this sender started).
+    wait_for(ch, &clock, peer, go(1))?;
     let mut live = Liveness::new(
         &ch.region,
         &ch.geo,
@@ -242,20 +271,9 @@ fn send_on(ch: &Channel) -> Result<(), u32> {
     let corrupt = arg(shmem_args::FLAGS) & SHMEM_CORRUPT_HEAD != 0;
     let mut bell = 0u32;
     for round in 1..=rounds {
-        // Start line: the receiver's ready word; watch the incarnation that
-        // gave it (a receiver that re-joins per command, like the Linux
-        // tool, may join after this sender started).
-        wait_for(ch, &clock, peer, |c| {
-            c.region.ready(&c.geo, peer) == Ok(ready_go(round))
-        })?;
+        // Start line: the receiver's ready word (seen above for round 1).
+        wait_for(ch, &clock, peer, go(round))?;
         if round == 1 {
-            live = Liveness::new(
-                &ch.region,
-                &ch.geo,
-                peer,
-                arg(shmem_args::TIMEOUT_MS),
-                clock.now_ms(),
-            );
             let delay = arg(shmem_args::START_DELAY_MS);
             if delay > 0 {
                 let t0 = clock.now_ms();
@@ -427,19 +445,9 @@ fn recv_on(ch: &Channel) -> Result<(), u32> {
             continue;
         };
         // Wait until the sender has prepared its payload, so that only the
-        // transfer is timed; and watch the incarnation that did (a sender
-        // that re-joins per command, like the Linux tool, may join after
-        // this receiver started).
-        loop {
-            p.live = Liveness::new(&ch.region, &ch.geo, m, timeout, clock.now_ms());
-            wait_for(ch, &clock, m, |c| {
-                c.region.member_state(&c.geo, m) == Ok(MemberState::Alive)
-                    && c.region.ready(&c.geo, m) == Ok(READY_PREPARED)
-            })?;
-            if !p.live.rejoined(&ch.region, &ch.geo) {
-                break;
-            }
-        }
+        // transfer is timed (a sender that re-joins per command, like the
+        // Linux tool, may join after this receiver started).
+        p.live = await_prepared(ch, &clock, m, timeout, false)?;
     }
     set_state(State::Ready);
     let now = clock.now_ms();
@@ -538,20 +546,9 @@ fn serve(ch: &Channel, transfers: u64) -> Result<(), u32> {
     let (mut ok, mut lost, mut bad, mut stale) = (0u64, 0u64, 0u64, 0u64);
     set_state(State::Ready);
     while ok < transfers {
-        // Watch the incarnation that is there now, before waiting for what
-        // it publishes; if another one joined during the wait, watch that
-        // one instead (the "prepared" seen is its own: a leaver's is
-        // cleared below).
-        let mut live = loop {
-            let live = Liveness::new(&ch.region, &ch.geo, from, timeout, clock.now_ms());
-            wait_while_may_return(ch, &clock, from, true, |c| {
-                c.region.member_state(&c.geo, from) == Ok(MemberState::Alive)
-                    && c.region.ready(&c.geo, from) == Ok(READY_PREPARED)
-            })?;
-            if !live.rejoined(&ch.region, &ch.geo) {
-                break live;
-            }
-        };
+        // The "prepared" awaited is the new incarnation's own: a leaver's
+        // is cleared below.
+        let mut live = await_prepared(ch, &clock, from, timeout, true)?;
         let mut c = ch.region.consumer(ch.geo, from, ch.me).map_err(ring_fail)?;
         stale += c.drop_stale().map_err(ring_fail)?;
         live.progressed(clock.now_ms());
