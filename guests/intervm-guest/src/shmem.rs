@@ -231,13 +231,15 @@ fn monotonic_us() -> u64 {
 }
 
 /// The shared notification policy (see `intervm_protocol::notify`) that
-/// `notify` asks for on `side`, timed in µs of [`monotonic_us`].
-fn policy_of(notify: &mut dyn Notifier, side: Side) -> Policy {
+/// `notify` asks for on `side`, timed in µs of [`monotonic_us`]; `rings`:
+/// it has a doorbell ID (its [`Notifier::my_id`], read once by the caller:
+/// on a UIO device each read is a register access).
+fn policy_of(notify: &dyn Notifier, rings: bool, side: Side) -> Policy {
     let budget = notify.adaptive();
-    let mode = match (notify.my_id(), budget) {
-        (None, _) => Notify::Never,
-        (Some(_), None) => Notify::Always,
-        (Some(_), Some(_)) => Notify::Adaptive,
+    let mode = match (rings, budget) {
+        (false, _) => Notify::Never,
+        (true, None) => Notify::Always,
+        (true, Some(_)) => Notify::Adaptive,
     };
     Policy::new(
         mode,
@@ -277,7 +279,8 @@ pub fn send(
     let frame = shmem_frame_bytes(chunk, size, p.max_message()) as usize;
     // With doorbells: publish this side's ID, so that a receiver can wake
     // it after it slept on a full ring.
-    if let Some(id) = notify.my_id() {
+    let my_id = notify.my_id();
+    if let Some(id) = my_id {
         j.region
             .set_doorbell_id(&j.geo, c.me, id)
             .map_err(ring_err)?;
@@ -291,7 +294,7 @@ pub fn send(
     j.wait_peer(c, |r| r.ready(&j.geo, c.peer) == Ok(ready_go(1)))?;
     let start = Instant::now();
     // With doorbells: the receiver published its doorbell ID before "go".
-    let bell = match notify.my_id() {
+    let bell = match my_id {
         Some(_) => Some(
             j.region
                 .doorbell_id(&j.geo, c.peer)
@@ -309,7 +312,7 @@ pub fn send(
     );
     let (mut sent, mut frames, mut stream, mut pos) = (0u64, 0u64, 0u64, 0usize);
     let mut buf = crate::touched_buffer(frame);
-    let mut policy = policy_of(notify, Side::Sender);
+    let mut policy = policy_of(notify, my_id.is_some(), Side::Sender);
     loop {
         let msg: &[u8] = match &mut file {
             Some(f) => {
@@ -400,12 +403,13 @@ pub fn recv(
     notify: &mut dyn Notifier,
 ) -> Result<Summary, Error> {
     let mut j = Joined::join(&c.source, c.me, c.join_timeout)?;
-    if let Some(id) = notify.my_id() {
+    let my_id = notify.my_id();
+    if let Some(id) = my_id {
         j.region
             .set_doorbell_id(&j.geo, c.me, id)
             .map_err(ring_err)?;
     }
-    let mut policy = policy_of(notify, Side::Receiver);
+    let mut policy = policy_of(notify, my_id.is_some(), Side::Receiver);
     let mut cons = j.region.consumer(j.geo, c.peer, c.me).map_err(ring_err)?;
     let mut sink = match out {
         Some(p) => Some(std::io::BufWriter::new(
