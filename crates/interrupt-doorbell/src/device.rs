@@ -94,6 +94,10 @@ pub struct IvshmemDoorbell {
     own: Vec<EventFd>,
     stats: DoorbellStats,
     stop: Arc<AtomicBool>,
+    /// Whether the guest uses INTx, for the watcher. It reads this flag
+    /// instead of locking the device, so it never holds the device alive
+    /// (or waits on its lock) while the guest uses MSI-X.
+    intx_on: Arc<AtomicBool>,
     /// Written when the INTx watcher should look again: the guest may have
     /// switched between MSI-X and INTx, or the device is going away.
     mode_changed: EventFd,
@@ -183,6 +187,7 @@ impl IvshmemDoorbell {
             own,
             stats: DoorbellStats::default(),
             stop: Arc::new(AtomicBool::new(false)),
+            intx_on: Arc::new(AtomicBool::new(false)),
             mode_changed: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
                 .map_err(|e| Error::Io("eventfd".into(), e))?,
         }));
@@ -316,7 +321,9 @@ impl IvshmemDoorbell {
 
     /// Wakes the INTx watcher if the guest switched between INTx and MSI-X.
     fn intx_mode_check(&self, before: bool) {
-        if self.uses_intx() != before {
+        let now = self.uses_intx();
+        if now != before {
+            self.intx_on.store(now, Ordering::Release);
             let _ = self.mode_changed.write(1);
         }
     }
@@ -349,11 +356,16 @@ impl IvshmemDoorbell {
 /// while the guest uses MSI-X it waits on `mode_changed` alone.
 fn spawn_intx_watcher(dev: &Arc<Mutex<IvshmemDoorbell>>) -> Result<()> {
     let weak: Weak<Mutex<IvshmemDoorbell>> = Arc::downgrade(dev);
-    let (stop, wake, own) = {
+    let (stop, intx_on, wake, own) = {
         let g = dev.lock().map_err(|_| Error::Config("lock".into()))?;
         let dup = |e: &EventFd| e.try_clone().map_err(|e| Error::Io("eventfd".into(), e));
         let own = g.own.iter().map(dup).collect::<Result<Vec<_>>>()?;
-        (g.stop.clone(), dup(&g.mode_changed)?, own)
+        (
+            g.stop.clone(),
+            g.intx_on.clone(),
+            dup(&g.mode_changed)?,
+            own,
+        )
     };
     let pollfd = |e: &EventFd| libc::pollfd {
         fd: std::os::fd::AsRawFd::as_raw_fd(e),
@@ -364,10 +376,10 @@ fn spawn_intx_watcher(dev: &Arc<Mutex<IvshmemDoorbell>>) -> Result<()> {
         .name("ivshmem-intx".into())
         .spawn(move || {
             while !stop.load(Ordering::Acquire) {
-                let intx = match weak.upgrade() {
-                    Some(d) => d.lock().is_ok_and(|g| g.uses_intx()),
-                    None => return,
-                };
+                // Only an INTx signal takes a (short-lived) strong
+                // reference: a device dropped by its owner is dropped
+                // there, with its ioeventfds, while the guest uses MSI-X.
+                let intx = intx_on.load(Ordering::Acquire);
                 let mut fds = vec![pollfd(&wake)];
                 if intx {
                     fds.extend(own.iter().map(pollfd));
@@ -382,11 +394,10 @@ fn spawn_intx_watcher(dev: &Arc<Mutex<IvshmemDoorbell>>) -> Result<()> {
                     let _ = wake.read();
                 }
                 if fds[1..].iter().any(|f| f.revents != 0) {
-                    if let Some(d) = weak.upgrade() {
-                        if let Ok(mut g) = d.lock() {
-                            g.intx_event();
-                        }
-                    }
+                    let Some(d) = weak.upgrade() else { return };
+                    if let Ok(mut g) = d.lock() {
+                        g.intx_event();
+                    };
                 }
             }
         })
