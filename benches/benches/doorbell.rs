@@ -62,16 +62,15 @@ fn summary() {
         (1 << 30, "1GiB", 1),
     ] {
         let mib = (bytes * rounds) as f64 / (1 << 20) as f64;
-        let poll = transfer_with(bytes, rounds, Notify::Never).time / rounds as u32;
+        let polled = transfer_with(bytes, rounds, Notify::Never);
+        let poll = polled.time / rounds as u32;
         for mode in [Notify::Never, Notify::Always, Notify::Adaptive] {
+            let rung: Moved;
             let m = if mode == Notify::Never {
-                Moved {
-                    time: poll * rounds as u32,
-                    doorbells: 0,
-                    irqs: 0,
-                }
+                &polled
             } else {
-                transfer_with(bytes, rounds, mode)
+                rung = transfer_with(bytes, rounds, mode);
+                &rung
             };
             let d = m.time / rounds as u32;
             println!(

@@ -45,7 +45,7 @@ fn bench(c: &mut Criterion) {
         });
         if kvm.is_none() {
             g.bench_function(BenchmarkId::new("vm_to_vm", label), |b| {
-                b.iter_custom(|i| vm_to_vm(bytes, i).0)
+                b.iter_custom(|i| vm_to_vm(bytes, i).total)
             });
         }
         g.finish();
@@ -84,7 +84,7 @@ fn summary() {
         let (vcell, vratio, rate) = if kvm {
             let v = median(
                 (0..reps.min(5))
-                    .map(|_| vm_to_vm(bytes, per).0 / per as u32)
+                    .map(|_| vm_to_vm(bytes, per).total / per as u32)
                     .collect(),
             );
             (

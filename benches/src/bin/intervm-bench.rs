@@ -96,9 +96,21 @@ struct Point {
     interrupts: Option<f64>,
     /// Bytes actually moved when the time is extrapolated.
     extrapolated_from: Option<u64>,
+    /// Shared-memory channels: the first (cold) transfer of each boot, s.
+    #[serde(default)]
+    cold: Vec<f64>,
+    /// ... every later (warm) transfer of every boot, s.
+    #[serde(default)]
+    warm: Vec<f64>,
 }
 
 impl Point {
+    /// Keeps the cold and warm rounds of one boot.
+    fn keep_rounds(&mut self, r: &intervm_benches::runs::Rounds) {
+        self.cold.extend(r.each.first());
+        self.warm.extend_from_slice(r.warm());
+    }
+
     fn stats(&self) -> (f64, f64, f64) {
         let mut v = self.samples.clone();
         v.sort_by(f64::total_cmp);
@@ -115,9 +127,11 @@ fn label(b: u64) -> String {
     }
 }
 
-/// Small transfers are repeated in one boot to be timed.
+/// Transfers are repeated in one boot: small ones to be timed at all,
+/// and every size at least three times so that the cold first transfer
+/// can be told from warm ones.
 fn rounds(bytes: u64) -> u64 {
-    ((64u64 << 20) / bytes).clamp(1, 200)
+    ((64u64 << 20) / bytes).clamp(3, 200)
 }
 
 fn run(o: &Opts) -> Vec<Point> {
@@ -154,6 +168,8 @@ fn run(o: &Opts) -> Vec<Point> {
             exits: None,
             interrupts: None,
             extrapolated_from: None,
+            cold: Vec::new(),
+            warm: Vec::new(),
         };
         for _ in 0..o.repeat {
             done += 1;
@@ -164,7 +180,9 @@ fn run(o: &Opts) -> Vec<Point> {
                 }
                 "shmem" => {
                     let n = rounds(bytes);
-                    (shmem::vm_to_vm(bytes, n).0 / n as u32).as_secs_f64()
+                    let r = shmem::vm_to_vm(bytes, n);
+                    p.keep_rounds(&r);
+                    (r.total / n as u32).as_secs_f64()
                 }
                 "portio" => {
                     let m = portio::MODES
@@ -188,6 +206,7 @@ fn run(o: &Opts) -> Vec<Point> {
                     };
                     let n = rounds(bytes);
                     let m = doorbell::transfer_with(bytes, n, mode);
+                    p.keep_rounds(&m.rounds);
                     p.interrupts = Some(m.irqs as f64 / n as f64);
                     (m.time / n as u32).as_secs_f64()
                 }
@@ -331,13 +350,54 @@ fn probe_median(r: &Results, channel: &str, variant: &str, bytes: u64) -> Option
 }
 
 fn seconds(s: f64) -> String {
-    if s < 1e-3 {
+    if s < 1e-5 {
+        format!("{:.2} µs", s * 1e6)
+    } else if s < 1e-3 {
         format!("{:.1} µs", s * 1e6)
     } else if s < 1.0 {
         format!("{:.2} ms", s * 1e3)
     } else {
         format!("{s:.2} s")
     }
+}
+
+/// The `q` quantile (0..=1) of `v`, nearest rank; `None` when empty.
+fn quantile(v: &[f64], q: f64) -> Option<f64> {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len().max(1));
+    v.get(rank - 1).copied()
+}
+
+/// Cold against warm transfers of the shared-memory channels.
+fn steady_state_markdown(r: &Results) -> String {
+    let rows: Vec<&Point> = r.points.iter().filter(|p| !p.warm.is_empty()).collect();
+    if rows.is_empty() {
+        return String::new();
+    }
+    let mut m = String::from(
+        "\n## Steady state: the first transfer of a boot against the later ones\n\nEvery boot above moves its size several times. The first (cold) transfer pays the first touches of buffers and ring; the later (warm) ones are what a long-lived pair of VMs sees. Warm percentiles pool the warm transfers of all runs; the ratio is the warm median over the host memcpy median of the same size in this run.\n\n| channel | variant | size | cold (median) | warm p50 | warm p99 | warm transfers | warm p50 / memcpy |\n|---|---|---|---|---|---|---|---|\n",
+    );
+    for p in rows {
+        let memcpy = probe_median(r, "memcpy", "host", p.bytes);
+        let p50 = quantile(&p.warm, 0.5);
+        let cell = |v: Option<f64>| v.map_or("-".into(), seconds);
+        m += &format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            p.channel,
+            p.variant,
+            label(p.bytes),
+            cell(quantile(&p.cold, 0.5)),
+            cell(p50),
+            cell(quantile(&p.warm, 0.99)),
+            p.warm.len(),
+            match (p50, memcpy) {
+                (Some(w), Some(c)) if c > 0.0 => format!("{:.1}x", w / c),
+                _ => "-".into(),
+            }
+        );
+    }
+    m
 }
 
 fn linux_user_markdown(r: &Results, u: &LinuxUser) -> String {
@@ -438,6 +498,7 @@ fn markdown(r: &Results) -> String {
                 .map_or(String::new(), |b| format!("extrapolated from {}", label(b)))
         );
     }
+    s += &steady_state_markdown(r);
     if let Some(d) = &r.doorbell {
         s += &format!(
             "\n## Doorbells\n\n| | value |\n|---|---|\n| round trip, ioeventfd -> irqfd in KVM | {:.1} µs |\n| round trip, VMM handler | {:.1} µs |\n| idle receiver CPU, polling | {:.1}% |\n| idle receiver CPU, doorbell per frame | {:.1}% |\n| idle receiver CPU, adaptive | {:.1}% |\n",

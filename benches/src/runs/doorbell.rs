@@ -79,6 +79,8 @@ fn apply(mode: Notify, k: &mut ShmemTask) {
 
 pub struct Moved {
     pub time: Duration,
+    /// The receiver's time of each round.
+    pub rounds: super::Rounds,
     pub doorbells: u64,
     pub irqs: u64,
 }
@@ -109,8 +111,10 @@ pub fn transfer_with(bytes: u64, rounds: u64, mode: Notify) -> Moved {
     let res = ShmemResult::from_info(&ir);
     assert!(res.error.is_none(), "{:?}", res.error);
     assert_eq!(peer_record(&ir, 0).stream, peer_record(&it, 1).stream);
+    let time = Duration::from_secs_f64(res.seconds().unwrap_or(0.0));
     Moved {
-        time: Duration::from_secs_f64(res.seconds().unwrap_or(0.0)),
+        time,
+        rounds: super::Rounds::read(&rr, rounds, ir.tsc_khz, time),
         doorbells: ir.results[results::SHM_DOORBELLS] + it.results[results::SHM_DOORBELLS],
         irqs: ir.results[results::SHM_IRQS] + it.results[results::SHM_IRQS],
     }

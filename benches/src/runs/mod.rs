@@ -6,3 +6,44 @@ pub mod linux;
 pub mod linux_user;
 pub mod portio;
 pub mod shmem;
+
+use std::time::Duration;
+
+/// How a receiving probe timed the transfers of one boot.
+#[derive(Clone, Debug, Default)]
+pub struct Rounds {
+    /// From the first "go" to the last byte of the last round.
+    pub total: Duration,
+    /// Seconds of each round, in order (the first is the cold one: first
+    /// touches, first start line).
+    pub each: Vec<f64>,
+}
+
+impl Rounds {
+    /// Reads the round log of the receiving probe `vm` that ran `rounds`
+    /// rounds, at `tsc_khz`.
+    pub fn read(vm: &vmm_core::RunningVm, rounds: u64, tsc_khz: u64, total: Duration) -> Self {
+        let khz = tsc_khz.max(1) as f64;
+        let log = vmm_core::boot::probe::round_log(vm.vm().memory(), rounds).unwrap_or_default();
+        Self {
+            total,
+            each: log.iter().map(|&c| c as f64 / khz / 1e3).collect(),
+        }
+    }
+
+    /// The fastest round.
+    pub fn fastest(&self) -> Duration {
+        Duration::from_secs_f64(
+            self.each
+                .iter()
+                .copied()
+                .fold(f64::INFINITY, f64::min)
+                .min(1e9),
+        )
+    }
+
+    /// The rounds after the first.
+    pub fn warm(&self) -> &[f64] {
+        self.each.get(1..).unwrap_or(&[])
+    }
+}

@@ -114,8 +114,8 @@ pub fn pair(bytes: u64, rounds: u64, quiet: bool) -> (Member, Member) {
 }
 
 /// Two probe VMs moving `bytes` `rounds` times; returns the receiver's
-/// total and fastest-round times.
-pub fn vm_to_vm(bytes: u64, rounds: u64) -> (Duration, Duration) {
+/// times.
+pub fn vm_to_vm(bytes: u64, rounds: u64) -> super::Rounds {
     let (rx, tx) = pair(bytes, rounds, false);
     let limit = Duration::from_secs(600);
     rx.0.wait_timeout(limit).expect("receiver finished");
@@ -127,8 +127,8 @@ pub fn vm_to_vm(bytes: u64, rounds: u64) -> (Duration, Duration) {
     let (got, sent) = (peer_record(&rinfo, 0), peer_record(&tinfo, 1));
     assert_eq!(got.bytes, bytes * rounds);
     assert_eq!(got.stream, sent.stream, "stream checksums differ");
-    let secs = |c: u64| Duration::from_secs_f64(res.cycles_to_seconds(c).unwrap_or(0.0));
-    (secs(res.end_tsc - res.start_tsc), secs(res.round_cycles.0))
+    let total = Duration::from_secs_f64(res.seconds().unwrap_or(0.0));
+    super::Rounds::read(&rx.0, rounds, rinfo.tsc_khz, total)
 }
 
 /// Where the time of a polled shared-memory transfer goes, per transfer.

@@ -239,6 +239,15 @@ pub const SHMEM_BUF_GPA: u64 = 32 << 20;
 /// Largest payload buffer; bigger transfers stream it repeatedly.
 pub const SHMEM_BUF_MAX: u64 = 16 << 20;
 
+/// Guest-physical address of the round log: a receiving shared-memory
+/// probe writes the TSC cycles of its round `r` (1-based; from its "go" to
+/// the last frame of the round) as a `u64` at slot `r - 1`, for the first
+/// [`ROUND_LOG_MAX`] rounds, so a benchmark can tell the first (cold)
+/// transfer of a boot from the warm ones and take percentiles.
+pub const ROUND_LOG_GPA: u64 = 0x40000;
+/// Rounds the round log holds (it ends below the EBDA at `0x9fc00`).
+pub const ROUND_LOG_MAX: u64 = 0x40000 / 8;
+
 /// Payload bytes per frame a sender uses for a requested `chunk`, given the
 /// transfer size and the ring's largest message.
 pub const fn shmem_frame_bytes(chunk: u64, bytes: u64, max_payload: u64) -> u64 {

@@ -1,5 +1,5 @@
 //! Probe guests on real /dev/kvm exchanging data through an ivshmem-plain
-//! device: checksummed bulk transfer, four members, a member that stops
+//! device: checksummed bulk transfer, the per-round log, four members, a member that stops
 //! mid-transfer, and a hostile member that corrupts a ring index.
 
 use std::sync::{Arc, Mutex};
@@ -113,6 +113,55 @@ fn one_gib_moves_between_two_probes_checksummed() {
             tx_info.results[results::SHM_WAITS]
         );
     }
+}
+
+#[test]
+fn a_receiver_logs_each_round_and_the_rounds_fit_in_the_transfer() {
+    require_kvm!();
+    const BYTES: u64 = 256 << 10;
+    const ROUNDS: u64 = 12;
+    let t = transport(2, 4 << 20);
+    let mut rinfo = args(Workload::ShmemRecv, 1, 0b01, BYTES);
+    let mut tinfo = args(Workload::ShmemSend, 0, 1, BYTES);
+    rinfo.args[shmem_args::ROUNDS] = ROUNDS;
+    tinfo.args[shmem_args::ROUNDS] = ROUNDS;
+    let rx = start("rx", &rinfo, &t);
+    let tx = start("tx", &tinfo, &t);
+    let exit = rx.vm.wait_timeout(RUN_TIMEOUT);
+    let info = probe::read_info(rx.vm.vm().memory()).expect("boot info");
+    // One slot more than the rounds: nothing is logged past the last.
+    let log = probe::round_log(rx.vm.vm().memory(), ROUNDS + 1).expect("round log");
+    let (rx_exit, _, rx_console) = end(rx);
+    let (tx_exit, tx_info, tx_console) = end(tx);
+    assert_eq!(
+        exit,
+        Some(VmExit::Guest(EXIT_OK)),
+        "receiver:\n{rx_console}"
+    );
+    assert_eq!(rx_exit, VmExit::Guest(EXIT_OK));
+    assert_eq!(tx_exit, VmExit::Guest(EXIT_OK), "sender:\n{tx_console}");
+    assert_eq!(info.results[results::SHM_ROUNDS], ROUNDS);
+    assert_eq!(record(&info, 0)[0], BYTES * ROUNDS);
+    assert_eq!(
+        record(&info, 0)[2],
+        record(&tx_info, 1)[2],
+        "stream checksums"
+    );
+    assert_eq!(log.len() as u64, ROUNDS + 1);
+    assert!(log[..ROUNDS as usize].iter().all(|&c| c > 0), "{log:?}");
+    assert_eq!(log[ROUNDS as usize], 0, "a round past the last: {log:?}");
+    // Rounds are disjoint parts of the whole transfer.
+    let whole = info.results[results::SHM_END_TSC] - info.results[results::SHM_START_TSC];
+    let sum: u64 = log.iter().sum();
+    assert!(sum <= whole, "rounds {sum} cycles, transfer {whole}");
+    assert_eq!(
+        *log[..ROUNDS as usize].iter().min().unwrap_or(&0),
+        info.results[results::SHM_ROUND_MIN]
+    );
+    assert_eq!(
+        *log.iter().max().unwrap_or(&0),
+        info.results[results::SHM_ROUND_MAX]
+    );
 }
 
 #[test]

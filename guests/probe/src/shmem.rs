@@ -18,7 +18,8 @@ use crate::{arch, arg, fail, pci, set_result, set_state};
 use intervm_protocol::ivshmem;
 use intervm_protocol::notify::{Idle, Notify, Policy, Side};
 use intervm_protocol::probe::{
-    results, shmem_args, shmem_frame_bytes, State, EXIT_OK, SHMEM_CORRUPT_HEAD, SHMEM_HOLD,
+    results, shmem_args, shmem_frame_bytes, State, EXIT_OK, ROUND_LOG_GPA, ROUND_LOG_MAX,
+    SHMEM_CORRUPT_HEAD, SHMEM_HOLD,
 };
 use intervm_protocol::ring::{
     self, fold, ready_go, Geometry, Liveness, MemberState, RingError, READY_PREPARED,
@@ -477,6 +478,17 @@ fn recv_on(ch: &Channel) -> Result<(), u32> {
         waits += pumped.map_err(ring_fail)?;
         let t1 = peers.iter().flatten().map(|p| p.last).max().unwrap_or(t0);
         let cycles = t1.saturating_sub(t0);
+        if round <= ROUND_LOG_MAX {
+            // SAFETY: the round log lies in identity-mapped guest RAM below
+            // the probe image that nothing else uses, and `round - 1` is
+            // below ROUND_LOG_MAX.
+            unsafe {
+                core::ptr::write_volatile(
+                    (ROUND_LOG_GPA as *mut u64).add(round as usize - 1),
+                    cycles,
+                )
+            };
+        }
         fastest = fastest.min(cycles);
         slowest = slowest.max(cycles);
     }

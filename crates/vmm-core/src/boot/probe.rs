@@ -135,6 +135,27 @@ pub fn result(mem: &crate::memory::GuestMemoryMmap, i: usize) -> Result<u64> {
         .map_err(|e| Error::Load(format!("reading result {i}: {e}")))
 }
 
+/// The first `rounds` entries of a receiving shared-memory probe's round
+/// log (TSC cycles per round; see
+/// [`ROUND_LOG_GPA`](intervm_protocol::probe::ROUND_LOG_GPA)), at most
+/// [`ROUND_LOG_MAX`](intervm_protocol::probe::ROUND_LOG_MAX).
+pub fn round_log(mem: &crate::memory::GuestMemoryMmap, rounds: u64) -> Result<Vec<u64>> {
+    use intervm_protocol::probe::{ROUND_LOG_GPA, ROUND_LOG_MAX};
+    (0..rounds.min(ROUND_LOG_MAX))
+        .map(|r| {
+            mem.read_obj::<u64>(GuestAddress(ROUND_LOG_GPA + 8 * r))
+                .map_err(|e| Error::Load(format!("reading round {}: {e}", r + 1)))
+        })
+        .collect()
+}
+
+// The round log lies between the identity page tables and the probe image.
+const _: () = assert!(
+    crate::x86::paging::PAGE_TABLES_END <= intervm_protocol::probe::ROUND_LOG_GPA
+        && intervm_protocol::probe::ROUND_LOG_GPA + 8 * intervm_protocol::probe::ROUND_LOG_MAX
+            <= crate::x86::mptable::MPTABLE_GPA
+);
+
 /// Sets argument slot `i` of a running probe's boot-info page (for a task
 /// that waits for the host, e.g. `shmem_args::RELEASE`).
 pub fn set_arg(mem: &crate::memory::GuestMemoryMmap, i: usize, v: u64) -> Result<()> {
