@@ -31,17 +31,6 @@ impl Rounds {
         }
     }
 
-    /// The fastest round.
-    pub fn fastest(&self) -> Duration {
-        Duration::from_secs_f64(
-            self.each
-                .iter()
-                .copied()
-                .fold(f64::INFINITY, f64::min)
-                .min(1e9),
-        )
-    }
-
     /// The rounds after the first.
     pub fn warm(&self) -> &[f64] {
         self.each.get(1..).unwrap_or(&[])
