@@ -99,16 +99,34 @@ struct Point {
     /// Shared-memory channels: the first (cold) transfer of each boot, s.
     #[serde(default)]
     cold: Vec<f64>,
-    /// ... every later (warm) transfer of every boot, s.
+    /// ... the later (warm) transfers of each boot.
     #[serde(default)]
-    warm: Vec<f64>,
+    warm: Vec<Warm>,
+}
+
+/// The warm transfers of one boot.
+#[derive(Serialize, Deserialize)]
+struct Warm {
+    /// How many.
+    transfers: usize,
+    /// Median, s.
+    p50: f64,
+    /// 99th percentile, s.
+    p99: f64,
 }
 
 impl Point {
     /// Keeps the cold and warm rounds of one boot.
     fn keep_rounds(&mut self, r: &intervm_benches::runs::Rounds) {
         self.cold.extend(r.each.first());
-        self.warm.extend_from_slice(r.warm());
+        let w = r.warm();
+        if let (Some(p50), Some(p99)) = (quantile(w, 0.5), quantile(w, 0.99)) {
+            self.warm.push(Warm {
+                transfers: w.len(),
+                p50,
+                p99,
+            });
+        }
     }
 
     fn stats(&self) -> (f64, f64, f64) {
@@ -127,11 +145,14 @@ fn label(b: u64) -> String {
     }
 }
 
-/// Transfers are repeated in one boot: small ones to be timed at all,
-/// and every size at least three times so that the cold first transfer
-/// can be told from warm ones.
+/// Transfers are repeated in one boot until 64 MiB have moved (at least
+/// three times, at most as often as the probe's round log holds): small
+/// ones to be timed at all, and every size often enough that the warm
+/// transfers pass through the whole ring many times (a transfer that
+/// first touches a ring page pays for it) and the cold first one can be
+/// told from them.
 fn rounds(bytes: u64) -> u64 {
-    ((64u64 << 20) / bytes).clamp(3, 200)
+    ((64u64 << 20) / bytes).clamp(3, intervm_protocol::probe::ROUND_LOG_MAX)
 }
 
 fn run(o: &Opts) -> Vec<Point> {
@@ -376,11 +397,12 @@ fn steady_state_markdown(r: &Results) -> String {
         return String::new();
     }
     let mut m = String::from(
-        "\n## Steady state: the first transfer of a boot against the later ones\n\nEvery boot above moves its size several times. The first (cold) transfer pays the first touches of buffers and ring; the later (warm) ones are what a long-lived pair of VMs sees. Warm percentiles pool the warm transfers of all runs; the ratio is the warm median over the host memcpy median of the same size in this run.\n\n| channel | variant | size | cold (median) | warm p50 | warm p99 | warm transfers | warm p50 / memcpy |\n|---|---|---|---|---|---|---|---|\n",
+        "\n## Steady state: the first transfer of a boot against the later ones\n\nEvery boot above moves its size until 64 MiB have moved (at least 3 times). The first (cold) transfer pays the first touches of buffers and ring; the later (warm) ones are what a long-lived pair of VMs sees. Each run's warm transfers give a p50 and a p99; the table shows the median over the runs of each, and the warm p50 over the host memcpy median of the same size in this run.\n\n| channel | variant | size | cold (median) | warm p50 | warm p99 | warm transfers per run | warm p50 / memcpy |\n|---|---|---|---|---|---|---|---|\n",
     );
     for p in rows {
         let memcpy = probe_median(r, "memcpy", "host", p.bytes);
-        let p50 = quantile(&p.warm, 0.5);
+        let of = |f: fn(&Warm) -> f64| quantile(&p.warm.iter().map(f).collect::<Vec<_>>(), 0.5);
+        let p50 = of(|w| w.p50);
         let cell = |v: Option<f64>| v.map_or("-".into(), seconds);
         m += &format!(
             "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
@@ -389,8 +411,8 @@ fn steady_state_markdown(r: &Results) -> String {
             label(p.bytes),
             cell(quantile(&p.cold, 0.5)),
             cell(p50),
-            cell(quantile(&p.warm, 0.99)),
-            p.warm.len(),
+            cell(of(|w| w.p99)),
+            p.warm.iter().map(|w| w.transfers).max().unwrap_or(0),
             match (p50, memcpy) {
                 (Some(w), Some(c)) if c > 0.0 => format!("{:.1}x", w / c),
                 _ => "-".into(),
