@@ -501,8 +501,10 @@ fn markdown(r: &Results) -> String {
                 format!("{v:.3} s")
             } else if v >= 1e-3 {
                 format!("{:.3} ms", v * 1e3)
-            } else {
+            } else if v >= 1e-7 {
                 format!("{:.2} µs", v * 1e6)
+            } else {
+                format!("{:.1} ns", v * 1e9)
             }
         };
         s += &format!(
