@@ -162,6 +162,8 @@ pub struct VmSpec {
 /// How a probe moves bytes over a port-I/O channel.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct PortioHow {
+    /// The channel's first port.
+    pub port: u16,
     /// Descriptor mode (one exit per message) instead of port mode.
     pub descriptor: bool,
     /// Port mode: access width in bytes (1, 2 or 4).
@@ -175,10 +177,10 @@ pub struct PortioHow {
 pub enum ProbeTask {
     /// Doorbell ping-pong: `ping` rings first, `pong` answers.
     PingPong {
-        /// Channel name.
-        channel: String,
+        /// The channel.
+        channel: ChannelRef,
         /// The other VM.
-        to: String,
+        to: MemberRef,
         /// Round trips.
         rounds: u64,
         /// Rings first.
@@ -188,10 +190,10 @@ pub enum ProbeTask {
     Hello,
     /// Send `size` bytes to `to` over `channel`.
     Send {
-        /// Channel name.
-        channel: String,
+        /// The channel.
+        channel: ChannelRef,
         /// Receiving VM.
-        to: String,
+        to: MemberRef,
         /// Bytes.
         size: u64,
         /// Payload bytes per frame (message).
@@ -209,10 +211,10 @@ pub enum ProbeTask {
     },
     /// Receive `size` bytes from each VM in `from` over `channel`.
     Recv {
-        /// Channel name.
-        channel: String,
+        /// The channel.
+        channel: ChannelRef,
         /// Sending VMs.
-        from: Vec<String>,
+        from: Vec<MemberRef>,
         /// Bytes from each sender.
         size: u64,
         /// Largest frame accepted (0 = the ring's largest).
@@ -224,6 +226,38 @@ pub enum ProbeTask {
         /// restarted meanwhile (`transfers` in the file).
         transfers: u64,
     },
+}
+
+/// A channel a probe task uses, resolved when the file is read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChannelRef {
+    /// Its name.
+    pub name: String,
+    /// Its index in [`Config::channels`].
+    pub index: usize,
+    /// The task's own VM's member index on it.
+    pub me: u32,
+}
+
+/// Another member VM a probe task names, resolved when the file is read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberRef {
+    /// Its name.
+    pub name: String,
+    /// Its member index on the task's channel.
+    pub index: u32,
+}
+
+impl std::fmt::Display for ChannelRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.name)
+    }
+}
+
+impl std::fmt::Display for MemberRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.name)
+    }
 }
 
 /// Most complete transfers a `recv` task may wait for.
@@ -261,24 +295,61 @@ pub enum Backing {
     Server(PathBuf),
 }
 
-/// Channel kinds intervm knows.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ChannelKind {
-    /// Port-I/O channel.
-    Portio,
+/// A channel's kind, with the options only that kind has.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Kind {
+    /// Port-I/O channel on ports `port..port + PORT_COUNT`.
+    Portio {
+        /// First port.
+        port: u16,
+    },
     /// Shared memory, polled.
     Shmem,
     /// Shared memory with doorbell interrupts.
-    Doorbell,
+    Doorbell(DoorbellSpec),
 }
 
-impl ChannelKind {
+/// The options of a `doorbell` channel.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DoorbellSpec {
+    /// Interrupt vectors per member.
+    pub vectors: usize,
+    /// In-kernel doorbells (ioeventfd -> irqfd) where KVM allows.
+    pub fast_path: bool,
+    /// When transfers ring doorbells.
+    pub notify: Notify,
+    /// Adaptive notification: polling budget before sleeping, µs (`None`:
+    /// [`default_spin_us`] of the host it runs on).
+    pub spin_us: Option<u64>,
+}
+
+impl DoorbellSpec {
+    /// The polling budget, µs: the file's, or this host's default.
+    pub fn spin_us(&self) -> u64 {
+        self.spin_us.unwrap_or_else(default_spin_us)
+    }
+}
+
+impl Kind {
     /// The TOML spelling.
-    pub fn as_str(self) -> &'static str {
+    pub fn as_str(&self) -> &'static str {
         match self {
-            ChannelKind::Portio => "portio",
-            ChannelKind::Shmem => "shmem",
-            ChannelKind::Doorbell => "doorbell",
+            Kind::Portio { .. } => "portio",
+            Kind::Shmem => "shmem",
+            Kind::Doorbell(_) => "doorbell",
+        }
+    }
+
+    /// A port-I/O channel (its region holds queues, not a BAR2).
+    pub fn is_portio(&self) -> bool {
+        matches!(self, Kind::Portio { .. })
+    }
+
+    /// The doorbell options, for a `doorbell` channel.
+    pub fn doorbell(&self) -> Option<&DoorbellSpec> {
+        match self {
+            Kind::Doorbell(d) => Some(d),
+            _ => None,
         }
     }
 }
@@ -288,8 +359,8 @@ impl ChannelKind {
 pub struct ChannelSpec {
     /// Unique name.
     pub name: String,
-    /// Kind.
-    pub kind: ChannelKind,
+    /// Kind, with its own options.
+    pub kind: Kind,
     /// Member VM names (at least two, distinct, all defined).
     pub members: Vec<String>,
     /// Shared region bytes (`shmem`/`doorbell`; `portio`: its queues).
@@ -299,16 +370,6 @@ pub struct ChannelSpec {
     pub size_given: bool,
     /// Region backing (`shmem`/`doorbell`; `portio`: its queues).
     pub backing: Backing,
-    /// First port (`portio`).
-    pub port: u16,
-    /// Interrupt vectors per member (`doorbell`).
-    pub vectors: usize,
-    /// In-kernel doorbells (ioeventfd -> irqfd) where KVM allows (`doorbell`).
-    pub fast_path: bool,
-    /// When transfers ring doorbells (`doorbell`).
-    pub notify: Notify,
-    /// Adaptive notification: polling budget before sleeping, µs.
-    pub spin_us: u64,
     /// A member that neither leaves nor shows a heartbeat or progress for
     /// this long counts as gone (`peer_timeout`, ms).
     pub peer_timeout_ms: u64,
@@ -442,32 +503,34 @@ fn probe_task(p: &RawProbe, vm: &VmSpec, channels: &[ChannelSpec]) -> Result<Pro
         .channel
         .as_deref()
         .ok_or("channel: missing (which channel to use)")?;
-    let ch = channels
+    let index = channels
         .iter()
-        .find(|c| c.name == name)
+        .position(|c| c.name == name)
         .ok_or_else(|| format!("channel: no [[channel]] is named {name:?}"))?;
-    if ch.index_of(&vm.name).is_none() {
-        return Err(format!(
-            "channel: {:?} is not a member of {name:?}",
-            vm.name
-        ));
-    }
+    let ch = &channels[index];
+    let me = ch
+        .index_of(&vm.name)
+        .ok_or_else(|| format!("channel: {:?} is not a member of {name:?}", vm.name))?;
+    let channel = ChannelRef {
+        name: name.into(),
+        index,
+        me,
+    };
     if p.task == "ping" || p.task == "pong" {
-        if ch.kind != ChannelKind::Doorbell {
+        if ch.kind.doorbell().is_none() {
             return Err(format!(
                 "channel: ping/pong run on kind = \"doorbell\" channels; {name:?} is {:?}",
                 ch.kind.as_str()
             ));
         }
         let to = p.to.clone().ok_or("to: missing (the other VM)")?;
-        if to == vm.name || ch.index_of(&to).is_none() {
-            return Err(format!(
-                "to: {to:?} is not another member of channel {name:?}"
-            ));
-        }
+        let index = ch
+            .index_of(&to)
+            .filter(|_| to != vm.name)
+            .ok_or_else(|| format!("to: {to:?} is not another member of channel {name:?}"))?;
         return Ok(ProbeTask::PingPong {
-            channel: name.into(),
-            to,
+            channel,
+            to: MemberRef { name: to, index },
             rounds: p.rounds.unwrap_or(1000).max(1),
             initiator: p.task == "ping",
         });
@@ -478,7 +541,7 @@ fn probe_task(p: &RawProbe, vm: &VmSpec, channels: &[ChannelSpec]) -> Result<Pro
     if p.transfers.is_some() && p.task != "recv" {
         return Err("transfers: only meaningful for task \"recv\"".into());
     }
-    let portio = if ch.kind == ChannelKind::Portio {
+    let portio = if let Kind::Portio { port } = ch.kind {
         let descriptor = match p.mode.as_deref() {
             None | Some("port") => false,
             Some("descriptor") => true,
@@ -493,6 +556,7 @@ fn probe_task(p: &RawProbe, vm: &VmSpec, channels: &[ChannelSpec]) -> Result<Pro
             return Err("width: only meaningful with mode = \"port\"".into());
         }
         Some(PortioHow {
+            port,
             descriptor,
             width,
             rep: p.rep.unwrap_or(false),
@@ -537,24 +601,26 @@ fn probe_task(p: &RawProbe, vm: &VmSpec, channels: &[ChannelSpec]) -> Result<Pro
             vm.memory >> 20
         ));
     }
-    let peer = |n: &String, k: &str| -> Result<(), String> {
+    let peer = |n: &String, k: &str| -> Result<MemberRef, String> {
         if *n == vm.name {
             return Err(format!("{k}: a VM cannot be its own peer"));
         }
-        if ch.index_of(n).is_none() {
-            return Err(format!("{k}: {n:?} is not a member of channel {name:?}"));
-        }
-        Ok(())
+        let index = ch
+            .index_of(n)
+            .ok_or_else(|| format!("{k}: {n:?} is not a member of channel {name:?}"))?;
+        Ok(MemberRef {
+            name: n.clone(),
+            index,
+        })
     };
     if p.task == "send" {
         if p.from.is_some() {
             return Err("from: not used by task \"send\" (use to)".into());
         }
         let to = p.to.clone().ok_or("to: missing (the receiving VM)")?;
-        peer(&to, "to")?;
         Ok(ProbeTask::Send {
-            channel: name.into(),
-            to,
+            to: peer(&to, "to")?,
+            channel,
             size,
             chunk,
             portio,
@@ -573,9 +639,10 @@ fn probe_task(p: &RawProbe, vm: &VmSpec, channels: &[ChannelSpec]) -> Result<Pro
                 .cloned()
                 .collect(),
         };
-        for f in &from {
-            peer(f, "from")?;
-        }
+        let from = from
+            .iter()
+            .map(|f| peer(f, "from"))
+            .collect::<Result<Vec<_>, _>>()?;
         let transfers = match p.transfers {
             None => 0,
             Some(_) if portio.is_some() => {
@@ -598,7 +665,7 @@ fn probe_task(p: &RawProbe, vm: &VmSpec, channels: &[ChannelSpec]) -> Result<Pro
             }
         };
         Ok(ProbeTask::Recv {
-            channel: name.into(),
+            channel,
             from,
             size,
             chunk: p.chunk.as_ref().map_or(0, |_| chunk),
@@ -606,6 +673,452 @@ fn probe_task(p: &RawProbe, vm: &VmSpec, channels: &[ChannelSpec]) -> Result<Pro
             transfers,
         })
     }
+}
+
+/// Validates `[[vm]]` number `i`; errors start with its key. `names`
+/// collects the VM names so far, `earlier` the VMs before it.
+fn vm_spec(
+    i: usize,
+    v: &RawVm,
+    names: &mut HashSet<String>,
+    earlier: &[VmSpec],
+    resolve: &dyn Fn(&str) -> PathBuf,
+) -> Result<VmSpec, String> {
+    let key = |k: &str| {
+        format!(
+            "vm[{}].{k}",
+            if v.name.is_empty() {
+                i.to_string()
+            } else {
+                v.name.clone()
+            }
+        )
+    };
+    if v.name.is_empty()
+        || !v
+            .name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+    {
+        return Err(format!(
+            "{}: {:?} must be non-empty letters, digits, '-' or '_'",
+            key("name"),
+            v.name
+        ));
+    }
+    if !names.insert(v.name.clone()) {
+        return Err(format!("{}: duplicate VM name {:?}", key("name"), v.name));
+    }
+    let memory = match &v.memory {
+        Some(m) => parse_size(m).map_err(|e| format!("{}: {e}", key("memory")))?,
+        None => DEFAULT_MEMORY,
+    };
+    if memory == 0 || memory % 4096 != 0 {
+        return Err(format!(
+            "{}: {memory} is not a non-zero multiple of 4 KiB",
+            key("memory")
+        ));
+    }
+    if memory > vmm_core::layout::MAX_RAM {
+        return Err(format!(
+            "{}: {memory} exceeds the maximum {}",
+            key("memory"),
+            vmm_core::layout::MAX_RAM
+        ));
+    }
+    let vcpus = v.vcpus.unwrap_or(1);
+    let max_vcpus = vmm_core::x86::mptable::MAX_VCPUS as u32;
+    if !(1..=max_vcpus).contains(&vcpus) {
+        return Err(format!(
+            "{}: {vcpus} is not between 1 and {max_vcpus}",
+            key("vcpus")
+        ));
+    }
+    let kernel = match v.kernel.as_deref() {
+        None | Some("probe") => {
+            for (k, set) in [
+                ("cmdline", v.cmdline.is_some()),
+                ("initrd", v.initrd.is_some()),
+            ] {
+                if set {
+                    return Err(format!(
+                        "{}: only meaningful with a Linux kernel, not the probe",
+                        key(k)
+                    ));
+                }
+            }
+            if memory < 4 << 20 {
+                return Err(format!(
+                    "{}: the probe guest needs at least 4M",
+                    key("memory")
+                ));
+            }
+            Kernel::Probe
+        }
+        Some(p) => {
+            if memory < vmm_core::boot::linux::MIN_RAM {
+                return Err(format!(
+                    "{}: a Linux guest needs at least {}M",
+                    key("memory"),
+                    vmm_core::boot::linux::MIN_RAM >> 20
+                ));
+            }
+            let path = resolve(p);
+            if !path.is_file() {
+                return Err(format!(
+                    "{}: kernel file {} does not exist",
+                    key("kernel"),
+                    path.display()
+                ));
+            }
+            let initrd = match &v.initrd {
+                Some(i) => {
+                    let ip = resolve(i);
+                    if !ip.is_file() {
+                        return Err(format!(
+                            "{}: initrd file {} does not exist",
+                            key("initrd"),
+                            ip.display()
+                        ));
+                    }
+                    Some(ip)
+                }
+                None => None,
+            };
+            Kernel::Linux {
+                path,
+                cmdline: v.cmdline.clone().unwrap_or_default(),
+                initrd,
+            }
+        }
+    };
+    let serial = match &v.serial {
+        None => Serial::Stdout,
+        Some(RawSerial::Named(s)) if s == "stdout" => Serial::Stdout,
+        Some(RawSerial::Named(s)) if s == "none" => Serial::None,
+        Some(RawSerial::Named(s)) if s == "console" => {
+            if let Some(other) = earlier.iter().find(|o| o.serial == Serial::Console) {
+                return Err(format!(
+                    "{}: \"console\" is already taken by vm[{}]: stdin can feed only one VM's console (give the others \"stdout\")",
+                    key("serial"),
+                    other.name
+                ));
+            }
+            Serial::Console
+        }
+        Some(RawSerial::Named(s)) => {
+            return Err(format!(
+                "{}: {s:?} is not \"stdout\", \"console\", \"none\" or {{ file = \"path\" }}",
+                key("serial")
+            ))
+        }
+        Some(RawSerial::File { file }) => Serial::File(resolve(file)),
+    };
+    if v.probe.is_some() && kernel != Kernel::Probe {
+        return Err(format!(
+            "{}: only meaningful with kernel = \"probe\"",
+            key("probe")
+        ));
+    }
+    Ok(VmSpec {
+        name: v.name.clone(),
+        memory,
+        vcpus: vcpus as u8,
+        kernel,
+        serial,
+        probe: Vec::new(),
+    })
+}
+
+/// Validates `[[channel]]` number `i` against the VMs (`names`) and the
+/// channels before it (`earlier`, whose names are in `chan_names`); errors
+/// start with its key.
+fn channel_spec(
+    i: usize,
+    c: &RawChannel,
+    names: &HashSet<String>,
+    chan_names: &mut HashSet<String>,
+    earlier: &[ChannelSpec],
+    resolve: &dyn Fn(&str) -> PathBuf,
+) -> Result<ChannelSpec, String> {
+    let key = |k: &str| {
+        format!(
+            "channel[{}].{k}",
+            if c.name.is_empty() {
+                i.to_string()
+            } else {
+                c.name.clone()
+            }
+        )
+    };
+    if c.name.is_empty() {
+        return Err(format!("{}: must not be empty", key("name")));
+    }
+    if !chan_names.insert(c.name.clone()) {
+        return Err(format!(
+            "{}: duplicate channel name {:?}",
+            key("name"),
+            c.name
+        ));
+    }
+    let kind = channel_kind(c, &key)?;
+    if c.members.len() < 2 {
+        return Err(format!(
+            "{}: a channel needs at least two members",
+            key("members")
+        ));
+    }
+    let mut seen = HashSet::new();
+    for m in &c.members {
+        if !names.contains(m) {
+            return Err(format!("{}: no [[vm]] is named {m:?}", key("members")));
+        }
+        if !seen.insert(m) {
+            return Err(format!("{}: {m:?} is listed twice", key("members")));
+        }
+    }
+    if c.members.len() as u32 > MAX_MEMBERS {
+        return Err(format!("{}: at most {MAX_MEMBERS} members", key("members")));
+    }
+    let size = match &c.size {
+        Some(s) => parse_size(s).map_err(|e| format!("{}: {e}", key("size")))?,
+        None if kind.is_portio() => DEFAULT_PORTIO_SIZE,
+        None => DEFAULT_SHMEM_SIZE,
+    };
+    if size < 4096 || !size.is_power_of_two() {
+        return Err(format!(
+            "{}: {size} is not a power of two of at least 4K",
+            key("size")
+        ));
+    }
+    if let Err(RingError::RegionTooSmall { needed, .. }) =
+        Geometry::fit(c.members.len() as u32, size)
+    {
+        return Err(format!(
+            "{}: {size} bytes cannot hold rings for {} members (needs at least {})",
+            key("size"),
+            c.members.len(),
+            needed.next_power_of_two()
+        ));
+    }
+    if kind.is_portio() && size > MAX_PORTIO_SIZE {
+        // Each member's device holds a message buffer each way as
+        // large as a ring.
+        return Err(format!(
+            "{}: {size} bytes is more than a port-I/O channel takes ({} MiB)",
+            key("size"),
+            MAX_PORTIO_SIZE >> 20
+        ));
+    }
+    let backing = backing(c, &kind, &key, resolve)?;
+    // One backing, one channel: two channels on one region would
+    // write each other's rings (and a host-only port-I/O ring would
+    // be open to a shared-memory guest).
+    if !matches!(backing, Backing::Memfd) {
+        if let Some(other) = earlier.iter().find(|o| o.backing == backing) {
+            return Err(format!(
+                "{}: channel[{}] uses the same backing; every channel needs its own region",
+                key("backing"),
+                other.name
+            ));
+        }
+    }
+    let spec = ChannelSpec {
+        name: c.name.clone(),
+        kind,
+        members: c.members.clone(),
+        size,
+        size_given: c.size.is_some(),
+        backing,
+        peer_timeout_ms: match &c.peer_timeout {
+            None => DEFAULT_PEER_TIMEOUT_MS,
+            Some(t) => parse_duration_ms(t).map_err(|m| format!("{}: {m}", key("peer_timeout")))?,
+        },
+        join_timeout_ms: match &c.join_timeout {
+            None => DEFAULT_JOIN_TIMEOUT_MS,
+            Some(t) => parse_duration_ms(t).map_err(|m| format!("{}: {m}", key("join_timeout")))?,
+        },
+    };
+    pci_room(&spec, earlier).map_err(|m| format!("{}: {m}", key("size")))?;
+    port_overlap(&spec, earlier).map_err(|m| format!("{}: {m}", key("port")))?;
+    Ok(spec)
+}
+
+/// The kind of a channel with the options of that kind; an option of
+/// another kind is an error.
+fn channel_kind(c: &RawChannel, key: &dyn Fn(&str) -> String) -> Result<Kind, String> {
+    let kind = c.kind.as_str();
+    if !["portio", "shmem", "doorbell"].contains(&kind) {
+        return Err(format!(
+            "{}: unknown channel kind {kind:?} (expected \"portio\", \"shmem\" or \"doorbell\")",
+            key("kind")
+        ));
+    }
+    for (k, set, owner) in [
+        ("port", c.port.is_some(), "portio"),
+        ("vectors", c.vectors.is_some(), "doorbell"),
+        ("fast_path", c.fast_path.is_some(), "doorbell"),
+        ("notify", c.notify.is_some(), "doorbell"),
+        ("spin_us", c.spin_us.is_some(), "doorbell"),
+    ] {
+        if set && kind != owner {
+            return Err(format!(
+                "{}: only meaningful for kind = \"{owner}\"",
+                key(k)
+            ));
+        }
+    }
+    Ok(match kind {
+        "portio" => Kind::Portio {
+            port: match c.port {
+                None => intervm_protocol::portio::DEFAULT_BASE,
+                Some(p) => {
+                    let end = p.saturating_add(intervm_protocol::portio::PORT_COUNT as i64);
+                    if p < PORTIO_PORTS.start as i64 || end > PORTIO_PORTS.end as i64 {
+                        return Err(format!(
+                            "{}: {p:#x}..{end:#x} must lie within {:#x}..{:#x} (below is legacy ISA, above is the PCI I/O window)",
+                            key("port"),
+                            PORTIO_PORTS.start,
+                            PORTIO_PORTS.end
+                        ));
+                    }
+                    p as u16
+                }
+            },
+        },
+        "shmem" => Kind::Shmem,
+        _ => {
+            let vectors = c.vectors.unwrap_or(1);
+            if !(1..=64).contains(&vectors) {
+                return Err(format!(
+                    "{}: {vectors} is not between 1 and 64",
+                    key("vectors")
+                ));
+            }
+            Kind::Doorbell(DoorbellSpec {
+                vectors: vectors as usize,
+                fast_path: c.fast_path.unwrap_or(true),
+                notify: match c.notify.as_deref() {
+                    None => Notify::default(),
+                    Some(n) => n
+                        .parse()
+                        .map_err(|e| format!("{}: {n:?} is {e}", key("notify")))?,
+                },
+                spin_us: c.spin_us.map(|us| us.max(1)),
+            })
+        }
+    })
+}
+
+/// The region behind a channel.
+fn backing(
+    c: &RawChannel,
+    kind: &Kind,
+    key: &dyn Fn(&str) -> String,
+    resolve: &dyn Fn(&str) -> PathBuf,
+) -> Result<Backing, String> {
+    Ok(match &c.backing {
+        None => Backing::Memfd,
+        Some(RawBacking {
+            server: Some(sock),
+            shm: None,
+            file: None,
+            hugetlbfs: None,
+        }) => {
+            if kind.doorbell().is_none() {
+                return Err(format!(
+                    "{}: an ivshmem server only serves kind = \"doorbell\" channels",
+                    key("backing.server")
+                ));
+            }
+            Backing::Server(resolve(sock))
+        }
+        Some(b) if b.server.is_some() => {
+            return Err(format!(
+                "{}: give exactly one of shm, file, hugetlbfs, server",
+                key("backing")
+            ))
+        }
+        Some(b) => match (&b.shm, &b.file, &b.hugetlbfs) {
+            (Some(n), None, None) => {
+                if !shmem_device::is_shm_name(n) {
+                    return Err(format!(
+                        "{}: shm name {n:?} must be 1-200 characters without '/' or NUL, and not . or ..",
+                        key("backing.shm")
+                    ));
+                }
+                Backing::Shm(n.clone())
+            }
+            (None, Some(f), None) => Backing::File(resolve(f)),
+            (None, None, Some(h)) => Backing::Hugetlbfs(resolve(h)),
+            _ => {
+                return Err(format!(
+                    "{}: give exactly one of shm = \"name\", file = \"path\", hugetlbfs = \"path\"",
+                    key("backing")
+                ))
+            }
+        },
+    })
+}
+
+/// Whether `c`'s region fits in the 64-bit PCI window of each member
+/// beside the regions of `earlier` channels. BAR2 of every shared region of
+/// a VM goes there, in file order, each aligned to its size: this places
+/// them as the PCI bus will, to fail here, not at boot.
+fn pci_room(c: &ChannelSpec, earlier: &[ChannelSpec]) -> Result<(), String> {
+    let in_window =
+        |o: &ChannelSpec| !o.kind.is_portio() && !matches!(o.backing, Backing::Server(_));
+    if !in_window(c) {
+        return Ok(());
+    }
+    let end = vmm_core::layout::PCI_MMIO64_BASE + vmm_core::layout::PCI_MMIO64_SIZE;
+    for vm in &c.members {
+        let mut next = vmm_core::layout::PCI_MMIO64_BASE;
+        for o in earlier
+            .iter()
+            .filter(|o| in_window(o) && o.members.contains(vm))
+            .chain([c])
+        {
+            let at = next.next_multiple_of(o.size.max(4096));
+            if at.saturating_add(o.size) > end {
+                return Err(format!(
+                    "vm {vm:?} has no room for {}'s {} bytes in its {} GiB PCI window for \
+                     shared regions (placed in file order, each aligned to its size)",
+                    o.name,
+                    o.size,
+                    vmm_core::layout::PCI_MMIO64_SIZE >> 30
+                ));
+            }
+            next = at + o.size;
+        }
+    }
+    Ok(())
+}
+
+/// Whether a port-I/O channel's ports overlap those of an `earlier` one on
+/// a VM both are members of.
+fn port_overlap(c: &ChannelSpec, earlier: &[ChannelSpec]) -> Result<(), String> {
+    let Kind::Portio { port } = c.kind else {
+        return Ok(());
+    };
+    let count = intervm_protocol::portio::PORT_COUNT as u32;
+    let a = port as u32;
+    for other in earlier {
+        let Kind::Portio { port: b } = other.kind else {
+            continue;
+        };
+        let b = b as u32;
+        let shared_vm = c.members.iter().find(|m| other.members.contains(m));
+        if let (true, Some(vm)) = (a < b + count && b < a + count, shared_vm) {
+            return Err(format!(
+                "ports {a:#x}..{:#x} overlap channel[{}] ({b:#x}..{:#x}) on vm {vm:?}",
+                a + count,
+                other.name,
+                b + count
+            ));
+        }
+    }
+    Ok(())
 }
 
 impl Config {
@@ -642,422 +1155,16 @@ impl Config {
         let mut names = HashSet::new();
         let mut vms = Vec::new();
         for (i, v) in raw.vm.iter().enumerate() {
-            let key = |k: &str| {
-                format!(
-                    "vm[{}].{k}",
-                    if v.name.is_empty() {
-                        i.to_string()
-                    } else {
-                        v.name.clone()
-                    }
-                )
-            };
-            if v.name.is_empty()
-                || !v
-                    .name
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-            {
-                return Err(err(format!(
-                    "{}: {:?} must be non-empty letters, digits, '-' or '_'",
-                    key("name"),
-                    v.name
-                )));
-            }
-            if !names.insert(v.name.clone()) {
-                return Err(err(format!(
-                    "{}: duplicate VM name {:?}",
-                    key("name"),
-                    v.name
-                )));
-            }
-            let memory = match &v.memory {
-                Some(m) => parse_size(m).map_err(|e| err(format!("{}: {e}", key("memory"))))?,
-                None => DEFAULT_MEMORY,
-            };
-            if memory == 0 || memory % 4096 != 0 {
-                return Err(err(format!(
-                    "{}: {memory} is not a non-zero multiple of 4 KiB",
-                    key("memory")
-                )));
-            }
-            if memory > vmm_core::layout::MAX_RAM {
-                return Err(err(format!(
-                    "{}: {memory} exceeds the maximum {}",
-                    key("memory"),
-                    vmm_core::layout::MAX_RAM
-                )));
-            }
-            let vcpus = v.vcpus.unwrap_or(1);
-            let max_vcpus = vmm_core::x86::mptable::MAX_VCPUS as u32;
-            if !(1..=max_vcpus).contains(&vcpus) {
-                return Err(err(format!(
-                    "{}: {vcpus} is not between 1 and {max_vcpus}",
-                    key("vcpus")
-                )));
-            }
-            let kernel = match v.kernel.as_deref() {
-                None | Some("probe") => {
-                    for (k, set) in [
-                        ("cmdline", v.cmdline.is_some()),
-                        ("initrd", v.initrd.is_some()),
-                    ] {
-                        if set {
-                            return Err(err(format!(
-                                "{}: only meaningful with a Linux kernel, not the probe",
-                                key(k)
-                            )));
-                        }
-                    }
-                    if memory < 4 << 20 {
-                        return Err(err(format!(
-                            "{}: the probe guest needs at least 4M",
-                            key("memory")
-                        )));
-                    }
-                    Kernel::Probe
-                }
-                Some(p) => {
-                    if memory < vmm_core::boot::linux::MIN_RAM {
-                        return Err(err(format!(
-                            "{}: a Linux guest needs at least {}M",
-                            key("memory"),
-                            vmm_core::boot::linux::MIN_RAM >> 20
-                        )));
-                    }
-                    let path = resolve(p);
-                    if !path.is_file() {
-                        return Err(err(format!(
-                            "{}: kernel file {} does not exist",
-                            key("kernel"),
-                            path.display()
-                        )));
-                    }
-                    let initrd = match &v.initrd {
-                        Some(i) => {
-                            let ip = resolve(i);
-                            if !ip.is_file() {
-                                return Err(err(format!(
-                                    "{}: initrd file {} does not exist",
-                                    key("initrd"),
-                                    ip.display()
-                                )));
-                            }
-                            Some(ip)
-                        }
-                        None => None,
-                    };
-                    Kernel::Linux {
-                        path,
-                        cmdline: v.cmdline.clone().unwrap_or_default(),
-                        initrd,
-                    }
-                }
-            };
-            let serial = match &v.serial {
-                None => Serial::Stdout,
-                Some(RawSerial::Named(s)) if s == "stdout" => Serial::Stdout,
-                Some(RawSerial::Named(s)) if s == "none" => Serial::None,
-                Some(RawSerial::Named(s)) if s == "console" => {
-                    if let Some(other) = vms.iter().find(|o: &&VmSpec| o.serial == Serial::Console)
-                    {
-                        return Err(err(format!(
-                            "{}: \"console\" is already taken by vm[{}]: stdin can feed only one VM's console (give the others \"stdout\")",
-                            key("serial"),
-                            other.name
-                        )));
-                    }
-                    Serial::Console
-                }
-                Some(RawSerial::Named(s)) => {
-                    return Err(err(format!(
-                    "{}: {s:?} is not \"stdout\", \"console\", \"none\" or {{ file = \"path\" }}",
-                    key("serial")
-                )))
-                }
-                Some(RawSerial::File { file }) => Serial::File(resolve(file)),
-            };
-            if v.probe.is_some() && kernel != Kernel::Probe {
-                return Err(err(format!(
-                    "{}: only meaningful with kernel = \"probe\"",
-                    key("probe")
-                )));
-            }
-            vms.push(VmSpec {
-                name: v.name.clone(),
-                memory,
-                vcpus: vcpus as u8,
-                kernel,
-                serial,
-                probe: Vec::new(),
-            });
+            let spec = vm_spec(i, v, &mut names, &vms, &resolve).map_err(err)?;
+            vms.push(spec);
         }
 
         let mut chan_names = HashSet::new();
         let mut channels = Vec::new();
         for (i, c) in raw.channel.iter().enumerate() {
-            let key = |k: &str| {
-                format!(
-                    "channel[{}].{k}",
-                    if c.name.is_empty() {
-                        i.to_string()
-                    } else {
-                        c.name.clone()
-                    }
-                )
-            };
-            if c.name.is_empty() {
-                return Err(err(format!("{}: must not be empty", key("name"))));
-            }
-            if !chan_names.insert(c.name.clone()) {
-                return Err(err(format!(
-                    "{}: duplicate channel name {:?}",
-                    key("name"),
-                    c.name
-                )));
-            }
-            let kind = match c.kind.as_str() {
-                "portio" => ChannelKind::Portio,
-                "shmem" => ChannelKind::Shmem,
-                "doorbell" => ChannelKind::Doorbell,
-                other => {
-                    return Err(err(format!(
-                        "{}: unknown channel kind {other:?} (expected \"portio\", \"shmem\" or \"doorbell\")",
-                        key("kind")
-                    )))
-                }
-            };
-            if c.members.len() < 2 {
-                return Err(err(format!(
-                    "{}: a channel needs at least two members",
-                    key("members")
-                )));
-            }
-            let mut seen = HashSet::new();
-            for m in &c.members {
-                if !names.contains(m) {
-                    return Err(err(format!("{}: no [[vm]] is named {m:?}", key("members"))));
-                }
-                if !seen.insert(m) {
-                    return Err(err(format!("{}: {m:?} is listed twice", key("members"))));
-                }
-            }
-            let shared = true;
-            if c.port.is_some() && kind != ChannelKind::Portio {
-                return Err(err(format!(
-                    "{}: only meaningful for kind = \"portio\"",
-                    key("port")
-                )));
-            }
-            let port = match c.port {
-                None => intervm_protocol::portio::DEFAULT_BASE as u32,
-                Some(p) => {
-                    let end = p.saturating_add(intervm_protocol::portio::PORT_COUNT as i64);
-                    if p < PORTIO_PORTS.start as i64 || end > PORTIO_PORTS.end as i64 {
-                        return Err(err(format!(
-                            "{}: {p:#x}..{end:#x} must lie within {:#x}..{:#x} (below is legacy ISA, above is the PCI I/O window)",
-                            key("port"),
-                            PORTIO_PORTS.start,
-                            PORTIO_PORTS.end
-                        )));
-                    }
-                    p as u32
-                }
-            };
-            let size = match &c.size {
-                Some(s) => parse_size(s).map_err(|e| err(format!("{}: {e}", key("size"))))?,
-                None if kind == ChannelKind::Portio => DEFAULT_PORTIO_SIZE,
-                None => DEFAULT_SHMEM_SIZE,
-            };
-            if shared {
-                if size < 4096 || !size.is_power_of_two() {
-                    return Err(err(format!(
-                        "{}: {size} is not a power of two of at least 4K",
-                        key("size")
-                    )));
-                }
-                if let Err(RingError::RegionTooSmall { needed, .. }) =
-                    Geometry::fit(c.members.len() as u32, size)
-                {
-                    return Err(err(format!(
-                        "{}: {size} bytes cannot hold rings for {} members (needs at least {})",
-                        key("size"),
-                        c.members.len(),
-                        needed.next_power_of_two()
-                    )));
-                }
-                if c.members.len() as u32 > MAX_MEMBERS {
-                    return Err(err(format!(
-                        "{}: at most {MAX_MEMBERS} members",
-                        key("members")
-                    )));
-                }
-            }
-            let backing = match &c.backing {
-                None => Backing::Memfd,
-                Some(RawBacking {
-                    server: Some(sock),
-                    shm: None,
-                    file: None,
-                    hugetlbfs: None,
-                }) => {
-                    if kind != ChannelKind::Doorbell {
-                        return Err(err(format!(
-                            "{}: an ivshmem server only serves kind = \"doorbell\" channels",
-                            key("backing.server")
-                        )));
-                    }
-                    Backing::Server(resolve(sock))
-                }
-                Some(b) if b.server.is_some() => {
-                    return Err(err(format!(
-                        "{}: give exactly one of shm, file, hugetlbfs, server",
-                        key("backing")
-                    )))
-                }
-                Some(b) => match (&b.shm, &b.file, &b.hugetlbfs) {
-                    (Some(n), None, None) => {
-                        if !shmem_device::is_shm_name(n) {
-                            return Err(err(format!(
-                                "{}: shm name {n:?} must be 1-200 characters without '/' or NUL, and not . or ..",
-                                key("backing.shm")
-                            )));
-                        }
-                        Backing::Shm(n.clone())
-                    }
-                    (None, Some(f), None) => Backing::File(resolve(f)),
-                    (None, None, Some(h)) => Backing::Hugetlbfs(resolve(h)),
-                    _ => {
-                        return Err(err(format!(
-                            "{}: give exactly one of shm = \"name\", file = \"path\", hugetlbfs = \"path\"",
-                            key("backing")
-                        )))
-                    }
-                },
-            };
-            // One backing, one channel: two channels on one region would
-            // write each other's rings (and a host-only port-I/O ring would
-            // be open to a shared-memory guest).
-            if !matches!(backing, Backing::Memfd) {
-                if let Some(other) = channels
-                    .iter()
-                    .find(|o: &&ChannelSpec| o.backing == backing)
-                {
-                    return Err(err(format!(
-                        "{}: channel[{}] uses the same backing; every channel needs its own region",
-                        key("backing"),
-                        other.name
-                    )));
-                }
-            }
-            if kind == ChannelKind::Portio && size > MAX_PORTIO_SIZE {
-                // Each member's device holds a message buffer each way as
-                // large as a ring.
-                return Err(err(format!(
-                    "{}: {size} bytes is more than a port-I/O channel takes ({} MiB)",
-                    key("size"),
-                    MAX_PORTIO_SIZE >> 20
-                )));
-            }
-            if kind != ChannelKind::Portio && !matches!(backing, Backing::Server(_)) {
-                // BAR2 of every shared region of a VM goes into its 64-bit
-                // PCI window, in file order, each aligned to its size:
-                // place them as the PCI bus will, to fail here, not at boot.
-                for vm in &c.members {
-                    let mut next = vmm_core::layout::PCI_MMIO64_BASE;
-                    for (name, sz) in channels
-                        .iter()
-                        .filter(|o: &&ChannelSpec| {
-                            o.kind != ChannelKind::Portio
-                                && !matches!(o.backing, Backing::Server(_))
-                                && o.members.contains(vm)
-                        })
-                        .map(|o| (o.name.as_str(), o.size))
-                        .chain([(c.name.as_str(), size)])
-                    {
-                        let at = next.next_multiple_of(sz.max(4096));
-                        let end =
-                            vmm_core::layout::PCI_MMIO64_BASE + vmm_core::layout::PCI_MMIO64_SIZE;
-                        if at.saturating_add(sz) > end {
-                            return Err(err(format!(
-                                "{}: vm {vm:?} has no room for {name}'s {sz} bytes in its {} GiB \
-                                 PCI window for shared regions (placed in file order, each aligned \
-                                 to its size)",
-                                key("size"),
-                                vmm_core::layout::PCI_MMIO64_SIZE >> 30
-                            )));
-                        }
-                        next = at + sz;
-                    }
-                }
-            }
-            if kind == ChannelKind::Portio {
-                let count = intervm_protocol::portio::PORT_COUNT as u32;
-                for other in channels
-                    .iter()
-                    .filter(|o: &&ChannelSpec| o.kind == ChannelKind::Portio)
-                {
-                    let (a, b) = (port, other.port as u32);
-                    let shared_vm = c.members.iter().find(|m| other.members.contains(m));
-                    if let (true, Some(vm)) = (a < b + count && b < a + count, shared_vm) {
-                        return Err(err(format!(
-                            "{}: ports {a:#x}..{:#x} overlap channel[{}] ({b:#x}..{:#x}) on vm {vm:?}",
-                            key("port"),
-                            a + count,
-                            other.name,
-                            b + count
-                        )));
-                    }
-                }
-            }
-            for (k, set) in [
-                ("vectors", c.vectors.is_some()),
-                ("fast_path", c.fast_path.is_some()),
-                ("notify", c.notify.is_some()),
-                ("spin_us", c.spin_us.is_some()),
-            ] {
-                if set && kind != ChannelKind::Doorbell {
-                    return Err(err(format!(
-                        "{}: only meaningful for kind = \"doorbell\"",
-                        key(k)
-                    )));
-                }
-            }
-            let vectors = c.vectors.unwrap_or(1);
-            if !(1..=64).contains(&vectors) {
-                return Err(err(format!(
-                    "{}: {vectors} is not between 1 and 64",
-                    key("vectors")
-                )));
-            }
-            channels.push(ChannelSpec {
-                name: c.name.clone(),
-                kind,
-                members: c.members.clone(),
-                size,
-                size_given: c.size.is_some(),
-                backing,
-                port: port as u16,
-                vectors: vectors as usize,
-                fast_path: c.fast_path.unwrap_or(true),
-                notify: match c.notify.as_deref() {
-                    None => Notify::default(),
-                    Some(n) => n
-                        .parse()
-                        .map_err(|e| err(format!("{}: {n:?} is {e}", key("notify"))))?,
-                },
-                spin_us: c.spin_us.unwrap_or_else(default_spin_us).max(1),
-                peer_timeout_ms: match &c.peer_timeout {
-                    None => DEFAULT_PEER_TIMEOUT_MS,
-                    Some(t) => parse_duration_ms(t)
-                        .map_err(|m| err(format!("{}: {m}", key("peer_timeout"))))?,
-                },
-                join_timeout_ms: match &c.join_timeout {
-                    None => DEFAULT_JOIN_TIMEOUT_MS,
-                    Some(t) => parse_duration_ms(t)
-                        .map_err(|m| err(format!("{}: {m}", key("join_timeout"))))?,
-                },
-            });
+            let spec =
+                channel_spec(i, c, &names, &mut chan_names, &channels, &resolve).map_err(err)?;
+            channels.push(spec);
         }
         for (v, spec) in raw.vm.iter().zip(vms.iter_mut()) {
             match &v.probe {
@@ -1152,11 +1259,13 @@ mod tests {
             .channels[0]
                 .clone()
         };
-        let c = doorbell("");
-        assert_eq!((c.notify, c.spin_us), (Notify::Adaptive, default_spin_us()));
+        let spec = |c: ChannelSpec| c.kind.doorbell().cloned().expect("a doorbell channel");
+        let d = spec(doorbell(""));
+        assert_eq!((d.notify, d.spin_us), (Notify::Adaptive, None));
+        assert_eq!(d.spin_us(), default_spin_us());
         for n in Notify::ALL {
-            let c = doorbell(&format!("notify = \"{n}\"\nspin_us = 7\n"));
-            assert_eq!((c.notify, c.spin_us), (n, 7));
+            let d = spec(doorbell(&format!("notify = \"{n}\"\nspin_us = 7\n")));
+            assert_eq!((d.notify, d.spin_us()), (n, 7));
         }
     }
 

@@ -189,7 +189,7 @@ fn check(file: &std::path::Path) -> ExitCode {
                     ch.kind.as_str(),
                     ch.members.join(", ")
                 );
-                if ch.kind == config::ChannelKind::Doorbell {
+                if ch.kind.doorbell().is_some() {
                     if let Some((rv, _)) = wire::rendezvous_of(ch) {
                         println!(
                             "    run with --vm, its members (and QEMU VMs) meet at {}",

@@ -12,7 +12,7 @@ use probe_image::shmem::{
 };
 use shmem_device::Transport;
 
-use crate::config::{ChannelKind, ChannelSpec, Config, ProbeTask, VmSpec};
+use crate::config::{ChannelRef, ChannelSpec, Config, Kind, ProbeTask, VmSpec};
 
 /// The outcome of a probe task, checked.
 pub struct Report {
@@ -22,16 +22,9 @@ pub struct Report {
     pub ok: bool,
 }
 
-fn channel<'a>(cfg: &'a Config, name: &str) -> &'a ChannelSpec {
-    // The config validated that every task names an existing channel.
-    cfg.channels
-        .iter()
-        .find(|c| c.name == name)
-        .unwrap_or(&cfg.channels[0])
-}
-
-fn member(ch: &ChannelSpec, vm: &str) -> u32 {
-    ch.index_of(vm).unwrap_or(u32::MAX)
+/// The channel a task names (resolved when the file was read).
+fn channel<'a>(cfg: &'a Config, c: &ChannelRef) -> &'a ChannelSpec {
+    &cfg.channels[c.index]
 }
 
 /// Index of `channel` among the shared-memory devices of `vm` (devices are
@@ -39,7 +32,7 @@ fn member(ch: &ChannelSpec, vm: &str) -> u32 {
 pub fn device_index(cfg: &Config, vm: &str, channel: &str) -> u32 {
     cfg.channels
         .iter()
-        .filter(|c| c.kind != ChannelKind::Portio && c.index_of(vm).is_some())
+        .filter(|c| !c.kind.is_portio() && c.index_of(vm).is_some())
         .position(|c| c.name == channel)
         .unwrap_or(0) as u32
 }
@@ -50,7 +43,7 @@ fn sender_chunk(cfg: &Config, sender: &str, on: &str) -> u64 {
         .find(|v| v.name == sender)
         .and_then(|v| {
             v.probe.iter().find_map(|t| match t {
-                ProbeTask::Send { chunk, channel, .. } if channel == on => Some(*chunk),
+                ProbeTask::Send { chunk, channel, .. } if channel.name == on => Some(*chunk),
                 _ => None,
             })
         })
@@ -120,8 +113,12 @@ fn boot_info(
             info.args[a::PORT_BASE] = cfg
                 .channels
                 .iter()
-                .find(|c| c.kind == ChannelKind::Portio && c.index_of(&vm.name).is_some())
-                .map_or(0, |c| c.port as u64);
+                .filter(|c| c.index_of(&vm.name).is_some())
+                .find_map(|c| match c.kind {
+                    Kind::Portio { port } => Some(port as u64),
+                    _ => None,
+                })
+                .unwrap_or(0);
             info
         }
         ProbeTask::PingPong {
@@ -133,12 +130,12 @@ fn boot_info(
             use intervm_protocol::probe::doorbell_args as a;
             let ch = channel(cfg, c);
             let mut info = BootInfo::new(Workload::DoorbellPingPong, 0, 0);
-            info.args[a::DEVICE_INDEX] = device_index(cfg, &vm.name, c) as u64;
-            info.args[a::PEER] = member(ch, to) as u64;
-            if server_ids.contains(c) {
+            info.args[a::DEVICE_INDEX] = device_index(cfg, &vm.name, &c.name) as u64;
+            info.args[a::PEER] = to.index as u64;
+            if server_ids.contains(&c.name) {
                 // IDs from a server: both sides publish theirs in the ring
                 // region (which the launcher formats) and ring the other's.
-                info.args[a::ME] = member(ch, &vm.name) as u64;
+                info.args[a::ME] = c.me as u64;
                 info.args[a::JOIN_TIMEOUT_MS] = ch.join_timeout_ms;
                 info.args[a::FLAGS] |= intervm_protocol::probe::DB_BY_REGION;
             }
@@ -154,10 +151,10 @@ fn boot_info(
             portio: Some(how),
         } => {
             let ch = channel(cfg, c);
-            let mut t = PortioTask::new(Role::Send { to: member(ch, to) }, *size);
-            t.base = ch.port;
+            let mut t = PortioTask::new(Role::Send { to: to.index }, *size);
+            t.base = how.port;
             t.message = *chunk;
-            t.seed = seed_for(c, &vm.name);
+            t.seed = seed_for(&c.name, &vm.name);
             t.descriptor = how.descriptor;
             t.width = how.width;
             t.rep = how.rep;
@@ -173,9 +170,9 @@ fn boot_info(
             ..
         } => {
             let ch = channel(cfg, c);
-            let mask = from.iter().fold(0u32, |m, f| m | 1 << member(ch, f));
+            let mask = from.iter().fold(0u32, |m, f| m | 1 << f.index);
             let mut t = PortioTask::new(Role::Recv { from: mask }, *size);
-            t.base = ch.port;
+            t.base = how.port;
             t.descriptor = how.descriptor;
             t.width = how.width;
             t.rep = how.rep;
@@ -191,14 +188,10 @@ fn boot_info(
             portio: None,
         } => {
             let ch = channel(cfg, c);
-            let mut t = ShmemTask::new(
-                member(ch, &vm.name),
-                Role::Send { to: member(ch, to) },
-                *size,
-            );
-            t.device_index = device_index(cfg, &vm.name, c);
+            let mut t = ShmemTask::new(c.me, Role::Send { to: to.index }, *size);
+            t.device_index = device_index(cfg, &vm.name, &c.name);
             t.chunk = *chunk;
-            t.seed = seed_for(c, &vm.name);
+            t.seed = seed_for(&c.name, &vm.name);
             set_notify(&mut t, ch);
             t.timeout_ms = ch.peer_timeout_ms;
             t.join_timeout_ms = ch.join_timeout_ms;
@@ -213,13 +206,13 @@ fn boot_info(
             transfers,
         } => {
             let ch = channel(cfg, c);
-            let mask = from.iter().fold(0u32, |m, f| m | 1 << member(ch, f));
-            let mut t = ShmemTask::new(member(ch, &vm.name), Role::Recv { from: mask }, *size);
-            t.device_index = device_index(cfg, &vm.name, c);
+            let mask = from.iter().fold(0u32, |m, f| m | 1 << f.index);
+            let mut t = ShmemTask::new(c.me, Role::Recv { from: mask }, *size);
+            t.device_index = device_index(cfg, &vm.name, &c.name);
             t.chunk = *chunk;
             if let (n @ 1.., [f]) = (*transfers, from.as_slice()) {
                 t.transfers = n;
-                t.expect_stream = expected_from(cfg, c, f, *size, transports);
+                t.expect_stream = expected_from(cfg, &c.name, &f.name, *size, transports);
             }
             set_notify(&mut t, ch);
             t.timeout_ms = ch.peer_timeout_ms;
@@ -232,7 +225,7 @@ fn boot_info(
 /// Doorbell channels: what the side did with doorbells.
 fn doorbells(ch: &ChannelSpec, info: &BootInfo) -> String {
     use intervm_protocol::probe::results as r;
-    if ch.kind != ChannelKind::Doorbell {
+    if ch.kind.doorbell().is_none() {
         return String::new();
     }
     format!(
@@ -244,9 +237,9 @@ fn doorbells(ch: &ChannelSpec, info: &BootInfo) -> String {
 
 /// Doorbell channels: how a transfer waits and rings.
 fn set_notify(t: &mut ShmemTask, ch: &ChannelSpec) {
-    if ch.kind == ChannelKind::Doorbell {
-        t.notify = ch.notify;
-        t.spin_us = ch.spin_us;
+    if let Some(d) = ch.kind.doorbell() {
+        t.notify = d.notify;
+        t.spin_us = d.spin_us();
     }
 }
 
@@ -394,7 +387,7 @@ pub fn report(
     if let Some((code, detail)) = res.error {
         ok = false;
         let name = match ch.kind {
-            ChannelKind::Portio => probe_image::portio::error_name(code),
+            Kind::Portio { .. } => probe_image::portio::error_name(code),
             _ => probe_image::shmem::error_name(code),
         };
         lines.push(format!(
@@ -405,7 +398,7 @@ pub fn report(
     match task {
         ProbeTask::Hello | ProbeTask::Chaos { .. } | ProbeTask::PingPong { .. } => {}
         ProbeTask::Send { to, size, .. } => {
-            let r = peer_record(info, member(ch, to));
+            let r = peer_record(info, to.index);
             ok &= r.bytes == *size;
             lines.push(format!(
                 "{}: sent {} of {} to {to} over {c}{}, stream checksum {:#018x}{}",
@@ -425,7 +418,7 @@ pub fn report(
         } => {
             let t = res.transfers;
             ok &= t.ok == *n && t.bad == 0;
-            let f = from.first().map_or("?", |f| f.as_str());
+            let f = from.first().map_or("?", |f| f.name.as_str());
             lines.push(format!(
                 "{}: received {} of {n} complete transfers of {} from {f} over {c}: {}; \
                  {} interrupted by {f} leaving (reported, not received; {} left in the ring, dropped){}",
@@ -444,8 +437,8 @@ pub fn report(
         }
         ProbeTask::Recv { from, size, .. } => {
             for f in from {
-                let r = peer_record(info, member(ch, f));
-                let want = expected_from(cfg, c, f, *size, transports);
+                let r = peer_record(info, f.index);
+                let want = expected_from(cfg, &c.name, &f.name, *size, transports);
                 let verdict = if r.bytes != *size {
                     ok = false;
                     "INCOMPLETE".to_string()

@@ -17,7 +17,7 @@ use vmm_core::devices::console::ConsoleInput;
 use vmm_core::devices::serial::SerialOutput;
 use vmm_core::{RunningVm, Vm, VmConfig, VmExit};
 
-use crate::config::{Backing, ChannelKind, ChannelSpec, Config, Kernel, Serial};
+use crate::config::{Backing, ChannelSpec, Config, DoorbellSpec, Kernel, Kind, Serial};
 use crate::lost::LostRegions;
 use crate::tasks::{self, Report};
 use crate::waiting::Waiting;
@@ -149,7 +149,7 @@ fn open_channels(
             Backing::File(p) => shmem_device::Backing::File(p.clone()),
             Backing::Hugetlbfs(p) => shmem_device::Backing::Hugetlbfs(p.clone()),
         };
-        if c.kind == ChannelKind::Doorbell && split {
+        if c.kind.doorbell().is_some() && split {
             if let Some((rv, _)) = rendezvous_of(c) {
                 rv.prepare_dir().map_err(|e| {
                     cerr(format!(
@@ -186,7 +186,7 @@ fn elsewhere<'a>(c: &'a ChannelSpec, selected: &[&crate::config::VmSpec]) -> Vec
 /// protocol as member `me`.
 fn attach_session(
     vm: &Vm,
-    c: &ChannelSpec,
+    d: &DoorbellSpec,
     me: u32,
     t: &Transport,
     session: interrupt_doorbell::client::Session,
@@ -197,7 +197,7 @@ fn attach_session(
         .map(|e| e.try_clone())
         .collect::<std::io::Result<Vec<_>>>()
         .map_err(|e| e.to_string())?;
-    let dev = IvshmemDoorbell::new(vm, t.region().clone(), session.id, own, c.fast_path)
+    let dev = IvshmemDoorbell::new(vm, t.region().clone(), session.id, own, d.fast_path)
         .map_err(|e| e.to_string())?;
     session
         .follow(Arc::downgrade(&dev))
@@ -249,8 +249,8 @@ fn plug_channels(cfg: &Config, vm: &Vm, w: &mut Wiring) -> Result<Vec<Membership
             channel: c.name.clone(),
             msg,
         };
-        if let (ChannelKind::Doorbell, Backing::Server(sock)) = (c.kind, &c.backing) {
-            let session = interrupt_doorbell::client::connect(sock, c.vectors)
+        if let (Kind::Doorbell(d), Backing::Server(sock)) = (&c.kind, &c.backing) {
+            let session = interrupt_doorbell::client::connect(sock, d.vectors)
                 .map_err(|e| cerr(format!("backing.server: {e}")))?;
             let region = SharedRegion::from_file(
                 session.shm.try_clone().map_err(|e| cerr(e.to_string()))?,
@@ -267,7 +267,7 @@ fn plug_channels(cfg: &Config, vm: &Vm, w: &mut Wiring) -> Result<Vec<Membership
             }
             let t = Transport::attach(Arc::new(region), c.members.len() as u32)
                 .map_err(|e| cerr(e.to_string()))?;
-            let (m, dev) = attach_session(vm, c, me, &t, session).map_err(cerr)?;
+            let (m, dev) = attach_session(vm, d, me, &t, session).map_err(cerr)?;
             joined.push(m);
             w.remote_bells.entry(c.name.clone()).or_default().push(dev);
             w.transports.entry(c.name.clone()).or_insert(t);
@@ -276,8 +276,8 @@ fn plug_channels(cfg: &Config, vm: &Vm, w: &mut Wiring) -> Result<Vec<Membership
         let Some(t) = w.transports.get(&c.name) else {
             continue;
         };
-        let added = match c.kind {
-            ChannelKind::Doorbell if w.split.contains(&c.name) => {
+        let added = match &c.kind {
+            Kind::Doorbell(d) if w.split.contains(&c.name) => {
                 // Members in other processes: meet them at the channel's
                 // rendezvous, starting its server if nobody serves it yet.
                 let Some((rv, path)) = rendezvous_of(c) else {
@@ -285,9 +285,9 @@ fn plug_channels(cfg: &Config, vm: &Vm, w: &mut Wiring) -> Result<Vec<Membership
                 };
                 let session = rv
                     .join(
-                        c.vectors,
+                        d.vectors,
                         interrupt_doorbell::client::JOIN_DEADLINE,
-                        &mut || crate::serve::start_on_demand(&rv, &path, c.vectors),
+                        &mut || crate::serve::start_on_demand(&rv, &path, d.vectors),
                     )
                     .map_err(|e| cerr(format!("rendezvous: {e}")))?;
                 if !same_file(&session.shm, t.region().file()) {
@@ -305,15 +305,15 @@ fn plug_channels(cfg: &Config, vm: &Vm, w: &mut Wiring) -> Result<Vec<Membership
                     rv.socket.display(),
                     session.id
                 );
-                let (m, dev) = attach_session(vm, c, me, t, session).map_err(cerr)?;
+                let (m, dev) = attach_session(vm, d, me, t, session).map_err(cerr)?;
                 joined.push(m);
                 w.remote_bells.entry(c.name.clone()).or_default().push(dev);
                 Ok(())
             }
-            ChannelKind::Doorbell => {
-                let own = interrupt_doorbell::device::new_eventfds(c.vectors)
+            Kind::Doorbell(d) => {
+                let own = interrupt_doorbell::device::new_eventfds(d.vectors)
                     .map_err(|e| cerr(e.to_string()))?;
-                let dev = IvshmemDoorbell::new(vm, t.region().clone(), me as u16, own, c.fast_path)
+                let dev = IvshmemDoorbell::new(vm, t.region().clone(), me as u16, own, d.fast_path)
                     .map_err(|e| cerr(e.to_string()))?;
                 joined.push(t.join(me).map_err(|e| cerr(e.to_string()))?);
                 w.groups
@@ -322,15 +322,15 @@ fn plug_channels(cfg: &Config, vm: &Vm, w: &mut Wiring) -> Result<Vec<Membership
                     .push((me as u16, dev.clone()));
                 vm.add_pci_device(dev).map(|_| ())
             }
-            ChannelKind::Portio => {
+            Kind::Portio { port } => {
                 // The device holds the membership: the VM leaves the
                 // channel when it (and so its device) goes away.
                 let mut link = RingLink::join(t, me).map_err(|e| cerr(e.to_string()))?;
                 link.set_stale_after_ms(c.peer_timeout_ms);
                 let dev = PortioDevice::new(link, vm.memory().clone());
-                vm.add_pio_device(c.port, PORT_COUNT, Arc::new(Mutex::new(dev)))
+                vm.add_pio_device(*port, PORT_COUNT, Arc::new(Mutex::new(dev)))
             }
-            _ => {
+            Kind::Shmem => {
                 let dev = IvshmemPlain::new(t.region().clone());
                 joined.push(t.join(me).map_err(|e| cerr(e.to_string()))?);
                 vm.add_pci_device(Arc::new(Mutex::new(dev))).map(|_| ())
@@ -386,7 +386,7 @@ pub fn run(
         .channels
         .iter()
         .filter(|c| {
-            c.kind == ChannelKind::Doorbell
+            c.kind.doorbell().is_some()
                 && (w.split.contains(&c.name) || matches!(c.backing, Backing::Server(_)))
         })
         .map(|c| c.name.clone())
