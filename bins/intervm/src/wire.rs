@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use interrupt_doorbell::attach::{self, ServerChannel};
 use interrupt_doorbell::rendezvous::{self, Rendezvous};
 use interrupt_doorbell::IvshmemDoorbell;
 use intervm_protocol::portio::PORT_COUNT;
@@ -17,7 +18,7 @@ use vmm_core::devices::console::ConsoleInput;
 use vmm_core::devices::serial::SerialOutput;
 use vmm_core::{RunningVm, Vm, VmConfig, VmExit};
 
-use crate::config::{Backing, ChannelSpec, Config, DoorbellSpec, Kernel, Kind, Serial};
+use crate::config::{Backing, ChannelSpec, Config, Kernel, Kind, Serial};
 use crate::lost::LostRegions;
 use crate::tasks::{self, Report};
 use crate::waiting::Waiting;
@@ -181,33 +182,6 @@ fn elsewhere<'a>(c: &'a ChannelSpec, selected: &[&crate::config::VmSpec]) -> Vec
         .collect()
 }
 
-/// Plugs a doorbell device for `session` (this member's place at an
-/// ivshmem server) into `vm`, sharing `t`'s region, and joins the ring
-/// protocol as member `me`.
-fn attach_session(
-    vm: &Vm,
-    d: &DoorbellSpec,
-    me: u32,
-    t: &Transport,
-    session: interrupt_doorbell::client::Session,
-) -> Result<(Membership, Arc<Mutex<IvshmemDoorbell>>), String> {
-    let own = session
-        .own
-        .iter()
-        .map(|e| e.try_clone())
-        .collect::<std::io::Result<Vec<_>>>()
-        .map_err(|e| e.to_string())?;
-    let dev = IvshmemDoorbell::new(vm, t.region().clone(), session.id, own, d.fast_path)
-        .map_err(|e| e.to_string())?;
-    session
-        .follow(Arc::downgrade(&dev))
-        .map_err(|e| e.to_string())?;
-    let joined = t.join(me).map_err(|e| e.to_string())?;
-    vm.add_pci_device(dev.clone())
-        .map_err(|e| format!("adding the device to vm {}: {e}", vm.name()))?;
-    Ok((joined, dev))
-}
-
 /// True when `a` and `b` are the same file (device and inode).
 fn same_file(a: &std::fs::File, b: &std::fs::File) -> bool {
     use std::os::unix::fs::MetadataExt;
@@ -250,27 +224,26 @@ fn plug_channels(cfg: &Config, vm: &Vm, w: &mut Wiring) -> Result<Vec<Membership
             msg,
         };
         if let (Kind::Doorbell(d), Backing::Server(sock)) = (&c.kind, &c.backing) {
-            let session = interrupt_doorbell::client::connect(sock, d.vectors)
-                .map_err(|e| cerr(format!("backing.server: {e}")))?;
-            let region = SharedRegion::from_file(
-                session.shm.try_clone().map_err(|e| cerr(e.to_string()))?,
-                format!("{} (from {})", c.name, sock.display()),
-            )
-            .map_err(|e| cerr(e.to_string()))?;
-            if c.size_given && region.size() != c.size {
-                return Err(cerr(format!(
-                    "size: the server at {} shares {} bytes, not the {} the file asks for; fix size (or leave it out to take the server's)",
-                    sock.display(),
-                    region.size(),
-                    c.size
-                )));
-            }
-            let t = Transport::attach(Arc::new(region), c.members.len() as u32)
-                .map_err(|e| cerr(e.to_string()))?;
-            let (m, dev) = attach_session(vm, d, me, &t, session).map_err(cerr)?;
-            joined.push(m);
-            w.remote_bells.entry(c.name.clone()).or_default().push(dev);
-            w.transports.entry(c.name.clone()).or_insert(t);
+            let server = ServerChannel {
+                socket: sock.clone(),
+                name: c.name.clone(),
+                vectors: d.vectors,
+                size: c.size_given.then_some(c.size),
+                members: c.members.len() as u32,
+                fast_path: d.fast_path,
+            };
+            let got = attach::from_server(vm, &server, me).map_err(|e| match e {
+                interrupt_doorbell::Error::SizeMismatch { .. } => cerr(format!(
+                    "size: {e}; fix size (or leave it out to take the server's)"
+                )),
+                e => cerr(format!("backing.server: {e}")),
+            })?;
+            joined.push(got.attached.membership);
+            w.remote_bells
+                .entry(c.name.clone())
+                .or_default()
+                .push(got.attached.device);
+            w.transports.entry(c.name.clone()).or_insert(got.transport);
             continue;
         }
         let Some(t) = w.transports.get(&c.name) else {
@@ -305,9 +278,13 @@ fn plug_channels(cfg: &Config, vm: &Vm, w: &mut Wiring) -> Result<Vec<Membership
                     rv.socket.display(),
                     session.id
                 );
-                let (m, dev) = attach_session(vm, d, me, t, session).map_err(cerr)?;
-                joined.push(m);
-                w.remote_bells.entry(c.name.clone()).or_default().push(dev);
+                let a = attach::attach_session(vm, t, session, me, d.fast_path)
+                    .map_err(|e| cerr(e.to_string()))?;
+                joined.push(a.membership);
+                w.remote_bells
+                    .entry(c.name.clone())
+                    .or_default()
+                    .push(a.device);
                 Ok(())
             }
             Kind::Doorbell(d) => {

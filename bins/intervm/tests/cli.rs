@@ -515,7 +515,7 @@ fn doorbell_members_in_separate_processes_through_our_server() {
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(
         err.contains("channel[c]: size: the server at")
-            && err.contains("shares 4194304 bytes, not the 8388608 the file asks for"),
+            && err.contains("shares 4194304 bytes, not the 8388608 asked for; fix size"),
         "{err}"
     );
     let cfg = temp_config("db-server.toml", &body);

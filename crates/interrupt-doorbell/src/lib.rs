@@ -9,8 +9,12 @@
 //!   VMs and QEMU VMs can share one region and ring each other.
 //! - [`rendezvous`]: members in different processes meet at a socket named
 //!   after their backing, served by a server started on demand.
+//! - [`attach`]: the sequence that puts a device for a server's session on
+//!   a VM and joins the ring protocol ([`attach::from_server`] does it all
+//!   for a server at a socket).
 #![deny(missing_docs)]
 
+pub mod attach;
 pub mod client;
 pub mod device;
 pub mod group;
@@ -45,6 +49,28 @@ pub enum Error {
     /// Shared region.
     #[error(transparent)]
     Region(#[from] shared_region::Error),
+    /// The server shares a region of another size than the member asked for.
+    #[error(
+        "the server at {} shares {shared} bytes, not the {asked} asked for",
+        socket.display()
+    )]
+    SizeMismatch {
+        /// The server's socket.
+        socket: std::path::PathBuf,
+        /// The size it shares.
+        shared: u64,
+        /// The size asked for.
+        asked: u64,
+    },
+    /// The VM refused the device.
+    #[error("adding the device to vm {vm}: {source}")]
+    AddDevice {
+        /// The VM.
+        vm: String,
+        /// Why.
+        #[source]
+        source: vmm_core::Error,
+    },
 }
 
 /// Result alias.

@@ -97,6 +97,43 @@ fn probes_ring_each_other_through_our_server() {
 }
 
 #[test]
+fn from_server_attaches_a_vm_and_refuses_a_region_of_another_size() {
+    require_kvm!();
+    use interrupt_doorbell::attach::{self, ServerChannel};
+    let srv = server("attach", 2);
+    let (vm, _c) = probe_vm_with("host", &BootInfo::new(Workload::Hello, 0, 0), 1, 16 << 20);
+    let mut c = ServerChannel {
+        socket: srv.path.clone(),
+        name: "c".into(),
+        vectors: 2,
+        size: Some(2 << 20),
+        members: 2,
+        fast_path: true,
+    };
+    match attach::from_server(&vm, &c, 0) {
+        Err(interrupt_doorbell::Error::SizeMismatch { shared, asked, .. }) => {
+            assert_eq!((shared, asked), (1 << 20, 2 << 20))
+        }
+        Err(e) => panic!("wrong error: {e}"),
+        Ok(_) => panic!("a region of another size was taken"),
+    }
+    c.size = None;
+    let got = attach::from_server(&vm, &c, 0).expect("attach");
+    assert_eq!(got.transport.region().size(), 1 << 20);
+    // The device follows the server: a second client is announced to it
+    // and rung through it.
+    let dev = got.attached.device.clone();
+    let peer = client::connect(&srv.path, 2).unwrap();
+    wait_until("the device to learn of the peer", || {
+        dev.lock().unwrap().peers().contains(&peer.id)
+    });
+    dev.lock()
+        .unwrap()
+        .bar_write(0, DOORBELL, &((peer.id as u32) << 16 | 1).to_le_bytes());
+    assert!(poll_readable(&peer.own[1]), "vector 1 of the peer rung");
+}
+
+#[test]
 fn a_peer_leaves_and_rejoins() {
     require_kvm!();
     let srv = server("rejoin", 1);

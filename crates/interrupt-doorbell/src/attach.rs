@@ -1,0 +1,103 @@
+//! Attaching a doorbell device to a VM when an ivshmem server owns the
+//! region and hands out peer IDs: the sequence a VMM runs, in one place.
+//!
+//! [`attach_session`] puts the device for an open [`Session`] on the VM's
+//! PCI bus, hands it the peers the server announced and follows the
+//! server's later notices, then joins the ring protocol. [`from_server`]
+//! does the whole of it for a server at a socket: connect, map the region
+//! it shares (checking its size), attach the ring transport, attach.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use shared_region::{Membership, SharedRegion, Transport};
+
+use crate::client::{self, Session};
+use crate::device::IvshmemDoorbell;
+use crate::{Error, Result};
+
+/// A doorbell device on a VM's PCI bus and the VM's ring membership.
+pub struct Attached {
+    /// The device (already added to the VM).
+    pub device: Arc<Mutex<IvshmemDoorbell>>,
+    /// This member's place in the ring protocol; dropping it leaves.
+    pub membership: Membership,
+}
+
+/// Puts a doorbell device for `session` into `vm`, on `t`'s region,
+/// follows the server's peer notices for it, and joins the ring protocol
+/// as member `me`. `fast_path`: in-kernel doorbells where KVM allows.
+pub fn attach_session(
+    vm: &vmm_core::Vm,
+    t: &Transport,
+    session: Session,
+    me: u32,
+    fast_path: bool,
+) -> Result<Attached> {
+    let own = session
+        .own
+        .iter()
+        .map(|e| e.try_clone())
+        .collect::<std::io::Result<Vec<_>>>()
+        .map_err(|e| Error::Io("duplicating the session's eventfds".into(), e))?;
+    let device = IvshmemDoorbell::new(vm, t.region().clone(), session.id, own, fast_path)?;
+    session.follow(Arc::downgrade(&device))?;
+    let membership = t.join(me)?;
+    vm.add_pci_device(device.clone())
+        .map_err(|source| Error::AddDevice {
+            vm: vm.name().to_string(),
+            source,
+        })?;
+    Ok(Attached { device, membership })
+}
+
+/// A channel whose region and doorbells come from an ivshmem server.
+#[derive(Clone, Debug)]
+pub struct ServerChannel {
+    /// The server's socket.
+    pub socket: PathBuf,
+    /// A name for the region in messages.
+    pub name: String,
+    /// Interrupt vectors per member.
+    pub vectors: usize,
+    /// The region size this member expects (`None`: whatever the server
+    /// shares).
+    pub size: Option<u64>,
+    /// Members of the ring protocol on the region.
+    pub members: u32,
+    /// In-kernel doorbells where KVM allows.
+    pub fast_path: bool,
+}
+
+/// What [`from_server`] set up.
+pub struct FromServer {
+    /// The region's ring transport (shared by every member this process
+    /// attaches to the channel).
+    pub transport: Transport,
+    /// The device and membership of the VM.
+    pub attached: Attached,
+}
+
+/// Connects to the server of `c`, maps the region it shares, checks its
+/// size, attaches the ring transport and then the VM as member `me`.
+pub fn from_server(vm: &vmm_core::Vm, c: &ServerChannel, me: u32) -> Result<FromServer> {
+    let session = client::connect(&c.socket, c.vectors)?;
+    let shm = session
+        .shm
+        .try_clone()
+        .map_err(|e| Error::Io("duplicating the region fd".into(), e))?;
+    let region = SharedRegion::from_file(shm, format!("{} (from {})", c.name, c.socket.display()))?;
+    if let Some(asked) = c.size.filter(|s| *s != region.size()) {
+        return Err(Error::SizeMismatch {
+            socket: c.socket.clone(),
+            shared: region.size(),
+            asked,
+        });
+    }
+    let transport = Transport::attach(Arc::new(region), c.members)?;
+    let attached = attach_session(vm, &transport, session, me, c.fast_path)?;
+    Ok(FromServer {
+        transport,
+        attached,
+    })
+}
