@@ -121,7 +121,7 @@ impl IvshmemDoorbell {
             .map(|e| e.try_clone().map_err(|e| Error::Io("eventfd".into(), e)))
             .collect::<Result<Vec<_>>>()?;
         let vecs = KvmMsiVectors::from_eventfds(vm.gsi_router().clone(), clones)
-            .map_err(|e| Error::Config(e.to_string()))?;
+            .map_err(Error::Vectors)?;
         let ioevents: Option<Box<dyn IoEvents>> =
             fast_path.then(|| Box::new(KvmIoEvents(vm.fd().clone())) as Box<dyn IoEvents>);
         Self::with_parts(region, id, own, Box::new(vecs), ioevents)
@@ -357,7 +357,7 @@ impl IvshmemDoorbell {
 fn spawn_intx_watcher(dev: &Arc<Mutex<IvshmemDoorbell>>) -> Result<()> {
     let weak: Weak<Mutex<IvshmemDoorbell>> = Arc::downgrade(dev);
     let (stop, intx_on, wake, own) = {
-        let g = dev.lock().map_err(|_| Error::Config("lock".into()))?;
+        let g = dev.lock().map_err(|_| Error::Poisoned)?;
         let dup = |e: &EventFd| e.try_clone().map_err(|e| Error::Io("eventfd".into(), e));
         let own = g.own.iter().map(dup).collect::<Result<Vec<_>>>()?;
         (

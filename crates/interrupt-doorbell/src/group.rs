@@ -9,8 +9,7 @@ use crate::{Error, IvshmemDoorbell, Result};
 /// own IDs).
 pub fn wire(members: &[Arc<Mutex<IvshmemDoorbell>>]) -> Result<()> {
     fn lock(d: &Arc<Mutex<IvshmemDoorbell>>) -> Result<std::sync::MutexGuard<'_, IvshmemDoorbell>> {
-        d.lock()
-            .map_err(|_| Error::Config("device lock poisoned".into()))
+        d.lock().map_err(|_| Error::Poisoned)
     }
     let mut own = Vec::new();
     for d in members {

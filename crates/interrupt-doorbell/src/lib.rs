@@ -62,6 +62,12 @@ pub enum Error {
         /// The size asked for.
         asked: u64,
     },
+    /// A device's lock was poisoned by a thread that panicked holding it.
+    #[error("the doorbell device's lock is poisoned (a thread panicked holding it)")]
+    Poisoned,
+    /// KVM refused the MSI vectors (GSI routes, irqfds).
+    #[error("MSI vectors: {0}")]
+    Vectors(#[source] vmm_core::Error),
     /// The VM refused the device.
     #[error("adding the device to vm {vm}: {source}")]
     AddDevice {
