@@ -254,12 +254,97 @@ struct Results {
     points: Vec<Point>,
     breakdown: Vec<Layers>,
     doorbell: Option<DoorbellFacts>,
+    /// One message in flight: ping-pong latencies and their floor.
+    #[serde(default)]
+    latency: Vec<Latency>,
     /// Linux boots to /init (absent when the Linux guest is not built).
     #[serde(default)]
     linux: Vec<LinuxBoot>,
     /// Linux userspace under intervm (absent without the Linux guest).
     #[serde(default)]
     linux_user: Option<LinuxUser>,
+}
+
+/// Ping-pong between two probe VMs: one way = round trip / 2.
+#[derive(Serialize, Deserialize)]
+struct Latency {
+    /// What bounces: "cache line" (the floor) or "ring message".
+    path: String,
+    /// Message bytes.
+    bytes: u64,
+    /// Round trips per run.
+    rounds: u64,
+    /// One way, median over the runs of each run's median, s.
+    p50: f64,
+    /// One way, median over the runs of each run's 99th percentile, s.
+    p99: f64,
+}
+
+/// Ping-pong round trips per run: enough for ring messages to pass
+/// through the whole ring many times (first touches are not what a
+/// long-lived pair sees).
+const PING_PONG_ROUNDS: u64 = 20_000;
+
+fn latencies(o: &Opts) -> Vec<Latency> {
+    let mut out = Vec::new();
+    for (path, bytes, line) in [
+        ("cache line", 8u64, true),
+        ("ring message", 64, false),
+        ("ring message", 4096, false),
+    ] {
+        eprintln!("latency: {path} {} x{}", label(bytes), o.repeat);
+        let runs: Vec<intervm_benches::runs::Rounds> = (0..o.repeat)
+            .map(|_| shmem::ping_pong(bytes, PING_PONG_ROUNDS, line))
+            .collect();
+        let of = |q: f64| {
+            median(
+                runs.iter()
+                    .filter_map(|r| quantile(&r.each, q))
+                    .map(|rt| rt / 2.0)
+                    .collect(),
+            )
+        };
+        out.push(Latency {
+            path: path.into(),
+            bytes,
+            rounds: PING_PONG_ROUNDS,
+            p50: of(0.5),
+            p99: of(0.99),
+        });
+    }
+    out
+}
+
+fn latency_markdown(r: &Results) -> String {
+    if r.latency.is_empty() {
+        return String::new();
+    }
+    let floor = r
+        .latency
+        .iter()
+        .find(|l| l.path == "cache line")
+        .map(|l| l.p50);
+    let mut m = format!(
+        "\n## Latency: one message in flight (shared memory, polled)\n\nTwo probe VMs bounce a message {} times per run; one way is half a round trip, timed by the initiator. The floor bounces one word in each side's member-table entry (a cache line each way, no ring protocol). Median over the runs of each run's p50 and p99.\n\n| path | message | one way p50 | one way p99 | p50 / floor |\n|---|---|---|---|---|\n",
+        r.latency.first().map_or(0, |l| l.rounds)
+    );
+    for l in &r.latency {
+        m += &format!(
+            "| {} | {} | {} | {} | {} |\n",
+            l.path,
+            label(l.bytes),
+            seconds(l.p50),
+            seconds(l.p99),
+            floor.map_or("-".into(), |f| format!("{:.1}x", l.p50 / f))
+        );
+    }
+    if let Some(d) = &r.doorbell {
+        m += &format!(
+            "\nFor comparison, a doorbell one way (no data) is {:.1} µs through ioeventfd -> irqfd (see Doorbells).\n",
+            d.round_trip_in_kernel_us / 2.0
+        );
+    }
+    m
 }
 
 /// Doorbell latency and idle cost, medians over the repetitions.
@@ -523,6 +608,7 @@ fn markdown(r: &Results) -> String {
         );
     }
     s += &steady_state_markdown(r);
+    s += &latency_markdown(r);
     if let Some(d) = &r.doorbell {
         s += &format!(
             "\n## Doorbells\n\n| | value |\n|---|---|\n| round trip, ioeventfd -> irqfd in KVM | {:.1} µs |\n| round trip, VMM handler | {:.1} µs |\n| idle receiver CPU, polling | {:.1}% |\n| idle receiver CPU, doorbell per frame | {:.1}% |\n| idle receiver CPU, adaptive | {:.1}% |\n",
@@ -864,10 +950,10 @@ fn main() {
     let raw = portio::raw_exit() * 1e6;
     let t0 = Instant::now();
     let points = run(&o);
-    let breakdown = if o.channels.iter().any(|c| c == "shmem") {
-        layers(&o)
+    let (breakdown, latency) = if o.channels.iter().any(|c| c == "shmem") {
+        (layers(&o), latencies(&o))
     } else {
-        Vec::new()
+        (Vec::new(), Vec::new())
     };
     let doorbell = o
         .channels
@@ -883,6 +969,7 @@ fn main() {
         points,
         breakdown,
         doorbell,
+        latency,
         linux,
         linux_user,
     };

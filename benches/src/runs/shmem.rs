@@ -184,3 +184,34 @@ pub fn breakdown(bytes: u64, rounds: u64) -> Breakdown {
         interrupts: ri.results[r::SHM_IRQS] + ti.results[r::SHM_IRQS],
     }
 }
+
+/// Two probe VMs bouncing a message of `bytes` (`line`: one word in the
+/// member table, no ring) `rounds` times on one memfd region; returns the
+/// initiator's round trips.
+pub fn ping_pong(bytes: u64, rounds: u64, line: bool) -> super::Rounds {
+    use probe_image::shmem::PingPongTask;
+    let shared = Arc::new(SharedRegion::open(&Backing::Memfd, region()).expect("region"));
+    let t = Transport::attach(shared, 2).expect("attach");
+    let vm = |name: &str, me: u32| {
+        let mut task = PingPongTask::new(me, 1 - me, me == 0, bytes, rounds);
+        task.line = line;
+        let mut cfg = VmConfig::new(name, 64 << 20);
+        cfg.serial = SerialOutput::Sink;
+        let vm = Vm::new(&cfg).expect("VM");
+        vm.add_pci_device(Arc::new(Mutex::new(IvshmemPlain::new(t.region().clone()))))
+            .expect("device");
+        probe::load(&vm, probe_image::PROBE_ELF, &task.boot_info()).expect("probe");
+        let m = t.join(me).expect("join");
+        (vm.start().expect("start"), m)
+    };
+    let b = vm("pong", 1);
+    let a = vm("ping", 0);
+    let limit = Duration::from_secs(600);
+    a.0.wait_timeout(limit).expect("initiator finished");
+    b.0.wait_timeout(limit).expect("responder finished");
+    let info = probe::read_info(a.0.vm().memory()).expect("info");
+    let res = ShmemResult::from_info(&info);
+    assert!(res.error.is_none(), "ping-pong failed: {:?}", res.error);
+    let total = Duration::from_secs_f64(res.seconds().unwrap_or(0.0));
+    super::Rounds::read(&a.0, rounds, info.tsc_khz, total)
+}

@@ -129,6 +129,72 @@ impl ShmemTask {
     }
 }
 
+/// A ping-pong between two probes on a shared-memory channel
+/// ([`Workload::ShmemPingPong`]): latency, one message in flight.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PingPongTask {
+    /// Which ivshmem function on the guest's bus (0 = the first).
+    pub device_index: u32,
+    /// The VM's member index in the channel.
+    pub me: u32,
+    /// The other side's member index.
+    pub peer: u32,
+    /// Sends first and times each round trip (in the round log).
+    pub initiator: bool,
+    /// Bounce one word in the member table instead of ring messages: the
+    /// cache-line floor the ring is measured against.
+    pub line: bool,
+    /// Message bytes (ignored with `line`).
+    pub bytes: u64,
+    /// Round trips.
+    pub rounds: u64,
+    /// Payload pattern seed.
+    pub seed: u64,
+    /// A peer whose heartbeat stops for this long is reported gone.
+    pub timeout_ms: u64,
+    /// How long to wait for the peer to join.
+    pub join_timeout_ms: u64,
+}
+
+impl PingPongTask {
+    /// `rounds` round trips of `bytes` between `me` and `peer`.
+    pub fn new(me: u32, peer: u32, initiator: bool, bytes: u64, rounds: u64) -> Self {
+        Self {
+            device_index: 0,
+            me,
+            peer,
+            initiator,
+            line: false,
+            bytes,
+            rounds,
+            seed: 0,
+            timeout_ms: 2000,
+            join_timeout_ms: 60_000,
+        }
+    }
+
+    /// The boot-info page that makes the probe run this task.
+    pub fn boot_info(&self) -> BootInfo {
+        use intervm_protocol::probe::{SHMEM_PP_INITIATOR, SHMEM_PP_LINE};
+        let mut info = BootInfo::new(Workload::ShmemPingPong, 0, 0);
+        let a = &mut info.args;
+        a[shmem_args::DEVICE_INDEX] = self.device_index as u64;
+        a[shmem_args::ME] = self.me as u64;
+        a[shmem_args::PEERS] = self.peer as u64;
+        a[shmem_args::BYTES] = self.bytes;
+        a[shmem_args::ROUNDS] = self.rounds;
+        a[shmem_args::SEED] = self.seed;
+        a[shmem_args::TIMEOUT_MS] = self.timeout_ms;
+        a[shmem_args::JOIN_TIMEOUT_MS] = self.join_timeout_ms;
+        a[shmem_args::FLAGS] = if self.initiator {
+            SHMEM_PP_INITIATOR
+        } else {
+            0
+        } | if self.line { SHMEM_PP_LINE } else { 0 };
+        info
+    }
+}
+
 /// What a probe reports about one peer of a transfer.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PeerRecord {

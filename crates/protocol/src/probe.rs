@@ -104,6 +104,13 @@ pub enum Workload {
     /// random peers and vectors, random words in its shared regions.
     /// Arguments in [`chaos_args`]; results `CHAOS_*` in [`results`].
     Chaos = 14,
+    /// Ping-pong with one peer over the shared-memory ring: the initiator
+    /// sends a message of `BYTES` and waits for it to come back, `ROUNDS`
+    /// times; each round trip goes to the round log ([`ROUND_LOG_GPA`]).
+    /// With [`SHMEM_PP_LINE`], one word each way in the member table
+    /// instead of the ring: the cache-line floor. Arguments in
+    /// [`shmem_args`] (`PEERS` is the peer's member index).
+    ShmemPingPong = 15,
 }
 
 /// Arguments of [`Workload::Chaos`].
@@ -134,6 +141,7 @@ impl Workload {
             12 => Self::DoorbellPingPong,
             13 => Self::Sequence,
             14 => Self::Chaos,
+            15 => Self::ShmemPingPong,
             _ => return None,
         })
     }
@@ -299,6 +307,13 @@ pub const fn shmem_min_memory(bytes: u64) -> u64 {
     };
     SHMEM_BUF_GPA + b
 }
+
+/// `shmem_args::FLAGS` bit of [`Workload::ShmemPingPong`]: this side
+/// sends first and times the round trips.
+pub const SHMEM_PP_INITIATOR: u64 = 32;
+/// `shmem_args::FLAGS` bit of [`Workload::ShmemPingPong`]: bounce one
+/// word in each side's member-table entry instead of ring messages.
+pub const SHMEM_PP_LINE: u64 = 64;
 
 /// `shmem_args::FLAGS` bit of [`Notify::Always`](crate::notify::Notify):
 /// the sender rings the receiver (vector 0) after each frame; the receiver

@@ -164,6 +164,57 @@ fn a_receiver_logs_each_round_and_the_rounds_fit_in_the_transfer() {
     );
 }
 
+fn ping_pong_info(me: u32, initiator: bool, bytes: u64, rounds: u64, line: bool) -> BootInfo {
+    let mut t = shmem::PingPongTask::new(me, 1 - me, initiator, bytes, rounds);
+    t.line = line;
+    t.seed = SEED;
+    t.timeout_ms = PEER_TIMEOUT_MS;
+    t.boot_info()
+}
+
+#[test]
+fn ping_pong_echoes_every_message_and_logs_every_round_trip() {
+    require_kvm!();
+    const ROUNDS: u64 = 3000;
+    for (bytes, line) in [(64, false), (4096, false), (8, true)] {
+        let t = transport(2, 1 << 20);
+        let a = start("a", &ping_pong_info(0, true, bytes, ROUNDS, line), &t);
+        let b = start("b", &ping_pong_info(1, false, bytes, ROUNDS, line), &t);
+        let exit = a.vm.wait_timeout(RUN_TIMEOUT);
+        let log = probe::round_log(a.vm.vm().memory(), ROUNDS + 1).expect("round log");
+        let (a_exit, a_info, a_console) = end(a);
+        let (b_exit, _, b_console) = end(b);
+        assert_eq!(
+            exit,
+            Some(VmExit::Guest(EXIT_OK)),
+            "{bytes} B:\n{a_console}"
+        );
+        assert_eq!(a_exit, VmExit::Guest(EXIT_OK));
+        assert_eq!(b_exit, VmExit::Guest(EXIT_OK), "{bytes} B:\n{b_console}");
+        assert_eq!(a_info.results[results::SHM_ROUNDS], ROUNDS);
+        assert!(log[..ROUNDS as usize].iter().all(|&c| c > 0), "{bytes} B");
+        assert_eq!(log[ROUNDS as usize], 0, "{bytes} B: a round past the last");
+    }
+}
+
+#[test]
+fn a_ping_pong_whose_peer_stops_answering_ends_with_peer_gone() {
+    require_kvm!();
+    let t = transport(2, 1 << 20);
+    let a = start("a", &ping_pong_info(0, true, 64, 1000, false), &t);
+    // The other side answers 10 times, then powers off and leaves.
+    let b = start("b", &ping_pong_info(1, false, 64, 10, false), &t);
+    let (b_exit, _, b_console) = end(b);
+    assert_eq!(b_exit, VmExit::Guest(EXIT_OK), "{b_console}");
+    let (a_exit, a_info, a_console) = end(a);
+    assert_eq!(a_exit, VmExit::Guest(EXIT_FAILED), "{a_console}");
+    assert_eq!(
+        a_info.results[results::SHM_ERROR],
+        RingError::PeerGone(1).code(),
+        "{a_console}"
+    );
+}
+
 #[test]
 fn three_senders_reach_one_receiver() {
     require_kvm!();

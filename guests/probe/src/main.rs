@@ -108,6 +108,7 @@ fn run_workload(workload: u32, top: bool) -> u32 {
         Some(Workload::PortioRecv) => portio::recv(),
         Some(Workload::DoorbellPingPong) => doorbell::ping_pong(),
         Some(Workload::Chaos) => chaos::run(),
+        Some(Workload::ShmemPingPong) => shmem::ping_pong(),
         Some(Workload::Sequence) if top => sequence(),
         Some(Workload::Sequence) => EXIT_BAD_BOOT_INFO,
         None => {

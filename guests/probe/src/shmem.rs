@@ -478,17 +478,7 @@ fn recv_on(ch: &Channel) -> Result<(), u32> {
         waits += pumped.map_err(ring_fail)?;
         let t1 = peers.iter().flatten().map(|p| p.last).max().unwrap_or(t0);
         let cycles = t1.saturating_sub(t0);
-        if round <= ROUND_LOG_MAX {
-            // SAFETY: the round log lies in identity-mapped guest RAM below
-            // the probe image that nothing else uses, and `round - 1` is
-            // below ROUND_LOG_MAX.
-            unsafe {
-                core::ptr::write_volatile(
-                    (ROUND_LOG_GPA as *mut u64).add(round as usize - 1),
-                    cycles,
-                )
-            };
-        }
+        log_round(round, cycles);
         fastest = fastest.min(cycles);
         slowest = slowest.max(cycles);
     }
@@ -785,4 +775,168 @@ fn pump(
             + (arch::rdtsc() - pump_start).saturating_sub(copy_cycles),
     );
     outcome
+}
+
+/// Writes round `round` (1-based) of the round log.
+fn log_round(round: u64, cycles: u64) {
+    if (1..=ROUND_LOG_MAX).contains(&round) {
+        // SAFETY: the round log lies in identity-mapped guest RAM below the
+        // probe image that nothing else uses, and `round - 1` is below
+        // ROUND_LOG_MAX.
+        unsafe {
+            core::ptr::write_volatile((ROUND_LOG_GPA as *mut u64).add(round as usize - 1), cycles)
+        };
+    }
+}
+
+/// The value a ping-pong side publishes in its ready word for round `n`.
+const fn pp_word(n: u64) -> u64 {
+    (0x7070 << 48) | n
+}
+
+/// [`intervm_protocol::probe::Workload::ShmemPingPong`].
+pub fn ping_pong() -> u32 {
+    let r = open_channel().and_then(|ch| {
+        let r = try_ping_pong(&ch);
+        let _ = ch.region.set_ready(&ch.geo, ch.me, 0);
+        r
+    });
+    match r {
+        Ok(()) => EXIT_OK,
+        Err(code) => code,
+    }
+}
+
+fn try_ping_pong(ch: &Channel) -> Result<(), u32> {
+    use intervm_protocol::probe::{SHMEM_PP_INITIATOR, SHMEM_PP_LINE};
+    let clock = Clock::new();
+    let peer = arg(shmem_args::PEERS) as u32;
+    let flags = arg(shmem_args::FLAGS);
+    let initiator = flags & SHMEM_PP_INITIATOR != 0;
+    let rounds = arg(shmem_args::ROUNDS).max(1);
+    let bytes = arg(shmem_args::BYTES).max(1);
+    let timeout = arg(shmem_args::TIMEOUT_MS);
+    let mut p = ch.region.producer(ch.geo, ch.me, peer).map_err(ring_fail)?;
+    let mut c = ch.region.consumer(ch.geo, peer, ch.me).map_err(ring_fail)?;
+    if bytes > p.max_message() || bytes > intervm_protocol::probe::SHMEM_BUF_MAX / 2 {
+        return Err(ring_fail(RingError::TooLarge(bytes)));
+    }
+    // Two message buffers: what goes out and what comes back.
+    let buf = buffer(2 * bytes, bytes)?;
+    let (out, back) = buf.split_at_mut(bytes as usize);
+    ring::fill_pattern(arg(shmem_args::SEED), 0, out);
+    back.fill(0);
+    // Start line: each side publishes round 0 once it is ready; nothing
+    // is sent before both are, so whatever is in a ring then is stale.
+    wait_for(ch, &clock, peer, |c| {
+        c.region.member_state(&c.geo, peer) == Ok(MemberState::Alive)
+    })?;
+    c.drop_stale().map_err(ring_fail)?;
+    ch.region
+        .set_ready(&ch.geo, ch.me, pp_word(0))
+        .map_err(ring_fail)?;
+    wait_for(ch, &clock, peer, |c| {
+        c.region.ready(&c.geo, peer).is_ok_and(|w| w >= pp_word(0))
+    })?;
+    let mut live = Liveness::new(&ch.region, &ch.geo, peer, timeout, clock.now_ms());
+    set_state(State::Ready);
+    let line = flags & SHMEM_PP_LINE != 0;
+    let (mut fastest, mut slowest, mut total) = (u64::MAX, 0u64, 0u64);
+    let start = arch::rdtsc();
+    set_result(results::SHM_START_TSC, start);
+    for round in 1..=rounds {
+        let t0 = arch::rdtsc();
+        if line {
+            // The floor: one word each way, no ring protocol.
+            if initiator {
+                ch.region
+                    .set_ready(&ch.geo, ch.me, pp_word(round))
+                    .map_err(ring_fail)?;
+            }
+            let mut idle = 0u64;
+            while ch.region.ready(&ch.geo, peer) != Ok(pp_word(round)) {
+                idle += 1;
+                if idle.is_multiple_of(CHECK_EVERY) {
+                    live.check(&ch.region, &ch.geo, clock.now_ms())
+                        .map_err(ring_fail)?;
+                }
+                core::hint::spin_loop();
+            }
+            if !initiator {
+                ch.region
+                    .set_ready(&ch.geo, ch.me, pp_word(round))
+                    .map_err(ring_fail)?;
+            }
+        } else {
+            if initiator {
+                send_one(ch, &clock, &mut p, &mut live, out)?;
+            }
+            let (n, _) = recv_one(ch, &clock, &mut c, &mut live, back)?;
+            if n != bytes as usize {
+                return Err(ring_fail(RingError::CorruptLength(n as u32)));
+            }
+            if initiator {
+                // The echo must be what went out, byte for byte.
+                if back != &out[..] {
+                    return Err(ring_fail(RingError::BadChecksum { seq: round as u32 }));
+                }
+                back.fill(0);
+            } else {
+                send_one(ch, &clock, &mut p, &mut live, back)?;
+            }
+        }
+        let cycles = arch::rdtsc() - t0;
+        total += cycles;
+        fastest = fastest.min(cycles);
+        slowest = slowest.max(cycles);
+        log_round(round, cycles);
+    }
+    set_result(results::SHM_END_TSC, arch::rdtsc());
+    set_result(results::SHM_ROUND_MIN, fastest);
+    set_result(results::SHM_ROUND_MAX, slowest);
+    set_result(results::SHM_ROUNDS, rounds);
+    set_result(results::SHM_WAIT_CYCLES, total);
+    Ok(())
+}
+
+/// Sends `msg` as one frame, polling while the ring is full.
+fn send_one(
+    ch: &Channel,
+    clock: &Clock,
+    p: &mut ring::Producer,
+    live: &mut Liveness,
+    msg: &[u8],
+) -> Result<(), u32> {
+    let mut idle = 0u64;
+    while p.try_send(msg).map_err(ring_fail)?.is_none() {
+        idle += 1;
+        if idle.is_multiple_of(CHECK_EVERY) {
+            live.check(&ch.region, &ch.geo, clock.now_ms())
+                .map_err(ring_fail)?;
+        }
+        core::hint::spin_loop();
+    }
+    Ok(())
+}
+
+/// Receives one frame into `out`, polling while the ring is empty.
+fn recv_one(
+    ch: &Channel,
+    clock: &Clock,
+    c: &mut ring::Consumer,
+    live: &mut Liveness,
+    out: &mut [u8],
+) -> Result<(usize, u64), u32> {
+    let mut idle = 0u64;
+    loop {
+        if let Some(got) = c.try_recv(out).map_err(ring_fail)? {
+            return Ok(got);
+        }
+        idle += 1;
+        if idle.is_multiple_of(CHECK_EVERY) {
+            live.check(&ch.region, &ch.geo, clock.now_ms())
+                .map_err(ring_fail)?;
+        }
+        core::hint::spin_loop();
+    }
 }
