@@ -716,21 +716,6 @@ mod plots {
         out
     }
 
-    /// A tick label for a byte count.
-    fn approx_bytes(v: f64) -> String {
-        const U: [(f64, &str); 4] = [
-            (1073741824.0, "GiB"),
-            (1048576.0, "MiB"),
-            (1024.0, "KiB"),
-            (1.0, "B"),
-        ];
-        U.iter()
-            .find(|(d, _)| v >= *d)
-            .map_or(format!("{v:.0} B"), |(d, u)| {
-                format!("{:.3} {u}", v / d).replace(".000", "")
-            })
-    }
-
     /// A tick label for seconds or MiB/s.
     fn approx(v: f64, unit: &str) -> String {
         if unit != "seconds" {
@@ -757,28 +742,52 @@ mod plots {
         y: fn(f64, f64) -> f64,
     ) -> Result<(), String> {
         let s = series(r);
-        let (x0, x1) = bounds(s.iter().flat_map(|(_, v)| v.iter().map(|p| p.0)));
+        // The x axis is log2 of the size, so that ticks can sit exactly at
+        // the measured sizes (4 KiB, 2 MiB, 1 GiB) and nowhere else.
+        let sizes: Vec<f64> = {
+            let mut v: Vec<f64> = s
+                .iter()
+                .flat_map(|(_, v)| v.iter().map(|p| p.0.log2()))
+                .collect();
+            v.sort_by(f64::total_cmp);
+            v.dedup();
+            v
+        };
+        let (x0, x1) = (
+            sizes.first().copied().unwrap_or(10.0).floor() - 1.0,
+            sizes.last().copied().unwrap_or(30.0).ceil() + 1.0,
+        );
         let (y0, y1) = bounds(s.iter().flat_map(|(_, v)| v.iter().map(|p| y(p.0, p.1))));
-        let root = SVGBackend::new(path, (1000, 650)).into_drawing_area();
+        let root = SVGBackend::new(path, (1100, 700)).into_drawing_area();
         root.fill(&WHITE).map_err(e)?;
         let mut chart = ChartBuilder::on(&root)
-            .caption(title, ("sans-serif", 22))
-            .margin(15)
-            .x_label_area_size(45)
-            .y_label_area_size(80)
-            .build_cartesian_2d((x0..x1).log_scale(), (y0..y1).log_scale())
+            .caption(title, ("sans-serif", 28))
+            .margin(20)
+            .x_label_area_size(60)
+            .y_label_area_size(110)
+            .build_cartesian_2d(x0..x1, (y0..y1).log_scale())
             .map_err(e)?;
+        let tick = |v: &f64| {
+            sizes
+                .iter()
+                .find(|s| (*s - v).abs() < 0.01)
+                .map_or(String::new(), |s| label(s.exp2().round() as u64))
+        };
         chart
             .configure_mesh()
             .x_desc("transfer size")
             .y_desc(y_desc)
-            .x_label_formatter(&|v| approx_bytes(*v))
+            .x_labels((x1 - x0) as usize + 1)
+            .disable_x_mesh()
+            .x_label_formatter(&tick)
             .y_label_formatter(&|v| approx(*v, y_desc))
+            .label_style(("sans-serif", 18))
+            .axis_desc_style(("sans-serif", 20))
             .draw()
             .map_err(e)?;
         for (i, (name, pts)) in s.iter().enumerate() {
             let color = Palette99::pick(i).to_rgba();
-            let data: Vec<(f64, f64)> = pts.iter().map(|&(b, t)| (b, y(b, t))).collect();
+            let data: Vec<(f64, f64)> = pts.iter().map(|&(b, t)| (b.log2(), y(b, t))).collect();
             chart
                 .draw_series(LineSeries::new(data.clone(), color.stroke_width(2)))
                 .map_err(e)?
@@ -793,6 +802,7 @@ mod plots {
         chart
             .configure_series_labels()
             .position(SeriesLabelPosition::UpperLeft)
+            .label_font(("sans-serif", 17))
             .background_style(WHITE.mix(0.85))
             .border_style(BLACK)
             .draw()
@@ -838,6 +848,8 @@ mod plots {
             .disable_x_mesh()
             .x_labels(0)
             .y_desc("% of the transfer (left bar: sender, right bar: receiver)")
+            .label_style(("sans-serif", 17))
+            .axis_desc_style(("sans-serif", 18))
             .draw()
             .map_err(e)?;
         chart
@@ -851,7 +863,7 @@ mod plots {
                         l.interrupts
                     ),
                     (i as f64 + 0.05, 106.0),
-                    ("sans-serif", 14),
+                    ("sans-serif", 17),
                 )
             }))
             .map_err(e)?;
@@ -902,6 +914,7 @@ mod plots {
         chart
             .configure_series_labels()
             .position(SeriesLabelPosition::UpperRight)
+            .label_font(("sans-serif", 16))
             .background_style(WHITE.mix(0.85))
             .border_style(BLACK)
             .draw()
