@@ -2,7 +2,7 @@
 //!
 //! ```text
 //! intervm-bench [--sizes 4K,2M,1G] [--channels shmem,portio,doorbell] [--no-linux]
-//!               [--repeat 3] [--out target/intervm-bench]
+//!               [--no-peers] [--repeat 3] [--out target/intervm-bench]
 //! intervm-bench linux [--in DIR]   # only the Linux userspace part, into DIR/results.json
 //! ```
 //!
@@ -26,6 +26,7 @@ struct Opts {
     repeat: usize,
     out: PathBuf,
     linux: bool,
+    peers: bool,
 }
 
 fn parse_size(s: &str) -> Result<u64, String> {
@@ -41,6 +42,7 @@ fn opts() -> Result<Opts, String> {
         repeat: 3,
         out: PathBuf::from("target/intervm-bench"),
         linux: true,
+        peers: true,
     };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -71,9 +73,10 @@ fn opts() -> Result<Opts, String> {
             }
             "--out" => o.out = PathBuf::from(val()?),
             "--no-linux" => o.linux = false,
+            "--no-peers" => o.peers = false,
             "--bench" => {} // passed by `cargo bench`
             "-h" | "--help" => {
-                println!("intervm-bench [--sizes 4K,2M,1G] [--channels shmem,portio,doorbell] [--repeat N] [--out DIR] [--no-linux]");
+                println!("intervm-bench [--sizes 4K,2M,1G] [--channels shmem,portio,doorbell] [--repeat N] [--out DIR] [--no-linux] [--no-peers]");
                 std::process::exit(0);
             }
             other => return Err(format!("unknown argument {other:?} (see --help)")),
@@ -257,6 +260,9 @@ struct Results {
     /// One message in flight: ping-pong latencies and their floor.
     #[serde(default)]
     latency: Vec<Latency>,
+    /// All to one as the members of a region grow.
+    #[serde(default)]
+    peers: Vec<Peers>,
     /// Linux boots to /init (absent when the Linux guest is not built).
     #[serde(default)]
     linux: Vec<LinuxBoot>,
@@ -278,6 +284,65 @@ struct Latency {
     p50: f64,
     /// One way, median over the runs of each run's 99th percentile, s.
     p99: f64,
+}
+
+/// All to one: `members - 1` senders of `bytes` each to one receiver.
+#[derive(Serialize, Deserialize)]
+struct Peers {
+    /// Members of the region.
+    members: u32,
+    /// "polling" or "adaptive" (doorbells when the receiver sleeps).
+    notify: String,
+    /// Bytes from each sender.
+    bytes: u64,
+    /// Receiver's time for all of it, median of the runs, s.
+    secs: f64,
+}
+
+/// Bytes each sender moves in the all-to-one runs.
+const FAN_IN_BYTES: u64 = 16 << 20;
+
+fn peer_curve(o: &Opts) -> Vec<Peers> {
+    use intervm_benches::runs::doorbell::Notify;
+    let mut out = Vec::new();
+    for (notify, mode) in [("polling", Notify::Never), ("adaptive", Notify::Adaptive)] {
+        for members in [2u32, 4, 8, 16] {
+            eprintln!("peers: {members} members, {notify} x{}", o.repeat);
+            let secs = median(
+                (0..o.repeat)
+                    .map(|_| shmem::fan_in(members, FAN_IN_BYTES, mode).as_secs_f64())
+                    .collect(),
+            );
+            out.push(Peers {
+                members,
+                notify: notify.into(),
+                bytes: FAN_IN_BYTES,
+                secs,
+            });
+        }
+    }
+    out
+}
+
+fn peers_markdown(r: &Results) -> String {
+    if r.peers.is_empty() {
+        return String::new();
+    }
+    let mut m = String::from(
+        "\n## All to one as a region's members grow\n\nEvery member but one sends the same amount to member 0 at once, over one region; the receiver's time from its start line to the last byte of the last sender. Every VM has one vCPU, so above two members the VMs share the host's cores.\n\n| members | notify | per sender | receiver's time | aggregate MiB/s |\n|---|---|---|---|---|\n",
+    );
+    for p in &r.peers {
+        let total = p.bytes * (p.members as u64 - 1);
+        m += &format!(
+            "| {} | {} | {} | {} | {:.0} |\n",
+            p.members,
+            p.notify,
+            label(p.bytes),
+            seconds(p.secs),
+            total as f64 / p.secs / (1u64 << 20) as f64
+        );
+    }
+    m
 }
 
 /// Ping-pong round trips per run: enough for ring messages to pass
@@ -609,6 +674,7 @@ fn markdown(r: &Results) -> String {
     }
     s += &steady_state_markdown(r);
     s += &latency_markdown(r);
+    s += &peers_markdown(r);
     if let Some(d) = &r.doorbell {
         s += &format!(
             "\n## Doorbells\n\n| | value |\n|---|---|\n| round trip, ioeventfd -> irqfd in KVM | {:.1} µs |\n| round trip, VMM handler | {:.1} µs |\n| idle receiver CPU, polling | {:.1}% |\n| idle receiver CPU, doorbell per frame | {:.1}% |\n| idle receiver CPU, adaptive | {:.1}% |\n",
@@ -968,6 +1034,11 @@ fn main() {
     } else {
         (Vec::new(), Vec::new())
     };
+    let peers = if o.channels.iter().any(|c| c == "shmem") && o.peers {
+        peer_curve(&o)
+    } else {
+        Vec::new()
+    };
     let doorbell = o
         .channels
         .iter()
@@ -983,6 +1054,7 @@ fn main() {
         breakdown,
         doorbell,
         latency,
+        peers,
         linux,
         linux_user,
     };

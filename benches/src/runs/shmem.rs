@@ -215,3 +215,80 @@ pub fn ping_pong(bytes: u64, rounds: u64, line: bool) -> super::Rounds {
     let total = Duration::from_secs_f64(res.seconds().unwrap_or(0.0));
     super::Rounds::read(&a.0, rounds, info.tsc_khz, total)
 }
+
+/// Region bytes for `members` members: about 256 KiB per ring, at least
+/// the default region.
+pub fn region_for(members: u32) -> u64 {
+    ((members as u64 * members as u64) << 18)
+        .next_power_of_two()
+        .max(region())
+}
+
+/// All to one: `members - 1` probe VMs each send `bytes` to member 0 at
+/// once, over one region, with notification `mode` (doorbell devices when
+/// it rings, plain ones otherwise). Returns the receiver's time from its
+/// start line to the last byte of the last sender; every sender's stream
+/// checksum is checked.
+pub fn fan_in(members: u32, bytes: u64, mode: probe_image::shmem::Notify) -> Duration {
+    use interrupt_doorbell::{device::new_eventfds, group, IvshmemDoorbell};
+    use probe_image::shmem::Notify;
+    let shared =
+        Arc::new(SharedRegion::open(&Backing::Memfd, region_for(members)).expect("region"));
+    let t = Transport::attach(shared.clone(), members).expect("attach");
+    let mut bells = Vec::new();
+    let mut vms = Vec::new();
+    for me in 0..members {
+        let role = if me == 0 {
+            Role::Recv {
+                from: ((1u64 << members) - 2) as u32,
+            }
+        } else {
+            Role::Send { to: 0 }
+        };
+        let mut task = ShmemTask::new(me, role, bytes);
+        task.seed = me as u64;
+        task.quiet = true;
+        task.notify = mode;
+        task.join_timeout_ms = 600_000;
+        let mut cfg = VmConfig::new(format!("m{me}"), 64 << 20);
+        cfg.serial = SerialOutput::Sink;
+        let vm = Vm::new(&cfg).expect("VM");
+        if mode == Notify::Never {
+            vm.add_pci_device(Arc::new(Mutex::new(IvshmemPlain::new(shared.clone()))))
+                .expect("device");
+        } else {
+            let dev = IvshmemDoorbell::new(
+                &vm,
+                shared.clone(),
+                me as u16,
+                new_eventfds(1).expect("eventfd"),
+                true,
+            )
+            .expect("device");
+            vm.add_pci_device(dev.clone()).expect("device");
+            bells.push(dev);
+        }
+        probe::load(&vm, probe_image::PROBE_ELF, &task.boot_info()).expect("probe");
+        vms.push((vm, t.join(me).expect("join")));
+    }
+    if !bells.is_empty() {
+        group::wire(&bells).expect("wire");
+    }
+    let running: Vec<_> = vms
+        .into_iter()
+        .map(|(vm, m)| (vm.start().expect("start"), m))
+        .collect();
+    let limit = Duration::from_secs(600);
+    for (r, _) in &running {
+        r.wait_timeout(limit).expect("finished");
+    }
+    let info = probe::read_info(running[0].0.vm().memory()).expect("info");
+    let res = ShmemResult::from_info(&info);
+    assert!(res.error.is_none(), "fan-in failed: {:?}", res.error);
+    for (me, (r, _)) in running.iter().enumerate().skip(1) {
+        let sent = peer_record(&probe::read_info(r.vm().memory()).expect("info"), 0);
+        let got = peer_record(&info, me as u32);
+        assert_eq!((got.bytes, got.stream), (bytes, sent.stream), "sender {me}");
+    }
+    Duration::from_secs_f64(res.seconds().unwrap_or(0.0))
+}
