@@ -1077,9 +1077,9 @@ fn main() {
         }
     }
     eprintln!(
-        "intervm-bench: {} points in {:.0?}; wrote {}/results.json and results.md",
+        "intervm-bench: {} points in {:.1} s; wrote {}/results.json and results.md",
         results.points.len(),
-        Duration::from_secs(t0.elapsed().as_secs()),
+        t0.elapsed().as_secs_f64(),
         o.out.display()
     );
 }

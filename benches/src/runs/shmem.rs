@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use intervm_protocol::probe::{shmem_frame_bytes, shmem_source_bytes};
+use intervm_protocol::probe::{shmem_frame_bytes, shmem_source_bytes, BootInfo};
 use intervm_protocol::ring;
 use probe_image::shmem::{peer_record, Role, ShmemResult, ShmemTask};
 use shmem_device::{Backing, IvshmemPlain, SharedRegion, Transport};
@@ -89,6 +89,19 @@ pub fn src_len_for(bytes: u64, frame: u64) -> usize {
 /// A started VM and its membership in the channel.
 pub type Member = (vmm_core::RunningVm, shmem_device::Membership);
 
+/// Starts a quiet probe VM (64 MiB) running `info` with an ivshmem-plain
+/// device on `t`'s region, joined as member `me`.
+fn plain_member(name: &str, me: u32, info: &BootInfo, t: &Transport) -> Member {
+    let mut cfg = VmConfig::new(name, 64 << 20);
+    cfg.serial = SerialOutput::Sink;
+    let vm = Vm::new(&cfg).expect("VM");
+    vm.add_pci_device(Arc::new(Mutex::new(IvshmemPlain::new(t.region().clone()))))
+        .expect("device");
+    probe::load(&vm, probe_image::PROBE_ELF, info).expect("probe");
+    let m = t.join(me).expect("join");
+    (vm.start().expect("start"), m)
+}
+
 /// Starts a receiving and a sending probe VM on one memfd region, moving
 /// `bytes` `rounds` times (`quiet`: the probes print nothing).
 pub fn pair(bytes: u64, rounds: u64, quiet: bool) -> (Member, Member) {
@@ -99,14 +112,7 @@ pub fn pair(bytes: u64, rounds: u64, quiet: bool) -> (Member, Member) {
         task.chunk = chunk();
         task.rounds = rounds;
         task.quiet = quiet;
-        let mut cfg = VmConfig::new(name, 64 << 20);
-        cfg.serial = SerialOutput::Sink;
-        let vm = Vm::new(&cfg).expect("VM");
-        vm.add_pci_device(Arc::new(Mutex::new(IvshmemPlain::new(t.region().clone()))))
-            .expect("device");
-        probe::load(&vm, probe_image::PROBE_ELF, &task.boot_info()).expect("probe");
-        let m = t.join(me).expect("join");
-        (vm.start().expect("start"), m)
+        plain_member(name, me, &task.boot_info(), &t)
     };
     let rx = vm("rx", 1, Role::Recv { from: 1 });
     let tx = vm("tx", 0, Role::Send { to: 1 });
@@ -195,14 +201,7 @@ pub fn ping_pong(bytes: u64, rounds: u64, line: bool) -> super::Rounds {
     let vm = |name: &str, me: u32| {
         let mut task = PingPongTask::new(me, 1 - me, me == 0, bytes, rounds);
         task.line = line;
-        let mut cfg = VmConfig::new(name, 64 << 20);
-        cfg.serial = SerialOutput::Sink;
-        let vm = Vm::new(&cfg).expect("VM");
-        vm.add_pci_device(Arc::new(Mutex::new(IvshmemPlain::new(t.region().clone()))))
-            .expect("device");
-        probe::load(&vm, probe_image::PROBE_ELF, &task.boot_info()).expect("probe");
-        let m = t.join(me).expect("join");
-        (vm.start().expect("start"), m)
+        plain_member(name, me, &task.boot_info(), &t)
     };
     let b = vm("pong", 1);
     let a = vm("ping", 0);

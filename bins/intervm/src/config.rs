@@ -675,6 +675,16 @@ fn probe_task(p: &RawProbe, vm: &VmSpec, channels: &[ChannelSpec]) -> Result<Pro
     }
 }
 
+/// The key `k` of section number `i` of kind `section` in messages:
+/// `vm[NAME].k`, or `vm[i].k` while the name is missing.
+fn section_key(section: &str, i: usize, name: &str, k: &str) -> String {
+    if name.is_empty() {
+        format!("{section}[{i}].{k}")
+    } else {
+        format!("{section}[{name}].{k}")
+    }
+}
+
 /// Validates `[[vm]]` number `i`; errors start with its key. `names`
 /// collects the VM names so far, `earlier` the VMs before it.
 fn vm_spec(
@@ -684,16 +694,7 @@ fn vm_spec(
     earlier: &[VmSpec],
     resolve: &dyn Fn(&str) -> PathBuf,
 ) -> Result<VmSpec, String> {
-    let key = |k: &str| {
-        format!(
-            "vm[{}].{k}",
-            if v.name.is_empty() {
-                i.to_string()
-            } else {
-                v.name.clone()
-            }
-        )
-    };
+    let key = |k: &str| section_key("vm", i, &v.name, k);
     if v.name.is_empty()
         || !v
             .name
@@ -841,16 +842,7 @@ fn channel_spec(
     earlier: &[ChannelSpec],
     resolve: &dyn Fn(&str) -> PathBuf,
 ) -> Result<ChannelSpec, String> {
-    let key = |k: &str| {
-        format!(
-            "channel[{}].{k}",
-            if c.name.is_empty() {
-                i.to_string()
-            } else {
-                c.name.clone()
-            }
-        )
-    };
+    let key = |k: &str| section_key("channel", i, &c.name, k);
     if c.name.is_empty() {
         return Err(format!("{}: must not be empty", key("name")));
     }
