@@ -13,7 +13,7 @@
 //! run, and the output says from what. Progress goes to stderr.
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use intervm_benches::runs::linux::{self, LinuxBoot};
 use intervm_benches::runs::linux_user::{self, LinuxUser};
