@@ -540,6 +540,36 @@ fn quantile(v: &[f64], q: f64) -> Option<f64> {
     v.get(rank - 1).copied()
 }
 
+/// Port I/O against its floor: the time per sender access over the raw
+/// CPL3 exit round trip measured in the same run (1.0x: nothing but the
+/// sender's exits; the receiver's accesses exit too, and on a 2-core host
+/// they compete with the sender's).
+fn portio_floor_markdown(r: &Results) -> String {
+    let rows: Vec<&Point> = r
+        .points
+        .iter()
+        .filter(|p| p.channel == "portio" && p.exits.is_some_and(|e| e > 0.0))
+        .collect();
+    if rows.is_empty() || r.raw_pio_exit_us <= 0.0 {
+        return String::new();
+    }
+    let mut m = format!(
+        "\n## Port I/O against the exit floor\n\nTime per sender access (median time / accesses) over the raw CPL3 port-I/O exit round trip of this run ({:.1} µs). 1.0x would be nothing but the sender's exits; the receiver's accesses exit too and share the host's cores.\n\n| variant | size | per access | / raw exit |\n|---|---|---|---|\n",
+        r.raw_pio_exit_us
+    );
+    for p in rows {
+        let per = p.stats().0 / p.exits.unwrap_or(1.0);
+        m += &format!(
+            "| {} | {} | {} | {:.2}x |\n",
+            p.variant,
+            label(p.bytes),
+            seconds(per),
+            per * 1e6 / r.raw_pio_exit_us
+        );
+    }
+    m
+}
+
 /// Cold against warm transfers of the shared-memory channels.
 fn steady_state_markdown(r: &Results) -> String {
     let rows: Vec<&Point> = r.points.iter().filter(|p| !p.warm.is_empty()).collect();
@@ -672,6 +702,7 @@ fn markdown(r: &Results) -> String {
                 .map_or(String::new(), |b| format!("extrapolated from {}", label(b)))
         );
     }
+    s += &portio_floor_markdown(r);
     s += &steady_state_markdown(r);
     s += &latency_markdown(r);
     s += &peers_markdown(r);
