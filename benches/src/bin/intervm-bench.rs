@@ -274,16 +274,78 @@ struct Results {
 /// Ping-pong between two probe VMs: one way = round trip / 2.
 #[derive(Serialize, Deserialize)]
 struct Latency {
-    /// What bounces: "cache line" (the floor) or "ring message".
-    path: String,
-    /// Message bytes.
+    /// Message bytes over the ring.
     bytes: u64,
-    /// Round trips per run.
+    /// Round trips of each kind per run.
     rounds: u64,
-    /// One way, median over the runs of each run's median, s.
+    /// The floor in the same boots (one word each way, no ring), one way:
+    /// median over the runs of each run's median, s.
+    floor_p50: f64,
+    /// ... of each run's 99th percentile, s.
+    floor_p99: f64,
+    /// Ring messages, one way: median over the runs of each run's median, s.
     p50: f64,
-    /// One way, median over the runs of each run's 99th percentile, s.
+    /// ... of each run's 99th percentile, s.
     p99: f64,
+    /// Median over the runs of each run's ring p50 over its floor p50.
+    ratio: f64,
+}
+
+/// Round trips of each kind per ping-pong run: enough for ring messages
+/// to pass through the whole ring many times (first touches are not what
+/// a long-lived pair sees), and both kinds fit in the probe's round log.
+const PING_PONG_ROUNDS: u64 = 16_000;
+
+fn latencies(o: &Opts) -> Vec<Latency> {
+    let mut out = Vec::new();
+    for bytes in [64u64, 4096] {
+        eprintln!("latency: floor and ring {} x{}", label(bytes), o.repeat);
+        let runs: Vec<shmem::PingPong> = (0..o.repeat)
+            .map(|_| shmem::ping_pong(bytes, PING_PONG_ROUNDS))
+            .collect();
+        let one_way = |v: &[f64], q: f64| quantile(v, q).map(|rt| rt / 2.0);
+        let of = |f: &dyn Fn(&shmem::PingPong) -> Option<f64>| {
+            median(runs.iter().filter_map(f).collect())
+        };
+        out.push(Latency {
+            bytes,
+            rounds: PING_PONG_ROUNDS,
+            floor_p50: of(&|r| one_way(&r.floor, 0.5)),
+            floor_p99: of(&|r| one_way(&r.floor, 0.99)),
+            p50: of(&|r| one_way(&r.ring, 0.5)),
+            p99: of(&|r| one_way(&r.ring, 0.99)),
+            ratio: of(&|r| Some(one_way(&r.ring, 0.5)? / one_way(&r.floor, 0.5)?)),
+        });
+    }
+    out
+}
+
+fn latency_markdown(r: &Results) -> String {
+    if r.latency.is_empty() {
+        return String::new();
+    }
+    let mut m = format!(
+        "\n## Latency: one message in flight (shared memory, polled)\n\nTwo probe VMs bounce one word each way in their member-table entries (the floor: a cache line each way, no ring protocol) {} times, then a ring message as many times, in the same boot; one way is half a round trip, timed by the initiator. Medians over the runs of each run's p50 and p99, and of each run's ring p50 over its floor p50.\n\n| message | floor p50 | floor p99 | ring p50 | ring p99 | ring / floor |\n|---|---|---|---|---|---|\n",
+        r.latency.first().map_or(0, |l| l.rounds)
+    );
+    for l in &r.latency {
+        m += &format!(
+            "| {} | {} | {} | {} | {} | {:.1}x |\n",
+            label(l.bytes),
+            seconds(l.floor_p50),
+            seconds(l.floor_p99),
+            seconds(l.p50),
+            seconds(l.p99),
+            l.ratio
+        );
+    }
+    if let Some(d) = &r.doorbell {
+        m += &format!(
+            "\nFor comparison, a doorbell one way (no data) is {:.1} µs through ioeventfd -> irqfd (see Doorbells).\n",
+            d.round_trip_in_kernel_us / 2.0
+        );
+    }
+    m
 }
 
 /// All to one: `members - 1` senders of `bytes` each to one receiver.
@@ -340,73 +402,6 @@ fn peers_markdown(r: &Results) -> String {
             label(p.bytes),
             seconds(p.secs),
             total as f64 / p.secs / (1u64 << 20) as f64
-        );
-    }
-    m
-}
-
-/// Ping-pong round trips per run: enough for ring messages to pass
-/// through the whole ring many times (first touches are not what a
-/// long-lived pair sees).
-const PING_PONG_ROUNDS: u64 = 20_000;
-
-fn latencies(o: &Opts) -> Vec<Latency> {
-    let mut out = Vec::new();
-    for (path, bytes, line) in [
-        ("cache line", 8u64, true),
-        ("ring message", 64, false),
-        ("ring message", 4096, false),
-    ] {
-        eprintln!("latency: {path} {} x{}", label(bytes), o.repeat);
-        let runs: Vec<intervm_benches::runs::Rounds> = (0..o.repeat)
-            .map(|_| shmem::ping_pong(bytes, PING_PONG_ROUNDS, line))
-            .collect();
-        let of = |q: f64| {
-            median(
-                runs.iter()
-                    .filter_map(|r| quantile(&r.each, q))
-                    .map(|rt| rt / 2.0)
-                    .collect(),
-            )
-        };
-        out.push(Latency {
-            path: path.into(),
-            bytes,
-            rounds: PING_PONG_ROUNDS,
-            p50: of(0.5),
-            p99: of(0.99),
-        });
-    }
-    out
-}
-
-fn latency_markdown(r: &Results) -> String {
-    if r.latency.is_empty() {
-        return String::new();
-    }
-    let floor = r
-        .latency
-        .iter()
-        .find(|l| l.path == "cache line")
-        .map(|l| l.p50);
-    let mut m = format!(
-        "\n## Latency: one message in flight (shared memory, polled)\n\nTwo probe VMs bounce a message {} times per run; one way is half a round trip, timed by the initiator. The floor bounces one word in each side's member-table entry (a cache line each way, no ring protocol). Median over the runs of each run's p50 and p99.\n\n| path | message | one way p50 | one way p99 | p50 / floor |\n|---|---|---|---|---|\n",
-        r.latency.first().map_or(0, |l| l.rounds)
-    );
-    for l in &r.latency {
-        m += &format!(
-            "| {} | {} | {} | {} | {} |\n",
-            l.path,
-            label(l.bytes),
-            seconds(l.p50),
-            seconds(l.p99),
-            floor.map_or("-".into(), |f| format!("{:.1}x", l.p50 / f))
-        );
-    }
-    if let Some(d) = &r.doorbell {
-        m += &format!(
-            "\nFor comparison, a doorbell one way (no data) is {:.1} µs through ioeventfd -> irqfd (see Doorbells).\n",
-            d.round_trip_in_kernel_us / 2.0
         );
     }
     m

@@ -191,16 +191,24 @@ pub fn breakdown(bytes: u64, rounds: u64) -> Breakdown {
     }
 }
 
-/// Two probe VMs bouncing a message of `bytes` (`line`: one word in the
-/// member table, no ring) `rounds` times on one memfd region; returns the
-/// initiator's round trips.
-pub fn ping_pong(bytes: u64, rounds: u64, line: bool) -> super::Rounds {
+/// Round trips of one ping-pong boot, seconds each.
+pub struct PingPong {
+    /// One word each way in the member table: the floor.
+    pub floor: Vec<f64>,
+    /// Ring messages.
+    pub ring: Vec<f64>,
+}
+
+/// Two probe VMs on one memfd region: `rounds` round trips of the floor
+/// (one word each way, no ring), then `rounds` of a `bytes` message over
+/// the ring, in the same boot; the initiator's round trips.
+pub fn ping_pong(bytes: u64, rounds: u64) -> PingPong {
     use probe_image::shmem::PingPongTask;
     let shared = Arc::new(SharedRegion::open(&Backing::Memfd, region()).expect("region"));
     let t = Transport::attach(shared, 2).expect("attach");
     let vm = |name: &str, me: u32| {
         let mut task = PingPongTask::new(me, 1 - me, me == 0, bytes, rounds);
-        task.line = line;
+        task.floor_first = true;
         plain_member(name, me, &task.boot_info(), &t)
     };
     let b = vm("pong", 1);
@@ -212,7 +220,9 @@ pub fn ping_pong(bytes: u64, rounds: u64, line: bool) -> super::Rounds {
     let res = ShmemResult::from_info(&info);
     assert!(res.error.is_none(), "ping-pong failed: {:?}", res.error);
     let total = Duration::from_secs_f64(res.seconds().unwrap_or(0.0));
-    super::Rounds::read(&a.0, rounds, info.tsc_khz, total)
+    let mut all = super::Rounds::read(&a.0, 2 * rounds, info.tsc_khz, total).each;
+    let ring = all.split_off(rounds.min(all.len() as u64) as usize);
+    PingPong { floor: all, ring }
 }
 
 /// Region bytes for `members` members: about 256 KiB per ring, at least

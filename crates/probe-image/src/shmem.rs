@@ -144,6 +144,9 @@ pub struct PingPongTask {
     /// Bounce one word in the member table instead of ring messages: the
     /// cache-line floor the ring is measured against.
     pub line: bool,
+    /// `rounds` of the floor first, then `rounds` of ring messages, in the
+    /// same boot (the round log holds both, in that order).
+    pub floor_first: bool,
     /// Message bytes (ignored with `line`).
     pub bytes: u64,
     /// Round trips.
@@ -165,6 +168,7 @@ impl PingPongTask {
             peer,
             initiator,
             line: false,
+            floor_first: false,
             bytes,
             rounds,
             seed: 0,
@@ -175,7 +179,7 @@ impl PingPongTask {
 
     /// The boot-info page that makes the probe run this task.
     pub fn boot_info(&self) -> BootInfo {
-        use intervm_protocol::probe::{SHMEM_PP_INITIATOR, SHMEM_PP_LINE};
+        use intervm_protocol::probe::{SHMEM_PP_FLOOR_FIRST, SHMEM_PP_INITIATOR, SHMEM_PP_LINE};
         let mut info = BootInfo::new(Workload::ShmemPingPong, 0, 0);
         let a = &mut info.args;
         a[shmem_args::DEVICE_INDEX] = self.device_index as u64;
@@ -190,7 +194,12 @@ impl PingPongTask {
             SHMEM_PP_INITIATOR
         } else {
             0
-        } | if self.line { SHMEM_PP_LINE } else { 0 };
+        } | if self.line { SHMEM_PP_LINE } else { 0 }
+            | if self.floor_first {
+                SHMEM_PP_FLOOR_FIRST
+            } else {
+                0
+            };
         info
     }
 }

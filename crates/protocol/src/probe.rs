@@ -314,6 +314,11 @@ pub const SHMEM_PP_INITIATOR: u64 = 32;
 /// `shmem_args::FLAGS` bit of [`Workload::ShmemPingPong`]: bounce one
 /// word in each side's member-table entry instead of ring messages.
 pub const SHMEM_PP_LINE: u64 = 64;
+/// `shmem_args::FLAGS` bit of [`Workload::ShmemPingPong`]: `ROUNDS`
+/// round trips of the floor ([`SHMEM_PP_LINE`]) first, then `ROUNDS` of
+/// ring messages, in one boot (round log slots `1..=ROUNDS`, then
+/// `ROUNDS + 1..=2 * ROUNDS`).
+pub const SHMEM_PP_FLOOR_FIRST: u64 = 128;
 
 /// `shmem_args::FLAGS` bit of [`Notify::Always`](crate::notify::Notify):
 /// the sender rings the receiver (vector 0) after each frame; the receiver

@@ -164,9 +164,12 @@ fn a_receiver_logs_each_round_and_the_rounds_fit_in_the_transfer() {
     );
 }
 
-fn ping_pong_info(me: u32, initiator: bool, bytes: u64, rounds: u64, line: bool) -> BootInfo {
+/// `kind`: 0 ring messages, 1 the floor (one word each way), 2 the floor
+/// then ring messages.
+fn ping_pong_info(me: u32, initiator: bool, bytes: u64, rounds: u64, kind: u8) -> BootInfo {
     let mut t = shmem::PingPongTask::new(me, 1 - me, initiator, bytes, rounds);
-    t.line = line;
+    t.line = kind == 1;
+    t.floor_first = kind == 2;
     t.seed = SEED;
     t.timeout_ms = PEER_TIMEOUT_MS;
     t.boot_info()
@@ -176,12 +179,13 @@ fn ping_pong_info(me: u32, initiator: bool, bytes: u64, rounds: u64, line: bool)
 fn ping_pong_echoes_every_message_and_logs_every_round_trip() {
     require_kvm!();
     const ROUNDS: u64 = 3000;
-    for (bytes, line) in [(64, false), (4096, false), (8, true)] {
+    for (bytes, kind) in [(64, 0), (4096, 0), (8, 1), (64, 2)] {
         let t = transport(2, 1 << 20);
-        let a = start("a", &ping_pong_info(0, true, bytes, ROUNDS, line), &t);
-        let b = start("b", &ping_pong_info(1, false, bytes, ROUNDS, line), &t);
+        let a = start("a", &ping_pong_info(0, true, bytes, ROUNDS, kind), &t);
+        let b = start("b", &ping_pong_info(1, false, bytes, ROUNDS, kind), &t);
         let exit = a.vm.wait_timeout(RUN_TIMEOUT);
-        let log = probe::round_log(a.vm.vm().memory(), ROUNDS + 1).expect("round log");
+        let rounds = if kind == 2 { 2 * ROUNDS } else { ROUNDS };
+        let log = probe::round_log(a.vm.vm().memory(), rounds + 1).expect("round log");
         let (a_exit, a_info, a_console) = end(a);
         let (b_exit, _, b_console) = end(b);
         assert_eq!(
@@ -191,9 +195,9 @@ fn ping_pong_echoes_every_message_and_logs_every_round_trip() {
         );
         assert_eq!(a_exit, VmExit::Guest(EXIT_OK));
         assert_eq!(b_exit, VmExit::Guest(EXIT_OK), "{bytes} B:\n{b_console}");
-        assert_eq!(a_info.results[results::SHM_ROUNDS], ROUNDS);
-        assert!(log[..ROUNDS as usize].iter().all(|&c| c > 0), "{bytes} B");
-        assert_eq!(log[ROUNDS as usize], 0, "{bytes} B: a round past the last");
+        assert_eq!(a_info.results[results::SHM_ROUNDS], rounds);
+        assert!(log[..rounds as usize].iter().all(|&c| c > 0), "{bytes} B");
+        assert_eq!(log[rounds as usize], 0, "{bytes} B: a round past the last");
     }
 }
 
@@ -201,9 +205,9 @@ fn ping_pong_echoes_every_message_and_logs_every_round_trip() {
 fn a_ping_pong_whose_peer_stops_answering_ends_with_peer_gone() {
     require_kvm!();
     let t = transport(2, 1 << 20);
-    let a = start("a", &ping_pong_info(0, true, 64, 1000, false), &t);
+    let a = start("a", &ping_pong_info(0, true, 64, 1000, 0), &t);
     // The other side answers 10 times, then powers off and leaves.
-    let b = start("b", &ping_pong_info(1, false, 64, 10, false), &t);
+    let b = start("b", &ping_pong_info(1, false, 64, 10, 0), &t);
     let (b_exit, _, b_console) = end(b);
     assert_eq!(b_exit, VmExit::Guest(EXIT_OK), "{b_console}");
     let (a_exit, a_info, a_console) = end(a);
