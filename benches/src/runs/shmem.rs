@@ -92,14 +92,21 @@ pub type Member = (vmm_core::RunningVm, shmem_device::Membership);
 /// Starts a quiet probe VM (64 MiB) running `info` with an ivshmem-plain
 /// device on `t`'s region, joined as member `me`.
 fn plain_member(name: &str, me: u32, info: &BootInfo, t: &Transport) -> Member {
+    let vm = plain_vm(name, info, t.region());
+    let m = t.join(me).expect("join");
+    (vm.start().expect("start"), m)
+}
+
+/// A quiet probe VM (64 MiB) loaded with `info` and an ivshmem-plain
+/// device on `region`, not started.
+fn plain_vm(name: &str, info: &BootInfo, region: &Arc<SharedRegion>) -> Vm {
     let mut cfg = VmConfig::new(name, 64 << 20);
     cfg.serial = SerialOutput::Sink;
     let vm = Vm::new(&cfg).expect("VM");
-    vm.add_pci_device(Arc::new(Mutex::new(IvshmemPlain::new(t.region().clone()))))
+    vm.add_pci_device(Arc::new(Mutex::new(IvshmemPlain::new(region.clone()))))
         .expect("device");
     probe::load(&vm, probe_image::PROBE_ELF, info).expect("probe");
-    let m = t.join(me).expect("join");
-    (vm.start().expect("start"), m)
+    vm
 }
 
 /// Starts a receiving and a sending probe VM on one memfd region, moving
@@ -239,7 +246,7 @@ pub fn region_for(members: u32) -> u64 {
 /// start line to the last byte of the last sender; every sender's stream
 /// checksum is checked.
 pub fn fan_in(members: u32, bytes: u64, mode: probe_image::shmem::Notify) -> Duration {
-    use interrupt_doorbell::{device::new_eventfds, group, IvshmemDoorbell};
+    use interrupt_doorbell::group;
     use probe_image::shmem::Notify;
     let shared =
         Arc::new(SharedRegion::open(&Backing::Memfd, region_for(members)).expect("region"));
@@ -259,25 +266,14 @@ pub fn fan_in(members: u32, bytes: u64, mode: probe_image::shmem::Notify) -> Dur
         task.quiet = true;
         task.notify = mode;
         task.join_timeout_ms = 600_000;
-        let mut cfg = VmConfig::new(format!("m{me}"), 64 << 20);
-        cfg.serial = SerialOutput::Sink;
-        let vm = Vm::new(&cfg).expect("VM");
-        if mode == Notify::Never {
-            vm.add_pci_device(Arc::new(Mutex::new(IvshmemPlain::new(shared.clone()))))
-                .expect("device");
+        let (name, info) = (format!("m{me}"), task.boot_info());
+        let vm = if mode == Notify::Never {
+            plain_vm(&name, &info, &shared)
         } else {
-            let dev = IvshmemDoorbell::new(
-                &vm,
-                shared.clone(),
-                me as u16,
-                new_eventfds(1).expect("eventfd"),
-                true,
-            )
-            .expect("device");
-            vm.add_pci_device(dev.clone()).expect("device");
+            let (vm, dev) = super::doorbell::vm(&name, &info, &shared, me as u16, true);
             bells.push(dev);
-        }
-        probe::load(&vm, probe_image::PROBE_ELF, &task.boot_info()).expect("probe");
+            vm
+        };
         vms.push((vm, t.join(me).expect("join")));
     }
     if !bells.is_empty() {
