@@ -41,7 +41,7 @@ pub fn attach_session(
         .collect::<std::io::Result<Vec<_>>>()
         .map_err(|e| Error::Io("duplicating the session's eventfds".into(), e))?;
     let device = IvshmemDoorbell::new(vm, t.region().clone(), session.id, own, fast_path)?;
-    session.follow(Arc::downgrade(&device))?;
+    session.follow(Arc::downgrade(&device), vm.events())?;
     let membership = t.join(me)?;
     vm.add_pci_device(device.clone())
         .map_err(|source| Error::AddDevice {

@@ -1,7 +1,7 @@
 //! Joining an ivshmem server as a client (see [`crate::proto`]): the
 //! handshake gives this member its ID, the shared memory and its receive
-//! eventfds; afterwards a thread follows join and leave notices and keeps
-//! the device's peer table current.
+//! eventfds; afterwards [`ServerNotices`], in the VM's event loop, follows
+//! join and leave notices and keeps the device's peer table current.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -11,6 +11,8 @@ use std::path::Path;
 use std::sync::{Mutex, Weak};
 use std::time::{Duration, Instant};
 
+use vmm_core::events::{EventLoop, EventOps, Events, MutEventSubscriber};
+use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::proto::{self, PROTOCOL_VERSION};
@@ -236,11 +238,14 @@ pub fn connect_within(path: &Path, vectors: usize, limit: Duration) -> Result<Se
     })
 }
 
+/// How long the follower waits for the rest of a message the server
+/// began: the event loop it runs on serves other sources too.
+const MESSAGE_WAIT: Duration = Duration::from_secs(1);
+
 impl Session {
-    /// Hands the peers known so far to `dev` and follows the server's
-    /// notices on a thread until the server hangs up or misbehaves (then
-    /// the peers stay as they were, as QEMU does) or the device is gone.
-    pub fn follow(self, dev: Weak<Mutex<IvshmemDoorbell>>) -> Result<std::thread::JoinHandle<()>> {
+    /// Hands the peers known so far to `dev` and returns the follower of
+    /// the server's later notices, to put into an event loop.
+    pub fn follower(self, dev: Weak<Mutex<IvshmemDoorbell>>) -> Result<ServerNotices> {
         let Session {
             id,
             peers,
@@ -248,61 +253,99 @@ impl Session {
             vectors,
             ..
         } = self;
+        stream
+            .set_read_timeout(Some(MESSAGE_WAIT))
+            .map_err(|e| Error::Io("timeout".into(), e))?;
         if let Some(d) = dev.upgrade() {
-            if let Ok(mut g) = d.lock() {
-                for (p, evts) in peers {
-                    g.add_peer(p, evts);
-                }
+            let mut g = d.lock().map_err(|_| Error::Poisoned)?;
+            for (p, evts) in peers {
+                g.add_peer(p, evts);
             }
         }
-        std::thread::Builder::new()
-            .name(format!("ivshmem-client-{id}"))
-            .spawn(move || {
-                let mut pending: HashMap<u16, Vec<EventFd>> = HashMap::new();
-                loop {
-                    let msg = match proto::recv(&stream) {
-                        Ok(Some(m)) => m,
-                        Ok(None) => {
-                            log::warn!("ivshmem client {id}: the server hung up");
-                            return;
-                        }
-                        Err(e) => {
-                            log::warn!("ivshmem client {id}: {e}; no more join/leave notices");
-                            return;
-                        }
-                    };
-                    let Some(d) = dev.upgrade() else { return };
-                    let Ok(peer) = id_of(msg.0) else {
-                        log::warn!("ivshmem client {id}: bad peer ID {}", msg.0);
-                        return;
-                    };
-                    let Ok(mut g) = d.lock() else { return };
-                    match msg.1 {
-                        Some(fd) if peer != id => {
-                            let list = pending.entry(peer).or_default();
-                            if list.len() < vectors {
-                                match eventfd(fd) {
-                                    Ok(e) => list.push(e),
-                                    Err(e) => {
-                                        log::warn!(
-                                            "ivshmem client {id}: {e}; no more join/leave notices"
-                                        );
-                                        return;
-                                    }
-                                }
-                            }
-                            let clones: Vec<EventFd> =
-                                list.iter().filter_map(|e| e.try_clone().ok()).collect();
-                            g.add_peer(peer, clones);
-                        }
-                        Some(_) => {}
-                        None => {
-                            pending.remove(&peer);
-                            g.remove_peer(peer);
-                        }
-                    }
+        Ok(ServerNotices {
+            id,
+            dev,
+            stream: Some(stream),
+            vectors,
+            pending: HashMap::new(),
+        })
+    }
+
+    /// [`Session::follower`], put into `events` (a VM's event loop).
+    pub fn follow(self, dev: Weak<Mutex<IvshmemDoorbell>>, events: &EventLoop) -> Result<()> {
+        let f = self.follower(dev)?;
+        events.add(Box::new(f)).map_err(Error::Events)?;
+        Ok(())
+    }
+}
+
+/// Follows the server's join and leave notices and keeps a device's peer
+/// table current, as an event-loop subscriber ([`vmm_core::events`]).
+/// When the server hangs up or misbehaves the peers stay as they were (as
+/// QEMU does); when the device is gone the connection is closed.
+pub struct ServerNotices {
+    id: u16,
+    dev: Weak<Mutex<IvshmemDoorbell>>,
+    stream: Option<UnixStream>,
+    vectors: usize,
+    /// Eventfds of peers announced since the handshake, by peer.
+    pending: HashMap<u16, Vec<EventFd>>,
+}
+
+impl ServerNotices {
+    /// Takes one notice. `Err`: stop following, with the reason to log.
+    fn take(&mut self, stream: &UnixStream) -> std::result::Result<(), String> {
+        let id = self.id;
+        let msg = match proto::recv(stream) {
+            Ok(Some(m)) => m,
+            Ok(None) => return Err("the server hung up".into()),
+            Err(e) => return Err(format!("{e}; no more join/leave notices")),
+        };
+        let Some(d) = self.dev.upgrade() else {
+            return Err("the device is gone".into());
+        };
+        let peer = id_of(msg.0).map_err(|_| format!("bad peer ID {}", msg.0))?;
+        let mut g = d
+            .lock()
+            .map_err(|_| "the device's lock is poisoned".to_string())?;
+        match msg.1 {
+            Some(fd) if peer != id => {
+                let list = self.pending.entry(peer).or_default();
+                if list.len() < self.vectors {
+                    list.push(eventfd(fd).map_err(|e| format!("{e}; no more join/leave notices"))?);
                 }
-            })
-            .map_err(|e| Error::Io("spawning the client thread".into(), e))
+                let clones: Vec<EventFd> = list.iter().filter_map(|e| e.try_clone().ok()).collect();
+                g.add_peer(peer, clones);
+            }
+            Some(_) => {}
+            None => {
+                self.pending.remove(&peer);
+                g.remove_peer(peer);
+            }
+        }
+        Ok(())
+    }
+}
+
+impl MutEventSubscriber for ServerNotices {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Some(s) = &self.stream {
+            if let Err(e) = ops.add(Events::new(s, EventSet::IN)) {
+                log::warn!("ivshmem client {}: {e}; no join/leave notices", self.id);
+            }
+        }
+    }
+
+    fn process(&mut self, _: Events, ops: &mut EventOps) {
+        let Some(stream) = self.stream.take() else {
+            return;
+        };
+        match self.take(&stream) {
+            Ok(()) => self.stream = Some(stream),
+            Err(why) => {
+                log::warn!("ivshmem client {}: {why}", self.id);
+                let _ = ops.remove(Events::new(&stream, EventSet::IN));
+            }
+        }
     }
 }

@@ -13,13 +13,16 @@
 //! is the fallback, used when the fast path is off or not registered.
 
 use std::collections::HashMap;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use kvm_ioctls::{IoEventAddress, VmFd};
 use shared_region::SharedRegion;
+use vmm_core::events::{EventOps, Events, LoopHandle, MutEventSubscriber, SubscriberId};
 use vmm_core::irq::{poll_readable, IntxLine, KvmMsiVectors, MsiVectors};
 use vmm_core::pci::{BarKind, BarMemory, BarSpec, Msix, PciConfiguration, PciDevice};
+use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::{Error, Result};
@@ -101,6 +104,9 @@ pub struct IvshmemDoorbell {
     /// Written when the INTx watcher should look again: the guest may have
     /// switched between MSI-X and INTx, or the device is going away.
     mode_changed: EventFd,
+    /// The INTx watcher in the VM's event loop, taken out when the device
+    /// goes (devices from [`IvshmemDoorbell::with_parts`] have none).
+    watcher: Option<(LoopHandle, SubscriberId)>,
 }
 
 impl IvshmemDoorbell {
@@ -124,7 +130,11 @@ impl IvshmemDoorbell {
             .map_err(Error::Vectors)?;
         let ioevents: Option<Box<dyn IoEvents>> =
             fast_path.then(|| Box::new(KvmIoEvents(vm.fd().clone())) as Box<dyn IoEvents>);
-        Self::with_parts(region, id, own, Box::new(vecs), ioevents)
+        let dev = Self::with_parts(region, id, own, Box::new(vecs), ioevents)?;
+        let watcher = Box::new(Self::intx_watcher(&dev)?);
+        let sub = vm.events().add(watcher).map_err(Error::Events)?;
+        dev.lock().map_err(|_| Error::Poisoned)?.watcher = Some((vm.events().handle(), sub));
+        Ok(dev)
     }
 
     /// A device from its capabilities, for a VMM other than vmm-core's or
@@ -190,8 +200,8 @@ impl IvshmemDoorbell {
             intx_on: Arc::new(AtomicBool::new(false)),
             mode_changed: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
                 .map_err(|e| Error::Io("eventfd".into(), e))?,
+            watcher: None,
         }));
-        spawn_intx_watcher(&dev)?;
         Ok(dev)
     }
 
@@ -349,66 +359,103 @@ impl IvshmemDoorbell {
     }
 }
 
-/// While the guest uses INTx, a thread turns signals on the receive
+/// While the guest uses INTx, turns signals on the device's receive
 /// eventfds into Interrupt Status + INTx (with MSI-X on, KVM's irqfds
-/// consume them instead). It sleeps in `poll` until a ring arrives or
-/// `mode_changed` says the guest switched modes (or the device went away);
-/// while the guest uses MSI-X it waits on `mode_changed` alone.
-fn spawn_intx_watcher(dev: &Arc<Mutex<IvshmemDoorbell>>) -> Result<()> {
-    let weak: Weak<Mutex<IvshmemDoorbell>> = Arc::downgrade(dev);
-    let (stop, intx_on, wake, own) = {
+/// consume them instead). An event-loop subscriber
+/// ([`vmm_core::events`]): it always watches the device's mode-change
+/// eventfd, and the receive eventfds only while the guest uses INTx.
+///
+/// [`IvshmemDoorbell::new`] puts one into the VM's event loop; a VMM that
+/// builds the device with [`IvshmemDoorbell::with_parts`] and wants INTx
+/// puts [`IvshmemDoorbell::intx_watcher`] into its own `event-manager`.
+pub struct IntxWatcher {
+    /// Only an INTx signal takes a (short-lived) strong reference: a
+    /// device dropped by its owner is dropped there, with its ioeventfds.
+    dev: Weak<Mutex<IvshmemDoorbell>>,
+    stop: Arc<AtomicBool>,
+    intx_on: Arc<AtomicBool>,
+    wake: EventFd,
+    own: Vec<EventFd>,
+    watching: bool,
+}
+
+impl IntxWatcher {
+    fn watch_own(&mut self, on: bool, ops: &mut EventOps) {
+        if on == self.watching {
+            return;
+        }
+        for e in &self.own {
+            let ev = Events::new(e, EventSet::IN);
+            let r = if on { ops.add(ev) } else { ops.remove(ev) };
+            if let Err(e) = r {
+                log::warn!("ivshmem: INTx watcher: {e}");
+            }
+        }
+        self.watching = on;
+    }
+
+    /// The device is gone or unusable: watch nothing more.
+    fn retire(&mut self, ops: &mut EventOps) {
+        self.watch_own(false, ops);
+        let _ = ops.remove(Events::new(&self.wake, EventSet::IN));
+    }
+}
+
+impl MutEventSubscriber for IntxWatcher {
+    fn init(&mut self, ops: &mut EventOps) {
+        if let Err(e) = ops.add(Events::new(&self.wake, EventSet::IN)) {
+            log::warn!("ivshmem: INTx watcher: {e}");
+        }
+        self.watch_own(self.intx_on.load(Ordering::Acquire), ops);
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        if self.stop.load(Ordering::Acquire) {
+            return self.retire(ops);
+        }
+        let intx = self.intx_on.load(Ordering::Acquire);
+        if events.fd() == self.wake.as_raw_fd() {
+            let _ = self.wake.read();
+            return self.watch_own(intx, ops);
+        }
+        if !intx {
+            // Switched to MSI-X; the wake-up is on its way, act now.
+            return self.watch_own(false, ops);
+        }
+        let Some(d) = self.dev.upgrade() else {
+            return self.retire(ops);
+        };
+        let Ok(mut g) = d.lock() else {
+            return self.retire(ops);
+        };
+        g.intx_event();
+    }
+}
+
+impl IvshmemDoorbell {
+    /// The INTx watcher of `dev`, to put into an event loop (see
+    /// [`IntxWatcher`]).
+    pub fn intx_watcher(dev: &Arc<Mutex<Self>>) -> Result<IntxWatcher> {
         let g = dev.lock().map_err(|_| Error::Poisoned)?;
         let dup = |e: &EventFd| e.try_clone().map_err(|e| Error::Io("eventfd".into(), e));
-        let own = g.own.iter().map(dup).collect::<Result<Vec<_>>>()?;
-        (
-            g.stop.clone(),
-            g.intx_on.clone(),
-            dup(&g.mode_changed)?,
-            own,
-        )
-    };
-    let pollfd = |e: &EventFd| libc::pollfd {
-        fd: std::os::fd::AsRawFd::as_raw_fd(e),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    std::thread::Builder::new()
-        .name("ivshmem-intx".into())
-        .spawn(move || {
-            while !stop.load(Ordering::Acquire) {
-                // Only an INTx signal takes a (short-lived) strong
-                // reference: a device dropped by its owner is dropped
-                // there, with its ioeventfds, while the guest uses MSI-X.
-                let intx = intx_on.load(Ordering::Acquire);
-                let mut fds = vec![pollfd(&wake)];
-                if intx {
-                    fds.extend(own.iter().map(pollfd));
-                }
-                // SAFETY: `fds` is a valid array of pollfds for its length,
-                // and the eventfds they name are owned by this thread.
-                let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
-                if n <= 0 {
-                    continue;
-                }
-                if fds[0].revents != 0 {
-                    let _ = wake.read();
-                }
-                if fds[1..].iter().any(|f| f.revents != 0) {
-                    let Some(d) = weak.upgrade() else { return };
-                    if let Ok(mut g) = d.lock() {
-                        g.intx_event();
-                    };
-                }
-            }
+        Ok(IntxWatcher {
+            dev: Arc::downgrade(dev),
+            stop: g.stop.clone(),
+            intx_on: g.intx_on.clone(),
+            wake: dup(&g.mode_changed)?,
+            own: g.own.iter().map(dup).collect::<Result<Vec<_>>>()?,
+            watching: false,
         })
-        .map_err(|e| Error::Io("spawning the INTx thread".into(), e))?;
-    Ok(())
+    }
 }
 
 impl Drop for IvshmemDoorbell {
     fn drop(&mut self) {
         self.stop.store(true, Ordering::Release);
         let _ = self.mode_changed.write(1);
+        if let Some((events, id)) = self.watcher.take() {
+            events.remove_later(id);
+        }
         self.unregister_ioevents();
     }
 }
@@ -660,6 +707,12 @@ mod tests {
     #[test]
     fn intx_raises_status_and_the_line_until_status_is_read() {
         let dev = device(0, 1, None);
+        // A device built from parts has its watcher put into a loop by
+        // its VMM.
+        let events = vmm_core::events::EventLoop::start("intx-test").unwrap();
+        events
+            .add(Box::new(IvshmemDoorbell::intx_watcher(&dev).unwrap()))
+            .unwrap();
         let level = Arc::new(AtomicBool::new(false));
         let own = {
             let mut d = dev.lock().unwrap();

@@ -68,6 +68,10 @@ pub enum Error {
     /// KVM refused the MSI vectors (GSI routes, irqfds).
     #[error("MSI vectors: {0}")]
     Vectors(#[source] vmm_core::Error),
+    /// The VM's event loop refused a subscriber (the INTx watcher, the
+    /// follower of a server's notices).
+    #[error("event loop: {0}")]
+    Events(#[source] vmm_core::Error),
     /// The VM refused the device.
     #[error("adding the device to vm {vm}: {source}")]
     AddDevice {

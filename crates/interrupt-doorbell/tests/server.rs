@@ -61,7 +61,7 @@ fn attach(vm: &vmm_core::Vm, s: Session, fast: bool) -> Arc<Mutex<IvshmemDoorbel
         Arc::new(SharedRegion::from_file(s.shm.try_clone().unwrap(), "server shm").unwrap());
     let own = s.own.iter().map(|e| e.try_clone().unwrap()).collect();
     let dev = IvshmemDoorbell::new(vm, region, s.id, own, fast).unwrap();
-    s.follow(Arc::downgrade(&dev)).unwrap();
+    s.follow(Arc::downgrade(&dev), vm.events()).unwrap();
     dev
 }
 
@@ -160,6 +160,26 @@ fn a_peer_leaves_and_rejoins() {
         .bar_write(0, DOORBELL, &(1u32 << 16).to_le_bytes());
     assert!(poll_readable(&sb.own[0]), "the new b is rung");
     assert_eq!(da.lock().unwrap().stats().rung, 1);
+}
+
+#[test]
+fn a_vm_that_goes_away_leaves_the_server() {
+    require_kvm!();
+    let srv = server("vm-gone", 1);
+    let info = BootInfo::new(Workload::Hello, 0, 0);
+    let (vm_a, _ca) = probe_vm_with("a", &info, 1, 16 << 20);
+    let (vm_b, _cb) = probe_vm_with("b", &info, 1, 16 << 20);
+    let da = attach(&vm_a, client::connect(&srv.path, 1).unwrap(), false);
+    let db = attach(&vm_b, client::connect(&srv.path, 1).unwrap(), false);
+    wait_until("a and b to know each other", || {
+        da.lock().unwrap().peers() == vec![1] && db.lock().unwrap().peers() == vec![0]
+    });
+    // The server connection lives in a's event loop, which ends with the
+    // VM: the server hears a leave and tells b, without any other notice
+    // having to come first (a follower waiting for one held it open).
+    drop(da);
+    drop(vm_a);
+    wait_until("b to see a leave", || db.lock().unwrap().peers().is_empty());
 }
 
 #[test]

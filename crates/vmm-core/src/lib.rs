@@ -25,6 +25,7 @@
 pub mod boot;
 pub mod devices;
 mod error;
+pub mod events;
 pub mod host;
 pub mod irq;
 pub mod layout;

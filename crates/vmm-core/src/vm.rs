@@ -13,6 +13,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::devices::debug::DebugDevice;
 use crate::devices::serial::{SerialDevice, SerialOutput};
+use crate::events::EventLoop;
 use crate::host::KvmFlavor;
 use crate::irq::GsiRouter;
 use crate::layout;
@@ -70,6 +71,8 @@ pub struct Vm {
     cpuid: CpuId,
     control: Arc<VmControl>,
     serial: Arc<Mutex<SerialDevice>>,
+    /// Last: dropping it stops the loop after the rest of the VM is gone.
+    events: EventLoop,
 }
 
 impl Vm {
@@ -153,6 +156,7 @@ impl Vm {
             cpuid,
             control,
             serial,
+            events: EventLoop::start(&cfg.name)?,
         };
         vm.add_pio_device(layout::COM1_BASE, 8, vm.serial.clone())?;
         vm.add_pio_device(
@@ -240,6 +244,10 @@ impl Vm {
     /// What kind of KVM runs this VM.
     pub fn flavor(&self) -> KvmFlavor {
         self.flavor
+    }
+    /// The VM's event loop, where its devices' event sources are served.
+    pub fn events(&self) -> &EventLoop {
+        &self.events
     }
     /// The GSI routing table (for MSI vectors of devices).
     pub fn gsi_router(&self) -> &Arc<Mutex<GsiRouter>> {
