@@ -30,6 +30,87 @@ enum RawSize {
     Text(String),
 }
 
+/// A name from a fixed set (a serde enum), or what the file said instead,
+/// kept so that the error names the key, quotes the value and lists the
+/// choices.
+#[derive(Debug)]
+enum Choice<T> {
+    Is(T),
+    Not(String),
+}
+
+impl<'de, T: serde::de::DeserializeOwned> Deserialize<'de> for Choice<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        use serde::de::IntoDeserializer;
+        // Not a string at all: serde's own message ("expected a string").
+        let s = String::deserialize(d)?;
+        let known: Result<T, serde::de::value::Error> =
+            T::deserialize(s.clone().into_deserializer());
+        Ok(known.map_or(Choice::Not(s), Choice::Is))
+    }
+}
+
+impl<T: Copy> Choice<T> {
+    /// The value, or the error `explain` phrases for what the file said.
+    fn get(&self, explain: impl FnOnce(&str) -> String) -> Result<T, String> {
+        match self {
+            Choice::Is(t) => Ok(*t),
+            Choice::Not(s) => Err(explain(s)),
+        }
+    }
+}
+
+/// `kind` of a `[[channel]]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum KindName {
+    Portio,
+    Shmem,
+    Doorbell,
+}
+
+/// `task` of a probe table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum TaskName {
+    Hello,
+    Send,
+    Recv,
+    Ping,
+    Pong,
+    Chaos,
+}
+
+impl TaskName {
+    fn name(self) -> &'static str {
+        match self {
+            TaskName::Hello => "hello",
+            TaskName::Send => "send",
+            TaskName::Recv => "recv",
+            TaskName::Ping => "ping",
+            TaskName::Pong => "pong",
+            TaskName::Chaos => "chaos",
+        }
+    }
+}
+
+/// `mode` of a port-I/O probe task.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum ModeName {
+    Port,
+    Descriptor,
+}
+
+/// `serial` given by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+enum SerialName {
+    Stdout,
+    Console,
+    None,
+}
+
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawFile {
@@ -63,13 +144,13 @@ enum RawProbes {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawProbe {
-    task: String,
+    task: Choice<TaskName>,
     channel: Option<String>,
     to: Option<String>,
     from: Option<Vec<String>>,
     size: Option<RawSize>,
     chunk: Option<RawSize>,
-    mode: Option<String>,
+    mode: Option<Choice<ModeName>>,
     width: Option<u64>,
     rep: Option<bool>,
     rounds: Option<u64>,
@@ -90,7 +171,7 @@ struct RawBacking {
 #[derive(Debug, Deserialize)]
 #[serde(untagged)]
 enum RawSerial {
-    Named(String),
+    Named(Choice<SerialName>),
     File { file: String },
 }
 
@@ -98,14 +179,14 @@ enum RawSerial {
 #[serde(deny_unknown_fields)]
 struct RawChannel {
     name: String,
-    kind: String,
+    kind: Choice<KindName>,
     members: Vec<String>,
     size: Option<RawSize>,
     backing: Option<RawBacking>,
     port: Option<i64>,
     vectors: Option<u32>,
     fast_path: Option<bool>,
-    notify: Option<String>,
+    notify: Option<Choice<Notify>>,
     spin_us: Option<u64>,
     peer_timeout: Option<String>,
     join_timeout: Option<String>,
@@ -461,7 +542,11 @@ fn parse_size(s: &RawSize) -> Result<u64, String> {
 
 /// Validates a `probe = { ... }` table; errors start with the key below `probe`.
 fn probe_task(p: &RawProbe, vm: &VmSpec, channels: &[ChannelSpec]) -> Result<ProbeTask, String> {
-    if p.task == "hello" || p.task == "chaos" {
+    use TaskName::*;
+    let task = p.task.get(|t| {
+        format!("task: {t:?} is not \"hello\", \"send\", \"recv\", \"ping\", \"pong\" or \"chaos\"")
+    })?;
+    if matches!(task, Hello | Chaos) {
         for (k, set) in [
             ("channel", p.channel.is_some()),
             ("to", p.to.is_some()),
@@ -473,26 +558,20 @@ fn probe_task(p: &RawProbe, vm: &VmSpec, channels: &[ChannelSpec]) -> Result<Pro
             ("rep", p.rep.is_some()),
             ("rounds", p.rounds.is_some()),
             ("transfers", p.transfers.is_some()),
-            ("ops", p.ops.is_some() && p.task == "hello"),
-            ("seed", p.seed.is_some() && p.task == "hello"),
+            ("ops", p.ops.is_some() && task == Hello),
+            ("seed", p.seed.is_some() && task == Hello),
         ] {
             if set {
-                return Err(format!("{k}: not used by task {:?}", p.task));
+                return Err(format!("{k}: not used by task {:?}", task.name()));
             }
         }
-        if p.task == "hello" {
+        if task == Hello {
             return Ok(ProbeTask::Hello);
         }
         return Ok(ProbeTask::Chaos {
             ops: p.ops.unwrap_or(10_000),
             seed: p.seed.unwrap_or(1),
         });
-    }
-    if !["send", "recv", "ping", "pong"].contains(&p.task.as_str()) {
-        return Err(format!(
-            "task: {:?} is not \"hello\", \"send\", \"recv\", \"ping\", \"pong\" or \"chaos\"",
-            p.task
-        ));
     }
     for (k, set) in [("ops", p.ops.is_some()), ("seed", p.seed.is_some())] {
         if set {
@@ -516,7 +595,7 @@ fn probe_task(p: &RawProbe, vm: &VmSpec, channels: &[ChannelSpec]) -> Result<Pro
         index,
         me,
     };
-    if p.task == "ping" || p.task == "pong" {
+    if matches!(task, Ping | Pong) {
         if ch.kind.doorbell().is_none() {
             return Err(format!(
                 "channel: ping/pong run on kind = \"doorbell\" channels; {name:?} is {:?}",
@@ -532,20 +611,22 @@ fn probe_task(p: &RawProbe, vm: &VmSpec, channels: &[ChannelSpec]) -> Result<Pro
             channel,
             to: MemberRef { name: to, index },
             rounds: p.rounds.unwrap_or(1000).max(1),
-            initiator: p.task == "ping",
+            initiator: task == Ping,
         });
     }
     if p.rounds.is_some() {
         return Err("rounds: only meaningful for ping/pong".into());
     }
-    if p.transfers.is_some() && p.task != "recv" {
+    if p.transfers.is_some() && task != Recv {
         return Err("transfers: only meaningful for task \"recv\"".into());
     }
     let portio = if let Kind::Portio { port } = ch.kind {
-        let descriptor = match p.mode.as_deref() {
-            None | Some("port") => false,
-            Some("descriptor") => true,
-            Some(m) => return Err(format!("mode: {m:?} is not \"port\" or \"descriptor\"")),
+        let descriptor = match &p.mode {
+            None => false,
+            Some(m) => {
+                m.get(|m| format!("mode: {m:?} is not \"port\" or \"descriptor\""))?
+                    == ModeName::Descriptor
+            }
         };
         let width = match p.width {
             None => 4,
@@ -613,7 +694,7 @@ fn probe_task(p: &RawProbe, vm: &VmSpec, channels: &[ChannelSpec]) -> Result<Pro
             index,
         })
     };
-    if p.task == "send" {
+    if task == Send {
         if p.from.is_some() {
             return Err("from: not used by task \"send\" (use to)".into());
         }
@@ -795,9 +876,9 @@ fn vm_spec(
     };
     let serial = match &v.serial {
         None => Serial::Stdout,
-        Some(RawSerial::Named(s)) if s == "stdout" => Serial::Stdout,
-        Some(RawSerial::Named(s)) if s == "none" => Serial::None,
-        Some(RawSerial::Named(s)) if s == "console" => {
+        Some(RawSerial::Named(Choice::Is(SerialName::Stdout))) => Serial::Stdout,
+        Some(RawSerial::Named(Choice::Is(SerialName::None))) => Serial::None,
+        Some(RawSerial::Named(Choice::Is(SerialName::Console))) => {
             if let Some(other) = earlier.iter().find(|o| o.serial == Serial::Console) {
                 return Err(format!(
                     "{}: \"console\" is already taken by vm[{}]: stdin can feed only one VM's console (give the others \"stdout\")",
@@ -807,7 +888,7 @@ fn vm_spec(
             }
             Serial::Console
         }
-        Some(RawSerial::Named(s)) => {
+        Some(RawSerial::Named(Choice::Not(s))) => {
             return Err(format!(
                 "{}: {s:?} is not \"stdout\", \"console\", \"none\" or {{ file = \"path\" }}",
                 key("serial")
@@ -939,29 +1020,40 @@ fn channel_spec(
 /// The kind of a channel with the options of that kind; an option of
 /// another kind is an error.
 fn channel_kind(c: &RawChannel, key: &dyn Fn(&str) -> String) -> Result<Kind, String> {
-    let kind = c.kind.as_str();
-    if !["portio", "shmem", "doorbell"].contains(&kind) {
-        return Err(format!(
-            "{}: unknown channel kind {kind:?} (expected \"portio\", \"shmem\" or \"doorbell\")",
+    let kind = c.kind.get(|k| {
+        format!(
+            "{}: unknown channel kind {k:?} (expected \"portio\", \"shmem\" or \"doorbell\")",
             key("kind")
-        ));
-    }
-    for (k, set, owner) in [
-        ("port", c.port.is_some(), "portio"),
-        ("vectors", c.vectors.is_some(), "doorbell"),
-        ("fast_path", c.fast_path.is_some(), "doorbell"),
-        ("notify", c.notify.is_some(), "doorbell"),
-        ("spin_us", c.spin_us.is_some(), "doorbell"),
+        )
+    })?;
+    for (k, set, owner, name) in [
+        ("port", c.port.is_some(), KindName::Portio, "portio"),
+        (
+            "vectors",
+            c.vectors.is_some(),
+            KindName::Doorbell,
+            "doorbell",
+        ),
+        (
+            "fast_path",
+            c.fast_path.is_some(),
+            KindName::Doorbell,
+            "doorbell",
+        ),
+        ("notify", c.notify.is_some(), KindName::Doorbell, "doorbell"),
+        (
+            "spin_us",
+            c.spin_us.is_some(),
+            KindName::Doorbell,
+            "doorbell",
+        ),
     ] {
         if set && kind != owner {
-            return Err(format!(
-                "{}: only meaningful for kind = \"{owner}\"",
-                key(k)
-            ));
+            return Err(format!("{}: only meaningful for kind = \"{name}\"", key(k)));
         }
     }
     Ok(match kind {
-        "portio" => Kind::Portio {
+        KindName::Portio => Kind::Portio {
             port: match c.port {
                 None => intervm_protocol::portio::DEFAULT_BASE,
                 Some(p) => {
@@ -978,8 +1070,8 @@ fn channel_kind(c: &RawChannel, key: &dyn Fn(&str) -> String) -> Result<Kind, St
                 }
             },
         },
-        "shmem" => Kind::Shmem,
-        _ => {
+        KindName::Shmem => Kind::Shmem,
+        KindName::Doorbell => {
             let vectors = c.vectors.unwrap_or(1);
             if !(1..=64).contains(&vectors) {
                 return Err(format!(
@@ -990,9 +1082,11 @@ fn channel_kind(c: &RawChannel, key: &dyn Fn(&str) -> String) -> Result<Kind, St
             Kind::Doorbell(DoorbellSpec {
                 vectors: vectors as usize,
                 fast_path: c.fast_path.unwrap_or(true),
-                notify: match c.notify.as_deref() {
+                notify: match &c.notify {
                     None => Notify::default(),
-                    Some(n) => n
+                    Some(Choice::Is(n)) => *n,
+                    // The mode's own parser phrases what it accepts.
+                    Some(Choice::Not(n)) => n
                         .parse()
                         .map_err(|e| format!("{}: {n:?} is {e}", key("notify")))?,
                 },
@@ -1275,6 +1369,8 @@ mod tests {
     fn errors_name_file_key_and_problem() {
         let cases = [
             ("[[vm]]\nname = \"a\"\nmemroy = 1\n", "t.toml: ", "unknown field `memroy`"),
+            ("[[vm]]\nname = \"a\"\n[[vm]]\nname = \"b\"\n[[channel]]\nname = \"c\"\nkind = 5\nmembers = [\"a\", \"b\"]\n", "t.toml: ", "invalid type: integer `5`, expected a string"),
+            ("[[vm]]\nname = \"a\"\nprobe = { task = \"Hello\" }\n", "vm[a].probe.task", "\"Hello\" is not \"hello\""),
             ("[[vm]]\nname = \"a\"\n[[vm]]\nname = \"a\"\n", "vm[a].name", "duplicate VM name"),
             ("[[vm]]\nname = \"a\"\nmemory = 10000\n", "vm[a].memory", "not a non-zero multiple of 4 KiB"),
             ("[[vm]]\nname = \"a\"\nmemory = \"12Q\"\n", "vm[a].memory", "is not a size"),

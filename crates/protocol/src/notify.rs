@@ -12,6 +12,11 @@ use crate::probe::{SHMEM_ADAPTIVE, SHMEM_NOTIFY};
 /// [`Notify::Always`] and [`Notify::Adaptive`] ring doorbells, so they need
 /// an ivshmem-doorbell device; [`Notify::Never`] works on any shared region.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[cfg_attr(
+    feature = "serde",
+    derive(serde::Deserialize),
+    serde(rename_all = "lowercase")
+)]
 pub enum Notify {
     /// Pure polling: no doorbells, an idle side spins.
     Never,
