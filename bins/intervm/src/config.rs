@@ -318,6 +318,22 @@ pub struct ChannelRef {
     pub index: usize,
     /// The task's own VM's member index on it.
     pub me: u32,
+    /// Which of its VM's ivshmem functions the channel is, in the order
+    /// the guest finds them on the bus ([`pci_channels`]); 0 and unused on
+    /// a port-I/O channel, which has no PCI function.
+    pub device: u32,
+}
+
+/// The shared-memory channels (`shmem`, `doorbell`) of VM `vm`, in the
+/// order the launcher puts their ivshmem functions on the VM's PCI bus:
+/// file order. A probe finds its devices by that order.
+pub fn pci_channels<'a>(
+    channels: &'a [ChannelSpec],
+    vm: &'a str,
+) -> impl Iterator<Item = &'a ChannelSpec> + 'a {
+    channels
+        .iter()
+        .filter(move |c| !c.kind.is_portio() && c.index_of(vm).is_some())
 }
 
 /// Another member VM a probe task names, resolved when the file is read.
@@ -594,6 +610,9 @@ fn probe_task(p: &RawProbe, vm: &VmSpec, channels: &[ChannelSpec]) -> Result<Pro
         name: name.into(),
         index,
         me,
+        device: pci_channels(channels, &vm.name)
+            .position(|c| c.name == name)
+            .unwrap_or(0) as u32,
     };
     if matches!(task, Ping | Pong) {
         if ch.kind.doorbell().is_none() {
@@ -1302,6 +1321,35 @@ mod tests {
         assert_eq!(c.vms[0].vcpus, 1);
         assert_eq!(c.vms[0].kernel, Kernel::Probe);
         assert_eq!(c.vms[0].serial, Serial::Stdout);
+    }
+
+    #[test]
+    fn tasks_know_their_pci_function_in_bus_order() {
+        // b's ivshmem functions: s (0), then d (1); p is port I/O and t
+        // does not include b.
+        let c = parse(
+            "[[vm]]\nname = \"a\"\nmemory = \"64M\"\n[[vm]]\nname = \"b\"\nmemory = \"64M\"\n\
+             probe = [{ task = \"recv\", channel = \"d\", size = \"4K\" }, { task = \"recv\", channel = \"s\", size = \"4K\" }]\n\
+             [[vm]]\nname = \"c\"\n\
+             [[channel]]\nname = \"t\"\nkind = \"shmem\"\nmembers = [\"a\", \"c\"]\n\
+             [[channel]]\nname = \"s\"\nkind = \"shmem\"\nmembers = [\"a\", \"b\"]\n\
+             [[channel]]\nname = \"p\"\nkind = \"portio\"\nmembers = [\"a\", \"b\"]\n\
+             [[channel]]\nname = \"d\"\nkind = \"doorbell\"\nmembers = [\"a\", \"b\"]\n",
+        )
+        .unwrap();
+        let devices: Vec<(String, u32)> = c.vms[1]
+            .probe
+            .iter()
+            .map(|t| match t {
+                ProbeTask::Recv { channel, .. } => (channel.name.clone(), channel.device),
+                t => panic!("unexpected task {t:?}"),
+            })
+            .collect();
+        assert_eq!(devices, [("d".to_string(), 1), ("s".to_string(), 0)]);
+        let names: Vec<&str> = pci_channels(&c.channels, "a")
+            .map(|c| c.name.as_str())
+            .collect();
+        assert_eq!(names, ["t", "s", "d"]);
     }
 
     #[test]

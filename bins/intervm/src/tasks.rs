@@ -27,16 +27,6 @@ fn channel<'a>(cfg: &'a Config, c: &ChannelRef) -> &'a ChannelSpec {
     &cfg.channels[c.index]
 }
 
-/// Index of `channel` among the shared-memory devices of `vm` (devices are
-/// added in file order of the channels).
-pub fn device_index(cfg: &Config, vm: &str, channel: &str) -> u32 {
-    cfg.channels
-        .iter()
-        .filter(|c| !c.kind.is_portio() && c.index_of(vm).is_some())
-        .position(|c| c.name == channel)
-        .unwrap_or(0) as u32
-}
-
 fn sender_chunk(cfg: &Config, sender: &str, on: &str) -> u64 {
     cfg.vms
         .iter()
@@ -130,7 +120,7 @@ fn boot_info(
             use intervm_protocol::probe::doorbell_args as a;
             let ch = channel(cfg, c);
             let mut info = BootInfo::new(Workload::DoorbellPingPong, 0, 0);
-            info.args[a::DEVICE_INDEX] = device_index(cfg, &vm.name, &c.name) as u64;
+            info.args[a::DEVICE_INDEX] = c.device as u64;
             info.args[a::PEER] = to.index as u64;
             if server_ids.contains(&c.name) {
                 // IDs from a server: both sides publish theirs in the ring
@@ -189,7 +179,7 @@ fn boot_info(
         } => {
             let ch = channel(cfg, c);
             let mut t = ShmemTask::new(c.me, Role::Send { to: to.index }, *size);
-            t.device_index = device_index(cfg, &vm.name, &c.name);
+            t.device_index = c.device;
             t.chunk = *chunk;
             t.seed = seed_for(&c.name, &vm.name);
             set_notify(&mut t, ch);
@@ -208,7 +198,7 @@ fn boot_info(
             let ch = channel(cfg, c);
             let mask = from.iter().fold(0u32, |m, f| m | 1 << f.index);
             let mut t = ShmemTask::new(c.me, Role::Recv { from: mask }, *size);
-            t.device_index = device_index(cfg, &vm.name, &c.name);
+            t.device_index = c.device;
             t.chunk = *chunk;
             if let (n @ 1.., [f]) = (*transfers, from.as_slice()) {
                 t.transfers = n;

@@ -209,8 +209,10 @@ struct Wiring {
     remote_bells: HashMap<String, Vec<Arc<Mutex<IvshmemDoorbell>>>>,
 }
 
-/// Plugs `vm` into each of its channels (in file order, so the guest finds
-/// its PCI functions in that order on its bus) and joins them.
+/// Plugs `vm` into each of its channels and joins them, in file order, so
+/// that its ivshmem functions sit on its bus in the order
+/// [`crate::config::pci_channels`] gives (which is where probe tasks were told
+/// to look, `ChannelRef::device`).
 fn plug_channels(cfg: &Config, vm: &Vm, w: &mut Wiring) -> Result<Vec<Membership>, RunError> {
     let file = cfg.file.display().to_string();
     let mut joined = Vec::new();
