@@ -651,3 +651,135 @@ fn a_chaos_guest_crashes_nothing_and_corrupts_no_other_transfer() {
         assert!(!err.contains("panicked"), "seed {seed}: {err}");
     }
 }
+
+/// `intervm ivshmem-server` out of file descriptors: started with a low
+/// `RLIMIT_NOFILE`, it either cannot `accept` (EMFILE: it pauses accepting
+/// for a while instead of polling a listener that stays readable) or cannot
+/// make a newcomer's eventfds (it turns that one client away). Either way it
+/// serves on: once a client leaves, a waiting or a new client joins. Each
+/// client costs the server two descriptors (socket and one eventfd), so two
+/// limits one apart reach both cases, whatever the server's own count.
+#[test]
+fn a_server_out_of_descriptors_pauses_and_serves_on() {
+    use std::io::Read;
+    use std::os::unix::net::UnixStream;
+    use std::os::unix::process::CommandExt;
+    use std::time::{Duration, Instant};
+
+    const DEADLINE: Duration = Duration::from_secs(60);
+    let mut paused_once = false;
+    for limit in [24u64, 25] {
+        let tag = format!("{}-{limit}", std::process::id());
+        let dir = std::env::temp_dir();
+        let sock = dir.join(format!("intervm-emfile-{tag}.sock"));
+        let log_path = dir.join(format!("intervm-emfile-{tag}.log"));
+        let shm = format!("intervm-emfile-{tag}");
+        let log_file = std::fs::File::create(&log_path).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_intervm"));
+        cmd.args(["ivshmem-server", "--socket", sock.to_str().unwrap()])
+            .args(["--shm", &shm, "--size", "1M"])
+            .env("RUST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(log_file);
+        // SAFETY: setrlimit is async-signal-safe and touches only the
+        // child between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                let r = libc::rlimit {
+                    rlim_cur: limit,
+                    rlim_max: limit,
+                };
+                if libc::setrlimit(libc::RLIMIT_NOFILE, &r) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut server = cmd.spawn().unwrap();
+        let log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+        wait_until("the server's socket", || sock.exists());
+        // Clients join one by one until the server runs out.
+        let mut joined = Vec::new();
+        let (last, pausing, t0) = loop {
+            assert!(joined.len() < 64, "no descriptor limit was hit: {}", log());
+            // No pause can come before the connection that meets the limit.
+            let t0 = Instant::now();
+            let s = UnixStream::connect(&sock).unwrap();
+            let id = joined.len();
+            let mut outcome = None;
+            wait_until("the server to take or refuse a client", || {
+                let l = log();
+                outcome = if l.contains(&format!("peer {id} joined")) {
+                    Some(None)
+                } else if l.contains("accept:") {
+                    Some(Some(true))
+                } else if l.contains("failed to join") {
+                    Some(Some(false))
+                } else {
+                    None
+                };
+                outcome.is_some()
+            });
+            match outcome.unwrap() {
+                None => joined.push(s),
+                Some(pausing) => break (s, pausing, t0),
+            }
+        };
+        assert!(!joined.is_empty(), "{}", log());
+        eprintln!(
+            "limit {limit}: {} clients joined, then {}",
+            joined.len(),
+            if pausing {
+                "accept failed"
+            } else {
+                "a client was turned away"
+            }
+        );
+        if pausing {
+            // One failed accept (and one log line) per 200 ms back-off, not
+            // a busy loop: three take at least 400 ms after the connection
+            // (a server without back-off logs them at once).
+            wait_until("three pauses", || log().matches("accept:").count() >= 3);
+            let pauses = log().matches("accept:").count() as u128;
+            let most = t0.elapsed().as_millis() / 200 + 2;
+            assert!(pauses <= most, "{pauses} pauses, at most {most} expected");
+            paused_once = true;
+        }
+        // A client leaves: two descriptors are free again.
+        drop(joined.remove(0));
+        let mut waiting = if pausing {
+            last
+        } else {
+            // Turned away: the server closed it (end of stream).
+            let mut s = last;
+            s.set_read_timeout(Some(DEADLINE)).unwrap();
+            assert_eq!(s.read(&mut [0u8; 8]).unwrap(), 0, "{}", log());
+            UnixStream::connect(&sock).unwrap()
+        };
+        // The waiting (or a new) client gets the protocol version and the
+        // ID the one that left freed.
+        waiting.set_read_timeout(Some(DEADLINE)).unwrap();
+        let mut msg = [0u8; 16];
+        waiting
+            .read_exact(&mut msg)
+            .unwrap_or_else(|e| panic!("{e}: {}", log()));
+        assert_eq!(i64::from_le_bytes(msg[..8].try_into().unwrap()), 0);
+        assert_eq!(
+            i64::from_le_bytes(msg[8..].try_into().unwrap()),
+            0,
+            "{}",
+            log()
+        );
+        assert!(
+            server.try_wait().unwrap().is_none(),
+            "the server exited: {}",
+            log()
+        );
+        // SAFETY: signals the child process we started.
+        unsafe { libc::kill(server.id() as i32, libc::SIGTERM) };
+        let _ = server.wait();
+        let _ = std::fs::remove_file(format!("/dev/shm/{shm}"));
+        let _ = std::fs::remove_file(&log_path);
+    }
+    assert!(paused_once, "neither limit made accept itself fail");
+}
