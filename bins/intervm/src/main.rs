@@ -81,8 +81,13 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
-    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = Cli::parse();
+    // A server's log is its report: a line per peer that joins or leaves.
+    let level = match cli.cmd {
+        Cmd::IvshmemServer { .. } => "info",
+        _ => "warn",
+    };
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(level)).init();
     match cli.cmd {
         Cmd::IvshmemServer {
             socket,

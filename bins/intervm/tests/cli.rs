@@ -477,6 +477,7 @@ fn doorbell_members_in_separate_processes_through_our_server() {
     let tag = std::process::id();
     let sock = std::env::temp_dir().join(format!("intervm-cli-srv-{tag}.sock"));
     let shm = format!("intervm-cli-srv-{tag}");
+    let log_path = std::env::temp_dir().join(format!("intervm-cli-srv-{tag}.log"));
     let mut server = Command::new(env!("CARGO_BIN_EXE_intervm"))
         .args([
             "ivshmem-server",
@@ -488,7 +489,7 @@ fn doorbell_members_in_separate_processes_through_our_server() {
             "4M",
         ])
         .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&log_path).unwrap())
         .spawn()
         .unwrap();
     let t0 = std::time::Instant::now();
@@ -533,10 +534,18 @@ fn doorbell_members_in_separate_processes_through_our_server() {
     });
     let tx = spawn("a").wait_with_output().unwrap();
     let rx = rx.wait_with_output().unwrap();
+    // The server reports its peers by default, one line per join and
+    // leave: the member refused for its size, then b and a (the leaves
+    // once it has seen their connections close).
+    wait_until("the server to log three joins and three leaves", || {
+        let l = std::fs::read_to_string(&log_path).unwrap_or_default();
+        l.matches(" joined").count() >= 3 && l.matches(" left (").count() >= 3
+    });
     // SAFETY: signals the child process we started.
     unsafe { libc::kill(server.id() as i32, libc::SIGTERM) };
     let _ = server.wait();
     let _ = std::fs::remove_file(format!("/dev/shm/{shm}"));
+    let _ = std::fs::remove_file(&log_path);
     assert!(tx.status.success(), "{:?}", text(&tx));
     let (out, _) = text(&rx);
     assert!(rx.status.success(), "{:?}", text(&rx));
