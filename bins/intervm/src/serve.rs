@@ -86,7 +86,8 @@ pub fn serve(socket: &Path, src: &Source, vectors: usize, on_demand: bool) -> Re
         Source::File(p) => p.display().to_string(),
     };
     eprintln!(
-        "intervm: ivshmem server on {} sharing {what}, {vectors} vectors per peer{}",
+        "intervm: ivshmem server (pid {}) on {} sharing {what}, {vectors} vectors per peer{}",
+        std::process::id(),
         socket.display(),
         if on_demand {
             " (on demand: exits when its last peer leaves)"

@@ -182,15 +182,6 @@ fn elsewhere<'a>(c: &'a ChannelSpec, selected: &[&crate::config::VmSpec]) -> Vec
         .collect()
 }
 
-/// True when `a` and `b` are the same file (device and inode).
-fn same_file(a: &std::fs::File, b: &std::fs::File) -> bool {
-    use std::os::unix::fs::MetadataExt;
-    match (a.metadata(), b.metadata()) {
-        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
-        _ => false,
-    }
-}
-
 /// Doorbell devices of in-process channels, to be wired to each other once
 /// every member exists: channel name -> (peer ID, device).
 type Groups = HashMap<String, Vec<(u16, Arc<Mutex<IvshmemDoorbell>>)>>;
@@ -265,7 +256,7 @@ fn plug_channels(cfg: &Config, vm: &Vm, w: &mut Wiring) -> Result<Vec<Membership
                         &mut || crate::serve::start_on_demand(&rv, &path, d.vectors),
                     )
                     .map_err(|e| cerr(format!("rendezvous: {e}")))?;
-                if !same_file(&session.shm, t.region().file()) {
+                if !interrupt_doorbell::client::same_object(&session.shm, t.region().file()) {
                     return Err(cerr(format!(
                         "rendezvous: the server on {} shares another object than {} \
                          (the backing was replaced while it ran?); stop the members using it \
@@ -280,7 +271,17 @@ fn plug_channels(cfg: &Config, vm: &Vm, w: &mut Wiring) -> Result<Vec<Membership
                     rv.socket.display(),
                     session.id
                 );
-                let a = attach::attach_session(vm, t, session, me, d.fast_path)
+                // A server gone (killed, crashed) is started again the
+                // same way by whichever member notices first.
+                let vectors = d.vectors;
+                let reconnect: interrupt_doorbell::client::Reconnect = Box::new(move || {
+                    rv.join(
+                        vectors,
+                        interrupt_doorbell::client::JOIN_DEADLINE,
+                        &mut || crate::serve::start_on_demand(&rv, &path, vectors),
+                    )
+                });
+                let a = attach::attach_session(vm, t, session, me, d.fast_path, Some(reconnect))
                     .map_err(|e| cerr(e.to_string()))?;
                 joined.push(a.membership);
                 w.remote_bells

@@ -202,6 +202,52 @@ fn three_processes_in_a_ring() {
 }
 
 #[test]
+fn an_on_demand_server_that_dies_is_started_again_and_rejoined() {
+    if !kvm_available() {
+        return;
+    }
+    let p = Place::new("server-dies");
+    let body = format!(
+        "{}{}{}",
+        vm("a", &[send("b", "64M")]),
+        vm("b", &[recv("a", "64M")]),
+        channel(&["a", "b"], &p.shm)
+    );
+    let cfg = temp_config("split-server-dies.toml", &body);
+    let log = p.dir.join(format!("shm-{}.log", p.shm));
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    // The servers that started, by pid, from their first log line.
+    let servers = || -> Vec<i32> {
+        read_log()
+            .lines()
+            .filter_map(|l| l.split("ivshmem server (pid ").nth(1))
+            .filter_map(|r| r.split(')').next()?.parse().ok())
+            .collect()
+    };
+    let b = p.spawn(&cfg, "b");
+    wait_until("b to join the server it started", || {
+        servers().len() == 1 && read_log().matches(" joined").count() == 1
+    });
+    let first = servers()[0];
+    // SAFETY: signals the server process b started (its pid from its log).
+    assert_eq!(unsafe { libc::kill(first, libc::SIGKILL) }, 0);
+    // b notices the hang-up, starts a server again and joins it.
+    wait_until("a second server, joined by b", || {
+        servers().len() == 2 && read_log().matches(" joined").count() == 2
+    });
+    assert_ne!(servers()[1], first);
+    let a = p.spawn(&cfg, "a");
+    let (_, b) = both_finished(a, b);
+    assert!(
+        b.contains("b: received 64 MiB of 64 MiB from a over c") && b.contains("checksum ok"),
+        "{b}\nserver log:\n{}",
+        read_log()
+    );
+    assert!(b.contains("the server hung up; joining it again"), "{b}");
+    p.wait_server_gone();
+}
+
+#[test]
 fn a_killed_member_is_reported_and_a_restart_carries_on() {
     if !kvm_available() {
         return;

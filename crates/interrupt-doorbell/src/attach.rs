@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use shared_region::{Membership, SharedRegion, Transport};
 
-use crate::client::{self, Session};
+use crate::client::{self, OnRejoin, Reconnect, Rejoin, Session};
 use crate::device::IvshmemDoorbell;
 use crate::{Error, Result};
 
@@ -27,12 +27,17 @@ pub struct Attached {
 /// Puts a doorbell device for `session` into `vm`, on `t`'s region,
 /// follows the server's peer notices for it, and joins the ring protocol
 /// as member `me`. `fast_path`: in-kernel doorbells where KVM allows.
+///
+/// When the server goes away the device joins it again through
+/// `reconnect` (`None`: the same socket), and the member's new doorbell
+/// ID is published in the region for its peers.
 pub fn attach_session(
     vm: &vmm_core::Vm,
     t: &Transport,
     session: Session,
     me: u32,
     fast_path: bool,
+    reconnect: Option<Reconnect>,
 ) -> Result<Attached> {
     let own = session
         .own
@@ -41,7 +46,20 @@ pub fn attach_session(
         .collect::<std::io::Result<Vec<_>>>()
         .map_err(|e| Error::Io("duplicating the session's eventfds".into(), e))?;
     let device = IvshmemDoorbell::new(vm, t.region().clone(), session.id, own, fast_path)?;
-    session.follow(Arc::downgrade(&device), vm.events())?;
+    // The guest published its ID from IVPosition when it joined; after a
+    // rejoin the host publishes the new one for it.
+    let (region, ring, geo) = (t.region().clone(), t.ring_region(), t.geometry());
+    let on_rejoin: OnRejoin = Box::new(move |id| {
+        let _keep_mapped = &region;
+        if let Err(e) = ring.set_doorbell_id(&geo, me, id) {
+            log::warn!("publishing doorbell ID {id} of member {me}: {e}");
+        }
+    });
+    let rejoin = Rejoin {
+        reconnect,
+        on_rejoin: Some(on_rejoin),
+    };
+    session.follow_with(Arc::downgrade(&device), vm.events(), rejoin)?;
     let membership = t.join(me)?;
     vm.add_pci_device(device.clone())
         .map_err(|source| Error::AddDevice {
@@ -95,7 +113,7 @@ pub fn from_server(vm: &vmm_core::Vm, c: &ServerChannel, me: u32) -> Result<From
         });
     }
     let transport = Transport::attach(Arc::new(region), c.members)?;
-    let attached = attach_session(vm, &transport, session, me, c.fast_path)?;
+    let attached = attach_session(vm, &transport, session, me, c.fast_path, None)?;
     Ok(FromServer {
         transport,
         attached,

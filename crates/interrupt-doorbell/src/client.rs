@@ -2,16 +2,23 @@
 //! handshake gives this member its ID, the shared memory and its receive
 //! eventfds; afterwards [`ServerNotices`], in the VM's event loop, follows
 //! join and leave notices and keeps the device's peer table current.
+//!
+//! When the server goes away (it was restarted, or crashed and was
+//! started again) the follower joins it again in the background
+//! ([`Session::follow`]): the device takes its new ID, receive eventfds
+//! and peers ([`IvshmemDoorbell::rejoined`]), and the region must be the
+//! same object as before (a server sharing another one is refused, as the
+//! guest's BAR2 cannot change under it).
 
 use std::collections::HashMap;
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Mutex, Weak};
 use std::time::{Duration, Instant};
 
-use vmm_core::events::{EventLoop, EventOps, Events, MutEventSubscriber};
+use vmm_core::events::{EventLoop, EventOps, Events, LoopHandle, MutEventSubscriber};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -31,6 +38,7 @@ pub struct Session {
     pub peers: HashMap<u16, Vec<EventFd>>,
     stream: UnixStream,
     vectors: usize,
+    socket: PathBuf,
 }
 
 /// Takes a descriptor the server says is an eventfd: checks that it is
@@ -235,16 +243,63 @@ pub fn connect_within(path: &Path, vectors: usize, limit: Duration) -> Result<Se
         peers,
         stream,
         vectors,
+        socket: path.to_path_buf(),
     })
+}
+
+/// True when `a` and `b` are the same file or memfd (device and inode):
+/// a server's region against the one a member mapped.
+pub fn same_object(a: &File, b: &File) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (a.metadata(), b.metadata()) {
+        (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
+        _ => false,
+    }
 }
 
 /// How long the follower waits for the rest of a message the server
 /// began: the event loop it runs on serves other sources too.
 const MESSAGE_WAIT: Duration = Duration::from_secs(1);
 
+/// Joins the server again after it went away, for a fresh [`Session`]
+/// (the default connects to the same socket with the same vectors; a VMM
+/// that starts servers on demand starts one here). Called again every
+/// [`REJOIN_RETRY`] until it succeeds or the device is gone.
+pub type Reconnect = Box<dyn FnMut() -> Result<Session> + Send>;
+
+/// Told this member's new peer ID after each rejoin (a VMM publishes it
+/// where its peers look it up).
+pub type OnRejoin = Box<dyn FnMut(u16) + Send>;
+
+/// What a follower does when its server hangs up (see [`Session::follow_with`]).
+#[derive(Default)]
+pub struct Rejoin {
+    /// How to join again (`None`: the same socket, the same vectors).
+    pub reconnect: Option<Reconnect>,
+    /// Called after each rejoin.
+    pub on_rejoin: Option<OnRejoin>,
+}
+
+/// How long to wait between attempts to join a server that went away.
+pub const REJOIN_RETRY: Duration = Duration::from_millis(250);
+
+/// A follower's way back to its server, once it has an event loop to
+/// put the next follower into.
+struct Rejoiner {
+    reconnect: Reconnect,
+    on_rejoin: Option<OnRejoin>,
+    events: LoopHandle,
+}
+
 impl Session {
+    /// The socket this session was joined through.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
     /// Hands the peers known so far to `dev` and returns the follower of
-    /// the server's later notices, to put into an event loop.
+    /// the server's later notices, to put into an event loop. It does not
+    /// rejoin a server that goes away (see [`Session::follow`]).
     pub fn follower(self, dev: Weak<Mutex<IvshmemDoorbell>>) -> Result<ServerNotices> {
         let Session {
             id,
@@ -253,27 +308,39 @@ impl Session {
             vectors,
             ..
         } = self;
-        stream
-            .set_read_timeout(Some(MESSAGE_WAIT))
-            .map_err(|e| Error::Io("timeout".into(), e))?;
         if let Some(d) = dev.upgrade() {
             let mut g = d.lock().map_err(|_| Error::Poisoned)?;
             for (p, evts) in peers {
                 g.add_peer(p, evts);
             }
         }
-        Ok(ServerNotices {
-            id,
-            dev,
-            stream: Some(stream),
-            vectors,
-            pending: HashMap::new(),
-        })
+        ServerNotices::new(id, dev, stream, vectors, None)
     }
 
-    /// [`Session::follower`], put into `events` (a VM's event loop).
+    /// [`Session::follower`], put into `events` (a VM's event loop); when
+    /// the server goes away, it joins the same socket again as soon as a
+    /// server answers there.
     pub fn follow(self, dev: Weak<Mutex<IvshmemDoorbell>>, events: &EventLoop) -> Result<()> {
-        let f = self.follower(dev)?;
+        self.follow_with(dev, events, Rejoin::default())
+    }
+
+    /// [`Session::follow`], rejoining as `rejoin` says.
+    pub fn follow_with(
+        self,
+        dev: Weak<Mutex<IvshmemDoorbell>>,
+        events: &EventLoop,
+        rejoin: Rejoin,
+    ) -> Result<()> {
+        let reconnect = rejoin.reconnect.unwrap_or_else(|| {
+            let (socket, vectors) = (self.socket.clone(), self.vectors);
+            Box::new(move || connect(&socket, vectors))
+        });
+        let mut f = self.follower(dev)?;
+        f.rejoin = Some(Rejoiner {
+            reconnect,
+            on_rejoin: rejoin.on_rejoin,
+            events: events.handle(),
+        });
         events.add(Box::new(f)).map_err(Error::Events)?;
         Ok(())
     }
@@ -281,8 +348,10 @@ impl Session {
 
 /// Follows the server's join and leave notices and keeps a device's peer
 /// table current, as an event-loop subscriber ([`vmm_core::events`]).
-/// When the server hangs up or misbehaves the peers stay as they were (as
-/// QEMU does); when the device is gone the connection is closed.
+/// When the server misbehaves the peers stay as they were (as QEMU does);
+/// when it hangs up, the same, and a follower from [`Session::follow`]
+/// joins it again once it is back; when the device is gone the connection
+/// is closed.
 pub struct ServerNotices {
     id: u16,
     dev: Weak<Mutex<IvshmemDoorbell>>,
@@ -290,29 +359,65 @@ pub struct ServerNotices {
     vectors: usize,
     /// Eventfds of peers announced since the handshake, by peer.
     pending: HashMap<u16, Vec<EventFd>>,
+    rejoin: Option<Rejoiner>,
+}
+
+/// Why a follower stops.
+enum Stop {
+    /// The server closed the connection.
+    HungUp,
+    /// Anything else, to log.
+    Failed(String),
 }
 
 impl ServerNotices {
-    /// Takes one notice. `Err`: stop following, with the reason to log.
-    fn take(&mut self, stream: &UnixStream) -> std::result::Result<(), String> {
+    fn new(
+        id: u16,
+        dev: Weak<Mutex<IvshmemDoorbell>>,
+        stream: UnixStream,
+        vectors: usize,
+        rejoin: Option<Rejoiner>,
+    ) -> Result<Self> {
+        stream
+            .set_read_timeout(Some(MESSAGE_WAIT))
+            .map_err(|e| Error::Io("timeout".into(), e))?;
+        Ok(Self {
+            id,
+            dev,
+            stream: Some(stream),
+            vectors,
+            pending: HashMap::new(),
+            rejoin,
+        })
+    }
+
+    /// Takes one notice.
+    fn take(&mut self, stream: &UnixStream) -> std::result::Result<(), Stop> {
         let id = self.id;
         let msg = match proto::recv(stream) {
             Ok(Some(m)) => m,
-            Ok(None) => return Err("the server hung up".into()),
-            Err(e) => return Err(format!("{e}; no more join/leave notices")),
+            Ok(None) => return Err(Stop::HungUp),
+            Err(Error::Io(_, e)) if e.kind() == std::io::ErrorKind::ConnectionReset => {
+                return Err(Stop::HungUp)
+            }
+            Err(e) => return Err(Stop::Failed(format!("{e}; no more join/leave notices"))),
         };
         let Some(d) = self.dev.upgrade() else {
-            return Err("the device is gone".into());
+            return Err(Stop::Failed("the device is gone".into()));
         };
-        let peer = id_of(msg.0).map_err(|_| format!("bad peer ID {}", msg.0))?;
+        let peer = id_of(msg.0).map_err(|_| Stop::Failed(format!("bad peer ID {}", msg.0)))?;
         let mut g = d
             .lock()
-            .map_err(|_| "the device's lock is poisoned".to_string())?;
+            .map_err(|_| Stop::Failed("the device's lock is poisoned".into()))?;
         match msg.1 {
             Some(fd) if peer != id => {
                 let list = self.pending.entry(peer).or_default();
                 if list.len() < self.vectors {
-                    list.push(eventfd(fd).map_err(|e| format!("{e}; no more join/leave notices"))?);
+                    list.push(
+                        eventfd(fd).map_err(|e| {
+                            Stop::Failed(format!("{e}; no more join/leave notices"))
+                        })?,
+                    );
                 }
                 let clones: Vec<EventFd> = list.iter().filter_map(|e| e.try_clone().ok()).collect();
                 g.add_peer(peer, clones);
@@ -340,12 +445,107 @@ impl MutEventSubscriber for ServerNotices {
         let Some(stream) = self.stream.take() else {
             return;
         };
-        match self.take(&stream) {
-            Ok(()) => self.stream = Some(stream),
-            Err(why) => {
-                log::warn!("ivshmem client {}: {why}", self.id);
-                let _ = ops.remove(Events::new(&stream, EventSet::IN));
+        let stop = match self.take(&stream) {
+            Ok(()) => {
+                self.stream = Some(stream);
+                return;
             }
+            Err(stop) => stop,
+        };
+        let _ = ops.remove(Events::new(&stream, EventSet::IN));
+        match (stop, self.rejoin.take()) {
+            (Stop::HungUp, Some(r)) if self.dev.strong_count() > 0 => {
+                log::warn!(
+                    "ivshmem client {}: the server hung up; joining it again once it is back \
+                     (the peers stay as they were meanwhile)",
+                    self.id
+                );
+                rejoin_in_background(self.dev.clone(), self.id, r);
+            }
+            (Stop::HungUp, _) => log::warn!("ivshmem client {}: the server hung up", self.id),
+            (Stop::Failed(why), _) => log::warn!("ivshmem client {}: {why}", self.id),
         }
+    }
+}
+
+/// Takes a session of a server that came back into `dev` (its peers are
+/// taken out of `s`) and says how many peers are there. `Ok(None)`: the
+/// device is gone.
+fn take_rejoin(dev: &Weak<Mutex<IvshmemDoorbell>>, s: &mut Session) -> Result<Option<usize>> {
+    let Some(d) = dev.upgrade() else {
+        return Ok(None);
+    };
+    let mut g = d.lock().map_err(|_| Error::Poisoned)?;
+    if !same_object(&s.shm, g.region().file()) {
+        return Err(Error::Rejoin(format!(
+            "the server on {} now shares another object than the region this VM maps \
+             ({}); this member stays without doorbells to new peers",
+            s.socket.display(),
+            g.region().label()
+        )));
+    }
+    let own = s
+        .own
+        .iter()
+        .map(|e| e.try_clone())
+        .collect::<std::io::Result<Vec<_>>>()
+        .map_err(|e| Error::Io("eventfd".into(), e))?;
+    let peers = s.peers.len();
+    g.rejoined(s.id, own, std::mem::take(&mut s.peers))?;
+    Ok(Some(peers))
+}
+
+/// Joins the server again on a thread of its own (a join may wait for a
+/// server to start), then puts a new follower into the VM's event loop.
+/// Gives up when the device is gone or the server shares another region.
+fn rejoin_in_background(dev: Weak<Mutex<IvshmemDoorbell>>, old: u16, mut r: Rejoiner) {
+    let run = move || {
+        let mut last = String::new();
+        while dev.strong_count() > 0 {
+            let failed = match (r.reconnect)() {
+                Ok(mut s) => match take_rejoin(&dev, &mut s) {
+                    Ok(None) => return,
+                    Ok(Some(peers)) => {
+                        let id = s.id;
+                        if let Some(f) = r.on_rejoin.as_mut() {
+                            f(id);
+                        }
+                        // After the new ID is published (see `rejoined`).
+                        if let Some(d) = dev.upgrade() {
+                            if let Ok(g) = d.lock() {
+                                g.wake_all();
+                            }
+                        }
+                        log::info!(
+                            "ivshmem client {old}: joined {} again as peer {id}, {peers} peer(s) there",
+                            s.socket.display()
+                        );
+                        let events = r.events.clone();
+                        match ServerNotices::new(id, dev, s.stream, s.vectors, Some(r)) {
+                            Ok(f) => events.add_later(Box::new(f)),
+                            Err(e) => log::warn!("ivshmem client {id}: {e}; no join/leave notices"),
+                        }
+                        return;
+                    }
+                    Err(e @ Error::Rejoin(_)) => {
+                        log::error!("ivshmem client {old}: {e}");
+                        return;
+                    }
+                    Err(e) => e.to_string(),
+                },
+                Err(e) => e.to_string(),
+            };
+            if failed != last {
+                log::info!("ivshmem client {old}: not joined again yet: {failed}; retrying");
+                last = failed;
+            }
+            std::thread::sleep(REJOIN_RETRY);
+        }
+    };
+    if let Err(e) = std::thread::Builder::new()
+        .name("ivshmem-rejoin".into())
+        .spawn(run)
+    {
+        log::warn!("ivshmem client {old}: cannot rejoin the server: {e}");
     }
 }

@@ -12,9 +12,9 @@
 //! is injected without the peer's VMM either. The register handler below
 //! is the fallback, used when the fast path is off or not registered.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 
 use kvm_ioctls::{IoEventAddress, VmFd};
@@ -79,6 +79,10 @@ impl IoEvents for KvmIoEvents {
     }
 }
 
+/// Most doorbells to unknown peers a device holds after a rejoin (see
+/// [`IvshmemDoorbell::rejoined`]); a guest ringing more is not stored.
+pub const MAX_HELD: usize = 4096;
+
 /// One member's ivshmem-doorbell device.
 pub struct IvshmemDoorbell {
     config: PciConfiguration,
@@ -95,6 +99,13 @@ pub struct IvshmemDoorbell {
     bar0: Option<u64>,
     ioevents: Vec<(u64, u32, EventFd)>,
     own: Vec<EventFd>,
+    /// The receive eventfds `own` replaced at the last rejoin: peers that
+    /// have not rejoined yet still ring them (see
+    /// [`IvshmemDoorbell::rejoined`]).
+    previous_own: Vec<EventFd>,
+    /// After a rejoin: doorbells to a peer ID or vector not (yet) known,
+    /// held to be delivered if it comes (see [`IvshmemDoorbell::rejoined`]).
+    held: Option<HashSet<(u16, usize)>>,
     stats: DoorbellStats,
     stop: Arc<AtomicBool>,
     /// Whether the guest uses INTx, for the watcher. It reads this flag
@@ -104,6 +115,8 @@ pub struct IvshmemDoorbell {
     /// Written when the INTx watcher should look again: the guest may have
     /// switched between MSI-X and INTx, or the device is going away.
     mode_changed: EventFd,
+    /// Bumped when the receive eventfds change ([`IvshmemDoorbell::rejoined`]).
+    generation: Arc<AtomicU64>,
     /// The INTx watcher in the VM's event loop, taken out when the device
     /// goes (devices from [`IvshmemDoorbell::with_parts`] have none).
     watcher: Option<(LoopHandle, SubscriberId)>,
@@ -195,14 +208,22 @@ impl IvshmemDoorbell {
             bar0: None,
             ioevents: Vec::new(),
             own,
+            previous_own: Vec::new(),
+            held: None,
             stats: DoorbellStats::default(),
             stop: Arc::new(AtomicBool::new(false)),
             intx_on: Arc::new(AtomicBool::new(false)),
             mode_changed: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
                 .map_err(|e| Error::Io("eventfd".into(), e))?,
             watcher: None,
+            generation: Arc::new(AtomicU64::new(0)),
         }));
         Ok(dev)
+    }
+
+    /// The shared memory behind BAR2.
+    pub fn region(&self) -> &Arc<SharedRegion> {
+        &self.region
     }
 
     /// This member's peer ID.
@@ -230,6 +251,15 @@ impl IvshmemDoorbell {
 
     /// Peer `id` can now be rung on `evts.len()` vectors.
     pub fn add_peer(&mut self, id: u16, evts: Vec<EventFd>) {
+        if let Some(held) = self.held.as_mut() {
+            held.retain(|&(p, v)| match evts.get(v) {
+                Some(e) if p == id => {
+                    let _ = e.write(1);
+                    false
+                }
+                _ => true,
+            });
+        }
         self.peers.insert(id, evts);
         self.register_ioevents();
     }
@@ -252,6 +282,82 @@ impl IvshmemDoorbell {
         if let Some(e) = self.own.first() {
             let _ = e.write(1);
         }
+    }
+
+    /// This member joined a restarted ivshmem server again, as `id`:
+    /// doorbells to it now arrive on `own` (vector `i` moves to `own[i]`
+    /// in KVM's irqfds and for the INTx watcher; a server with fewer
+    /// vectors leaves the rest as they were), and `peers` are the members
+    /// there now, with new IDs.
+    ///
+    /// Peers rejoin one by one, and no doorbell may be lost meanwhile:
+    /// - peers not back yet still ring the eventfds this member had: those
+    ///   keep raising its vectors until the next rejoin;
+    /// - from now on a doorbell to a peer ID (or vector) this member does
+    ///   not know is held, up to [`MAX_HELD`] of them, and delivered if
+    ///   that peer comes (it may be one that has not rejoined yet);
+    /// - a guest may still ring by an ID that is no longer right (its peer
+    ///   has not seen or published the new one yet): call
+    ///   [`IvshmemDoorbell::wake_all`] once the new ID is published, so
+    ///   that this guest and every peer known now look at the region
+    ///   again.
+    ///
+    /// Those are spurious interrupts at worst (vector 0). The guest reads
+    /// its new ID from IVPosition.
+    pub fn rejoined(
+        &mut self,
+        id: u16,
+        own: Vec<EventFd>,
+        peers: HashMap<u16, Vec<EventFd>>,
+    ) -> Result<()> {
+        if own.is_empty() || own.len() > self.own.len() {
+            return Err(Error::Rejoin(format!(
+                "{} eventfds for a device of {} vectors",
+                own.len(),
+                self.own.len()
+            )));
+        }
+        let dup = |e: &EventFd| e.try_clone().map_err(|e| Error::Io("eventfd".into(), e));
+        let mut previous = Vec::with_capacity(own.len());
+        for (i, e) in own.into_iter().enumerate() {
+            self.msix
+                .vectors_mut()
+                .replace_eventfd(i, dup(&e)?)
+                .map_err(Error::Rejoin)?;
+            previous.push(std::mem::replace(&mut self.own[i], e));
+        }
+        self.previous_own = previous;
+        let self_ring = self.own.iter().map(dup).collect::<Result<Vec<_>>>()?;
+        self.peers = peers;
+        self.peers.insert(id, self_ring);
+        self.id = id;
+        self.held = Some(HashSet::new());
+        self.register_ioevents();
+        // The INTx watcher takes the new eventfds.
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        let _ = self.mode_changed.write(1);
+        Ok(())
+    }
+
+    /// Rings vector 0 of this member and of every peer it knows, so that
+    /// all of them look at the region again (after
+    /// [`IvshmemDoorbell::rejoined`]).
+    pub fn wake_all(&self) {
+        for evts in self.peers.values() {
+            if let Some(e) = evts.first() {
+                let _ = e.write(1);
+            }
+        }
+    }
+
+    /// The eventfds the INTx watcher watches: this member's receive
+    /// eventfds and those they replaced.
+    fn watched_eventfds(&self) -> Result<Vec<EventFd>> {
+        self.own
+            .iter()
+            .chain(&self.previous_own)
+            .map(|e| e.try_clone().map_err(|e| Error::Io("eventfd".into(), e)))
+            .collect()
     }
 
     /// Other peers that can be rung (this member can always ring itself).
@@ -312,7 +418,14 @@ impl IvshmemDoorbell {
                     Err(e) => log::warn!("ivshmem: doorbell to peer {peer}: {e}"),
                 }
             }
-            None => self.stats.dropped += 1,
+            None => {
+                self.stats.dropped += 1;
+                if let Some(held) = self.held.as_mut() {
+                    if held.len() < MAX_HELD {
+                        held.insert((peer, vector));
+                    }
+                }
+            }
         }
     }
 
@@ -344,7 +457,7 @@ impl IvshmemDoorbell {
             return false;
         }
         let mut any = false;
-        for e in &self.own {
+        for e in self.own.iter().chain(&self.previous_own) {
             if poll_readable(e) {
                 let _ = e.read();
                 any = true;
@@ -377,6 +490,9 @@ pub struct IntxWatcher {
     wake: EventFd,
     own: Vec<EventFd>,
     watching: bool,
+    generation: Arc<AtomicU64>,
+    /// The generation `own` is from.
+    seen: u64,
 }
 
 impl IntxWatcher {
@@ -416,6 +532,24 @@ impl MutEventSubscriber for IntxWatcher {
         let intx = self.intx_on.load(Ordering::Acquire);
         if events.fd() == self.wake.as_raw_fd() {
             let _ = self.wake.read();
+            let now = self.generation.load(Ordering::Acquire);
+            if now != self.seen {
+                // New receive eventfds (the device rejoined a server).
+                let Some(d) = self.dev.upgrade() else {
+                    return self.retire(ops);
+                };
+                let Ok(own) = d.lock().map(|g| g.watched_eventfds()) else {
+                    return self.retire(ops);
+                };
+                match own {
+                    Ok(own) => {
+                        self.watch_own(false, ops);
+                        self.own = own;
+                        self.seen = now;
+                    }
+                    Err(e) => log::warn!("ivshmem: INTx watcher: {e}"),
+                }
+            }
             return self.watch_own(intx, ops);
         }
         if !intx {
@@ -443,8 +577,10 @@ impl IvshmemDoorbell {
             stop: g.stop.clone(),
             intx_on: g.intx_on.clone(),
             wake: dup(&g.mode_changed)?,
-            own: g.own.iter().map(dup).collect::<Result<Vec<_>>>()?,
+            own: g.watched_eventfds()?,
             watching: false,
+            generation: g.generation.clone(),
+            seen: g.generation.load(Ordering::Acquire),
         })
     }
 }
@@ -578,6 +714,13 @@ mod tests {
         fn pending(&self, _index: usize) -> bool {
             false
         }
+        fn replace_eventfd(
+            &mut self,
+            _index: usize,
+            _evt: EventFd,
+        ) -> std::result::Result<(), String> {
+            Ok(())
+        }
     }
 
     /// What was registered as an ioeventfd: (address, datamatch).
@@ -626,6 +769,53 @@ mod tests {
 
     fn doorbell(peer: u16, vector: u16) -> u32 {
         intervm_protocol::ivshmem::doorbell(peer, vector)
+    }
+
+    fn clones(evts: &[EventFd]) -> Vec<EventFd> {
+        evts.iter().map(|e| e.try_clone().unwrap()).collect()
+    }
+
+    #[test]
+    fn after_a_rejoin_doorbells_to_unknown_peers_are_held_until_they_come() {
+        let dev = device(3, 2, None);
+        let mut d = dev.lock().unwrap();
+        // Before any rejoin a doorbell to nobody is dropped (as QEMU does).
+        write(&mut d, DOORBELL, doorbell(9, 1));
+        let early = new_eventfds(2).unwrap();
+        d.add_peer(9, clones(&early));
+        assert!(early[1].read().is_err(), "not delivered later");
+        let own = new_eventfds(2).unwrap();
+        d.rejoined(4, clones(&own), HashMap::new()).unwrap();
+        assert_eq!(read(&mut d, IV_POSITION), 4);
+        assert!(
+            d.peers().is_empty(),
+            "the old peers are gone with the old server"
+        );
+        write(&mut d, DOORBELL, doorbell(4, 1));
+        assert_eq!(own[1].read().unwrap(), 1, "ringing itself at the new ID");
+        write(&mut d, DOORBELL, doorbell(7, 1));
+        // Peer 7 comes with vector 0 first: vector 1's doorbell waits.
+        let p7 = new_eventfds(2).unwrap();
+        d.add_peer(7, clones(&p7[..1]));
+        assert!(p7[0].read().is_err());
+        d.add_peer(7, clones(&p7));
+        assert_eq!(p7[1].read().unwrap(), 1, "held, then delivered");
+        d.add_peer(7, clones(&p7));
+        assert!(p7[1].read().is_err(), "delivered once");
+        assert_eq!(d.stats().dropped, 2);
+        // A guest ringing ever more IDs is not stored beyond the cap.
+        for id in 0..(MAX_HELD as u32 + 100) {
+            write(
+                &mut d,
+                DOORBELL,
+                doorbell(1000 + (id / 4) as u16, (id % 4) as u16),
+            );
+        }
+        assert_eq!(d.held.as_ref().map(HashSet::len), Some(MAX_HELD));
+        // After the new ID is published everyone looks again.
+        d.wake_all();
+        assert_eq!(own[0].read().unwrap(), 1);
+        assert_eq!(p7[0].read().unwrap(), 1);
     }
 
     #[test]

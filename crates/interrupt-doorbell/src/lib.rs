@@ -72,6 +72,9 @@ pub enum Error {
     /// follower of a server's notices).
     #[error("event loop: {0}")]
     Events(#[source] vmm_core::Error),
+    /// A member could not take what a restarted server gave it.
+    #[error("rejoining the server: {0}")]
+    Rejoin(String),
     /// The VM refused the device.
     #[error("adding the device to vm {vm}: {source}")]
     AddDevice {

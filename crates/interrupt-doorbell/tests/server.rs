@@ -41,9 +41,19 @@ fn server(tag: &str, vectors: usize) -> Running {
 
 /// Like [`server`], with `setup` applied before it runs.
 fn server_with(tag: &str, vectors: usize, setup: impl FnOnce(Server) -> Server) -> Running {
-    let path = std::env::temp_dir().join(format!("ivshmem-{tag}-{}.sock", std::process::id()));
     let shm = vmm_core::memory::memfd("ivshmem-test", 0).unwrap();
     shm.set_len(1 << 20).unwrap();
+    server_on(tag, vectors, shm, setup)
+}
+
+/// Like [`server_with`], sharing `shm`.
+fn server_on(
+    tag: &str,
+    vectors: usize,
+    shm: std::fs::File,
+    setup: impl FnOnce(Server) -> Server,
+) -> Running {
+    let path = std::env::temp_dir().join(format!("ivshmem-{tag}-{}.sock", std::process::id()));
     let s = setup(Server::bind(&path, shm, vectors).unwrap());
     let stop = Arc::new(AtomicBool::new(false));
     let st = stop.clone();
@@ -180,6 +190,188 @@ fn a_vm_that_goes_away_leaves_the_server() {
     drop(da);
     drop(vm_a);
     wait_until("b to see a leave", || db.lock().unwrap().peers().is_empty());
+}
+
+/// A server on `shm` that replaces the one that was at `socket`, with a
+/// client that joined it before anyone else could (ID 0): it listens
+/// elsewhere until then and is moved to `socket` after. Members rejoining
+/// it therefore get IDs other than their old ones, whatever the scheduling.
+fn restart(socket: &std::path::Path, tag: &str, shm: &std::fs::File) -> (Running, Session) {
+    let srv = server_on(tag, 2, shm.try_clone().unwrap(), |s| s);
+    let x = client::connect(&srv.path, 2).unwrap();
+    assert_eq!(x.id, 0);
+    std::fs::rename(&srv.path, socket).unwrap();
+    (srv, x)
+}
+
+#[test]
+fn members_join_a_restarted_server_again() {
+    require_kvm!();
+    use interrupt_doorbell::attach::{self, ServerChannel};
+    let shm = vmm_core::memory::memfd("ivshmem-test", 0).unwrap();
+    shm.set_len(1 << 20).unwrap();
+    let srv = server_on("restart", 2, shm.try_clone().unwrap(), |s| s);
+    let info = BootInfo::new(Workload::Hello, 0, 0);
+    let (vm_a, _ca) = probe_vm_with("a", &info, 1, 16 << 20);
+    let (vm_b, _cb) = probe_vm_with("b", &info, 1, 16 << 20);
+    let c = ServerChannel {
+        socket: srv.path.clone(),
+        name: "c".into(),
+        vectors: 2,
+        size: None,
+        members: 2,
+        fast_path: true,
+    };
+    let a = attach::from_server(&vm_a, &c, 0).unwrap();
+    let b = attach::from_server(&vm_b, &c, 1).unwrap();
+    let (da, db) = (a.attached.device.clone(), b.attached.device.clone());
+    wait_until("a and b to know each other", || {
+        da.lock().unwrap().peers() == vec![1] && db.lock().unwrap().peers() == vec![0]
+    });
+    // The server goes (its socket with it) and another takes its place,
+    // on the same memory, with a client of its own first.
+    drop(srv);
+    let (_srv, x) = restart(&c.socket, "restart-next", &shm);
+    let id = |d: &Arc<Mutex<IvshmemDoorbell>>| d.lock().unwrap().id();
+    wait_until("a and b to rejoin and know each other and x", || {
+        let (ia, ib) = (id(&da), id(&db));
+        ia != 0
+            && ib != 0
+            && ia != ib
+            && da.lock().unwrap().peers() == {
+                let mut v = vec![0, ib];
+                v.sort();
+                v
+            }
+            && db.lock().unwrap().peers() == {
+                let mut v = vec![0, ia];
+                v.sort();
+                v
+            }
+    });
+    let (ia, ib) = (id(&da), id(&db));
+    // Peers find the new IDs where the guests published theirs.
+    let t = &a.transport;
+    let published = |m| t.ring_region().doorbell_id(&t.geometry(), m).unwrap();
+    wait_until("the new IDs to be published", || {
+        (published(0), published(1)) == (Some(ia), Some(ib))
+    });
+    // Doorbells reach the newcomer and each other through the new
+    // eventfds (vector 1: a rejoin rings vector 0 itself). x was there
+    // first, so a has all of its eventfds; b's come one message per
+    // vector if b rejoined after a: ring until vector 1's is there.
+    da.lock().unwrap().bar_write(
+        0,
+        DOORBELL,
+        &intervm_protocol::ivshmem::doorbell(0, 1).to_le_bytes(),
+    );
+    assert!(poll_readable(&x.own[1]), "x is rung by a");
+    let b_own = db.lock().unwrap().own_eventfds().unwrap();
+    wait_until("b to be rung by a at its new ID", || {
+        da.lock()
+            .unwrap()
+            .bar_write(0, DOORBELL, &((ib as u32) << 16 | 1).to_le_bytes());
+        poll_readable(&b_own[1])
+    });
+    // And the followers are back: x leaving is seen by both.
+    drop(x);
+    wait_until("a and b to see x leave", || {
+        da.lock().unwrap().peers() == vec![ib] && db.lock().unwrap().peers() == vec![ia]
+    });
+    let _ = std::fs::remove_file(&c.socket);
+}
+
+#[test]
+fn guests_keep_ringing_each_other_across_a_server_restart() {
+    require_kvm!();
+    use interrupt_doorbell::attach::{self, ServerChannel};
+    use intervm_testkit::{release_after_receiver_sleeps, PEER_TIMEOUT_MS};
+    use probe_image::shmem::{expected_stream, peer_record, Notify, Role, ShmemTask};
+    const BYTES: u64 = 64 << 20;
+    let shm = vmm_core::memory::memfd("ivshmem-test", 0).unwrap();
+    shm.set_len(4 << 20).unwrap();
+    let srv = server_on("restart-guests", 2, shm.try_clone().unwrap(), |s| s);
+    let c = ServerChannel {
+        socket: srv.path.clone(),
+        name: "c".into(),
+        vectors: 2,
+        size: None,
+        members: 2,
+        fast_path: true,
+    };
+    let task = |me, role| {
+        let mut t = ShmemTask::new(me, role, BYTES);
+        t.seed = 5;
+        t.timeout_ms = PEER_TIMEOUT_MS;
+        t.notify = Notify::Always;
+        t
+    };
+    let rx = task(1, Role::Recv { from: 1 });
+    let mut tx = task(0, Role::Send { to: 1 });
+    tx.hold = true;
+    let (vr, cr) = probe_vm_with("rx", &rx.boot_info(), 1, 64 << 20);
+    let (vt, ct) = probe_vm_with("tx", &tx.boot_info(), 1, 64 << 20);
+    let r = attach::from_server(&vr, &c, 1).unwrap();
+    let t = attach::from_server(&vt, &c, 0).unwrap();
+    let (dr, dt) = (r.attached.device.clone(), t.attached.device.clone());
+    wait_until("rx and tx to know each other", || {
+        dr.lock().unwrap().peers() == vec![1] && dt.lock().unwrap().peers() == vec![0]
+    });
+    let (rr, rt) = (vr.start().unwrap(), vt.start().unwrap());
+    // The receiver goes to sleep on a doorbell; then the server is
+    // replaced and both members rejoin it under new IDs before the sender
+    // sends a byte: every doorbell of the transfer goes to the new ones.
+    wait_until("the receiving probe to sleep on a doorbell", || {
+        vmm_core::boot::probe::read_info(rr.vm().memory())
+            .is_ok_and(|i| i.results[results::SHM_SLEEPS] > 0)
+    });
+    drop(srv);
+    let (_srv, _x) = restart(&c.socket, "restart-guests-next", &shm);
+    wait_until("rx and tx to rejoin", || {
+        dr.lock().unwrap().id() != 0 && dt.lock().unwrap().id() != 0
+    });
+    release_after_receiver_sleeps(&rr, &rt);
+    let t0 = std::time::Instant::now();
+    let done = |r: &vmm_core::RunningVm| {
+        r.wait_timeout(RUN_TIMEOUT.saturating_sub(t0.elapsed()))
+            .is_some()
+    };
+    if !(done(&rt) && done(&rr)) {
+        let side = |r: &vmm_core::RunningVm, d: &Arc<Mutex<IvshmemDoorbell>>, peer| {
+            let i = vmm_core::boot::probe::read_info(r.vm().memory()).unwrap();
+            let rec = peer_record(&i, peer);
+            let g = d.lock().unwrap();
+            format!(
+                "{}: state {} bytes {} sleeps {} doorbells {} irqs {}; device id {} peers {:?} {:?}",
+                r.vm().name(),
+                i.state,
+                rec.bytes,
+                i.results[results::SHM_SLEEPS],
+                i.results[results::SHM_DOORBELLS],
+                i.results[results::SHM_IRQS],
+                g.id(),
+                g.peers(),
+                g.stats()
+            )
+        };
+        let t = &r.transport;
+        let published = |m| t.ring_region().doorbell_id(&t.geometry(), m).unwrap();
+        panic!(
+            "hang:\n{}\n{}\npublished {:?} {:?}",
+            side(&rr, &dr, 0),
+            side(&rt, &dt, 1),
+            published(0),
+            published(1)
+        );
+    }
+    let (tx_exit, _) = finish(rt, &ct, RUN_TIMEOUT);
+    let (rx_exit, rx_info) = finish(rr, &cr, RUN_TIMEOUT);
+    assert_eq!(tx_exit, VmExit::Guest(EXIT_OK), "{}", ct.contents());
+    assert_eq!(rx_exit, VmExit::Guest(EXIT_OK), "{}", cr.contents());
+    let got = peer_record(&rx_info, 0);
+    assert_eq!(got.bytes, BYTES);
+    assert_eq!(got.stream, expected_stream(5, BYTES, 64 << 10));
+    let _ = std::fs::remove_file(&c.socket);
 }
 
 #[test]

@@ -52,6 +52,14 @@ pub type Subscriber = Box<dyn MutEventSubscriber + Send>;
 pub struct LoopHandle(RemoteEndpoint<Subscriber>);
 
 impl LoopHandle {
+    /// Puts `s` into the loop as soon as the loop gets to it (from any
+    /// thread, the loop's own included). Does nothing if the loop is gone.
+    pub fn add_later(&self, s: Subscriber) {
+        let _ = self.0.fire(move |ops| {
+            ops.add_subscriber(s);
+        });
+    }
+
     /// Takes subscriber `id` out of the loop (its file descriptors with
     /// it) as soon as the loop gets to it. Does nothing if the loop is gone.
     pub fn remove_later(&self, id: SubscriberId) {

@@ -187,12 +187,33 @@ pub trait MsiVectors: Send {
     fn trigger(&self, index: usize);
     /// True when vector `index` has an undelivered interrupt.
     fn pending(&self, index: usize) -> bool;
+    /// Vector `index` is raised by `evt` from now on (an ivshmem server
+    /// that restarted hands out new eventfds). The eventfd it replaces
+    /// still raises the vector until the next replacement, for peers that
+    /// have not yet learnt of it. Implementations that cannot do this say so.
+    fn replace_eventfd(&mut self, index: usize, evt: EventFd) -> std::result::Result<(), String> {
+        let _ = evt;
+        Err(format!(
+            "vector {index}: these vectors cannot change eventfds"
+        ))
+    }
 }
 
 struct KvmVector {
     evt: EventFd,
+    /// The eventfd `evt` replaced (see [`MsiVectors::replace_eventfd`]):
+    /// it still raises the vector, so that a peer that has not yet learnt
+    /// of the replacement is not lost. Dropped at the next replacement.
+    previous: Option<EventFd>,
     gsi: u32,
     bound: bool,
+}
+
+impl KvmVector {
+    /// The eventfds that raise this vector.
+    fn eventfds(&self) -> impl Iterator<Item = &EventFd> {
+        std::iter::once(&self.evt).chain(self.previous.as_ref())
+    }
 }
 
 /// [`MsiVectors`] on KVM: one eventfd + GSI + irqfd per vector.
@@ -214,6 +235,7 @@ impl KvmMsiVectors {
                     .map_err(Error::io("eventfd for MSI vector"))?;
                 vectors.push(KvmVector {
                     evt,
+                    previous: None,
                     gsi: r.allocate()?,
                     bound: false,
                 });
@@ -233,6 +255,7 @@ impl KvmMsiVectors {
             for evt in evts {
                 vectors.push(KvmVector {
                     evt,
+                    previous: None,
                     gsi: r.allocate()?,
                     bound: false,
                 });
@@ -260,19 +283,23 @@ impl KvmMsiVectors {
                 router.set_msi(v.gsi, m)?;
                 if !v.bound {
                     // Registering delivers an interrupt already pending in the eventfd.
-                    router
-                        .vm()
-                        .register_irqfd(&v.evt, v.gsi)
-                        .map_err(Error::kvm("KVM_IRQFD"))?;
+                    for e in v.eventfds() {
+                        router
+                            .vm()
+                            .register_irqfd(e, v.gsi)
+                            .map_err(Error::kvm("KVM_IRQFD"))?;
+                    }
                     v.bound = true;
                 }
             }
             None => {
                 if v.bound {
-                    router
-                        .vm()
-                        .unregister_irqfd(&v.evt, v.gsi)
-                        .map_err(Error::kvm("KVM_IRQFD (deassign)"))?;
+                    for e in v.eventfds() {
+                        router
+                            .vm()
+                            .unregister_irqfd(e, v.gsi)
+                            .map_err(Error::kvm("KVM_IRQFD (deassign)"))?;
+                    }
                     v.bound = false;
                 }
             }
@@ -302,9 +329,27 @@ impl MsiVectors for KvmMsiVectors {
 
     fn pending(&self, index: usize) -> bool {
         match self.vectors.get(index) {
-            Some(v) if !v.bound => poll_readable(&v.evt),
+            Some(v) if !v.bound => v.eventfds().any(poll_readable),
             _ => false,
         }
+    }
+
+    fn replace_eventfd(&mut self, index: usize, evt: EventFd) -> std::result::Result<(), String> {
+        let Some(v) = self.vectors.get_mut(index) else {
+            return Err(format!("no vector {index}"));
+        };
+        if v.bound {
+            let r = self.router.lock().map_err(|_| "GSI router lock poisoned")?;
+            // The new one first: registering delivers what it has pending.
+            r.vm()
+                .register_irqfd(&evt, v.gsi)
+                .map_err(|e| format!("vector {index}: KVM_IRQFD: {e}"))?;
+            if let Some(old) = &v.previous {
+                let _ = r.vm().unregister_irqfd(old, v.gsi);
+            }
+        }
+        v.previous = Some(std::mem::replace(&mut v.evt, evt));
+        Ok(())
     }
 }
 
@@ -313,7 +358,9 @@ impl Drop for KvmMsiVectors {
         if let Ok(mut r) = self.router.lock() {
             for v in &self.vectors {
                 if v.bound {
-                    let _ = r.vm().unregister_irqfd(&v.evt, v.gsi);
+                    for e in v.eventfds() {
+                        let _ = r.vm().unregister_irqfd(e, v.gsi);
+                    }
                 }
                 let _ = r.release(v.gsi);
             }

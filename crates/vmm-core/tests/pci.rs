@@ -150,6 +150,52 @@ fn msix_interrupts_from_a_host_eventfd_reach_the_guest() {
 }
 
 #[test]
+fn a_replaced_vector_eventfd_raises_it_until_the_next_replacement() {
+    use vmm_core::irq::poll_readable;
+    use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+    require_kvm!();
+    let mut info = BootInfo::new(Workload::MsixWait, 0, 0);
+    info.args[..3].copy_from_slice(&[test_id(), 1, 2]);
+    let (vm, console) = common::probe_vm("msix-replace", &info);
+    let dev = TestDevice::new(&vm, 1);
+    vm.add_pci_device(dev.clone()).unwrap();
+    let running = vm.start().unwrap();
+    let mem = running.vm().memory().clone();
+    assert!(
+        probe::wait_state(&mem, State::Ready, common::RUN_TIMEOUT),
+        "console:\n{}",
+        console.contents()
+    );
+    let evt = || EventFd::new(EFD_NONBLOCK).unwrap();
+    let (e1, e2, e3) = (evt(), evt(), evt());
+    let replace = |e: &EventFd| {
+        dev.lock()
+            .unwrap()
+            .msix
+            .vectors_mut()
+            .replace_eventfd(0, e.try_clone().unwrap())
+            .unwrap()
+    };
+    let irqs = || probe::read_info(&mem).unwrap().results[results::IRQ_COUNT];
+    replace(&e1);
+    replace(&e2);
+    // e2 raises the vector now, and e1, which it replaced, still does.
+    e1.write(1).unwrap();
+    intervm_testkit::wait_until("the interrupt from the replaced eventfd", || irqs() == 1);
+    replace(&e3);
+    // Two replacements later e1 is nobody's: its signal stays unread.
+    e1.write(1).unwrap();
+    assert!(poll_readable(&e1), "e1 is still bound");
+    e2.write(1).unwrap();
+    let exit = running
+        .wait_timeout(common::RUN_TIMEOUT)
+        .expect("guest exit");
+    assert_eq!(exit, VmExit::Guest(EXIT_OK), "{}", console.contents());
+    assert_eq!(irqs(), 2);
+    assert!(poll_readable(&e1));
+}
+
+#[test]
 fn masking_and_unmasking_a_vector_rewrites_no_routing_table() {
     use vmm_core::irq::{KvmMsiVectors, MsiMessage, MsiVectors};
     require_kvm!();

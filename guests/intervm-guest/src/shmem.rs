@@ -340,10 +340,15 @@ pub fn send(
                         sent += msg.len() as u64;
                         frames += 1;
                     }
-                    if let Some(id) = bell {
-                        if policy.ring_peer(|| p.take_consumer_sleep()) {
-                            notify.ring(id);
-                        }
+                    if bell.is_some() && policy.ring_peer(|| p.take_consumer_sleep()) {
+                        // Read again at every ring: a receiver whose
+                        // ivshmem server restarted has a new ID.
+                        let id = j
+                            .region
+                            .doorbell_id(&j.geo, c.peer)
+                            .map_err(ring_err)?
+                            .ok_or(Error::Ring(RingError::PeerGone(c.peer)))?;
+                        notify.ring(id);
                     }
                     break;
                 }

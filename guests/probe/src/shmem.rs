@@ -270,7 +270,6 @@ fn send_on(ch: &Channel) -> Result<(), u32> {
     );
     let (mut total, mut frames, mut stream, mut waits, mut pos) = (0u64, 0u64, 0u64, 0u64, 0usize);
     let corrupt = arg(shmem_args::FLAGS) & SHMEM_CORRUPT_HEAD != 0;
-    let mut bell = 0u32;
     for round in 1..=rounds {
         // Start line: the receiver's ready word (seen above for round 1).
         wait_for(ch, &clock, peer, go(round))?;
@@ -289,8 +288,9 @@ fn send_on(ch: &Channel) -> Result<(), u32> {
             }
             set_result(results::SHM_START_TSC, arch::rdtsc());
             if ch.notify.rings() {
-                // The receiver published its doorbell ID before its "go".
-                bell = bell_of(ch, peer)?;
+                // The receiver published its doorbell ID before its "go"
+                // (checked here; read again at every ring).
+                bell_of(ch, peer)?;
             }
         }
         let mut sent = 0u64;
@@ -315,6 +315,9 @@ fn send_on(ch: &Channel) -> Result<(), u32> {
                     // Doorbell: peer ID in the high half, vector 0 (adaptive:
                     // only when the receiver declared that it sleeps).
                     if policy.ring_peer(|| p.take_consumer_sleep()) {
+                        // Read again at every ring: a receiver whose
+                        // ivshmem server restarted has a new ID.
+                        let bell = bell_of(ch, peer)?;
                         arch::mmio_write32(ch.bar0 + ivshmem::DOORBELL, bell);
                         rang += 1;
                     }

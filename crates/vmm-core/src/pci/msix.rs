@@ -114,6 +114,11 @@ impl Msix {
         self.vectors.as_ref()
     }
 
+    /// The vectors, to change (see [`MsiVectors::replace_eventfd`]).
+    pub fn vectors_mut(&mut self) -> &mut dyn MsiVectors {
+        self.vectors.as_mut()
+    }
+
     /// Call after every config write: picks up enable and function-mask changes.
     pub fn config_written(&mut self, config: &PciConfiguration) {
         let ctrl = config.read(self.cap_offset as usize + 2, 2) as u16;
