@@ -146,6 +146,62 @@ fn from_server_attaches_a_vm_and_refuses_a_region_of_another_size() {
 }
 
 #[test]
+fn members_with_their_own_vector_counts_share_one_server() {
+    require_kvm!();
+    // The server hands out 4 vectors per peer; a member takes as many as
+    // its device has (2 here) and ignores the rest, and one asking for
+    // more than the server has (8) takes the 4 there are.
+    let srv = server("vectors", 4);
+    let (vm, _c) = probe_vm_with("host", &BootInfo::new(Workload::Hello, 0, 0), 1, 16 << 20);
+    let small = client::connect(&srv.path, 2).unwrap();
+    let big = client::connect(&srv.path, 8).unwrap();
+    assert_eq!((small.own.len(), big.own.len()), (2, 4));
+    assert_eq!(big.peers[&small.id].len(), 4, "the server's count");
+    let (small_own, big_own) = (
+        small
+            .own
+            .iter()
+            .map(|e| e.try_clone().unwrap())
+            .collect::<Vec<_>>(),
+        big.own
+            .iter()
+            .map(|e| e.try_clone().unwrap())
+            .collect::<Vec<_>>(),
+    );
+    let (ids, idb) = (small.id, big.id);
+    let ds = attach(&vm, small, false);
+    let db = attach(&vm, big, false);
+    assert_eq!(
+        (ds.lock().unwrap().vectors(), db.lock().unwrap().vectors()),
+        (2, 4)
+    );
+    // The small member learnt of the big one after its join: its notices
+    // carry 4 eventfds, of which it keeps 2.
+    wait_until("the small member to ring the big one on vector 1", || {
+        ds.lock()
+            .unwrap()
+            .bar_write(0, DOORBELL, &((idb as u32) << 16 | 1).to_le_bytes());
+        poll_readable(&big_own[1])
+    });
+    let dropped = ds.lock().unwrap().stats().dropped;
+    ds.lock()
+        .unwrap()
+        .bar_write(0, DOORBELL, &((idb as u32) << 16 | 3).to_le_bytes());
+    assert!(
+        !poll_readable(&big_own[3]),
+        "vector 3 is beyond the small member's"
+    );
+    assert_eq!(ds.lock().unwrap().stats().dropped, dropped + 1);
+    db.lock()
+        .unwrap()
+        .bar_write(0, DOORBELL, &((ids as u32) << 16 | 1).to_le_bytes());
+    assert!(
+        poll_readable(&small_own[1]),
+        "the big member rings vector 1"
+    );
+}
+
+#[test]
 fn a_peer_leaves_and_rejoins() {
     require_kvm!();
     let srv = server("rejoin", 1);
@@ -204,24 +260,29 @@ fn restart(socket: &std::path::Path, tag: &str, shm: &std::fs::File) -> (Running
     (srv, x)
 }
 
+/// A channel of two members, 2 vectors each, on the server at `socket`.
+fn two_members(socket: &std::path::Path) -> interrupt_doorbell::attach::ServerChannel {
+    interrupt_doorbell::attach::ServerChannel {
+        socket: socket.to_path_buf(),
+        name: "c".into(),
+        vectors: 2,
+        size: None,
+        members: 2,
+        fast_path: true,
+    }
+}
+
 #[test]
 fn members_join_a_restarted_server_again() {
     require_kvm!();
-    use interrupt_doorbell::attach::{self, ServerChannel};
+    use interrupt_doorbell::attach;
     let shm = vmm_core::memory::memfd("ivshmem-test", 0).unwrap();
     shm.set_len(1 << 20).unwrap();
     let srv = server_on("restart", 2, shm.try_clone().unwrap(), |s| s);
     let info = BootInfo::new(Workload::Hello, 0, 0);
     let (vm_a, _ca) = probe_vm_with("a", &info, 1, 16 << 20);
     let (vm_b, _cb) = probe_vm_with("b", &info, 1, 16 << 20);
-    let c = ServerChannel {
-        socket: srv.path.clone(),
-        name: "c".into(),
-        vectors: 2,
-        size: None,
-        members: 2,
-        fast_path: true,
-    };
+    let c = two_members(&srv.path);
     let a = attach::from_server(&vm_a, &c, 0).unwrap();
     let b = attach::from_server(&vm_b, &c, 1).unwrap();
     let (da, db) = (a.attached.device.clone(), b.attached.device.clone());
@@ -284,21 +345,14 @@ fn members_join_a_restarted_server_again() {
 #[test]
 fn guests_keep_ringing_each_other_across_a_server_restart() {
     require_kvm!();
-    use interrupt_doorbell::attach::{self, ServerChannel};
+    use interrupt_doorbell::attach;
     use intervm_testkit::{release_after_receiver_sleeps, PEER_TIMEOUT_MS};
     use probe_image::shmem::{expected_stream, peer_record, Notify, Role, ShmemTask};
     const BYTES: u64 = 64 << 20;
     let shm = vmm_core::memory::memfd("ivshmem-test", 0).unwrap();
     shm.set_len(4 << 20).unwrap();
     let srv = server_on("restart-guests", 2, shm.try_clone().unwrap(), |s| s);
-    let c = ServerChannel {
-        socket: srv.path.clone(),
-        name: "c".into(),
-        vectors: 2,
-        size: None,
-        members: 2,
-        fast_path: true,
-    };
+    let c = two_members(&srv.path);
     let task = |me, role| {
         let mut t = ShmemTask::new(me, role, BYTES);
         t.seed = 5;

@@ -89,6 +89,15 @@ pub fn map(src: &Source) -> Result<Mapping, Error> {
 }
 
 impl Joined {
+    /// The doorbell ID member `m` published (read at every ring: it changes
+    /// when the member's ivshmem server restarted).
+    fn doorbell_of(&self, m: u32) -> Result<u16, Error> {
+        self.region
+            .doorbell_id(&self.geo, m)
+            .map_err(ring_err)?
+            .ok_or(Error::Ring(RingError::PeerGone(m)))
+    }
+
     /// Maps the region, checks its header and joins as member `me`. A
     /// region nobody formatted yet (the VMM or a peer's tool does that) is
     /// waited for up to `wait`.
@@ -279,12 +288,7 @@ pub fn send(
     let frame = shmem_frame_bytes(chunk, size, p.max_message()) as usize;
     // With doorbells: publish this side's ID, so that a receiver can wake
     // it after it slept on a full ring.
-    let my_id = notify.my_id();
-    if let Some(id) = my_id {
-        j.region
-            .set_doorbell_id(&j.geo, c.me, id)
-            .map_err(ring_err)?;
-    }
+    let my_id = publish_id(&j, c.me, notify)?;
     // A "go" still up from the receiver's previous transfer is not ours
     // (see ring::READY_PREPARED): wait until it ended.
     j.wait_peer(c, |r| r.may_prepare_for(&j.geo, c.peer))?;
@@ -293,16 +297,12 @@ pub fn send(
         .map_err(ring_err)?;
     j.wait_peer(c, |r| r.ready(&j.geo, c.peer) == Ok(ready_go(1)))?;
     let start = Instant::now();
-    // With doorbells: the receiver published its doorbell ID before "go".
-    let bell = match my_id {
-        Some(_) => Some(
-            j.region
-                .doorbell_id(&j.geo, c.peer)
-                .map_err(ring_err)?
-                .ok_or(Error::Ring(RingError::PeerGone(c.peer)))?,
-        ),
-        None => None,
-    };
+    // With doorbells: the receiver published its doorbell ID before "go"
+    // (checked here; read again at every ring).
+    let rings = my_id.is_some();
+    if rings {
+        j.doorbell_of(c.peer)?;
+    }
     let mut live = Liveness::new(
         &j.region,
         &j.geo,
@@ -340,15 +340,10 @@ pub fn send(
                         sent += msg.len() as u64;
                         frames += 1;
                     }
-                    if bell.is_some() && policy.ring_peer(|| p.take_consumer_sleep()) {
+                    if rings && policy.ring_peer(|| p.take_consumer_sleep()) {
                         // Read again at every ring: a receiver whose
                         // ivshmem server restarted has a new ID.
-                        let id = j
-                            .region
-                            .doorbell_id(&j.geo, c.peer)
-                            .map_err(ring_err)?
-                            .ok_or(Error::Ring(RingError::PeerGone(c.peer)))?;
-                        notify.ring(id);
+                        notify.ring(j.doorbell_of(c.peer)?);
                     }
                     break;
                 }
@@ -396,6 +391,22 @@ pub(crate) fn read_full(f: &mut impl Read, buf: &mut [u8]) -> std::io::Result<us
     Ok(n)
 }
 
+/// Publishes this member's doorbell ID, reading it again until it holds
+/// still: a host that rejoined a restarted ivshmem server publishes the
+/// new ID itself, and an old one read just before must not overwrite it.
+fn publish_id(j: &Joined, me: u32, notify: &mut dyn Notifier) -> Result<Option<u16>, Error> {
+    let mut id = notify.my_id();
+    while let Some(v) = id {
+        j.region.set_doorbell_id(&j.geo, me, v).map_err(ring_err)?;
+        let now = notify.my_id();
+        if now == id {
+            break;
+        }
+        id = now;
+    }
+    Ok(id)
+}
+
 /// Receives from `c.peer` until `size` bytes (if given) or an end-of-stream
 /// frame, writing the payload to `out` if given, and comparing it with the
 /// test pattern of seed `verify` if given (the first difference is an
@@ -408,12 +419,7 @@ pub fn recv(
     notify: &mut dyn Notifier,
 ) -> Result<Summary, Error> {
     let mut j = Joined::join(&c.source, c.me, c.join_timeout)?;
-    let my_id = notify.my_id();
-    if let Some(id) = my_id {
-        j.region
-            .set_doorbell_id(&j.geo, c.me, id)
-            .map_err(ring_err)?;
-    }
+    let my_id = publish_id(&j, c.me, notify)?;
     let mut policy = policy_of(notify, my_id.is_some(), Side::Receiver);
     let mut cons = j.region.consumer(j.geo, c.peer, c.me).map_err(ring_err)?;
     let mut sink = match out {
@@ -472,12 +478,7 @@ pub fn recv(
                 stream = fold(stream, sum);
                 // Adaptive: a sender asleep on a full ring has room now.
                 if policy.ring_peer(|| cons.take_producer_sleep()) {
-                    let id = j
-                        .region
-                        .doorbell_id(&j.geo, c.peer)
-                        .map_err(ring_err)?
-                        .ok_or(Error::Ring(RingError::PeerGone(c.peer)))?;
-                    notify.ring(id);
+                    notify.ring(j.doorbell_of(c.peer)?);
                 }
                 last = start.elapsed();
                 policy.progress();

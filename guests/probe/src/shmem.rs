@@ -171,10 +171,20 @@ fn listen(ch: &Channel) -> Result<(), u32> {
     if pci::enable_msix(ch.dev, 1, intervm_protocol::probe::IRQ_VECTOR_BASE).is_none() {
         return Err(fail(5, 0));
     }
-    let id = arch::mmio_read32(ch.bar0 + ivshmem::IV_POSITION) as u16;
-    ch.region
-        .set_doorbell_id(&ch.geo, ch.me, id)
-        .map_err(ring_fail)
+    // Read again until it holds still: a host that rejoined a restarted
+    // ivshmem server publishes the new ID itself, and an old one read just
+    // before must not overwrite it.
+    let mut id = arch::mmio_read32(ch.bar0 + ivshmem::IV_POSITION) as u16;
+    loop {
+        ch.region
+            .set_doorbell_id(&ch.geo, ch.me, id)
+            .map_err(ring_fail)?;
+        let now = arch::mmio_read32(ch.bar0 + ivshmem::IV_POSITION) as u16;
+        if now == id {
+            return Ok(());
+        }
+        id = now;
+    }
 }
 
 /// The doorbell value that rings member `m` (which published its ID).
