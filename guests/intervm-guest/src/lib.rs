@@ -95,3 +95,18 @@ pub fn touched_buffer(len: usize) -> Vec<u8> {
     }
     v
 }
+
+/// [`touched_buffer`] of a length a peer decides: one this process cannot
+/// have is an error, not an abort.
+pub fn try_touched_buffer(len: usize) -> Result<Vec<u8>, Error> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(len).map_err(|e| {
+        Error::Io(
+            format!("a buffer of {len} bytes"),
+            std::io::Error::new(std::io::ErrorKind::OutOfMemory, e),
+        )
+    })?;
+    // Writing the zeros faults every page in.
+    v.resize(len, 0);
+    Ok(v)
+}

@@ -407,6 +407,10 @@ fn publish_id(j: &Joined, me: u32, notify: &mut dyn Notifier) -> Result<Option<u
     Ok(id)
 }
 
+/// A receiver's buffer before the first longer frame (the probe's and the
+/// tool's senders use 64 KiB frames by default).
+const RECV_BUFFER_START: u64 = 1 << 20;
+
 /// Receives from `c.peer` until `size` bytes (if given) or an end-of-stream
 /// frame, writing the payload to `out` if given, and comparing it with the
 /// test pattern of seed `verify` if given (the first difference is an
@@ -428,9 +432,12 @@ pub fn recv(
         )),
         None => None,
     };
-    let mut buf = crate::touched_buffer(j.geo.max_payload() as usize);
+    // Room for the longest frame seen so far, not for the longest the ring
+    // could hold: a region may be larger than this guest's memory.
+    let first = j.geo.max_payload().min(RECV_BUFFER_START) as usize;
+    let mut buf = crate::touched_buffer(first);
     let mut want = if verify.is_some() {
-        crate::touched_buffer(buf.len())
+        crate::touched_buffer(first)
     } else {
         Vec::new()
     };
@@ -456,7 +463,18 @@ pub fn recv(
     let mut idle = 0u64;
     let mut first_frame: Option<u64> = None;
     while size.is_none_or(|s| got < s) {
-        match cons.try_recv(&mut buf).map_err(ring_err)? {
+        let frame = match cons.try_recv(&mut buf) {
+            // Longer than any before (and checked to fit the ring): grow.
+            Err(RingError::TooLarge(len)) => {
+                buf = crate::try_touched_buffer(len as usize)?;
+                if verify.is_some() {
+                    want = crate::try_touched_buffer(len as usize)?;
+                }
+                continue;
+            }
+            r => r.map_err(ring_err)?,
+        };
+        match frame {
             Some((0, _)) => break,
             Some((n, sum)) => {
                 if let Some(seed) = verify {

@@ -142,6 +142,54 @@ fn the_tool_sends_to_a_probe_guest() {
 }
 
 #[test]
+fn a_receiver_on_a_region_larger_than_its_memory_keeps_to_its_frames() {
+    use std::os::unix::process::CommandExt;
+    require_kvm!();
+    // 8 GiB, sparse: two rings of more than 1 GiB each. A Linux guest with
+    // 256 MiB of RAM once failed here, sizing its receive buffers (two,
+    // with --verify-seed) to the whole ring.
+    const REGION: u64 = 8 << 30;
+    let shm = Shm::new("big");
+    let r = SharedRegion::open(&Backing::Shm(shm.0.clone()), REGION).expect("region");
+    let t = Transport::attach(Arc::new(r), 2).expect("attach");
+    assert!(t.geometry().max_payload() > 1 << 30);
+    const SIZE: u64 = (16 << 20) + 1000;
+    let mut cmd = checked_recv(&shm.path(), SIZE, 7);
+    // Address space for the region's mapping and 1 GiB more.
+    let limit = REGION + (1 << 30);
+    // SAFETY: between fork and exec the closure makes one
+    // async-signal-safe call on a value it owns.
+    unsafe {
+        cmd.pre_exec(move || {
+            let r = libc::rlimit {
+                rlim_cur: limit,
+                rlim_max: limit,
+            };
+            if libc::setrlimit(libc::RLIMIT_AS, &r) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let receiver = cmd.spawn().unwrap();
+    let mut task = ShmemTask::new(0, Role::Send { to: 1 }, SIZE);
+    task.chunk = CHUNK;
+    task.seed = 7;
+    task.timeout_ms = PEER_TIMEOUT_MS;
+    let (vm, console) = probe_vm_with("tx", &task.boot_info(), 1, 64 << 20);
+    vm.add_pci_device(Arc::new(Mutex::new(IvshmemPlain::new(t.region().clone()))))
+        .unwrap();
+    let m = t.join(0).unwrap();
+    let (exit, info) = finish(vm.start().unwrap(), &console, RUN_TIMEOUT);
+    drop(m);
+    let out = wait_within(receiver, "the receiving tool", HANG);
+    assert_eq!(exit, VmExit::Guest(0), "{}", console.contents());
+    assert!(ShmemResult::from_info(&info).error.is_none());
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(checksum_in(&out), expected_stream(7, SIZE, CHUNK));
+}
+
+#[test]
 fn a_probe_guest_sends_to_the_tool() {
     require_kvm!();
     let shm = Shm::new("from-probe");
