@@ -61,6 +61,26 @@ fn a_one_gib_region_carries_checked_data() {
 }
 
 #[test]
+fn an_eight_gib_region_above_4_gib_carries_checked_data_both_ways() {
+    // An 8 GiB BAR (sparse memfd) can only sit in the 64-bit window above
+    // 4 GiB. Rings of 2 GiB: a -> b wraps its ring once, and b -> a runs in
+    // the second ring, 2 GiB into the BAR.
+    if !kvm_available() {
+        return;
+    }
+    let body = "[[vm]]\nname = \"a\"\nmemory = \"64M\"\nserial = \"none\"\n\
+                probe = [{ task = \"send\", channel = \"c\", to = \"b\", size = \"2G\" },\n\
+                { task = \"recv\", channel = \"c\", size = \"64M\" }]\n\
+                [[vm]]\nname = \"b\"\nmemory = \"64M\"\nserial = \"none\"\n\
+                probe = [{ task = \"recv\", channel = \"c\", size = \"2G\" },\n\
+                { task = \"send\", channel = \"c\", to = \"a\", size = \"64M\" }]\n\
+                [[channel]]\nname = \"c\"\nkind = \"shmem\"\nmembers = [\"a\", \"b\"]\nsize = \"8G\"\n";
+    let out = run_config_ok("eight-gib.toml", body);
+    assert_received_clean(&out, "b: received 2 GiB of 2 GiB from a over c");
+    assert_received_clean(&out, "a: received 64 MiB of 64 MiB from b over c");
+}
+
+#[test]
 fn four_regions_of_different_kinds_in_one_vm() {
     // Each VM has four channels at once: an anonymous polled region, a
     // 1 GiB region on /dev/shm, a doorbell region and a port-I/O block,
