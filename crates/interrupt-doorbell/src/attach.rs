@@ -34,17 +34,14 @@ pub struct Attached {
 pub fn attach_session(
     vm: &vmm_core::Vm,
     t: &Transport,
-    session: Session,
+    mut session: Session,
     me: u32,
     fast_path: bool,
     reconnect: Option<Reconnect>,
 ) -> Result<Attached> {
-    let own = session
-        .own
-        .iter()
-        .map(|e| e.try_clone())
-        .collect::<std::io::Result<Vec<_>>>()
-        .map_err(|e| Error::Io("duplicating the session's eventfds".into(), e))?;
+    // The device owns the receive eventfds from here (the follower needs
+    // only the connection).
+    let own = std::mem::take(&mut session.own);
     let device = IvshmemDoorbell::new(vm, t.region().clone(), session.id, own, fast_path)?;
     // The guest published its ID from IVPosition when it joined; after a
     // rejoin the host publishes the new one for it.

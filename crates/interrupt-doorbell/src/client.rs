@@ -292,11 +292,6 @@ struct Rejoiner {
 }
 
 impl Session {
-    /// The socket this session was joined through.
-    pub fn socket(&self) -> &Path {
-        &self.socket
-    }
-
     /// Hands the peers known so far to `dev` and returns the follower of
     /// the server's later notices, to put into an event loop. It does not
     /// rejoin a server that goes away (see [`Session::follow`]).
@@ -468,8 +463,8 @@ impl MutEventSubscriber for ServerNotices {
     }
 }
 
-/// Takes a session of a server that came back into `dev` (its peers are
-/// taken out of `s`) and says how many peers are there. `Ok(None)`: the
+/// Takes a session of a server that came back into `dev` (its eventfds
+/// are taken out of `s`) and says how many peers are there. `Ok(None)`: the
 /// device is gone.
 fn take_rejoin(dev: &Weak<Mutex<IvshmemDoorbell>>, s: &mut Session) -> Result<Option<usize>> {
     let Some(d) = dev.upgrade() else {
@@ -484,14 +479,12 @@ fn take_rejoin(dev: &Weak<Mutex<IvshmemDoorbell>>, s: &mut Session) -> Result<Op
             g.region().label()
         )));
     }
-    let own = s
-        .own
-        .iter()
-        .map(|e| e.try_clone())
-        .collect::<std::io::Result<Vec<_>>>()
-        .map_err(|e| Error::Io("eventfd".into(), e))?;
     let peers = s.peers.len();
-    g.rejoined(s.id, own, std::mem::take(&mut s.peers))?;
+    g.rejoined(
+        s.id,
+        std::mem::take(&mut s.own),
+        std::mem::take(&mut s.peers),
+    )?;
     Ok(Some(peers))
 }
 

@@ -141,6 +141,34 @@ fn the_tool_sends_to_a_probe_guest() {
     assert_eq!(checksum_in(&sender), got.stream);
 }
 
+/// A probe guest, member 0 of `t`'s region, sends `size` bytes of the
+/// pattern of `seed` to the tool `receiver` (member 1): both must succeed
+/// and the tool must have received exactly that stream. Returns the
+/// probe's boot info and the tool's output.
+fn probe_sends_to(
+    t: &Transport,
+    receiver: std::process::Child,
+    size: u64,
+    seed: u64,
+) -> (intervm_protocol::probe::BootInfo, Output) {
+    let mut task = ShmemTask::new(0, Role::Send { to: 1 }, size);
+    task.chunk = CHUNK;
+    task.seed = seed;
+    task.timeout_ms = PEER_TIMEOUT_MS;
+    let (vm, console) = probe_vm_with("tx", &task.boot_info(), 1, 64 << 20);
+    vm.add_pci_device(Arc::new(Mutex::new(IvshmemPlain::new(t.region().clone()))))
+        .unwrap();
+    let m = t.join(0).unwrap();
+    let (exit, info) = finish(vm.start().unwrap(), &console, RUN_TIMEOUT);
+    drop(m);
+    let out = wait_within(receiver, "the receiving tool", HANG);
+    assert_eq!(exit, VmExit::Guest(0), "{}", console.contents());
+    assert!(ShmemResult::from_info(&info).error.is_none());
+    assert!(out.status.success(), "{}", text(&out));
+    assert_eq!(checksum_in(&out), expected_stream(seed, size, CHUNK));
+    (info, out)
+}
+
 #[test]
 fn a_receiver_on_a_region_larger_than_its_memory_keeps_to_its_frames() {
     use std::os::unix::process::CommandExt;
@@ -171,22 +199,7 @@ fn a_receiver_on_a_region_larger_than_its_memory_keeps_to_its_frames() {
             Ok(())
         });
     }
-    let receiver = cmd.spawn().unwrap();
-    let mut task = ShmemTask::new(0, Role::Send { to: 1 }, SIZE);
-    task.chunk = CHUNK;
-    task.seed = 7;
-    task.timeout_ms = PEER_TIMEOUT_MS;
-    let (vm, console) = probe_vm_with("tx", &task.boot_info(), 1, 64 << 20);
-    vm.add_pci_device(Arc::new(Mutex::new(IvshmemPlain::new(t.region().clone()))))
-        .unwrap();
-    let m = t.join(0).unwrap();
-    let (exit, info) = finish(vm.start().unwrap(), &console, RUN_TIMEOUT);
-    drop(m);
-    let out = wait_within(receiver, "the receiving tool", HANG);
-    assert_eq!(exit, VmExit::Guest(0), "{}", console.contents());
-    assert!(ShmemResult::from_info(&info).error.is_none());
-    assert!(out.status.success(), "{}", text(&out));
-    assert_eq!(checksum_in(&out), expected_stream(7, SIZE, CHUNK));
+    probe_sends_to(&t, cmd.spawn().unwrap(), SIZE, 7);
 }
 
 #[test]
@@ -199,21 +212,7 @@ fn a_probe_guest_sends_to_the_tool() {
     // repeatedly, and a short last frame: the tool checks every byte.
     const SIZE: u64 = (40 << 20) + 1000;
     let receiver = checked_recv(&res, SIZE, 5).spawn().unwrap();
-    let mut task = ShmemTask::new(0, Role::Send { to: 1 }, SIZE);
-    task.chunk = CHUNK;
-    task.seed = 5;
-    task.timeout_ms = PEER_TIMEOUT_MS;
-    let (vm, console) = probe_vm_with("tx", &task.boot_info(), 1, 64 << 20);
-    vm.add_pci_device(Arc::new(Mutex::new(IvshmemPlain::new(t.region().clone()))))
-        .unwrap();
-    let m = t.join(0).unwrap();
-    let (exit, info) = finish(vm.start().unwrap(), &console, RUN_TIMEOUT);
-    drop(m);
-    let out = wait_within(receiver, "the receiving tool", HANG);
-    assert_eq!(exit, VmExit::Guest(0), "{}", console.contents());
-    assert!(ShmemResult::from_info(&info).error.is_none());
-    assert!(out.status.success(), "{}", text(&out));
-    assert_eq!(checksum_in(&out), expected_stream(5, SIZE, CHUNK));
+    let (info, out) = probe_sends_to(&t, receiver, SIZE, 5);
     assert_eq!(checksum_in(&out), peer_record(&info, 1).stream);
 }
 
