@@ -7,8 +7,8 @@ use std::time::Duration;
 use intervm_protocol::portio::{DEFAULT_BASE, PORT_COUNT};
 use intervm_protocol::probe::{results, BootInfo, Workload};
 use portio_channel::{PortioDevice, PortioStats, RingLink};
-use probe_image::portio::PortioTask;
-use probe_image::shmem::{peer_record, Role, ShmemResult};
+use probe_image::portio::{PortioTask, Role};
+use probe_image::shmem::{peer_record, ShmemResult};
 use shmem_device::{Backing, SharedRegion, Transport};
 use vmm_core::{boot::probe, devices::serial::SerialOutput, Vm, VmConfig};
 

@@ -79,6 +79,7 @@ enum TaskName {
     Ping,
     Pong,
     Chaos,
+    Exchange,
 }
 
 impl TaskName {
@@ -90,6 +91,7 @@ impl TaskName {
             TaskName::Ping => "ping",
             TaskName::Pong => "pong",
             TaskName::Chaos => "chaos",
+            TaskName::Exchange => "exchange",
         }
     }
 }
@@ -148,6 +150,7 @@ struct RawProbe {
     channel: Option<String>,
     to: Option<String>,
     from: Option<Vec<String>>,
+    with: Option<Vec<String>>,
     size: Option<RawSize>,
     chunk: Option<RawSize>,
     mode: Option<Choice<ModeName>>,
@@ -289,6 +292,18 @@ pub enum ProbeTask {
         ops: u64,
         /// Seed of the random sequence.
         seed: u64,
+    },
+    /// Send `size` bytes to each VM in `with` and receive `size` bytes
+    /// from each of them, all at once, over a shared-memory `channel`.
+    Exchange {
+        /// The channel.
+        channel: ChannelRef,
+        /// The other VMs (each runs an exchange with this one).
+        with: Vec<MemberRef>,
+        /// Bytes each way with each peer.
+        size: u64,
+        /// Payload bytes per frame.
+        chunk: u64,
     },
     /// Receive `size` bytes from each VM in `from` over `channel`.
     Recv {
@@ -560,13 +575,14 @@ fn parse_size(s: &RawSize) -> Result<u64, String> {
 fn probe_task(p: &RawProbe, vm: &VmSpec, channels: &[ChannelSpec]) -> Result<ProbeTask, String> {
     use TaskName::*;
     let task = p.task.get(|t| {
-        format!("task: {t:?} is not \"hello\", \"send\", \"recv\", \"ping\", \"pong\" or \"chaos\"")
+        format!("task: {t:?} is not \"hello\", \"send\", \"recv\", \"exchange\", \"ping\", \"pong\" or \"chaos\"")
     })?;
     if matches!(task, Hello | Chaos) {
         for (k, set) in [
             ("channel", p.channel.is_some()),
             ("to", p.to.is_some()),
             ("from", p.from.is_some()),
+            ("with", p.with.is_some()),
             ("size", p.size.is_some()),
             ("chunk", p.chunk.is_some()),
             ("mode", p.mode.is_some()),
@@ -635,6 +651,14 @@ fn probe_task(p: &RawProbe, vm: &VmSpec, channels: &[ChannelSpec]) -> Result<Pro
     }
     if p.rounds.is_some() {
         return Err("rounds: only meaningful for ping/pong".into());
+    }
+    if p.with.is_some() && task != Exchange {
+        return Err("with: only meaningful for task \"exchange\"".into());
+    }
+    if task == Exchange && ch.kind.is_portio() {
+        return Err(format!(
+            "channel: exchange runs on \"shmem\" and \"doorbell\" channels; {name:?} is \"portio\""
+        ));
     }
     if p.transfers.is_some() && task != Recv {
         return Err("transfers: only meaningful for task \"recv\"".into());
@@ -713,6 +737,48 @@ fn probe_task(p: &RawProbe, vm: &VmSpec, channels: &[ChannelSpec]) -> Result<Pro
             index,
         })
     };
+    if task == Exchange {
+        for (k, set) in [("to", p.to.is_some()), ("from", p.from.is_some())] {
+            if set {
+                return Err(format!("{k}: not used by task \"exchange\" (use with)"));
+            }
+        }
+        // Its receive buffer follows its payload buffer.
+        let need = shmem_min_memory(size).next_multiple_of(4096) + chunk.min(size);
+        if vm.memory < need {
+            return Err(format!(
+                "size: exchanging {size} bytes in frames of {chunk} needs memory of at least {}M for the probe's buffers (vm has {}M)",
+                need.div_ceil(1 << 20),
+                vm.memory >> 20
+            ));
+        }
+        let with = match &p.with {
+            Some(w) if w.is_empty() => return Err("with: empty".into()),
+            Some(w) => w.clone(),
+            None => ch
+                .members
+                .iter()
+                .filter(|m| **m != vm.name)
+                .cloned()
+                .collect(),
+        };
+        let mut seen = HashSet::new();
+        let with = with
+            .iter()
+            .map(|w| {
+                if !seen.insert(w) {
+                    return Err(format!("with: {w:?} is named twice"));
+                }
+                peer(w, "with")
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        return Ok(ProbeTask::Exchange {
+            channel,
+            with,
+            size,
+            chunk,
+        });
+    }
     if task == Send {
         if p.from.is_some() {
             return Err("from: not used by task \"send\" (use to)".into());
@@ -1353,6 +1419,28 @@ mod tests {
     }
 
     #[test]
+    fn an_exchange_is_with_every_other_member_unless_named() {
+        let c = parse(
+            "[[vm]]\nname = \"a\"\nmemory = \"64M\"\nprobe = { task = \"exchange\", channel = \"c\", size = \"1M\" }\n\
+             [[vm]]\nname = \"b\"\nmemory = \"64M\"\nprobe = { task = \"exchange\", channel = \"c\", size = \"1M\", with = [\"d\"], chunk = \"4K\" }\n\
+             [[vm]]\nname = \"d\"\n\
+             [[channel]]\nname = \"c\"\nkind = \"doorbell\"\nmembers = [\"a\", \"b\", \"d\"]\n",
+        )
+        .unwrap();
+        let with = |vm: usize| match &c.vms[vm].probe[0] {
+            ProbeTask::Exchange { with, chunk, .. } => (
+                with.iter()
+                    .map(|w| (w.name.as_str(), w.index))
+                    .collect::<Vec<_>>(),
+                *chunk,
+            ),
+            t => panic!("unexpected task {t:?}"),
+        };
+        assert_eq!(with(0), (vec![("b", 1), ("d", 2)], DEFAULT_CHUNK));
+        assert_eq!(with(1), (vec![("d", 2)], 4096));
+    }
+
+    #[test]
     fn one_vm_may_take_the_console() {
         let c = parse(
             "[[vm]]\nname = \"a\"\n[[vm]]\nname = \"b\"\nserial = \"console\"\n[[vm]]\nname = \"c\"\nserial = \"none\"\n",
@@ -1447,7 +1535,77 @@ mod tests {
             ("[[vm]]\nname = \"a\"\n[[vm]]\nname = \"b\"\n[[channel]]\nname = \"c\"\nkind = \"shmem\"\nmembers = [\"a\", \"b\"]\nnotify = \"never\"\n", "channel[c].notify", "only meaningful for kind = \"doorbell\""),
             ("[[vm]]\nname = \"a\"\n[[vm]]\nname = \"b\"\n[[channel]]\nname = \"c\"\nkind = \"portio\"\nmembers = [\"a\", \"b\"]\nspin_us = 5\n", "channel[c].spin_us", "only meaningful for kind = \"doorbell\""),
         ];
+        let exchange = |task: &str, kind: &str| {
+            format!(
+                "[[vm]]\nname = \"a\"\n[[vm]]\nname = \"d\"\n[[vm]]\nname = \"b\"\nmemory = \"64M\"\nprobe = {{ {task} }}\n\
+                 [[channel]]\nname = \"c\"\nkind = \"{kind}\"\nmembers = [\"a\", \"b\", \"d\"]\n"
+            )
+        };
+        let exchanges = [
+            (
+                exchange(
+                    "task = \"exchange\", channel = \"c\", size = \"1M\"",
+                    "portio",
+                ),
+                "vm[b].probe.channel",
+                "exchange runs on \"shmem\" and \"doorbell\" channels",
+            ),
+            (
+                exchange(
+                    "task = \"exchange\", channel = \"c\", size = \"1M\", to = \"a\"",
+                    "shmem",
+                ),
+                "vm[b].probe.to",
+                "not used by task \"exchange\" (use with)",
+            ),
+            (
+                exchange(
+                    "task = \"exchange\", channel = \"c\", size = \"1M\", with = [\"a\", \"a\"]",
+                    "shmem",
+                ),
+                "vm[b].probe.with",
+                "\"a\" is named twice",
+            ),
+            (
+                exchange(
+                    "task = \"exchange\", channel = \"c\", size = \"1M\", with = []",
+                    "shmem",
+                ),
+                "vm[b].probe.with",
+                "empty",
+            ),
+            (
+                exchange(
+                    "task = \"exchange\", channel = \"c\", size = \"1M\", with = [\"b\"]",
+                    "shmem",
+                ),
+                "vm[b].probe.with",
+                "cannot be its own peer",
+            ),
+            (
+                exchange(
+                    "task = \"send\", channel = \"c\", size = \"1M\", to = \"a\", with = [\"a\"]",
+                    "shmem",
+                ),
+                "vm[b].probe.with",
+                "only meaningful for task \"exchange\"",
+            ),
+            (
+                exchange(
+                    "task = \"exchange\", channel = \"c\", size = \"16M\", chunk = \"16M\"",
+                    "shmem",
+                )
+                .replace("64M", "48M"),
+                "vm[b].probe.size",
+                "needs memory of at least 64M for the probe's buffers (vm has 48M)",
+            ),
+        ];
+        let cases = cases
+            .into_iter()
+            .map(|(t, k, p)| (t.to_string(), k, p))
+            .chain(exchanges);
         for (text, key, problem) in cases {
+            let text = text.as_str();
             let e = parse(text).expect_err(text);
             assert!(e.starts_with("t.toml: "), "{e}");
             assert!(

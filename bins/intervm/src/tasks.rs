@@ -5,14 +5,16 @@
 
 use std::collections::{HashMap, HashSet};
 
+use intervm_protocol::probe::EXCHANGE_MAX_VECTORS;
 use intervm_protocol::probe::{BootInfo, Workload};
-use probe_image::portio::PortioTask;
+use probe_image::portio::{self, PortioTask};
 use probe_image::shmem::{
-    expected_stream, frame_bytes, peer_record, seed_for, Role, ShmemResult, ShmemTask,
+    expected_stream, frame_bytes, peer_record, seed_for, sent_record, vector_irqs, Role,
+    ShmemResult, ShmemTask,
 };
 use shmem_device::Transport;
 
-use crate::config::{ChannelRef, ChannelSpec, Config, Kind, ProbeTask, VmSpec};
+use crate::config::{ChannelRef, ChannelSpec, Config, Kind, MemberRef, ProbeTask, VmSpec};
 
 /// The outcome of a probe task, checked.
 pub struct Report {
@@ -33,7 +35,12 @@ fn sender_chunk(cfg: &Config, sender: &str, on: &str) -> u64 {
         .find(|v| v.name == sender)
         .and_then(|v| {
             v.probe.iter().find_map(|t| match t {
-                ProbeTask::Send { chunk, channel, .. } if channel.name == on => Some(*chunk),
+                ProbeTask::Send { chunk, channel, .. }
+                | ProbeTask::Exchange { chunk, channel, .. }
+                    if channel.name == on =>
+                {
+                    Some(*chunk)
+                }
                 _ => None,
             })
         })
@@ -141,7 +148,7 @@ fn boot_info(
             portio: Some(how),
         } => {
             let ch = channel(cfg, c);
-            let mut t = PortioTask::new(Role::Send { to: to.index }, *size);
+            let mut t = PortioTask::new(portio::Role::Send { to: to.index }, *size);
             t.base = how.port;
             t.message = *chunk;
             t.seed = seed_for(&c.name, &vm.name);
@@ -161,7 +168,7 @@ fn boot_info(
         } => {
             let ch = channel(cfg, c);
             let mask = from.iter().fold(0u32, |m, f| m | 1 << f.index);
-            let mut t = PortioTask::new(Role::Recv { from: mask }, *size);
+            let mut t = PortioTask::new(portio::Role::Recv { from: mask }, *size);
             t.base = how.port;
             t.descriptor = how.descriptor;
             t.width = how.width;
@@ -183,6 +190,26 @@ fn boot_info(
             t.chunk = *chunk;
             t.seed = seed_for(&c.name, &vm.name);
             set_notify(&mut t, ch);
+            t.timeout_ms = ch.peer_timeout_ms;
+            t.join_timeout_ms = ch.join_timeout_ms;
+            t.boot_info()
+        }
+        ProbeTask::Exchange {
+            channel: c,
+            with,
+            size,
+            chunk,
+        } => {
+            let ch = channel(cfg, c);
+            let mask = with.iter().fold(0u32, |m, w| m | 1 << w.index);
+            let mut t = ShmemTask::new(c.me, Role::Exchange { with: mask }, *size);
+            t.device_index = c.device;
+            t.chunk = *chunk;
+            t.seed = seed_for(&c.name, &vm.name);
+            set_notify(&mut t, ch);
+            if let Some(d) = ch.kind.doorbell() {
+                t.vectors = d.vectors.min(EXCHANGE_MAX_VECTORS as usize) as u32;
+            }
             t.timeout_ms = ch.peer_timeout_ms;
             t.join_timeout_ms = ch.join_timeout_ms;
             t.boot_info()
@@ -371,6 +398,7 @@ pub fn report(
             });
         }
         ProbeTask::Send { channel, .. } => (channel, "send"),
+        ProbeTask::Exchange { channel, .. } => (channel, "exchange"),
         ProbeTask::Recv { channel, .. } => (channel, "receive"),
     };
     let ch = channel(cfg, c);
@@ -425,29 +453,79 @@ pub fn report(
                 doorbells(ch, info)
             ));
         }
-        ProbeTask::Recv { from, size, .. } => {
-            for f in from {
-                let r = peer_record(info, f.index);
-                let want = expected_from(cfg, &c.name, &f.name, *size, transports);
-                let verdict = if r.bytes != *size {
-                    ok = false;
-                    "INCOMPLETE".to_string()
-                } else if r.stream != want {
-                    ok = false;
-                    format!("checksum MISMATCH (expected {want:#018x})")
-                } else {
-                    "checksum ok".to_string()
-                };
+        ProbeTask::Exchange { with, size, .. } => {
+            let sent: Vec<u64> = with
+                .iter()
+                .map(|w| sent_record(info, w.index).bytes)
+                .collect();
+            let all = sent.iter().all(|b| b == size);
+            ok &= all;
+            lines.push(format!(
+                "{}: sent {} of {} to each of {} peers over {c}: {}{}",
+                vm.name,
+                human(sent.iter().copied().min().unwrap_or(0)),
+                human(*size),
+                with.len(),
+                if all { "complete" } else { "INCOMPLETE" },
+                doorbells(ch, info)
+            ));
+            ok &= received(cfg, vm, c, with, *size, info, secs, transports, &mut lines);
+            if let Some(d) = ch.kind.doorbell() {
+                // Which peer rang is the vector it rang on (`me % vectors`).
+                let n = d.vectors.min(EXCHANGE_MAX_VECTORS as usize) as u32;
+                let counts: Vec<String> = (0..n)
+                    .map(|v| format!("{v}:{}", vector_irqs(info, v)))
+                    .collect();
                 lines.push(format!(
-                    "{}: received {} of {} from {f} over {c}{}, stream checksum {:#018x}: {verdict}",
+                    "{}: interrupts by vector over {c}: {}",
                     vm.name,
-                    human(r.bytes),
-                    human(*size),
-                    rate(r.bytes, secs),
-                    r.stream
+                    counts.join(" ")
                 ));
             }
         }
+        ProbeTask::Recv { from, size, .. } => {
+            ok &= received(cfg, vm, c, from, *size, info, secs, transports, &mut lines);
+        }
     }
     Some(Report { lines, ok })
+}
+
+/// Checks what `vm` received from each of `from` over `c` against the
+/// checksum each sender's pattern must give, one line each; false when any
+/// is incomplete or differs.
+#[allow(clippy::too_many_arguments)]
+fn received(
+    cfg: &Config,
+    vm: &VmSpec,
+    c: &ChannelRef,
+    from: &[MemberRef],
+    size: u64,
+    info: &BootInfo,
+    secs: Option<f64>,
+    transports: &HashMap<String, Transport>,
+    lines: &mut Vec<String>,
+) -> bool {
+    let mut ok = true;
+    for f in from {
+        let r = peer_record(info, f.index);
+        let want = expected_from(cfg, &c.name, &f.name, size, transports);
+        let verdict = if r.bytes != size {
+            ok = false;
+            "INCOMPLETE".to_string()
+        } else if r.stream != want {
+            ok = false;
+            format!("checksum MISMATCH (expected {want:#018x})")
+        } else {
+            "checksum ok".to_string()
+        };
+        lines.push(format!(
+            "{}: received {} of {} from {f} over {c}{}, stream checksum {:#018x}: {verdict}",
+            vm.name,
+            human(r.bytes),
+            human(size),
+            rate(r.bytes, secs),
+            r.stream
+        ));
+    }
+    ok
 }

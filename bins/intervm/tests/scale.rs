@@ -1,7 +1,7 @@
 //! Sixteen members in one region (the ring protocol's most): fifteen
-//! senders to one receiver, over a polled region and over a doorbell region
-//! (each sender's frames announced by a doorbell to the receiver when it
-//! sleeps), every stream checksummed.
+//! senders to one receiver, and all 240 ordered pairs at once, over a
+//! polled region and over a doorbell region (with a vector per peer), every
+//! stream checksummed; and big regions.
 
 mod common;
 
@@ -42,6 +42,88 @@ fn sixteen_members_share_one_polled_region() {
 #[test]
 fn sixteen_members_share_one_doorbell_region() {
     sixteen_to_one("doorbell");
+}
+
+/// Sixteen members each exchanging 1 MiB both ways with every other at
+/// once (240 rings in use); `extra` adds channel keys. Returns the output.
+fn sixteen_all_pairs(kind: &str, extra: &str) -> Option<String> {
+    if !kvm_available() {
+        return None;
+    }
+    let names: Vec<String> = (0..16).map(|i| format!("m{i}")).collect();
+    let mut body = String::new();
+    for n in &names {
+        body += &format!(
+            "[[vm]]\nname = \"{n}\"\nmemory = \"64M\"\nserial = \"none\"\n\
+             probe = {{ task = \"exchange\", channel = \"c\", size = \"1M\" }}\n"
+        );
+    }
+    let members: Vec<String> = names.iter().map(|n| format!("\"{n}\"")).collect();
+    body += &format!(
+        "[[channel]]\nname = \"c\"\nkind = \"{kind}\"\nmembers = [{}]\nsize = \"16M\"\n{extra}",
+        members.join(", ")
+    );
+    let out = run_config_ok(&format!("sixteen-pairs-{kind}.toml"), &body);
+    for r in &names {
+        assert!(
+            out.contains(&format!(
+                "{r}: sent 1 MiB of 1 MiB to each of 15 peers over c: complete"
+            )),
+            "{r} did not send everything:\n{out}"
+        );
+        for s in names.iter().filter(|s| *s != r) {
+            assert_received_clean(
+                &out,
+                &format!("{r}: received 1 MiB of 1 MiB from {s} over c"),
+            );
+        }
+    }
+    Some(out)
+}
+
+#[test]
+fn sixteen_members_exchange_all_pairs_over_a_polled_region() {
+    sixteen_all_pairs("shmem", "");
+}
+
+#[test]
+fn sixteen_members_exchange_all_pairs_with_a_vector_per_peer() {
+    // Each member rings member m on vector (its own index), after every
+    // frame and once more at the end, and waits for that last doorbell of
+    // every peer on the peer's vector: each peer's vector fired.
+    let Some(out) = sixteen_all_pairs("doorbell", "vectors = 16\nnotify = \"always\"\n") else {
+        return;
+    };
+    for r in 0..16 {
+        let line = out
+            .lines()
+            .find(|l| l.contains(&format!("m{r}: interrupts by vector over c: ")))
+            .unwrap_or_else(|| panic!("no interrupt counts of m{r}:\n{out}"));
+        let counts: Vec<u64> = line
+            .rsplit(": ")
+            .next()
+            .unwrap_or("")
+            .split(' ')
+            .map(|vc| {
+                vc.split(':')
+                    .nth(1)
+                    .and_then(|n| n.parse().ok())
+                    .unwrap_or(0)
+            })
+            .collect();
+        assert_eq!(counts.len(), 16, "{line}");
+        for (v, n) in counts.iter().enumerate() {
+            assert!(
+                v == r || *n > 0,
+                "m{r}: nothing from m{v} on vector {v}: {line}"
+            );
+        }
+    }
+}
+
+#[test]
+fn sixteen_members_exchange_all_pairs_with_adaptive_doorbells() {
+    sixteen_all_pairs("doorbell", "vectors = 16\n");
 }
 
 #[test]

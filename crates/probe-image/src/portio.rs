@@ -8,7 +8,20 @@ use intervm_protocol::probe::{
     portio_args as a, BootInfo, Workload, PORTIO_MODE_DESCRIPTOR, PORTIO_MODE_PORT,
 };
 
-use crate::shmem::Role;
+/// What one probe does on a port-I/O channel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// Send to this member.
+    Send {
+        /// Receiving member index.
+        to: u32,
+    },
+    /// Receive from every member whose bit is set.
+    Recv {
+        /// Bitmask of sending member indices.
+        from: u32,
+    },
+}
 
 /// A port-I/O send or receive for the probe guest.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -23,6 +23,12 @@ pub enum Role {
         /// Bitmask of sending member indices.
         from: u32,
     },
+    /// Send to and receive from every member whose bit is set, all at once
+    /// ([`Workload::ShmemExchange`]).
+    Exchange {
+        /// Bitmask of peer member indices.
+        with: u32,
+    },
 }
 
 /// A shared-memory send or receive for the probe guest.
@@ -69,6 +75,9 @@ pub struct ShmemTask {
     /// With `transfers`: the stream checksum each complete transfer must
     /// have ([`expected_stream`]).
     pub expect_stream: u64,
+    /// [`Role::Exchange`] with doorbells: MSI-X vectors each member
+    /// enables; a member rings peer `m` on vector `me % vectors`.
+    pub vectors: u32,
 }
 
 impl ShmemTask {
@@ -93,6 +102,7 @@ impl ShmemTask {
             quiet: false,
             transfers: 0,
             expect_stream: 0,
+            vectors: 1,
         }
     }
 
@@ -101,6 +111,7 @@ impl ShmemTask {
         let (workload, peers) = match self.role {
             Role::Send { to } => (Workload::ShmemSend, to as u64),
             Role::Recv { from } => (Workload::ShmemRecv, from as u64),
+            Role::Exchange { with } => (Workload::ShmemExchange, with as u64),
         };
         let mut info = BootInfo::new(workload, 0, 0);
         let a = &mut info.args;
@@ -125,6 +136,10 @@ impl ShmemTask {
         a[shmem_args::JITTER_CYCLES] = self.jitter_cycles;
         a[shmem_args::TRANSFERS] = self.transfers;
         a[shmem_args::EXPECT_STREAM] = self.expect_stream;
+        if let Role::Exchange { .. } = self.role {
+            // An exchange has no `transfers`; the slot carries its vectors.
+            a[shmem_args::VECTORS] = self.vectors as u64;
+        }
         info
     }
 }
@@ -297,9 +312,28 @@ impl ShmemResult {
     }
 }
 
-/// The record a probe left for `peer`.
+/// The record a probe left for `peer` (what it sent to the peer, or, on a
+/// receiver or an exchange, what it received from it).
 pub fn peer_record(info: &BootInfo, peer: u32) -> PeerRecord {
-    let b = results::SHM_PEER_FIRST + peer as usize * results::SHM_RECORD_LEN;
+    record_at(info, results::SHM_PEER_FIRST, peer)
+}
+
+/// What an exchange ([`Role::Exchange`]) sent to `peer`.
+pub fn sent_record(info: &BootInfo, peer: u32) -> PeerRecord {
+    record_at(info, results::SHM_SENT_FIRST, peer)
+}
+
+/// Interrupts an exchange ([`Role::Exchange`]) took on MSI-X vector `v`.
+pub fn vector_irqs(info: &BootInfo, v: u32) -> u64 {
+    info.results
+        .get(results::SHM_VECTOR_IRQS + v as usize)
+        .copied()
+        .filter(|_| (v as u64) < intervm_protocol::probe::EXCHANGE_MAX_VECTORS)
+        .unwrap_or(0)
+}
+
+fn record_at(info: &BootInfo, first: usize, peer: u32) -> PeerRecord {
+    let b = first + peer as usize * results::SHM_RECORD_LEN;
     let r = info.results.get(b..b + 4).unwrap_or(&[0; 4]);
     PeerRecord {
         bytes: r[0],
@@ -407,6 +441,12 @@ mod tests {
         assert_eq!(i.args[shmem_args::PEERS], 0b11);
         assert_eq!(i.args[shmem_args::DEVICE_INDEX], 1);
         assert_eq!(error_name(RingError::PeerGone(1).code()), "peer gone");
+        let mut x = ShmemTask::new(0, Role::Exchange { with: 0b110 }, 4096);
+        x.vectors = 3;
+        let i = x.boot_info();
+        assert_eq!(i.workload, Workload::ShmemExchange as u32);
+        assert_eq!(i.args[shmem_args::PEERS], 0b110);
+        assert_eq!(i.args[shmem_args::VECTORS], 3);
         assert_ne!(seed_for("a", "bc"), seed_for("ab", "c"));
     }
 }

@@ -111,6 +111,16 @@ pub enum Workload {
     /// instead of the ring: the cache-line floor. Arguments in
     /// [`shmem_args`] (`PEERS` is the peer's member index).
     ShmemPingPong = 15,
+    /// All pairs at once: send `BYTES` to every member in the `PEERS`
+    /// bitmask and receive `BYTES` from each of them, over their rings of
+    /// one region, interleaved in one loop. With doorbells
+    /// (`FLAGS` notify bits), the member enables [`shmem_args::VECTORS`]
+    /// MSI-X vectors and rings member `m` on vector `me % VECTORS`, so a
+    /// member's interrupts say which peer rang. Results: one receive record
+    /// per peer at [`results::SHM_PEER_FIRST`], one send record per peer at
+    /// [`results::SHM_SENT_FIRST`], interrupts per vector at
+    /// [`results::SHM_VECTOR_IRQS`].
+    ShmemExchange = 16,
 }
 
 /// Arguments of [`Workload::Chaos`].
@@ -142,6 +152,7 @@ impl Workload {
             13 => Self::Sequence,
             14 => Self::Chaos,
             15 => Self::ShmemPingPong,
+            16 => Self::ShmemExchange,
             _ => return None,
         })
     }
@@ -207,7 +218,16 @@ pub mod shmem_args {
     /// checksums) every complete transfer must have; one that differs is
     /// counted in `results::SHM_TRANSFERS_BAD`.
     pub const EXPECT_STREAM: usize = 15;
+    /// [`super::Workload::ShmemExchange`]: MSI-X vectors every member
+    /// enables (1 to [`super::EXCHANGE_MAX_VECTORS`]); a member rings a
+    /// peer on vector `ME % VECTORS`. The slot of [`TRANSFERS`], which an
+    /// exchange does not use.
+    pub const VECTORS: usize = TRANSFERS;
 }
+
+/// Most MSI-X vectors a [`Workload::ShmemExchange`] member enables: one
+/// per member of the largest region.
+pub const EXCHANGE_MAX_VECTORS: u64 = crate::ring::MAX_MEMBERS as u64;
 
 /// Argument slots of [`Workload::PortioSend`] and [`Workload::PortioRecv`].
 pub mod portio_args {
@@ -487,6 +507,12 @@ pub mod results {
     pub const SHM_PEER_FIRST: usize = 16;
     /// Slots per shared-memory peer record.
     pub const SHM_RECORD_LEN: usize = 4;
+    /// [`super::Workload::ShmemExchange`]: first per-peer send record (the
+    /// receive records are at [`SHM_PEER_FIRST`]), same layout.
+    pub const SHM_SENT_FIRST: usize = 104;
+    /// [`super::Workload::ShmemExchange`]: interrupts taken on MSI-X vector
+    /// `v`, at `SHM_VECTOR_IRQS + v` (16 slots).
+    pub const SHM_VECTOR_IRQS: usize = 168;
     /// Doorbell: interrupts taken.
     pub const DB_IRQS: usize = 0;
     /// Doorbell: round trips done.

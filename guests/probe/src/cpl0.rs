@@ -8,7 +8,8 @@
 //! so the TSS carries a bitmap that allows all of them.
 //!
 //! Interrupt and exception entry:
-//! - vectors >= 32: count in `PROBE_IRQ_COUNTS[vector]`, EOI, return;
+//! - vectors >= 32: count in `PROBE_IRQ_COUNTS[vector]` and in
+//!   `PROBE_IRQ_COUNTS[0]` (all of them), EOI, return;
 //! - the INTx vector: counted but not EOId; CPL3 acks the device and then
 //!   EOIs with service 2, so a level-triggered line cannot storm;
 //! - #UD (6): a *service call* from CPL3 (`ud2`, service number in rax,
@@ -22,7 +23,9 @@ use intervm_protocol::probe::{
     INTX_VECTOR, SPURIOUS_VECTOR,
 };
 
-/// Interrupts seen per IDT vector, incremented by the CPL0 handler.
+/// Interrupts seen per IDT vector, incremented by the CPL0 handler. Slot 0
+/// (vector 0 is an exception, never counted itself) counts every interrupt,
+/// for a probe that sleeps until any of several vectors fires.
 #[no_mangle]
 pub static PROBE_IRQ_COUNTS: [AtomicU64; 256] = [const { AtomicU64::new(0) }; 256];
 
@@ -158,6 +161,7 @@ probe_isr_common:
 3:  /* device interrupt */
     lea rcx, [rip + PROBE_IRQ_COUNTS]
     lock inc qword ptr [rcx + rax * 8]
+    lock inc qword ptr [rcx]
     cmp rax, {spurious}
     je 9f
     /* INTx is level triggered: CPL3 acks the device, then EOIs (service 2) */

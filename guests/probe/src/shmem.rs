@@ -26,18 +26,18 @@ use intervm_protocol::ring::{
 };
 
 /// Idle polls between liveness checks.
-const CHECK_EVERY: u64 = 4096;
+pub(crate) const CHECK_EVERY: u64 = 4096;
 /// Failure reason base: `FAIL_BASE + RingError::code()`.
 const FAIL_BASE: u64 = 100;
 
-struct Channel {
-    dev: pci::Bdf,
-    bar0: u64,
-    notify: Notify,
+pub(crate) struct Channel {
+    pub(crate) dev: pci::Bdf,
+    pub(crate) bar0: u64,
+    pub(crate) notify: Notify,
     base: u64,
-    region: ring::Region,
-    geo: Geometry,
-    me: u32,
+    pub(crate) region: ring::Region,
+    pub(crate) geo: Geometry,
+    pub(crate) me: u32,
 }
 
 impl Channel {
@@ -48,7 +48,7 @@ impl Channel {
 }
 
 /// Finds the device, enables memory decode, and checks the region header.
-fn open_channel() -> Result<Channel, u32> {
+pub(crate) fn open_channel() -> Result<Channel, u32> {
     let nth = arg(shmem_args::DEVICE_INDEX) as usize;
     let id = ((ivshmem::VENDOR as u32) << 16) | ivshmem::DEVICE as u32;
     let Some(dev) = pci::find_nth(id, nth) else {
@@ -81,7 +81,7 @@ fn open_channel() -> Result<Channel, u32> {
     })
 }
 
-fn ring_fail(e: RingError) -> u32 {
+pub(crate) fn ring_fail(e: RingError) -> u32 {
     let detail = match e {
         RingError::BadMember(m) | RingError::PeerGone(m) => m as u64,
         RingError::CorruptIndex(v) | RingError::TooLarge(v) => v,
@@ -98,7 +98,7 @@ fn ring_fail(e: RingError) -> u32 {
 
 /// Waits until `peer` satisfies `ok`, or fails after `JOIN_TIMEOUT_MS`.
 /// A peer that is gone ends the wait at once.
-fn wait_for(
+pub(crate) fn wait_for(
     ch: &Channel,
     clock: &Clock,
     peer: u32,
@@ -168,8 +168,17 @@ fn bell_counter() -> &'static core::sync::atomic::AtomicU64 {
 
 /// Enables MSI-X vector 0 and publishes this member's doorbell ID.
 fn listen(ch: &Channel) -> Result<(), u32> {
-    if pci::enable_msix(ch.dev, 1, intervm_protocol::probe::IRQ_VECTOR_BASE).is_none() {
-        return Err(fail(5, 0));
+    listen_on(ch, 1)
+}
+
+/// Enables MSI-X vectors `0..vectors` and publishes this member's doorbell
+/// ID. Fails when the device has fewer vectors (peers would ring ones that
+/// are not there).
+pub(crate) fn listen_on(ch: &Channel, vectors: u32) -> Result<(), u32> {
+    match pci::enable_msix(ch.dev, vectors, intervm_protocol::probe::IRQ_VECTOR_BASE) {
+        None => return Err(fail(5, 0)),
+        Some(have) if have < vectors => return Err(fail(10, have as u64)),
+        Some(_) => {}
     }
     // Read again until it holds still: a host that rejoined a restarted
     // ivshmem server publishes the new ID itself, and an old one read just
@@ -196,7 +205,7 @@ fn bell_of(ch: &Channel, m: u32) -> Result<u32, u32> {
 }
 
 /// Polling budget of adaptive notification, in TSC cycles.
-fn spin_cycles(clock: &Clock) -> u64 {
+pub(crate) fn spin_cycles(clock: &Clock) -> u64 {
     arg(shmem_args::SPIN_US).max(1) * clock.khz() / 1000
 }
 

@@ -49,9 +49,30 @@ pub fn buffer(bytes: u64, chunk: u64) -> Result<&'static mut [u8], u32> {
     Ok(unsafe { core::slice::from_raw_parts_mut(BUF_BASE as *mut u8, len as usize) })
 }
 
+/// A second buffer right after the payload buffer (whose length is
+/// `after`), page aligned: `want` bytes, or what guest RAM still has when
+/// that is less (but at least `min`).
+pub fn scratch(after: usize, want: u64, min: u64) -> Result<&'static mut [u8], u32> {
+    let start = (BUF_BASE + after as u64).next_multiple_of(4096);
+    let len = want.min(mem_size().saturating_sub(start));
+    if len < min.max(1) {
+        return Err(fail(3, mem_size()));
+    }
+    // SAFETY: [start, start + len) is guest RAM (checked against
+    // mem_size), identity mapped, past the payload buffer and used by
+    // nothing else in the probe.
+    Ok(unsafe { core::slice::from_raw_parts_mut(start as *mut u8, len as usize) })
+}
+
 /// Writes the result record of `peer`.
 pub fn record(peer: u32, bytes: u64, frames: u64, stream: u64, tsc: u64) {
-    let base = results::SHM_PEER_FIRST + peer as usize * results::SHM_RECORD_LEN;
+    record_at(results::SHM_PEER_FIRST, peer, bytes, frames, stream, tsc);
+}
+
+/// Writes `peer`'s record in the table of records starting at slot `first`
+/// ([`results::SHM_PEER_FIRST`] or [`results::SHM_SENT_FIRST`]).
+pub fn record_at(first: usize, peer: u32, bytes: u64, frames: u64, stream: u64, tsc: u64) {
+    let base = first + peer as usize * results::SHM_RECORD_LEN;
     set_result(base, bytes);
     set_result(base + 1, frames);
     set_result(base + 2, stream);

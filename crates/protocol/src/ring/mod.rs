@@ -88,6 +88,13 @@ pub const RING_CONSUMER_FLAGS: u64 = 192;
 /// previous transfer of the same pair never starts the next one.
 pub const READY_PREPARED: u64 = 2;
 
+/// Ready word of a member of an all-pairs exchange
+/// (`probe::Workload::ShmemExchange`) whose inbound rings are clean and
+/// whose payload is prepared: its peers may send to it. Every member sets
+/// it, waits until each peer shows it too, and clears its word (to 0) when
+/// its exchange ends, which is after every peer has started.
+pub const READY_EXCHANGE: u64 = 4;
+
 /// Whether a ready word is a receiver's "go" ([`ready_go`]) of some round.
 pub const fn is_go(v: u64) -> bool {
     v > 0x100
