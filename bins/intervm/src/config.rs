@@ -185,6 +185,7 @@ struct RawChannel {
     kind: Choice<KindName>,
     members: Vec<String>,
     size: Option<RawSize>,
+    ring_size: Option<RawSize>,
     backing: Option<RawBacking>,
     port: Option<i64>,
     vectors: Option<u32>,
@@ -480,6 +481,9 @@ pub struct ChannelSpec {
     /// True when the file gave `size` (with `backing = { server }` the
     /// server's region must then have that size).
     pub size_given: bool,
+    /// `ring_size`: data bytes per ring, the rings at the region's end
+    /// (`shmem`/`doorbell`; `None`: rings that fill the region).
+    pub ring_bytes: Option<u64>,
     /// Region backing (`shmem`/`doorbell`; `portio`: its queues).
     pub backing: Backing,
     /// A member that neither leaves nor shows a heartbeat or progress for
@@ -1059,6 +1063,36 @@ fn channel_spec(
             needed.next_power_of_two()
         ));
     }
+    let ring_bytes = match &c.ring_size {
+        None => None,
+        Some(_) if kind.is_portio() => {
+            return Err(format!(
+                "{}: only meaningful for kind = \"shmem\" or \"doorbell\"",
+                key("ring_size")
+            ))
+        }
+        Some(r) => {
+            let n = parse_size(r).map_err(|e| format!("{}: {e}", key("ring_size")))?;
+            match Geometry::at_end(c.members.len() as u32, size, n) {
+                Ok(_) => Some(n),
+                Err(RingError::RegionTooSmall { needed, .. }) => {
+                    return Err(format!(
+                        "{}: {} rings of {n} bytes (one per ordered pair of {} members) do not fit in size = {size} (need {needed} bytes)",
+                        key("ring_size"),
+                        c.members.len() * (c.members.len() - 1),
+                        c.members.len()
+                    ))
+                }
+                Err(_) => {
+                    return Err(format!(
+                        "{}: {n} is not a power of two of at least {}",
+                        key("ring_size"),
+                        intervm_protocol::ring::MIN_RING_BYTES
+                    ))
+                }
+            }
+        }
+    };
     if kind.is_portio() && size > MAX_PORTIO_SIZE {
         // Each member's device holds a message buffer each way as
         // large as a ring.
@@ -1087,6 +1121,7 @@ fn channel_spec(
         members: c.members.clone(),
         size,
         size_given: c.size.is_some(),
+        ring_bytes,
         backing,
         peer_timeout_ms: match &c.peer_timeout {
             None => DEFAULT_PEER_TIMEOUT_MS,
@@ -1534,6 +1569,9 @@ mod tests {
             ("[[vm]]\nname = \"a\"\n[[vm]]\nname = \"b\"\n[[channel]]\nname = \"c\"\nkind = \"doorbell\"\nmembers = [\"a\", \"b\"]\nnotify = \"sometimes\"\n", "channel[c].notify", "\"sometimes\" is not \"always\", \"adaptive\" or \"never\""),
             ("[[vm]]\nname = \"a\"\n[[vm]]\nname = \"b\"\n[[channel]]\nname = \"c\"\nkind = \"shmem\"\nmembers = [\"a\", \"b\"]\nnotify = \"never\"\n", "channel[c].notify", "only meaningful for kind = \"doorbell\""),
             ("[[vm]]\nname = \"a\"\n[[vm]]\nname = \"b\"\n[[channel]]\nname = \"c\"\nkind = \"portio\"\nmembers = [\"a\", \"b\"]\nspin_us = 5\n", "channel[c].spin_us", "only meaningful for kind = \"doorbell\""),
+            ("[[vm]]\nname = \"a\"\n[[vm]]\nname = \"b\"\n[[channel]]\nname = \"c\"\nkind = \"portio\"\nmembers = [\"a\", \"b\"]\nring_size = \"64K\"\n", "channel[c].ring_size", "only meaningful for kind = \"shmem\" or \"doorbell\""),
+            ("[[vm]]\nname = \"a\"\n[[vm]]\nname = \"b\"\n[[channel]]\nname = \"c\"\nkind = \"shmem\"\nmembers = [\"a\", \"b\"]\nring_size = \"96K\"\n", "channel[c].ring_size", "98304 is not a power of two of at least 4096"),
+            ("[[vm]]\nname = \"a\"\n[[vm]]\nname = \"b\"\n[[channel]]\nname = \"c\"\nkind = \"doorbell\"\nmembers = [\"a\", \"b\"]\nsize = \"4M\"\nring_size = \"2M\"\n", "channel[c].ring_size", "2 rings of 2097152 bytes (one per ordered pair of 2 members) do not fit in size = 4194304"),
         ];
         let exchange = |task: &str, kind: &str| {
             format!(

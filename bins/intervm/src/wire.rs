@@ -166,7 +166,7 @@ fn open_channels(
             }
         }
         let region = SharedRegion::open(&backing, c.size).map_err(|e| cerr(e.to_string()))?;
-        let t = Transport::attach(Arc::new(region), c.members.len() as u32)
+        let t = Transport::attach_rings(Arc::new(region), c.members.len() as u32, c.ring_bytes)
             .map_err(|e| cerr(e.to_string()))?;
         out.insert(c.name.clone(), t);
     }
@@ -223,6 +223,7 @@ fn plug_channels(cfg: &Config, vm: &Vm, w: &mut Wiring) -> Result<Vec<Membership
                 vectors: d.vectors,
                 size: c.size_given.then_some(c.size),
                 members: c.members.len() as u32,
+                ring_bytes: c.ring_bytes,
                 fast_path: d.fast_path,
             };
             let got = attach::from_server(vm, &server, me).map_err(|e| match e {

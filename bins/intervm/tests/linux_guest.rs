@@ -252,6 +252,38 @@ fn linux_userspace_exchanges_data_with_a_probe_over_all_three_channels() {
     );
 }
 
+#[test]
+fn linux_userspace_uses_an_eight_gib_region_through_its_header_and_rings() {
+    // 16 MiB rings at the far end of an 8 GiB BAR (above 4 GiB): Linux's
+    // resource2 is mapped in two windows, and 32 MiB go each way.
+    let Some((ok, all)) = run_linux_config("linux-big.toml") else {
+        return;
+    };
+    assert!(ok, "intervm failed:\n{all}");
+    assert!(
+        all.contains("intervm-init: status 0"),
+        "a guest command failed:\n{all}"
+    );
+    assert!(
+        all.lines().any(
+            |l| l.contains("probe: received 32 MiB of 32 MiB from linux over shm")
+                && l.contains("checksum ok")
+        ),
+        "{all}"
+    );
+    // Linux checked every byte it received (--verify-seed); its stream is
+    // the probe's.
+    let sent = all
+        .lines()
+        .find(|l| l.contains("probe: sent 32 MiB of 32 MiB to linux over shm"))
+        .and_then(stream_of);
+    assert!(sent.is_some(), "{all}");
+    assert_eq!(
+        tool_streams(&all, "linux", "received"),
+        [sent.unwrap_or("")]
+    );
+}
+
 /// The `stream_checksum=` values of `vm`'s intervm-guest lines that start
 /// with `what` ("sent" or "received"), in order.
 fn tool_streams<'a>(all: &'a str, vm: &str, what: &str) -> Vec<&'a str> {

@@ -80,6 +80,9 @@ pub struct ServerChannel {
     pub size: Option<u64>,
     /// Members of the ring protocol on the region.
     pub members: u32,
+    /// Ring data bytes, rings at the region's end (`None`: rings that
+    /// fill the region); see `shared_region::Transport::attach_rings`.
+    pub ring_bytes: Option<u64>,
     /// In-kernel doorbells where KVM allows.
     pub fast_path: bool,
 }
@@ -109,7 +112,7 @@ pub fn from_server(vm: &vmm_core::Vm, c: &ServerChannel, me: u32) -> Result<From
             asked,
         });
     }
-    let transport = Transport::attach(Arc::new(region), c.members)?;
+    let transport = Transport::attach_rings(Arc::new(region), c.members, c.ring_bytes)?;
     let attached = attach_session(vm, &transport, session, me, c.fast_path, None)?;
     Ok(FromServer {
         transport,

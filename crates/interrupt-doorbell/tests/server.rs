@@ -118,6 +118,7 @@ fn from_server_attaches_a_vm_and_refuses_a_region_of_another_size() {
         vectors: 2,
         size: Some(2 << 20),
         members: 2,
+        ring_bytes: None,
         fast_path: true,
     };
     match attach::from_server(&vm, &c, 0) {
@@ -269,6 +270,7 @@ fn two_members(socket: &std::path::Path) -> interrupt_doorbell::attach::ServerCh
         vectors: 2,
         size: None,
         members: 2,
+        ring_bytes: None,
         fast_path: true,
     }
 }

@@ -73,6 +73,16 @@ pub enum Error {
         /// Members configured.
         wanted: u32,
     },
+    /// The region, in use, was formatted with rings of another size.
+    #[error("{path}: in use with rings of {found} bytes, this channel asks for {wanted}")]
+    RingMismatch {
+        /// Backing path.
+        path: String,
+        /// Ring data bytes in the header.
+        found: u64,
+        /// Ring data bytes configured.
+        wanted: u64,
+    },
 }
 
 /// Result alias.

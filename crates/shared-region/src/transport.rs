@@ -100,6 +100,27 @@ impl Transport {
         members: u32,
         lock_wait: std::time::Duration,
     ) -> Result<Self> {
+        Self::attach_layout(region, members, None, lock_wait)
+    }
+
+    /// Like [`Transport::attach`], with rings of `ring_bytes` data bytes
+    /// each (a power of two) at the end of the region
+    /// ([`Geometry::at_end`]) when given, instead of rings that fill it. A
+    /// region in use must have been formatted with the same ring size.
+    pub fn attach_rings(
+        region: Arc<SharedRegion>,
+        members: u32,
+        ring_bytes: Option<u64>,
+    ) -> Result<Self> {
+        Self::attach_layout(region, members, ring_bytes, LOCK_WAIT)
+    }
+
+    fn attach_layout(
+        region: Arc<SharedRegion>,
+        members: u32,
+        ring_bytes: Option<u64>,
+        lock_wait: std::time::Duration,
+    ) -> Result<Self> {
         // SAFETY: the mapping lives as long as `region`, which `Transport`
         // (and every `Membership`) keeps alive through the Arc.
         let ring = unsafe { ring::Region::new(region.host_addr(), region.size()) };
@@ -117,9 +138,23 @@ impl Transport {
                     wanted: members,
                 });
             }
+            match ring_bytes {
+                Some(wanted) if wanted != geo.ring_bytes => {
+                    return Err(Error::RingMismatch {
+                        path: region.label().to_string(),
+                        found: geo.ring_bytes,
+                        wanted,
+                    })
+                }
+                _ => {}
+            }
             geo
         } else {
-            let geo = Geometry::fit(members, region.size()).map_err(Error::Ring)?;
+            let geo = match ring_bytes {
+                Some(n) => Geometry::at_end(members, region.size(), n),
+                None => Geometry::fit(members, region.size()),
+            }
+            .map_err(Error::Ring)?;
             ring.init(geo).map_err(Error::Ring)?;
             log::debug!(
                 "{}: formatted for {members} members, {} KiB per ring",
@@ -277,6 +312,40 @@ mod tests {
         let t3 = Transport::attach(r3, 2).unwrap();
         assert_eq!(t3.geometry().members, 2);
         assert_eq!(t3.member_state(0).unwrap(), MemberState::Absent);
+        let _ = std::fs::remove_file(format!("/dev/shm/{name}"));
+    }
+
+    #[test]
+    fn rings_of_a_chosen_size_sit_at_the_end_and_must_match_while_in_use() {
+        let name = format!("intervm-test-rings-{}", std::process::id());
+        let backing = Backing::Shm(name.clone());
+        let open = || Arc::new(SharedRegion::open(&backing, 1 << 20).unwrap());
+        let t1 = Transport::attach_rings(open(), 2, Some(64 << 10)).unwrap();
+        let geo = t1.geometry();
+        assert_eq!((geo.ring_bytes, geo.region_bytes()), (64 << 10, 1 << 20));
+        let m0 = t1.join(0).unwrap();
+        // Another opener asking for other rings is refused while m0 lives;
+        // one asking for the same, or for none in particular, takes them.
+        let err = Transport::attach_rings(open(), 2, Some(128 << 10)).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::RingMismatch {
+                    found: 65536,
+                    wanted: 131072,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(Transport::attach(open(), 2).unwrap().geometry(), geo);
+        assert_eq!(
+            Transport::attach_rings(open(), 2, Some(64 << 10))
+                .unwrap()
+                .geometry(),
+            geo
+        );
+        drop(m0);
         let _ = std::fs::remove_file(format!("/dev/shm/{name}"));
     }
 

@@ -67,11 +67,15 @@ pub fn pick(root: &Path, vendor: u32, device: u32, bdf: Option<&str>) -> Result<
     }
 }
 
-/// A shared mapping of a whole file (a sysfs `resourceN` file or any file
-/// holding the region).
+/// A shared mapping of a file (a sysfs `resourceN` file or any file
+/// holding the region): of all of it, or of windows of it
+/// ([`Mapping::reserve`]).
 pub struct Mapping {
     ptr: *mut u8,
     len: usize,
+    /// Windows are mapped on demand from this file (`None`: all of it is
+    /// mapped).
+    windows: Option<std::fs::File>,
 }
 
 impl Mapping {
@@ -120,7 +124,95 @@ impl Mapping {
         Ok(Self {
             ptr: ptr as *mut u8,
             len,
+            windows: None,
         })
+    }
+
+    /// Reserves address space for the whole file `path` and maps only its
+    /// first `first` bytes; [`Mapping::reveal`] maps more. A region of
+    /// several GiB costs the guest kernel a page-table entry per 4 KiB
+    /// mapped (minutes on PVM, where that kernel code is emulated), while
+    /// the ring protocol uses only its header and its rings.
+    pub fn reserve(path: &Path, first: usize) -> Result<Self, Error> {
+        let len = std::fs::metadata(path)
+            .map_err(|e| Error::Io(path.display().to_string(), e))?
+            .len() as usize;
+        if len < 4096 {
+            return Err(Error::NoDevice(format!(
+                "{}: only {len} bytes",
+                path.display()
+            )));
+        }
+        let f = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(|e| Error::Io(path.display().to_string(), e))?;
+        // SAFETY: a fresh private mapping without access or backing: it only
+        // holds the address range for the windows.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(Error::Io(
+                format!("{}: reserving {len} bytes of address space", path.display()),
+                std::io::Error::last_os_error(),
+            ));
+        }
+        let map = Self {
+            ptr: ptr as *mut u8,
+            len,
+            windows: Some(f),
+        };
+        map.reveal(0, first.min(len))?;
+        Ok(map)
+    }
+
+    /// Maps bytes `offset..offset + len` of the file at the same place in
+    /// the reservation, read-write and shared. Page aligned (rounded out);
+    /// nothing to do on a mapping of the whole file.
+    pub fn reveal(&self, offset: usize, len: usize) -> Result<(), Error> {
+        let Some(f) = &self.windows else {
+            return Ok(());
+        };
+        let start = offset / 4096 * 4096;
+        let end = offset
+            .checked_add(len)
+            .map(|e| e.next_multiple_of(4096).min(self.len))
+            .filter(|e| *e > start && start < self.len)
+            .ok_or_else(|| {
+                Error::NoDevice(format!(
+                    "window {offset:#x}+{len:#x} outside the region of {:#x} bytes",
+                    self.len
+                ))
+            })?;
+        // SAFETY: replaces pages [start, end) of our own reservation (checked
+        // to lie inside it) with a shared mapping of the same bytes of the
+        // file we opened read-write.
+        let ptr = unsafe {
+            libc::mmap(
+                self.ptr.add(start) as *mut libc::c_void,
+                end - start,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_FIXED,
+                f.as_raw_fd(),
+                start as libc::off_t,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(Error::Io(
+                format!("mmap of region bytes {start:#x}..{end:#x}"),
+                std::io::Error::last_os_error(),
+            ));
+        }
+        Ok(())
     }
 
     /// First byte.
@@ -141,7 +233,8 @@ impl Mapping {
 
 impl Drop for Mapping {
     fn drop(&mut self) {
-        // SAFETY: unmapping exactly what `open` mapped.
+        // SAFETY: unmapping exactly what `open` or `reserve` mapped (the
+        // windows lie inside the reservation).
         unsafe { libc::munmap(self.ptr as *mut libc::c_void, self.len) };
     }
 }

@@ -17,7 +17,8 @@ use intervm_protocol::heartbeat::{monotonic_ms, Heartbeat, StartError};
 use intervm_protocol::notify::{Idle, Notify, Policy, Side};
 use intervm_protocol::probe::{pattern_frame_pos, shmem_frame_bytes, shmem_source_bytes};
 use intervm_protocol::ring::{
-    self, fold, ready_go, Geometry, Liveness, MemberState, Region, RingError, READY_PREPARED,
+    self, fold, ready_go, Geometry, Liveness, MemberState, Region, RingError, HEADER_BYTES,
+    READY_PREPARED,
 };
 
 use crate::pci::{self, Mapping};
@@ -69,10 +70,25 @@ fn ring_err(e: RingError) -> Error {
 
 /// Maps the region named by `src`.
 pub fn map(src: &Source) -> Result<Mapping, Error> {
-    if let Some(dev) = &src.uio {
-        return crate::uio::Uio::shared(Path::new(crate::uio::SYSFS_UIO), dev);
+    match &src.uio {
+        Some(dev) => crate::uio::Uio::shared(Path::new(crate::uio::SYSFS_UIO), dev),
+        None => Mapping::open(&region_file(src)?),
     }
-    let path = match &src.resource {
+}
+
+/// Maps the header page of the region named by `src` and reserves the
+/// address space of the rest, for [`Mapping::reveal`] (UIO, which maps
+/// whole regions only, maps all of it).
+pub fn map_header(src: &Source) -> Result<Mapping, Error> {
+    match &src.uio {
+        Some(_) => map(src),
+        None => Mapping::reserve(&region_file(src)?, HEADER_BYTES as usize),
+    }
+}
+
+/// The file holding the region named by `src` (not a UIO device).
+fn region_file(src: &Source) -> Result<PathBuf, Error> {
+    Ok(match &src.resource {
         Some(p) => p.clone(),
         None => {
             let dev = pci::pick(
@@ -84,8 +100,7 @@ pub fn map(src: &Source) -> Result<Mapping, Error> {
             pci::enable(&dev)?;
             dev.join("resource2")
         }
-    };
-    Mapping::open(&path)
+    })
 }
 
 impl Joined {
@@ -102,8 +117,12 @@ impl Joined {
     /// region nobody formatted yet (the VMM or a peer's tool does that) is
     /// waited for up to `wait`.
     pub fn join(src: &Source, me: u32, wait: Duration) -> Result<Self, Error> {
-        let map = map(src)?;
-        // SAFETY: the mapping lives in `Joined` as long as the region.
+        // The header first; then only the rings (a region of GiB with
+        // small rings at its end costs the guest kernel no more than they).
+        let map = map_header(src)?;
+        // SAFETY: the mapping lives in `Joined` as long as the region; the
+        // ring code touches only the header until the rings are mapped
+        // below.
         let region = unsafe { Region::new(map.ptr(), map.len() as u64) };
         let t0 = Instant::now();
         let geo = loop {
@@ -114,6 +133,11 @@ impl Joined {
                 r => break r.map_err(ring_err)?,
             }
         };
+        // `geometry` checked the rings lie inside the region.
+        map.reveal(
+            geo.ring_base as usize,
+            (geo.region_bytes() - geo.ring_base) as usize,
+        )?;
         if me >= geo.members {
             return Err(Error::Ring(RingError::BadMember(me)));
         }

@@ -203,6 +203,28 @@ fn a_receiver_on_a_region_larger_than_its_memory_keeps_to_its_frames() {
 }
 
 #[test]
+fn small_rings_at_the_end_of_an_eight_gib_region_carry_checked_data_to_the_tool() {
+    require_kvm!();
+    // The tool maps the header page and the rings' window only (a Linux
+    // guest would otherwise fill page tables for all 8 GiB); a window
+    // misplaced would fault or miss every frame.
+    const REGION: u64 = 8 << 30;
+    let shm = Shm::new("far-end");
+    let r = SharedRegion::open(&Backing::Shm(shm.0.clone()), REGION).expect("region");
+    let t = Transport::attach_rings(Arc::new(r), 2, Some(1 << 20)).expect("attach");
+    let geo = t.geometry();
+    assert_eq!(
+        geo.region_bytes(),
+        REGION,
+        "the rings end at the region's end"
+    );
+    assert!(geo.ring_base > 4 << 30);
+    const SIZE: u64 = (4 << 20) + 1000;
+    let receiver = checked_recv(&shm.path(), SIZE, 11).spawn().unwrap();
+    probe_sends_to(&t, receiver, SIZE, 11);
+}
+
+#[test]
 fn a_probe_guest_sends_to_the_tool() {
     require_kvm!();
     let shm = Shm::new("from-probe");

@@ -6,10 +6,16 @@
 //!                 member table (one cache line per member: state u32 at
 //!                 +0, heartbeat u64 at +8, ready word u64 at +16,
 //!                 doorbell ID + 1 at +24, incarnation u64 at +32)
-//! offset 4096     ring (0 -> 1), ring (0 -> 2), ... ring (N-1 -> N-2)
+//! ring_base       ring (0 -> 1), ring (0 -> 2), ... ring (N-1 -> N-2)
 //!                 each ring: 256-byte header (head, tail, and two flag
 //!                 lines, each on its own cache line), then `ring_bytes` data
 //! ```
+//!
+//! `ring_base` is 4096 when the rings fill the region ([`Geometry::fit`]).
+//! Rings of a chosen size ([`Geometry::at_end`]) end at the region's last
+//! page instead, and the pages between the header and them are left to the
+//! application: a region of several GiB with small rings, whose users map
+//! only its header and its rings.
 //!
 //! A ring is a single-producer single-consumer byte stream. `head` and `tail`
 //! are free-running byte counters (published with release, read with
@@ -45,7 +51,7 @@ use spsc::{RingRef, SLEEPING};
 /// `RegionHeader::magic`: "IVMRING1".
 pub const REGION_MAGIC: u64 = u64::from_le_bytes(*b"IVMRING1");
 /// Layout version.
-pub const REGION_VERSION: u32 = 1;
+pub const REGION_VERSION: u32 = 2;
 /// Most members a region can describe.
 pub const MAX_MEMBERS: u32 = 16;
 /// Size of the region header.
@@ -63,6 +69,7 @@ const OFF_MEMBERS: u64 = 12;
 const OFF_RING_BYTES: u64 = 16;
 const OFF_RING_STRIDE: u64 = 24;
 const OFF_REGION_SIZE: u64 = 32;
+const OFF_RING_BASE: u64 = 40;
 const OFF_MEMBER_TABLE: u64 = 256;
 const MEMBER_ENTRY: u64 = 64;
 /// Offset of a member's incarnation in its member-table entry.
@@ -223,6 +230,8 @@ pub struct Geometry {
     pub members: u32,
     /// Data bytes per ring (power of two).
     pub ring_bytes: u64,
+    /// Offset of the first ring (page aligned, at least [`HEADER_BYTES`]).
+    pub ring_base: u64,
 }
 
 impl Geometry {
@@ -236,9 +245,40 @@ impl Geometry {
         self.members as u64 * (self.members as u64 - 1)
     }
 
-    /// Region bytes this geometry needs.
+    /// Region bytes this geometry needs: up to the end of its last ring.
     pub const fn region_bytes(&self) -> u64 {
-        HEADER_BYTES + self.ring_count() * self.ring_stride()
+        self.ring_base + self.ring_count() * self.ring_stride()
+    }
+
+    /// Rings of `ring_bytes` data bytes each (a power of two, at least
+    /// [`MIN_RING_BYTES`]) for `members`, ending at the last page of a
+    /// region of `region_bytes`; the pages between the header and the
+    /// first ring are not used by the ring protocol.
+    pub fn at_end(members: u32, region_bytes: u64, ring_bytes: u64) -> Result<Self, RingError> {
+        if !(2..=MAX_MEMBERS).contains(&members)
+            || !ring_bytes.is_power_of_two()
+            || ring_bytes < MIN_RING_BYTES
+        {
+            return Err(RingError::BadGeometry);
+        }
+        let mut geo = Geometry {
+            members,
+            ring_bytes,
+            ring_base: HEADER_BYTES,
+        };
+        let rings = geo
+            .ring_count()
+            .checked_mul(geo.ring_stride())
+            .ok_or(RingError::BadGeometry)?;
+        let needed = HEADER_BYTES.saturating_add(rings);
+        if needed > region_bytes {
+            return Err(RingError::RegionTooSmall {
+                needed,
+                have: region_bytes,
+            });
+        }
+        geo.ring_base = (region_bytes - rings) / 4096 * 4096;
+        Ok(geo)
     }
 
     /// Largest payload one frame can carry.
@@ -258,6 +298,7 @@ impl Geometry {
             && (Geometry {
                 members,
                 ring_bytes,
+                ring_base: HEADER_BYTES,
             })
             .region_bytes()
                 > region_bytes
@@ -268,6 +309,7 @@ impl Geometry {
             let needed = (Geometry {
                 members,
                 ring_bytes: MIN_RING_BYTES,
+                ring_base: HEADER_BYTES,
             })
             .region_bytes();
             return Err(RingError::RegionTooSmall {
@@ -278,7 +320,16 @@ impl Geometry {
         Ok(Geometry {
             members,
             ring_bytes,
+            ring_base: HEADER_BYTES,
         })
+    }
+
+    /// [`Geometry::region_bytes`], `None` on overflow (a header's values
+    /// are not trusted).
+    fn checked_region_bytes(&self) -> Option<u64> {
+        self.ring_count()
+            .checked_mul(self.ring_stride())
+            .and_then(|r| r.checked_add(self.ring_base))
     }
 
     fn ring_index(&self, from: u32, to: u32) -> Result<u64, RingError> {
@@ -347,12 +398,14 @@ impl Region {
         if !(2..=MAX_MEMBERS).contains(&geo.members)
             || !geo.ring_bytes.is_power_of_two()
             || geo.ring_bytes < MIN_RING_BYTES
+            || geo.ring_base < HEADER_BYTES
+            || !geo.ring_base.is_multiple_of(4096)
         {
             return Err(RingError::BadGeometry);
         }
-        if geo.region_bytes() > self.len {
+        if geo.checked_region_bytes().is_none_or(|n| n > self.len) {
             return Err(RingError::RegionTooSmall {
-                needed: geo.region_bytes(),
+                needed: geo.checked_region_bytes().unwrap_or(u64::MAX),
                 have: self.len,
             });
         }
@@ -367,6 +420,8 @@ impl Region {
             .store(geo.ring_stride(), Ordering::Relaxed);
         self.u64_at(OFF_REGION_SIZE)
             .store(self.len, Ordering::Relaxed);
+        self.u64_at(OFF_RING_BASE)
+            .store(geo.ring_base, Ordering::Relaxed);
         for m in 0..MAX_MEMBERS as u64 {
             self.u32_at(OFF_MEMBER_TABLE + m * MEMBER_ENTRY)
                 .store(0, Ordering::Relaxed);
@@ -380,7 +435,7 @@ impl Region {
                 .store(0, Ordering::Relaxed);
         }
         for r in 0..geo.ring_count() {
-            let base = HEADER_BYTES + r * geo.ring_stride();
+            let base = geo.ring_base + r * geo.ring_stride();
             for line in [
                 RING_HEAD,
                 RING_TAIL,
@@ -412,19 +467,25 @@ impl Region {
         let geo = Geometry {
             members: self.u32_at(OFF_MEMBERS).load(Ordering::Relaxed),
             ring_bytes: self.u64_at(OFF_RING_BYTES).load(Ordering::Relaxed),
+            ring_base: self.u64_at(OFF_RING_BASE).load(Ordering::Relaxed),
         };
         if !(2..=MAX_MEMBERS).contains(&geo.members)
             || !geo.ring_bytes.is_power_of_two()
             || geo.ring_bytes < MIN_RING_BYTES
             || geo.ring_bytes > self.len
+            || geo.ring_base < HEADER_BYTES
+            || !geo.ring_base.is_multiple_of(4096)
         {
             return Err(RingError::BadGeometry);
         }
-        if geo.region_bytes() > self.len {
-            return Err(RingError::RegionTooSmall {
-                needed: geo.region_bytes(),
-                have: self.len,
-            });
+        match geo.checked_region_bytes() {
+            Some(n) if n <= self.len => {}
+            n => {
+                return Err(RingError::RegionTooSmall {
+                    needed: n.unwrap_or(u64::MAX),
+                    have: self.len,
+                })
+            }
         }
         Ok(geo)
     }
@@ -529,7 +590,7 @@ impl Region {
 
     /// Byte offset of the ring `from -> to` (its header).
     pub fn ring_offset(&self, geo: &Geometry, from: u32, to: u32) -> Result<u64, RingError> {
-        Ok(HEADER_BYTES + geo.ring_index(from, to)? * geo.ring_stride())
+        Ok(geo.ring_base + geo.ring_index(from, to)? * geo.ring_stride())
     }
 
     /// Ring `from -> to` as an onlooker sees it (a monitor, a test waiting
@@ -701,6 +762,58 @@ mod tests {
         assert_eq!(Geometry::fit(1, 1 << 20), Err(RingError::BadGeometry));
         assert_eq!(g4.ring_index(1, 1), Err(RingError::BadMember(1)));
         assert_eq!(g4.ring_index(3, 2).unwrap(), 3 * 3 + 2);
+    }
+
+    #[test]
+    fn rings_of_a_chosen_size_end_at_the_region_end_and_carry_data() {
+        let len = 1u64 << 20;
+        let geo = Geometry::at_end(3, len, 16 << 10).unwrap();
+        assert_eq!(geo.region_bytes(), len, "the last ring ends at the end");
+        assert_eq!(geo.ring_base, len - 6 * (20 << 10));
+        assert_eq!(
+            Geometry::at_end(3, len, 256 << 10),
+            Err(RingError::RegionTooSmall {
+                needed: HEADER_BYTES + 6 * (260 << 10),
+                have: len
+            })
+        );
+        assert_eq!(Geometry::at_end(3, len, 3000), Err(RingError::BadGeometry));
+        let mut m = Mem::new(len as usize);
+        let r = m.region();
+        r.init(geo).unwrap();
+        assert_eq!(r.geometry(), Ok(geo));
+        // The last ring, 2 -> 1, is the region's last bytes.
+        assert_eq!(r.ring_offset(&geo, 2, 1).unwrap() + geo.ring_stride(), len);
+        let mut p = r.producer(geo, 2, 1).unwrap();
+        let mut c = r.consumer(geo, 2, 1).unwrap();
+        let (mut out, msg) = ([0u8; 4096], [7u8; 4000]);
+        for _ in 0..20 {
+            p.try_send(&msg).unwrap().unwrap();
+            let (n, _) = c.try_recv(&mut out).unwrap().unwrap();
+            assert_eq!(&out[..n], &msg[..]);
+        }
+        // A header that puts its rings where they cannot be is refused.
+        for (base, e) in [
+            (4096 + 8, RingError::BadGeometry),
+            (0, RingError::BadGeometry),
+            (
+                len,
+                RingError::RegionTooSmall {
+                    needed: len + 6 * (20 << 10),
+                    have: len,
+                },
+            ),
+            (
+                u64::MAX / 4096 * 4096,
+                RingError::RegionTooSmall {
+                    needed: u64::MAX,
+                    have: len,
+                },
+            ),
+        ] {
+            r.u64_at(OFF_RING_BASE).store(base, Ordering::SeqCst);
+            assert_eq!(r.geometry(), Err(e), "ring base {base:#x}");
+        }
     }
 
     #[test]
