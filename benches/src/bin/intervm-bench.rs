@@ -260,9 +260,12 @@ struct Results {
     /// One message in flight: ping-pong latencies and their floor.
     #[serde(default)]
     latency: Vec<Latency>,
-    /// All to one as the members of a region grow.
+    /// All to one and all pairs as the members of a region grow.
     #[serde(default)]
     peers: Vec<Peers>,
+    /// Doorbell round trips as the members of a region grow.
+    #[serde(default)]
+    bell_peers: Vec<BellPeers>,
     /// Linux boots to /init (absent when the Linux guest is not built).
     #[serde(default)]
     linux: Vec<LinuxBoot>,
@@ -351,14 +354,78 @@ fn latency_markdown(r: &Results) -> String {
 /// All to one: `members - 1` senders of `bytes` each to one receiver.
 #[derive(Serialize, Deserialize)]
 struct Peers {
+    /// "all to one" (every member but 0 sends to 0) or "all pairs" (every
+    /// member exchanges `bytes` both ways with every other).
+    #[serde(default = "all_to_one")]
+    pattern: String,
     /// Members of the region.
     members: u32,
     /// "polling" or "adaptive" (doorbells when the receiver sleeps).
     notify: String,
-    /// Bytes from each sender.
+    /// Bytes from each sender (all pairs: each way per pair).
     bytes: u64,
-    /// Receiver's time for all of it, median of the runs, s.
+    /// Receiver's time for all of it (all pairs: the slowest member's),
+    /// median of the runs, s.
     secs: f64,
+}
+
+fn all_to_one() -> String {
+    "all to one".into()
+}
+
+impl Peers {
+    /// Bytes moved in all.
+    fn total(&self) -> u64 {
+        let n = self.members as u64;
+        match self.pattern.as_str() {
+            "all pairs" => self.bytes * n * (n - 1),
+            _ => self.bytes * (n - 1),
+        }
+    }
+}
+
+/// Doorbell round trips while a region's members ping-pong in pairs, all
+/// at once.
+#[derive(Serialize, Deserialize)]
+struct BellPeers {
+    /// Members of the region (pairs: half as many).
+    members: u32,
+    /// Round trips per pair per run.
+    rounds: u64,
+    /// Median over runs of the pairs' mean round trip, µs.
+    round_trip_us: f64,
+    /// Median over runs of the slowest pair's mean round trip, µs.
+    slowest_pair_us: f64,
+}
+
+/// Bytes each pair moves each way in the all-pairs runs.
+const ALL_PAIRS_BYTES: u64 = 1 << 20;
+
+/// Round trips per pair in the doorbell-latency runs.
+const BELL_PEER_ROUNDS: u64 = 2000;
+
+fn bell_curve(o: &Opts) -> Vec<BellPeers> {
+    let mut out = Vec::new();
+    for members in [2u32, 4, 8, 16] {
+        eprintln!("doorbells: {members} members in pairs x{}", o.repeat);
+        let runs: Vec<Vec<f64>> = (0..o.repeat)
+            .map(|_| {
+                doorbell::pairs_ping_pong(members, BELL_PEER_ROUNDS)
+                    .iter()
+                    .map(|d| d.as_secs_f64() * 1e6)
+                    .collect()
+            })
+            .collect();
+        let mean = |v: &Vec<f64>| v.iter().sum::<f64>() / v.len().max(1) as f64;
+        let worst = |v: &Vec<f64>| v.iter().cloned().fold(0.0, f64::max);
+        out.push(BellPeers {
+            members,
+            rounds: BELL_PEER_ROUNDS,
+            round_trip_us: median(runs.iter().map(mean).collect()),
+            slowest_pair_us: median(runs.iter().map(worst).collect()),
+        });
+    }
+    out
 }
 
 /// Bytes each sender moves in the all-to-one runs.
@@ -367,42 +434,71 @@ const FAN_IN_BYTES: u64 = 16 << 20;
 fn peer_curve(o: &Opts) -> Vec<Peers> {
     use intervm_benches::runs::doorbell::Notify;
     let mut out = Vec::new();
-    for (notify, mode) in [("polling", Notify::Never), ("adaptive", Notify::Adaptive)] {
-        for members in [2u32, 4, 8, 16] {
-            eprintln!("peers: {members} members, {notify} x{}", o.repeat);
-            let secs = median(
-                (0..o.repeat)
-                    .map(|_| shmem::fan_in(members, FAN_IN_BYTES, mode).as_secs_f64())
-                    .collect(),
-            );
-            out.push(Peers {
-                members,
-                notify: notify.into(),
-                bytes: FAN_IN_BYTES,
-                secs,
-            });
+    type Run = fn(u32, u64, Notify) -> std::time::Duration;
+    let patterns: [(&str, u64, Run); 2] = [
+        ("all to one", FAN_IN_BYTES, shmem::fan_in),
+        ("all pairs", ALL_PAIRS_BYTES, shmem::all_pairs),
+    ];
+    for (pattern, bytes, go) in patterns {
+        for (notify, mode) in [("polling", Notify::Never), ("adaptive", Notify::Adaptive)] {
+            for members in [2u32, 4, 8, 16] {
+                eprintln!(
+                    "peers: {pattern}, {members} members, {notify} x{}",
+                    o.repeat
+                );
+                let secs = median(
+                    (0..o.repeat)
+                        .map(|_| go(members, bytes, mode).as_secs_f64())
+                        .collect(),
+                );
+                out.push(Peers {
+                    pattern: pattern.into(),
+                    members,
+                    notify: notify.into(),
+                    bytes,
+                    secs,
+                });
+            }
         }
     }
     out
 }
 
 fn peers_markdown(r: &Results) -> String {
-    if r.peers.is_empty() {
-        return String::new();
+    let mut m = String::new();
+    let intro = |pattern: &str| {
+        match pattern {
+        "all pairs" => "\n## All pairs as a region's members grow\n\nEvery member exchanges the same amount both ways with every other, all at once, over one region (`members x (members - 1)` rings in use; with doorbells, one MSI-X vector per member); the slowest member's time from its start line to its last byte. Every VM has one vCPU, so above two members the VMs share the host's cores.\n\n| members | notify | per pair, each way | slowest member's time | aggregate MiB/s |\n|---|---|---|---|---|\n",
+        _ => "\n## All to one as a region's members grow\n\nEvery member but one sends the same amount to member 0 at once, over one region; the receiver's time from its start line to the last byte of the last sender. Every VM has one vCPU, so above two members the VMs share the host's cores.\n\n| members | notify | per sender | receiver's time | aggregate MiB/s |\n|---|---|---|---|---|\n",
     }
-    let mut m = String::from(
-        "\n## All to one as a region's members grow\n\nEvery member but one sends the same amount to member 0 at once, over one region; the receiver's time from its start line to the last byte of the last sender. Every VM has one vCPU, so above two members the VMs share the host's cores.\n\n| members | notify | per sender | receiver's time | aggregate MiB/s |\n|---|---|---|---|---|\n",
-    );
+    };
+    let mut last = "";
     for p in &r.peers {
-        let total = p.bytes * (p.members as u64 - 1);
+        if p.pattern != last {
+            m += intro(&p.pattern);
+            last = &p.pattern;
+        }
         m += &format!(
             "| {} | {} | {} | {} | {:.0} |\n",
             p.members,
             p.notify,
             label(p.bytes),
             seconds(p.secs),
-            total as f64 / p.secs / (1u64 << 20) as f64
+            p.total() as f64 / p.secs / (1u64 << 20) as f64
         );
+    }
+    if !r.bell_peers.is_empty() {
+        m += "\n## Doorbell round trips as a region's members grow\n\nThe members of one doorbell region ping-pong in pairs (0 with 1, 2 with 3, ...), all at once, over the in-kernel path (`ioeventfd -> irqfd`); each pair's initiator times its round trips. Every doorbell arrived.\n\n| members | pairs | round trips per pair | mean round trip | slowest pair's mean |\n|---|---|---|---|---|\n";
+        for b in &r.bell_peers {
+            m += &format!(
+                "| {} | {} | {} | {:.1} us | {:.1} us |\n",
+                b.members,
+                b.members / 2,
+                b.rounds,
+                b.round_trip_us,
+                b.slowest_pair_us
+            );
+        }
     }
     m
 }
@@ -1065,6 +1161,11 @@ fn main() {
     } else {
         Vec::new()
     };
+    let bell_peers = if o.channels.iter().any(|c| c == "doorbell") && o.peers {
+        bell_curve(&o)
+    } else {
+        Vec::new()
+    };
     let doorbell = o
         .channels
         .iter()
@@ -1081,6 +1182,7 @@ fn main() {
         doorbell,
         latency,
         peers,
+        bell_peers,
         linux,
         linux_user,
     };

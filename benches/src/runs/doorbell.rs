@@ -20,6 +20,18 @@ pub fn vm(
     id: u16,
     fast: bool,
 ) -> (Vm, Arc<std::sync::Mutex<IvshmemDoorbell>>) {
+    vm_with_vectors(name, info, region, id, fast, 1)
+}
+
+/// [`vm`] with a doorbell device of `vectors` MSI-X vectors.
+pub fn vm_with_vectors(
+    name: &str,
+    info: &BootInfo,
+    region: &Arc<SharedRegion>,
+    id: u16,
+    fast: bool,
+    vectors: usize,
+) -> (Vm, Arc<std::sync::Mutex<IvshmemDoorbell>>) {
     let mut cfg = VmConfig::new(name, 64 << 20);
     cfg.serial = SerialOutput::Sink;
     let vm = Vm::new(&cfg).expect("VM");
@@ -28,7 +40,7 @@ pub fn vm(
         &vm,
         region.clone(),
         id,
-        new_eventfds(1).expect("eventfd"),
+        new_eventfds(vectors).expect("eventfd"),
         fast,
     )
     .expect("device");
@@ -61,6 +73,45 @@ pub fn ping_pong(rounds: u64, fast: bool) -> Duration {
     Duration::from_secs_f64(
         ia.results[results::DB_TOTAL_CYCLES] as f64 / ia.tsc_khz.max(1) as f64 / 1e3,
     )
+}
+
+/// Doorbell latency as a region's members grow: `members` probe VMs (an
+/// even number) on one doorbell region ping-pong in pairs (0 with 1, 2
+/// with 3, ...), all at once, `rounds` round trips each, over the in-kernel
+/// path. Returns each pair's mean round trip, as its initiator timed it;
+/// every doorbell must arrive.
+pub fn pairs_ping_pong(members: u32, rounds: u64) -> Vec<Duration> {
+    let region = Arc::new(SharedRegion::open(&Backing::Memfd, 1 << 20).expect("region"));
+    let mut devices = Vec::new();
+    let mut vms = Vec::new();
+    for me in 0..members {
+        let mut i = BootInfo::new(Workload::DoorbellPingPong, 0, 0);
+        i.args[a::PEER] = (me ^ 1) as u64;
+        i.args[a::ROUNDS] = rounds;
+        i.args[a::INITIATOR] = (me % 2 == 0) as u64;
+        let (v, d) = vm(&format!("m{me}"), &i, &region, me as u16, true);
+        vms.push(v);
+        devices.push(d);
+    }
+    group::wire(&devices).expect("wire");
+    // Answering sides first, so no initiator rings a VM not yet running.
+    let (odd, even): (Vec<_>, Vec<_>) =
+        vms.into_iter().enumerate().partition(|(me, _)| me % 2 == 1);
+    let running: Vec<(u32, RunningVm)> = odd
+        .into_iter()
+        .chain(even)
+        .map(|(me, v)| (me as u32, v.start().expect("start")))
+        .collect();
+    let mut out = Vec::new();
+    for (me, r) in &running {
+        let i = wait(r);
+        assert_eq!(i.results[results::DB_IRQS], rounds, "m{me} lost doorbells");
+        if me % 2 == 0 {
+            let total = i.results[results::DB_TOTAL_CYCLES] as f64 / i.tsc_khz.max(1) as f64 / 1e3;
+            out.push(Duration::from_secs_f64(total / rounds.max(1) as f64));
+        }
+    }
+    out
 }
 
 /// A notification mode's name in bench output.

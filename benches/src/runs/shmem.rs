@@ -297,3 +297,81 @@ pub fn fan_in(members: u32, bytes: u64, mode: probe_image::shmem::Notify) -> Dur
     }
     Duration::from_secs_f64(res.seconds().unwrap_or(0.0))
 }
+
+/// All pairs at once: `members` probe VMs each exchange `bytes` both ways
+/// with every other over one region (`Workload::ShmemExchange`), with
+/// notification `mode` (doorbell devices of one vector per member when it
+/// rings). Returns the slowest member's time from its start line to its
+/// last byte; every one of the `members * (members - 1)` streams is
+/// checked against what its sender sent.
+pub fn all_pairs(members: u32, bytes: u64, mode: probe_image::shmem::Notify) -> Duration {
+    use interrupt_doorbell::group;
+    use probe_image::shmem::{sent_record, Notify};
+    let shared =
+        Arc::new(SharedRegion::open(&Backing::Memfd, region_for(members)).expect("region"));
+    let t = Transport::attach(shared.clone(), members).expect("attach");
+    let everyone = ((1u64 << members) - 1) as u32;
+    let mut bells = Vec::new();
+    let mut vms = Vec::new();
+    for me in 0..members {
+        let mut task = ShmemTask::new(
+            me,
+            Role::Exchange {
+                with: everyone & !(1 << me),
+            },
+            bytes,
+        );
+        task.seed = me as u64;
+        task.quiet = true;
+        task.notify = mode;
+        task.vectors = members;
+        task.join_timeout_ms = 600_000;
+        let (name, info) = (format!("m{me}"), task.boot_info());
+        let vm = if mode == Notify::Never {
+            plain_vm(&name, &info, &shared)
+        } else {
+            let (vm, dev) = super::doorbell::vm_with_vectors(
+                &name,
+                &info,
+                &shared,
+                me as u16,
+                true,
+                members as usize,
+            );
+            bells.push(dev);
+            vm
+        };
+        vms.push((vm, t.join(me).expect("join")));
+    }
+    if !bells.is_empty() {
+        group::wire(&bells).expect("wire");
+    }
+    let running: Vec<_> = vms
+        .into_iter()
+        .map(|(vm, m)| (vm.start().expect("start"), m))
+        .collect();
+    let limit = Duration::from_secs(600);
+    let infos: Vec<BootInfo> = running
+        .iter()
+        .map(|(r, _)| {
+            r.wait_timeout(limit).expect("finished");
+            probe::read_info(r.vm().memory()).expect("info")
+        })
+        .collect();
+    let mut slowest = 0f64;
+    for (me, info) in infos.iter().enumerate() {
+        let res = ShmemResult::from_info(info);
+        assert!(res.error.is_none(), "member {me} failed: {:?}", res.error);
+        slowest = slowest.max(res.seconds().unwrap_or(0.0));
+        for (from, sender) in infos.iter().enumerate().filter(|(f, _)| *f != me) {
+            let sent = sent_record(sender, me as u32);
+            let got = peer_record(info, from as u32);
+            assert_eq!(
+                (got.bytes, got.stream),
+                (bytes, sent.stream),
+                "{from} -> {me}"
+            );
+        }
+    }
+    Duration::from_secs_f64(slowest)
+}
