@@ -240,12 +240,16 @@ pub fn region_for(members: u32) -> u64 {
         .max(region())
 }
 
-/// All to one: `members - 1` probe VMs each send `bytes` to member 0 at
-/// once, over one region, with notification `mode` (doorbell devices when
-/// it rings, plain ones otherwise). Returns the receiver's time from its
-/// start line to the last byte of the last sender; every sender's stream
-/// checksum is checked.
-pub fn fan_in(members: u32, bytes: u64, mode: probe_image::shmem::Notify) -> Duration {
+/// Boots `members` probe VMs on one region of [`region_for`]`(members)`,
+/// member `m` running `task(m)`, with notification `mode` (doorbell
+/// devices of `vectors` vectors, wired together, when it rings; plain
+/// ones otherwise), and returns each one's boot info once all finished.
+fn run_members(
+    members: u32,
+    mode: probe_image::shmem::Notify,
+    vectors: usize,
+    task: impl Fn(u32) -> ShmemTask,
+) -> Vec<BootInfo> {
     use interrupt_doorbell::group;
     use probe_image::shmem::Notify;
     let shared =
@@ -254,23 +258,17 @@ pub fn fan_in(members: u32, bytes: u64, mode: probe_image::shmem::Notify) -> Dur
     let mut bells = Vec::new();
     let mut vms = Vec::new();
     for me in 0..members {
-        let role = if me == 0 {
-            Role::Recv {
-                from: ((1u64 << members) - 2) as u32,
-            }
-        } else {
-            Role::Send { to: 0 }
-        };
-        let mut task = ShmemTask::new(me, role, bytes);
-        task.seed = me as u64;
-        task.quiet = true;
-        task.notify = mode;
-        task.join_timeout_ms = 600_000;
-        let (name, info) = (format!("m{me}"), task.boot_info());
+        let mut k = task(me);
+        k.seed = me as u64;
+        k.quiet = true;
+        k.notify = mode;
+        k.join_timeout_ms = 600_000;
+        let (name, info) = (format!("m{me}"), k.boot_info());
         let vm = if mode == Notify::Never {
             plain_vm(&name, &info, &shared)
         } else {
-            let (vm, dev) = super::doorbell::vm(&name, &info, &shared, me as u16, true);
+            let (vm, dev) =
+                super::doorbell::vm_with_vectors(&name, &info, &shared, me as u16, true, vectors);
             bells.push(dev);
             vm
         };
@@ -284,15 +282,35 @@ pub fn fan_in(members: u32, bytes: u64, mode: probe_image::shmem::Notify) -> Dur
         .map(|(vm, m)| (vm.start().expect("start"), m))
         .collect();
     let limit = Duration::from_secs(600);
-    for (r, _) in &running {
-        r.wait_timeout(limit).expect("finished");
-    }
-    let info = probe::read_info(running[0].0.vm().memory()).expect("info");
-    let res = ShmemResult::from_info(&info);
+    running
+        .iter()
+        .map(|(r, _)| {
+            r.wait_timeout(limit).expect("finished");
+            probe::read_info(r.vm().memory()).expect("info")
+        })
+        .collect()
+}
+
+/// All to one: `members - 1` probe VMs each send `bytes` to member 0 at
+/// once, over one region, with notification `mode` (doorbell devices when
+/// it rings, plain ones otherwise). Returns the receiver's time from its
+/// start line to the last byte of the last sender; every sender's stream
+/// checksum is checked.
+pub fn fan_in(members: u32, bytes: u64, mode: probe_image::shmem::Notify) -> Duration {
+    let infos = run_members(members, mode, 1, |me| {
+        let role = match me {
+            0 => Role::Recv {
+                from: ((1u64 << members) - 2) as u32,
+            },
+            _ => Role::Send { to: 0 },
+        };
+        ShmemTask::new(me, role, bytes)
+    });
+    let res = ShmemResult::from_info(&infos[0]);
     assert!(res.error.is_none(), "fan-in failed: {:?}", res.error);
-    for (me, (r, _)) in running.iter().enumerate().skip(1) {
-        let sent = peer_record(&probe::read_info(r.vm().memory()).expect("info"), 0);
-        let got = peer_record(&info, me as u32);
+    for (me, sender) in infos.iter().enumerate().skip(1) {
+        let sent = peer_record(sender, 0);
+        let got = peer_record(&infos[0], me as u32);
         assert_eq!((got.bytes, got.stream), (bytes, sent.stream), "sender {me}");
     }
     Duration::from_secs_f64(res.seconds().unwrap_or(0.0))
@@ -305,59 +323,14 @@ pub fn fan_in(members: u32, bytes: u64, mode: probe_image::shmem::Notify) -> Dur
 /// last byte; every one of the `members * (members - 1)` streams is
 /// checked against what its sender sent.
 pub fn all_pairs(members: u32, bytes: u64, mode: probe_image::shmem::Notify) -> Duration {
-    use interrupt_doorbell::group;
-    use probe_image::shmem::{sent_record, Notify};
-    let shared =
-        Arc::new(SharedRegion::open(&Backing::Memfd, region_for(members)).expect("region"));
-    let t = Transport::attach(shared.clone(), members).expect("attach");
+    use probe_image::shmem::sent_record;
     let everyone = ((1u64 << members) - 1) as u32;
-    let mut bells = Vec::new();
-    let mut vms = Vec::new();
-    for me in 0..members {
-        let mut task = ShmemTask::new(
-            me,
-            Role::Exchange {
-                with: everyone & !(1 << me),
-            },
-            bytes,
-        );
-        task.seed = me as u64;
-        task.quiet = true;
-        task.notify = mode;
-        task.vectors = members;
-        task.join_timeout_ms = 600_000;
-        let (name, info) = (format!("m{me}"), task.boot_info());
-        let vm = if mode == Notify::Never {
-            plain_vm(&name, &info, &shared)
-        } else {
-            let (vm, dev) = super::doorbell::vm_with_vectors(
-                &name,
-                &info,
-                &shared,
-                me as u16,
-                true,
-                members as usize,
-            );
-            bells.push(dev);
-            vm
-        };
-        vms.push((vm, t.join(me).expect("join")));
-    }
-    if !bells.is_empty() {
-        group::wire(&bells).expect("wire");
-    }
-    let running: Vec<_> = vms
-        .into_iter()
-        .map(|(vm, m)| (vm.start().expect("start"), m))
-        .collect();
-    let limit = Duration::from_secs(600);
-    let infos: Vec<BootInfo> = running
-        .iter()
-        .map(|(r, _)| {
-            r.wait_timeout(limit).expect("finished");
-            probe::read_info(r.vm().memory()).expect("info")
-        })
-        .collect();
+    let infos = run_members(members, mode, members as usize, |me| {
+        let with = everyone & !(1 << me);
+        let mut k = ShmemTask::new(me, Role::Exchange { with }, bytes);
+        k.vectors = members;
+        k
+    });
     let mut slowest = 0f64;
     for (me, info) in infos.iter().enumerate() {
         let res = ShmemResult::from_info(info);

@@ -741,6 +741,27 @@ fn probe_task(p: &RawProbe, vm: &VmSpec, channels: &[ChannelSpec]) -> Result<Pro
             index,
         })
     };
+    // A list of other members (key `k`); left out: every other member.
+    let peers = |list: &Option<Vec<String>>, k: &str| -> Result<Vec<MemberRef>, String> {
+        let names: Vec<String> = match list {
+            Some(l) if l.is_empty() => return Err(format!("{k}: empty")),
+            Some(l) => l.clone(),
+            None => ch
+                .members
+                .iter()
+                .filter(|m| **m != vm.name)
+                .cloned()
+                .collect(),
+        };
+        let mut seen = HashSet::new();
+        names
+            .iter()
+            .map(|n| match seen.insert(n) {
+                true => peer(n, k),
+                false => Err(format!("{k}: {n:?} is named twice")),
+            })
+            .collect()
+    };
     if task == Exchange {
         for (k, set) in [("to", p.to.is_some()), ("from", p.from.is_some())] {
             if set {
@@ -756,29 +777,9 @@ fn probe_task(p: &RawProbe, vm: &VmSpec, channels: &[ChannelSpec]) -> Result<Pro
                 vm.memory >> 20
             ));
         }
-        let with = match &p.with {
-            Some(w) if w.is_empty() => return Err("with: empty".into()),
-            Some(w) => w.clone(),
-            None => ch
-                .members
-                .iter()
-                .filter(|m| **m != vm.name)
-                .cloned()
-                .collect(),
-        };
-        let mut seen = HashSet::new();
-        let with = with
-            .iter()
-            .map(|w| {
-                if !seen.insert(w) {
-                    return Err(format!("with: {w:?} is named twice"));
-                }
-                peer(w, "with")
-            })
-            .collect::<Result<Vec<_>, _>>()?;
         return Ok(ProbeTask::Exchange {
+            with: peers(&p.with, "with")?,
             channel,
-            with,
             size,
             chunk,
         });
@@ -799,20 +800,7 @@ fn probe_task(p: &RawProbe, vm: &VmSpec, channels: &[ChannelSpec]) -> Result<Pro
         if p.to.is_some() {
             return Err("to: not used by task \"recv\" (use from)".into());
         }
-        let from = match &p.from {
-            Some(f) if f.is_empty() => return Err("from: empty".into()),
-            Some(f) => f.clone(),
-            None => ch
-                .members
-                .iter()
-                .filter(|m| **m != vm.name)
-                .cloned()
-                .collect(),
-        };
-        let from = from
-            .iter()
-            .map(|f| peer(f, "from"))
-            .collect::<Result<Vec<_>, _>>()?;
+        let from = peers(&p.from, "from")?;
         let transfers = match p.transfers {
             None => 0,
             Some(_) if portio.is_some() => {

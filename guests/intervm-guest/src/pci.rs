@@ -81,26 +81,13 @@ pub struct Mapping {
 impl Mapping {
     /// Maps the whole file `path` read-write and shared.
     pub fn open(path: &Path) -> Result<Self, Error> {
-        let len = std::fs::metadata(path)
-            .map_err(|e| Error::Io(path.display().to_string(), e))?
-            .len() as usize;
-        if len < 4096 {
-            return Err(Error::NoDevice(format!(
-                "{}: only {len} bytes",
-                path.display()
-            )));
-        }
-        Self::open_at(path, len, 0)
+        Self::open_at(path, region_len(path)?, 0)
     }
 
     /// Maps `len` bytes of `path` at `offset` read-write and shared (UIO
     /// selects map N with offset N * page size).
     pub fn open_at(path: &Path, len: usize, offset: usize) -> Result<Self, Error> {
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .map_err(|e| Error::Io(path.display().to_string(), e))?;
+        let f = open_rw(path)?;
         // SAFETY: a fresh shared mapping of a file we opened read-write; the
         // kernel picks the address. The file may be written by other VMs:
         // the ring code only accesses it through atomics and copies it
@@ -134,20 +121,8 @@ impl Mapping {
     /// mapped (minutes on PVM, where that kernel code is emulated), while
     /// the ring protocol uses only its header and its rings.
     pub fn reserve(path: &Path, first: usize) -> Result<Self, Error> {
-        let len = std::fs::metadata(path)
-            .map_err(|e| Error::Io(path.display().to_string(), e))?
-            .len() as usize;
-        if len < 4096 {
-            return Err(Error::NoDevice(format!(
-                "{}: only {len} bytes",
-                path.display()
-            )));
-        }
-        let f = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(path)
-            .map_err(|e| Error::Io(path.display().to_string(), e))?;
+        let len = region_len(path)?;
+        let f = open_rw(path)?;
         // SAFETY: a fresh private mapping without access or backing: it only
         // holds the address range for the windows.
         let ptr = unsafe {
@@ -229,6 +204,28 @@ impl Mapping {
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }
+}
+
+/// The size of the region file `path` (at least a page).
+fn region_len(path: &Path) -> Result<usize, Error> {
+    let len = std::fs::metadata(path)
+        .map_err(|e| Error::Io(path.display().to_string(), e))?
+        .len() as usize;
+    if len < 4096 {
+        return Err(Error::NoDevice(format!(
+            "{}: only {len} bytes",
+            path.display()
+        )));
+    }
+    Ok(len)
+}
+
+fn open_rw(path: &Path) -> Result<std::fs::File, Error> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .map_err(|e| Error::Io(path.display().to_string(), e))
 }
 
 impl Drop for Mapping {
