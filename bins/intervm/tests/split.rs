@@ -224,17 +224,35 @@ fn an_on_demand_server_that_dies_is_started_again_and_rejoined() {
             .filter_map(|r| r.split(')').next()?.parse().ok())
             .collect()
     };
-    let b = p.spawn(&cfg, "b");
+    let (_map, region) = watch_shm(&p.shm, 4 << 20);
+    let mut b = p.spawn(&cfg, "b");
+    // b is in once it joined the ring protocol, which it does after its
+    // handshake with the server (the server logs the join before that).
     wait_until("b to join the server it started", || {
-        servers().len() == 1 && read_log().matches(" joined").count() == 1
+        servers().len() == 1
+            && read_log().matches(" joined").count() == 1
+            && region
+                .geometry()
+                .is_ok_and(|g| region.member_state(&g, 1) == Ok(MemberState::Alive))
     });
     let first = servers()[0];
     // SAFETY: signals the server process b started (its pid from its log).
     assert_eq!(unsafe { libc::kill(first, libc::SIGKILL) }, 0);
     // b notices the hang-up, starts a server again and joins it.
-    wait_until("a second server, joined by b", || {
-        servers().len() == 2 && read_log().matches(" joined").count() == 2
-    });
+    let t0 = std::time::Instant::now();
+    while !(servers().len() == 2 && read_log().matches(" joined").count() == 2) {
+        if t0.elapsed() > intervm_testkit::RUN_TIMEOUT {
+            let _ = b.kill();
+            let o = b.wait_with_output().unwrap();
+            let (out, err) = text(&o);
+            panic!(
+                "timed out waiting for a second server, joined by b\nserver log:\n{}\n\
+                 b stdout:\n{out}\nb stderr:\n{err}",
+                read_log()
+            );
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
     assert_ne!(servers()[1], first);
     let a = p.spawn(&cfg, "a");
     let (_, b) = both_finished(a, b);

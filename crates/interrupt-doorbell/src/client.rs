@@ -167,11 +167,20 @@ pub fn connect_within(path: &Path, vectors: usize, limit: Duration) -> Result<Se
             })
         }
     };
+    // A hang-up anywhere in the handshake is a server on its way out (one
+    // killed while this member joined): worth a retry, like one that never
+    // answered.
     let next = |what: &str| -> Result<(i64, Option<File>)> {
         wait(limit)?;
         proto::recv(&stream)
             .map_err(timed_out)?
-            .ok_or_else(|| Error::Protocol(format!("server hung up before {what}")))
+            .ok_or_else(|| Error::Unreachable {
+                socket: path.to_path_buf(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    format!("the server hung up before {what}"),
+                ),
+            })
     };
     if version != PROTOCOL_VERSION {
         return Err(Error::Protocol(format!(

@@ -512,6 +512,44 @@ fn fake_server(
 }
 
 #[test]
+fn a_server_that_hangs_up_mid_join_is_retried_and_replaced() {
+    // Gone after the peer ID, before the region: a server killed while
+    // this member joined. That is a server on its way out, not a broken
+    // one: the join is worth retrying.
+    let tag = "dies-mid-join";
+    let (path, t) = fake_server(tag, |s| {
+        let none: Option<&std::fs::File> = None;
+        proto::send(&s, 0, none).unwrap();
+        proto::send(&s, 3, none).unwrap();
+    });
+    let e = client::connect(&path, 1).err().unwrap();
+    t.join().unwrap();
+    assert!(
+        matches!(e, interrupt_doorbell::Error::Unreachable { .. }),
+        "{e}"
+    );
+    assert!(
+        e.to_string().contains("hung up before the shared memory"),
+        "{e}"
+    );
+    // At a rendezvous the member starts a server again and joins it.
+    let rv = interrupt_doorbell::rendezvous::Rendezvous::at(&path);
+    let mut started = None;
+    let session = rv
+        .join(1, Duration::from_secs(60), &mut || {
+            if started.is_none() {
+                started = Some(server(tag, 1));
+            }
+            Ok(())
+        })
+        .unwrap();
+    assert!(started.is_some(), "no server was started");
+    drop(session);
+    drop(started);
+    let _ = std::fs::remove_file(&path);
+}
+
+#[test]
 fn a_join_is_bounded_even_when_the_server_stalls_or_chatters() {
     let none: Option<&std::fs::File> = None;
     // Sends the version, then nothing: the client gives up at its deadline.
