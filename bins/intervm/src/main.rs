@@ -181,11 +181,15 @@ fn main() -> ExitCode {
 fn check(file: &std::path::Path) -> ExitCode {
     match config::Config::load(file) {
         Ok(c) => {
+            let count = |n: usize, what: &str| match n {
+                1 => format!("1 {what}"),
+                n => format!("{n} {what}s"),
+            };
             println!(
-                "{}: ok ({} VMs, {} channels)",
+                "{}: ok ({}, {})",
                 file.display(),
-                c.vms.len(),
-                c.channels.len()
+                count(c.vms.len(), "VM"),
+                count(c.channels.len(), "channel")
             );
             for ch in &c.channels {
                 println!(
