@@ -14,7 +14,9 @@ use probe_image::shmem::{
 };
 use shmem_device::Transport;
 
-use crate::config::{ChannelRef, ChannelSpec, Config, Kind, MemberRef, ProbeTask, VmSpec};
+use crate::config::{
+    ChannelRef, ChannelSpec, Config, DoorbellSpec, Kind, MemberRef, ProbeTask, VmSpec,
+};
 
 /// The outcome of a probe task, checked.
 pub struct Report {
@@ -208,7 +210,7 @@ fn boot_info(
             t.seed = seed_for(&c.name, &vm.name);
             set_notify(&mut t, ch);
             if let Some(d) = ch.kind.doorbell() {
-                t.vectors = d.vectors.min(EXCHANGE_MAX_VECTORS as usize) as u32;
+                t.vectors = exchange_vectors(d);
             }
             t.timeout_ms = ch.peer_timeout_ms;
             t.join_timeout_ms = ch.join_timeout_ms;
@@ -250,6 +252,12 @@ fn doorbells(ch: &ChannelSpec, info: &BootInfo) -> String {
         info.results[r::SHM_DOORBELLS],
         info.results[r::SHM_SLEEPS]
     )
+}
+
+/// The MSI-X vectors an exchange on doorbell channel `d` enables (and
+/// reports): the channel's, up to one per member of the largest region.
+fn exchange_vectors(d: &DoorbellSpec) -> u32 {
+    d.vectors.min(EXCHANGE_MAX_VECTORS as usize) as u32
 }
 
 /// Doorbell channels: how a transfer waits and rings.
@@ -472,7 +480,7 @@ pub fn report(
             ok &= received(cfg, vm, c, with, *size, info, secs, transports, &mut lines);
             if let Some(d) = ch.kind.doorbell() {
                 // Which peer rang is the vector it rang on (`me % vectors`).
-                let n = d.vectors.min(EXCHANGE_MAX_VECTORS as usize) as u32;
+                let n = exchange_vectors(d);
                 let counts: Vec<String> = (0..n)
                     .map(|v| format!("{v}:{}", vector_irqs(info, v)))
                     .collect();

@@ -20,7 +20,7 @@
 use core::sync::atomic::Ordering;
 
 use crate::shmem::{
-    listen_on, open_channel, ring_fail, spin_cycles, wait_for, Channel, CHECK_EVERY,
+    bell, listen_on, open_channel, ring_fail, spin_cycles, wait_for, Channel, CHECK_EVERY,
 };
 use crate::transfer::{buffer, record, record_at, scratch, Clock};
 use crate::{arch, arg, set_result, set_state};
@@ -68,14 +68,9 @@ pub fn run() -> u32 {
     }
 }
 
-/// The doorbell value that rings member `m` on `vector`, from the ID it
-/// published (read at every ring: a member whose ivshmem server restarted
-/// has a new one).
-fn bell(ch: &Channel, m: u32, vector: u32) -> Result<u32, RingError> {
-    match ch.region.doorbell_id(&ch.geo, m) {
-        Ok(Some(id)) => Ok(ivshmem::doorbell(id, vector as u16)),
-        _ => Err(RingError::PeerGone(m)),
-    }
+/// Interrupts taken so far on MSI-X vector `v` of the device.
+fn vector_irqs(v: u32) -> u64 {
+    crate::cpl0::PROBE_IRQ_COUNTS[(IRQ_VECTOR_BASE as u32 + v) as usize].load(Ordering::SeqCst)
 }
 
 fn exchange(ch: &Channel) -> Result<(), u32> {
@@ -164,9 +159,7 @@ fn exchange(ch: &Channel) -> Result<(), u32> {
         );
     }
     for v in 0..vectors {
-        let n = crate::cpl0::PROBE_IRQ_COUNTS[(IRQ_VECTOR_BASE as u32 + v) as usize]
-            .load(Ordering::SeqCst);
-        set_result(results::SHM_VECTOR_IRQS + v as usize, n);
+        set_result(results::SHM_VECTOR_IRQS + v as usize, vector_irqs(v));
     }
     let end = pairs
         .iter()
@@ -327,11 +320,7 @@ fn last_bells(
     pairs: &[Option<Pair>],
     vectors: u32,
 ) -> Result<(), RingError> {
-    let fired = |m: u32| {
-        crate::cpl0::PROBE_IRQ_COUNTS[(IRQ_VECTOR_BASE as u32 + m % vectors) as usize]
-            .load(Ordering::SeqCst)
-            > 0
-    };
+    let fired = |m: u32| vector_irqs(m % vectors) > 0;
     for p in pairs.iter().flatten() {
         let v = bell(ch, p.peer, ch.me % vectors)?;
         arch::mmio_write32(ch.bar0 + ivshmem::DOORBELL, v);

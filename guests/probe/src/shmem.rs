@@ -196,12 +196,20 @@ pub(crate) fn listen_on(ch: &Channel, vectors: u32) -> Result<(), u32> {
     }
 }
 
-/// The doorbell value that rings member `m` (which published its ID).
-fn bell_of(ch: &Channel, m: u32) -> Result<u32, u32> {
+/// The doorbell value that rings member `m` on `vector`, from the ID it
+/// published (read at every ring: a member whose ivshmem server restarted
+/// has a new one). `PeerGone` when it published none.
+pub(crate) fn bell(ch: &Channel, m: u32, vector: u32) -> Result<u32, RingError> {
     match ch.region.doorbell_id(&ch.geo, m) {
-        Ok(Some(id)) => Ok(ivshmem::doorbell(id, 0)),
-        _ => Err(fail(6, m as u64)),
+        Ok(Some(id)) => Ok(ivshmem::doorbell(id, vector as u16)),
+        _ => Err(RingError::PeerGone(m)),
     }
+}
+
+/// [`bell`] on vector 0, failing the workload (reason 6) when `m`
+/// published no ID.
+fn bell_of(ch: &Channel, m: u32) -> Result<u32, u32> {
+    bell(ch, m, 0).map_err(|_| fail(6, m as u64))
 }
 
 /// Polling budget of adaptive notification, in TSC cycles.
@@ -708,11 +716,8 @@ fn pump(
                     }
                     // Adaptive: a producer asleep on a full ring has room now.
                     if policy.ring_peer(|| p.c.take_producer_sleep()) {
-                        let bell = match ch.region.doorbell_id(&ch.geo, p.c.peer()) {
-                            Ok(Some(id)) => ivshmem::doorbell(id, 0),
-                            _ => return Err(RingError::PeerGone(p.c.peer())),
-                        };
-                        arch::mmio_write32(ch.bar0 + ivshmem::DOORBELL, bell);
+                        let v = bell(ch, p.c.peer(), 0)?;
+                        arch::mmio_write32(ch.bar0 + ivshmem::DOORBELL, v);
                         rang += 1;
                     }
                     jitter(&mut rng);
