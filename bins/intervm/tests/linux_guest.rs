@@ -21,6 +21,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+mod common;
+
 use vmm_core::host::KvmFlavor;
 
 /// The guest-clock time of a kernel log line containing `what`.
@@ -616,5 +618,117 @@ fn a_forged_jump_to_the_syscall_entry_gains_no_privileges() {
     assert!(
         all.contains("intervm-guest: syscall entry ok") && all.contains("intervm-init: status 0"),
         "the shim check failed:\n{all}"
+    );
+}
+
+#[test]
+fn a_linux_receiver_outlives_a_probe_sender_killed_and_restarted_ten_times() {
+    // Linux userspace serves three checked transfers over shared memory
+    // (`intervm-guest shmem recv --transfers 3`) while the probe sending
+    // them runs in an intervm process of its own that is SIGKILLed
+    // mid-transfer and started again, ten times: the Linux tool sees each
+    // new incarnation of its sender, reports the cut transfer, and takes
+    // the next one from the start.
+    const KILLS: u64 = 10;
+    const SIZE: u64 = 256 << 20;
+    if !intervm_testkit::kvm_available() {
+        return;
+    }
+    let Some(guest) = intervm_testkit::guest_linux() else {
+        return;
+    };
+    let _heavy = HEAVY.lock().unwrap_or_else(|e| e.into_inner());
+    let shm = format!("intervm-linux-serve-{}", std::process::id());
+    let config = one_linux_vm(
+        &guest,
+        "serve",
+        &format!(
+            r#"cmdline = '''intervm.run="shmem recv --me 1 --from 0 --size {SIZE} --transfers 3 --verify-seed shm:probe --join-timeout 600 --timeout 60"'''
+
+[[vm]]
+name = "probe"
+memory = "64M"
+probe = [{{ task = "send", channel = "shm", to = "linux", size = "{SIZE}" }}]
+
+[[channel]]
+name = "shm"
+kind = "shmem"
+members = ["probe", "linux"]
+size = "4M"
+backing = {{ shm = "{shm}" }}
+join_timeout = "600s"   # Linux boots slowly on PVM, more so on a busy host
+"#
+        ),
+    );
+    let cfg = config.to_str().unwrap();
+    let (_map, region) = common::watch_shm(&shm, 4 << 20);
+    let head = || {
+        region
+            .geometry()
+            .and_then(|g| region.ring_state(&g, 0, 1))
+            .map_or(0, |s| s.head)
+    };
+    let whole = SIZE / (64 << 10) * intervm_protocol::ring::frame_bytes(64 << 10);
+    let t0 = Instant::now();
+    let linux = common::spawn_vm(cfg, "linux");
+    let (mut interrupted, mut completed) = (0u64, 0u64);
+    while interrupted < KILLS && completed < 2 {
+        let h0 = head();
+        let mut probe = common::spawn_vm(cfg, "probe");
+        intervm_testkit::wait_until("the (re)started probe to send", || head() != h0);
+        // Frozen, it cannot finish between this look and the kill.
+        common::signal(&probe, libc::SIGSTOP);
+        if head().wrapping_sub(h0) < whole {
+            probe.kill().unwrap();
+            let _ = probe.wait();
+            interrupted += 1;
+        } else {
+            common::signal(&probe, libc::SIGCONT);
+            let o = probe.wait_with_output().unwrap();
+            assert!(o.status.success(), "{:?}", common::text(&o));
+            completed += 1;
+        }
+    }
+    let mut last = String::new();
+    while completed < 3 {
+        let o = common::spawn_vm(cfg, "probe").wait_with_output().unwrap();
+        let (out, err) = common::text(&o);
+        assert!(o.status.success(), "{out}\n{err}");
+        last = out;
+        completed += 1;
+    }
+    let o = linux.wait_with_output().unwrap();
+    let (out, err) = common::text(&o);
+    let _ = std::fs::remove_file(format!("/dev/shm/{shm}"));
+    let _ = std::fs::remove_file(&config);
+    let all = format!("{out}\n{err}");
+    assert!(o.status.success(), "{all}");
+    assert!(all.contains("intervm-init: status 0"), "{all}");
+    let want = format!(
+        "received 3 of 3 complete transfers, {interrupted} interrupted by the sender leaving"
+    );
+    assert!(all.contains(&want), "expected {want:?} in\n{all}");
+    assert_eq!(
+        all.matches("sender gone after").count() as u64,
+        interrupted,
+        "{all}"
+    );
+    // Linux checked every byte (--verify-seed); the last transfer's stream
+    // is what the last probe sent, when one finished under the test's eyes.
+    let sent = last
+        .lines()
+        .find(|l| l.contains("probe: sent") && l.contains("over shm"))
+        .and_then(stream_of);
+    if !last.is_empty() {
+        assert!(sent.is_some(), "{last}");
+        assert_eq!(
+            tool_streams(&all, "linux", "received"),
+            [sent.unwrap_or("")]
+        );
+    }
+    eprintln!(
+        "Linux receiver: {interrupted} kills, 3 complete transfers of {} MiB in {:.1} s",
+        SIZE >> 20,
+        t0.elapsed().as_secs_f64()
     );
 }

@@ -8,7 +8,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Output};
 
-use common::{intervm_cmd, spawn_vm_with, temp_config, text, watch_shm};
+use common::{intervm_cmd, signal, spawn_vm_with, temp_config, text, watch_shm};
 use intervm_protocol::ring::{self, MemberState};
 use intervm_testkit::{kvm_available, wait_until};
 
@@ -329,12 +329,6 @@ fn a_sender_killed_and_restarted_ten_times_rejoins_a_receiver_that_stays_up() {
     for kind in ["shmem", "doorbell"] {
         killed_and_restarted(kind);
     }
-}
-
-/// Sends `sig` to `child`.
-fn signal(child: &Child, sig: libc::c_int) {
-    // SAFETY: signals a child we started and have not reaped.
-    assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, sig) }, 0);
 }
 
 /// Receiver `b` stays up for `COMPLETE` checked transfers while sender

@@ -266,8 +266,38 @@ struct RecvArgs {
     /// or CHANNEL:SENDER as for `send --seed`); the first difference fails.
     #[arg(long, value_parser = parse_seed)]
     verify_seed: Option<u64>,
+    /// Serve this many complete transfers of --size bytes from a sender
+    /// that may be killed and restarted meanwhile: an interrupted transfer
+    /// is reported and not counted, and the receiver waits (up to
+    /// --join-timeout) for the sender to come back. --file then holds the
+    /// last complete transfer.
+    #[arg(long, requires = "size")]
+    transfers: Option<u64>,
     #[command(flatten)]
     timing: Timing,
+}
+
+/// Runs a ring receive (one transfer, or `--transfers N`) and its line.
+fn receive(
+    c: &shmem::Common,
+    a: &RecvArgs,
+    notify: &mut dyn shmem::Notifier,
+) -> Result<String, Error> {
+    let want = a.size.as_deref().map(size).transpose()?;
+    match (a.transfers, want) {
+        (Some(n), Some(bytes)) => {
+            let s = shmem::serve(c, bytes, n, a.file.as_ref(), a.verify_seed, notify)?;
+            Ok(format!(
+                "received {} of {n} complete transfers, {} interrupted by the sender leaving \
+                 ({} stale bytes dropped); last: {}",
+                s.complete, s.interrupted, s.stale_bytes, s.last
+            ))
+        }
+        _ => {
+            let s = shmem::recv(c, want, a.file.as_ref(), a.verify_seed, notify)?;
+            Ok(format!("received {s}"))
+        }
+    }
 }
 
 /// What a sender sends (shared by every `send` subcommand).
@@ -445,9 +475,7 @@ fn run(cmd: Cmd) -> Result<String, Error> {
         }
         Cmd::Doorbell(DoorbellCmd::Recv { uio, args: a }) => {
             let (c, mut u) = uio_common(&uio, a.me, a.from, &a.timing)?;
-            let want = a.size.as_deref().map(size).transpose()?;
-            let s = shmem::recv(&c, want, a.file.as_ref(), a.verify_seed, &mut u)?;
-            Ok(format!("received {s}"))
+            receive(&c, &a, &mut u)
         }
         Cmd::Doorbell(DoorbellCmd::Pingpong {
             uio: o,
@@ -516,15 +544,7 @@ fn run(cmd: Cmd) -> Result<String, Error> {
         }
         Cmd::Shmem(ShmemCmd::Recv { region, args: a }) => {
             let c = common(region, a.me, a.from, &a.timing)?;
-            let want = a.size.as_deref().map(size).transpose()?;
-            let s = shmem::recv(
-                &c,
-                want,
-                a.file.as_ref(),
-                a.verify_seed,
-                &mut shmem::Polling,
-            )?;
-            Ok(format!("received {s}"))
+            receive(&c, &a, &mut shmem::Polling)
         }
         Cmd::Shmem(ShmemCmd::Format {
             region,

@@ -170,13 +170,21 @@ impl Joined {
         self.heartbeat.finished();
     }
 
-    fn wait_peer(&self, c: &Common, ok: impl Fn(&Region) -> bool) -> Result<(), Error> {
+    /// Polls until `ok`, failing when the join timeout passes, or when
+    /// the peer is gone and `may_return` is false (a receiver serving
+    /// several transfers waits for a sender to come back).
+    fn wait_for(
+        &self,
+        c: &Common,
+        may_return: bool,
+        ok: impl Fn(&Region) -> bool,
+    ) -> Result<(), Error> {
         let t0 = Instant::now();
         loop {
             if ok(&self.region) {
                 return Ok(());
             }
-            if self.region.member_state(&self.geo, c.peer) == Ok(MemberState::Gone)
+            if (!may_return && self.region.member_state(&self.geo, c.peer) == Ok(MemberState::Gone))
                 || t0.elapsed() > c.join_timeout
             {
                 return Err(Error::Ring(RingError::PeerGone(c.peer)));
@@ -315,11 +323,11 @@ pub fn send(
     let my_id = publish_id(&j, c.me, notify)?;
     // A "go" still up from the receiver's previous transfer is not ours
     // (see ring::READY_PREPARED): wait until it ended.
-    j.wait_peer(c, |r| r.may_prepare_for(&j.geo, c.peer))?;
+    j.wait_for(c, false, |r| r.may_prepare_for(&j.geo, c.peer))?;
     j.region
         .set_ready(&j.geo, c.me, READY_PREPARED)
         .map_err(ring_err)?;
-    j.wait_peer(c, |r| r.ready(&j.geo, c.peer) == Ok(ready_go(1)))?;
+    j.wait_for(c, false, |r| r.ready(&j.geo, c.peer) == Ok(ready_go(1)))?;
     let start = Instant::now();
     // With doorbells: the receiver published its doorbell ID before "go"
     // (checked here; read again at every ring).
@@ -435,6 +443,197 @@ fn publish_id(j: &Joined, me: u32, notify: &mut dyn Notifier) -> Result<Option<u
 /// tool's senders use 64 KiB frames by default).
 const RECV_BUFFER_START: u64 = 1 << 20;
 
+/// What a receiver keeps from one transfer to the next: its ring end, its
+/// buffers, its notification policy.
+struct Inbound {
+    cons: ring::Consumer,
+    policy: Policy,
+    buf: Vec<u8>,
+    want: Vec<u8>,
+    /// Compare every byte with the test pattern of this seed.
+    verify: Option<u64>,
+}
+
+impl Inbound {
+    fn new(
+        j: &Joined,
+        c: &Common,
+        my_id: Option<u16>,
+        notify: &dyn Notifier,
+        verify: Option<u64>,
+    ) -> Result<Self, Error> {
+        let cons = j.region.consumer(j.geo, c.peer, c.me).map_err(ring_err)?;
+        // Room for the longest frame seen so far, not for the longest the
+        // ring could hold: a region may be larger than this guest's memory.
+        let first = j.geo.max_payload().min(RECV_BUFFER_START) as usize;
+        Ok(Self {
+            cons,
+            policy: policy_of(notify, my_id.is_some(), Side::Receiver),
+            buf: crate::touched_buffer(first),
+            want: Vec::new(),
+            verify,
+        })
+    }
+
+    /// Starts a transfer: drops what an earlier, interrupted one left in
+    /// the ring (the sender sends nothing before the "go" given here) and
+    /// says go. Call it once the sender has prepared.
+    /// Returns the bytes dropped.
+    fn go(&mut self, j: &Joined, c: &Common) -> Result<u64, Error> {
+        let dropped = self.cons.drop_stale().map_err(ring_err)?;
+        j.region
+            .set_ready(&j.geo, c.me, ready_go(1))
+            .map_err(ring_err)?;
+        Ok(dropped)
+    }
+
+    /// Receives one transfer after [`Inbound::go`]: `size` bytes (if
+    /// given) or up to an end-of-stream frame, written to `sink` if given
+    /// and compared with the pattern if asked. `live` watches the sender
+    /// incarnation that prepared it; when it leaves, or another takes its
+    /// place, the transfer ends with `PeerGone` and what it got.
+    fn transfer(
+        &mut self,
+        j: &Joined,
+        c: &Common,
+        size: Option<u64>,
+        mut sink: Option<&mut dyn Write>,
+        live: &mut Liveness,
+        notify: &mut dyn Notifier,
+    ) -> (Summary, Result<(), Error>) {
+        let start = Instant::now();
+        let mut s = Summary {
+            bytes: 0,
+            frames: 0,
+            stream: 0,
+            elapsed: Duration::ZERO,
+        };
+        live.progressed(monotonic_ms());
+        let mut first_frame: Option<u64> = None;
+        let mut idle = 0u64;
+        let r = loop {
+            if size.is_some_and(|want| s.bytes >= want) {
+                break Ok(());
+            }
+            let frame = match self.cons.try_recv(&mut self.buf) {
+                // Longer than any before (and checked to fit the ring): grow.
+                Err(RingError::TooLarge(len)) => match crate::try_touched_buffer(len as usize) {
+                    Ok(b) => {
+                        self.buf = b;
+                        continue;
+                    }
+                    Err(e) => break Err(e),
+                },
+                Err(e) => break Err(ring_err(e)),
+                Ok(f) => f,
+            };
+            match frame {
+                Some((0, _)) => break Ok(()),
+                Some((n, sum)) => {
+                    if let Some(seed) = self.verify {
+                        if self.want.len() < n {
+                            match crate::try_touched_buffer(self.buf.len().max(n)) {
+                                Ok(b) => self.want = b,
+                                Err(e) => break Err(e),
+                            }
+                        }
+                        // Frames after the first are as long as the first
+                        // but for the last: the sender's frame size.
+                        let frame = *first_frame.get_or_insert(n as u64);
+                        let pos = pattern_frame_pos(size.unwrap_or(u64::MAX), frame, s.frames);
+                        ring::fill_pattern(seed, pos, &mut self.want[..n]);
+                        if self.buf[..n] != self.want[..n] {
+                            let i = (0..n).find(|&i| self.buf[i] != self.want[i]).unwrap_or(0);
+                            break Err(Error::Mismatch {
+                                seed,
+                                offset: s.bytes + i as u64,
+                            });
+                        }
+                    }
+                    s.bytes += n as u64;
+                    s.frames += 1;
+                    s.stream = fold(s.stream, sum);
+                    // Adaptive: a sender asleep on a full ring has room now.
+                    let cons = &self.cons;
+                    if self.policy.ring_peer(|| cons.take_producer_sleep()) {
+                        match j.doorbell_of(c.peer) {
+                            Ok(id) => notify.ring(id),
+                            Err(e) => break Err(e),
+                        }
+                    }
+                    s.elapsed = start.elapsed();
+                    self.policy.progress();
+                    if let Some(w) = &mut sink {
+                        if let Err(e) = w.write_all(&self.buf[..n]) {
+                            break Err(Error::Io("writing the payload".into(), e));
+                        }
+                    }
+                    idle = 0;
+                }
+                None => {
+                    let sleep = self.policy.idle(monotonic_us()) == Idle::Sleep;
+                    if sleep {
+                        // Declare, look again, sleep. The driver counts
+                        // interrupts, so a ring since the last wait returns
+                        // at once: no lost wake-up.
+                        if self.policy.declares() {
+                            self.cons.declare_sleep();
+                        }
+                        match self.cons.available() {
+                            Ok(0) => notify.wait(Duration::from_millis(50)),
+                            Ok(_) => {}
+                            Err(e) => break Err(ring_err(e)),
+                        }
+                        if self.policy.declares() {
+                            self.cons.awake();
+                        }
+                        self.policy.progress();
+                    } else {
+                        idle += 1;
+                        std::hint::spin_loop();
+                    }
+                    if sleep || idle.is_multiple_of(4096) {
+                        if let Err(e) = live.check(&j.region, &j.geo, monotonic_ms()) {
+                            // What the sender published before it left is
+                            // still taken.
+                            match self.cons.available() {
+                                Ok(0) => break Err(Error::Ring(e)),
+                                Ok(_) => {}
+                                Err(e) => break Err(ring_err(e)),
+                            }
+                        }
+                    }
+                }
+            }
+        };
+        (s, r)
+    }
+}
+
+/// Waits until sender `c.peer` is alive and has prepared a transfer, and
+/// returns a watch on the incarnation that did: the watch starts before
+/// the wait, and if another incarnation joined during it, the wait is done
+/// again for that one. A sender that is gone for now may come back within
+/// the join timeout.
+fn await_prepared(j: &Joined, c: &Common) -> Result<Liveness, Error> {
+    loop {
+        let live = Liveness::new(
+            &j.region,
+            &j.geo,
+            c.peer,
+            c.timeout.as_millis() as u64,
+            monotonic_ms(),
+        );
+        j.wait_for(c, true, |r| {
+            r.member_state(&j.geo, c.peer) == Ok(MemberState::Alive)
+                && r.ready(&j.geo, c.peer) == Ok(READY_PREPARED)
+        })?;
+        if !live.rejoined(&j.region, &j.geo) {
+            return Ok(live);
+        }
+    }
+}
+
 /// Receives from `c.peer` until `size` bytes (if given) or an end-of-stream
 /// frame, writing the payload to `out` if given, and comparing it with the
 /// test pattern of seed `verify` if given (the first difference is an
@@ -448,34 +647,12 @@ pub fn recv(
 ) -> Result<Summary, Error> {
     let mut j = Joined::join(&c.source, c.me, c.join_timeout)?;
     let my_id = publish_id(&j, c.me, notify)?;
-    let mut policy = policy_of(notify, my_id.is_some(), Side::Receiver);
-    let mut cons = j.region.consumer(j.geo, c.peer, c.me).map_err(ring_err)?;
-    let mut sink = match out {
-        Some(p) => Some(std::io::BufWriter::new(
-            std::fs::File::create(p).map_err(|e| Error::Io(p.display().to_string(), e))?,
-        )),
-        None => None,
-    };
-    // Room for the longest frame seen so far, not for the longest the ring
-    // could hold: a region may be larger than this guest's memory.
-    let first = j.geo.max_payload().min(RECV_BUFFER_START) as usize;
-    let mut buf = crate::touched_buffer(first);
-    let mut want = if verify.is_some() {
-        crate::touched_buffer(first)
-    } else {
-        Vec::new()
-    };
-    j.wait_peer(c, |r| {
+    let mut inbound = Inbound::new(&j, c, my_id, notify, verify)?;
+    let mut sink = out.map(create_sink).transpose()?;
+    j.wait_for(c, false, |r| {
         r.member_state(&j.geo, c.peer) == Ok(MemberState::Alive)
             && r.ready(&j.geo, c.peer) == Ok(READY_PREPARED)
     })?;
-    // The sender sends nothing before the "go" below: whatever is in the
-    // ring now was left by an earlier, interrupted transfer.
-    cons.drop_stale().map_err(ring_err)?;
-    let start = Instant::now();
-    j.region
-        .set_ready(&j.geo, c.me, ready_go(1))
-        .map_err(ring_err)?;
     let mut live = Liveness::new(
         &j.region,
         &j.geo,
@@ -483,97 +660,123 @@ pub fn recv(
         c.timeout.as_millis() as u64,
         monotonic_ms(),
     );
-    let (mut got, mut frames, mut stream, mut last) = (0u64, 0u64, 0u64, start.elapsed());
-    let mut idle = 0u64;
-    let mut first_frame: Option<u64> = None;
-    while size.is_none_or(|s| got < s) {
-        let frame = match cons.try_recv(&mut buf) {
-            // Longer than any before (and checked to fit the ring): grow.
-            Err(RingError::TooLarge(len)) => {
-                buf = crate::try_touched_buffer(len as usize)?;
-                if verify.is_some() {
-                    want = crate::try_touched_buffer(len as usize)?;
-                }
-                continue;
-            }
-            r => r.map_err(ring_err)?,
-        };
-        match frame {
-            Some((0, _)) => break,
-            Some((n, sum)) => {
-                if let Some(seed) = verify {
-                    // Frames after the first are as long as the first but
-                    // for the last: the sender's frame size.
-                    let frame = *first_frame.get_or_insert(n as u64);
-                    let pos = pattern_frame_pos(size.unwrap_or(u64::MAX), frame, frames);
-                    ring::fill_pattern(seed, pos, &mut want[..n]);
-                    if buf[..n] != want[..n] {
-                        let i = (0..n).find(|&i| buf[i] != want[i]).unwrap_or(0);
-                        return Err(Error::Mismatch {
-                            seed,
-                            offset: got + i as u64,
-                        });
-                    }
-                }
-                got += n as u64;
-                frames += 1;
-                stream = fold(stream, sum);
-                // Adaptive: a sender asleep on a full ring has room now.
-                if policy.ring_peer(|| cons.take_producer_sleep()) {
-                    notify.ring(j.doorbell_of(c.peer)?);
-                }
-                last = start.elapsed();
-                policy.progress();
-                if let Some(w) = &mut sink {
-                    w.write_all(&buf[..n])
-                        .map_err(|e| Error::Io("writing the payload".into(), e))?;
-                }
-                idle = 0;
-            }
-            None if policy.idle(monotonic_us()) == Idle::Sleep => {
-                // Declare, look again, sleep. The driver counts
-                // interrupts, so a ring since the last wait returns at
-                // once: no lost wake-up.
-                if policy.declares() {
-                    cons.declare_sleep();
-                }
-                if cons.available().map_err(ring_err)? == 0 {
-                    notify.wait(Duration::from_millis(50));
-                }
-                if policy.declares() {
-                    cons.awake();
-                }
-                policy.progress();
-                if let Err(e) = live.check(&j.region, &j.geo, monotonic_ms()) {
-                    if cons.available().map_err(ring_err)? == 0 {
-                        return Err(Error::Ring(e));
-                    }
-                }
-            }
-            None => {
-                idle += 1;
-                if idle.is_multiple_of(4096) {
-                    if let Err(e) = live.check(&j.region, &j.geo, monotonic_ms()) {
-                        if cons.available().map_err(ring_err)? == 0 {
-                            return Err(Error::Ring(e));
-                        }
-                    }
-                }
-                std::hint::spin_loop();
-            }
-        }
-    }
+    inbound.go(&j, c)?;
+    let (s, r) = inbound.transfer(
+        &j,
+        c,
+        size,
+        sink.as_mut().map(|w| w as &mut dyn Write),
+        &mut live,
+        notify,
+    );
+    r?;
     if let Some(mut w) = sink {
         w.flush()
             .map_err(|e| Error::Io("writing the payload".into(), e))?;
     }
     j.finished();
-    Ok(Summary {
-        bytes: got,
-        frames,
-        stream,
-        elapsed: last,
-    })
+    Ok(s)
+}
+
+fn create_sink(p: &PathBuf) -> Result<std::io::BufWriter<std::fs::File>, Error> {
+    Ok(std::io::BufWriter::new(
+        std::fs::File::create(p).map_err(|e| Error::Io(p.display().to_string(), e))?,
+    ))
+}
+
+/// What [`serve`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Served {
+    /// Transfers received whole (and checked, with a pattern seed).
+    pub complete: u64,
+    /// Transfers the sender left before their end (it died, stopped, or a
+    /// new incarnation of it joined): reported, never counted as received.
+    pub interrupted: u64,
+    /// Bytes of interrupted transfers dropped from the ring.
+    pub stale_bytes: u64,
+    /// The last complete transfer.
+    pub last: Summary,
+}
+
+/// Receives `transfers` complete transfers of `size` bytes each from
+/// sender `c.peer`, which may leave, crash or be restarted (a new VMM or
+/// tool joining as the same member) before, between or during them, as the
+/// probe's receiver does. Each transfer starts afresh: the receiver
+/// watches the sender incarnation that is there, waits for its "prepared",
+/// drops what an interrupted transfer left in the ring and says go. A
+/// transfer its sender leaves is reported on stderr and counted as
+/// interrupted; a ring error or a pattern mismatch fails at once. `out`
+/// holds the last transfer received (it is truncated at each start). Fails
+/// when no sender is there to prepare within the join timeout.
+pub fn serve(
+    c: &Common,
+    size: u64,
+    transfers: u64,
+    out: Option<&PathBuf>,
+    verify: Option<u64>,
+    notify: &mut dyn Notifier,
+) -> Result<Served, Error> {
+    let mut j = Joined::join(&c.source, c.me, c.join_timeout)?;
+    let my_id = publish_id(&j, c.me, notify)?;
+    let mut inbound = Inbound::new(&j, c, my_id, notify, verify)?;
+    let mut done = Served {
+        complete: 0,
+        interrupted: 0,
+        stale_bytes: 0,
+        last: Summary {
+            bytes: 0,
+            frames: 0,
+            stream: 0,
+            elapsed: Duration::ZERO,
+        },
+    };
+    while done.complete < transfers {
+        let mut live = await_prepared(&j, c)?;
+        let mut sink = out.map(create_sink).transpose()?;
+        done.stale_bytes += inbound.go(&j, c)?;
+        let (s, r) = inbound.transfer(
+            &j,
+            c,
+            Some(size),
+            sink.as_mut().map(|w| w as &mut dyn Write),
+            &mut live,
+            notify,
+        );
+        let n = done.complete + done.interrupted + 1;
+        match r {
+            Ok(()) => {
+                if let Some(mut w) = sink {
+                    w.flush()
+                        .map_err(|e| Error::Io("writing the payload".into(), e))?;
+                }
+                done.complete += 1;
+                done.last = s;
+                eprintln!("intervm-guest: transfer {n}: {} bytes, complete", s.bytes);
+            }
+            Err(Error::Ring(RingError::PeerGone(_))) => {
+                done.interrupted += 1;
+                eprintln!(
+                    "intervm-guest: transfer {n}: sender gone after {} of {size} bytes",
+                    s.bytes
+                );
+            }
+            Err(e) => return Err(e),
+        }
+        // A sender that did not finish left its "prepared" up: clear it
+        // while our "go" still keeps any next incarnation from publishing
+        // its own, then end our side of this transfer.
+        if s.bytes < size || live.rejoined(&j.region, &j.geo) {
+            let _ = j.region.set_ready(&j.geo, c.peer, 0);
+        }
+        j.region.set_ready(&j.geo, c.me, 0).map_err(ring_err)?;
+        // A sender that finished ends its side too (or leaves) before the
+        // next start line counts.
+        j.wait_for(c, true, |r| {
+            r.ready(&j.geo, c.peer) != Ok(READY_PREPARED) || live.rejoined(r, &j.geo)
+        })?;
+    }
+    j.finished();
+    Ok(done)
 }
 
 /// Writes a fresh ring layout for `members` into the region (for regions

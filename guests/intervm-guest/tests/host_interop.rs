@@ -429,3 +429,97 @@ fn a_probe_sends_twice_in_a_row_to_two_tool_runs() {
     drop(m);
     assert_eq!(exit, VmExit::Guest(0), "{}", console.contents());
 }
+
+/// Sends `sig` to `child`.
+fn signal(child: &std::process::Child, sig: libc::c_int) {
+    // SAFETY: signals a child we started and have not reaped.
+    assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, sig) }, 0);
+}
+
+#[test]
+fn a_receiver_serving_transfers_outlives_a_sender_killed_and_restarted_ten_times() {
+    // Both ends are the tool, as processes on the host (no KVM needed):
+    // the sender is SIGKILLed mid-transfer (its heartbeat simply stops, as
+    // when a guest or its VMM dies) and started again at once, ten times,
+    // while one receiver serves; every transfer it counts complete is
+    // checked byte for byte, none that was cut counts, and nothing a cut
+    // one left in the ring reaches the next.
+    const KILLS: u64 = 10;
+    const COMPLETE: u64 = 3;
+    const SIZE: u64 = 64 << 20;
+    let shm = Shm::new("serve");
+    let t = shm.transport();
+    let (region, geo) = (t.ring_region(), t.geometry());
+    let res = shm.path();
+    let res = res.to_str().unwrap();
+    let mut serve = checked_recv(&shm.path(), SIZE, 9);
+    serve.args([
+        "--transfers",
+        &COMPLETE.to_string(),
+        "--join-timeout",
+        &(PEER_TIMEOUT_MS / 1000).to_string(),
+    ]);
+    let receiver = serve.spawn().unwrap();
+    let size = SIZE.to_string();
+    let sender = || {
+        transfer_tool(&[
+            "shmem",
+            "send",
+            "--resource",
+            res,
+            "--me",
+            "0",
+            "--to",
+            "1",
+            "--size",
+            &size,
+            "--seed",
+            "9",
+        ])
+        .spawn()
+        .unwrap()
+    };
+    // The head of ring 0 -> 1: only a running sender moves it.
+    let head = || region.ring_state(&geo, 0, 1).map_or(0, |s| s.head);
+    let frame = intervm_protocol::probe::shmem_frame_bytes(CHUNK, SIZE, geo.max_payload());
+    let whole = SIZE.div_ceil(frame) * intervm_protocol::ring::frame_bytes(frame);
+    let (mut interrupted, mut completed) = (0, 0);
+    while interrupted < KILLS && completed < COMPLETE - 1 {
+        let h0 = head();
+        let mut a = sender();
+        wait_until("the (re)started sender to send", || head() != h0);
+        // Frozen, it cannot finish between this look and the kill.
+        signal(&a, libc::SIGSTOP);
+        if head().wrapping_sub(h0) < whole {
+            a.kill().unwrap();
+            let _ = a.wait();
+            interrupted += 1;
+        } else {
+            signal(&a, libc::SIGCONT);
+            let o = wait_within(a, "a sender", HANG);
+            assert!(o.status.success(), "{}", text(&o));
+            completed += 1;
+        }
+    }
+    while completed < COMPLETE {
+        let o = wait_within(sender(), "a sender", HANG);
+        assert!(o.status.success(), "{}", text(&o));
+        completed += 1;
+    }
+    let o = wait_within(receiver, "the serving receiver", HANG);
+    let all = text(&o);
+    assert!(o.status.success(), "{all}");
+    let want = format!(
+        "received {COMPLETE} of {COMPLETE} complete transfers, {interrupted} interrupted by \
+         the sender leaving"
+    );
+    assert!(all.contains(&want), "expected {want:?} in\n{all}");
+    assert_eq!(checksum_in(&o), expected_stream(9, SIZE, CHUNK), "{all}");
+    // Each cut transfer was seen as one: reported, and not counted.
+    assert_eq!(
+        all.matches("sender gone after").count() as u64,
+        interrupted,
+        "{all}"
+    );
+    eprintln!("{interrupted} kills, {completed} complete transfers\n{all}");
+}
