@@ -803,12 +803,6 @@ fn probe_task(p: &RawProbe, vm: &VmSpec, channels: &[ChannelSpec]) -> Result<Pro
         let from = peers(&p.from, "from")?;
         let transfers = match p.transfers {
             None => 0,
-            Some(_) if portio.is_some() => {
-                return Err(
-                    "transfers: not available on \"portio\" channels (shmem and doorbell only)"
-                        .into(),
-                )
-            }
             Some(_) if from.len() != 1 => {
                 return Err(format!(
                     "transfers: needs exactly one sender in from (has {})",
@@ -1552,7 +1546,6 @@ mod tests {
             ("[[vm]]\nname = \"a\"\n[[vm]]\nname = \"b\"\n[[channel]]\nname = \"c\"\nkind = \"portio\"\nmembers = [\"a\", \"b\"]\njoin_timeout = \"0s\"\n", "channel[c].join_timeout", "between 1ms and 24h"),
             ("[[vm]]\nname = \"a\"\n[[vm]]\nname = \"d\"\n[[vm]]\nname = \"b\"\nmemory = \"64M\"\nprobe = { task = \"recv\", channel = \"c\", from = [\"a\", \"d\"], size = \"1M\", transfers = 2 }\n[[channel]]\nname = \"c\"\nkind = \"shmem\"\nmembers = [\"a\", \"b\", \"d\"]\n[[channel]]\nname = \"p\"\nkind = \"portio\"\nmembers = [\"a\", \"b\"]\n", "vm[b].probe.transfers", "needs exactly one sender in from (has 2)"),
             ("[[vm]]\nname = \"a\"\n[[vm]]\nname = \"d\"\n[[vm]]\nname = \"b\"\nmemory = \"64M\"\nprobe = { task = \"recv\", channel = \"c\", from = [\"a\"], size = \"1M\", transfers = 0 }\n[[channel]]\nname = \"c\"\nkind = \"shmem\"\nmembers = [\"a\", \"b\", \"d\"]\n[[channel]]\nname = \"p\"\nkind = \"portio\"\nmembers = [\"a\", \"b\"]\n", "vm[b].probe.transfers", "0 is not between 1 and 1000000"),
-            ("[[vm]]\nname = \"a\"\n[[vm]]\nname = \"d\"\n[[vm]]\nname = \"b\"\nmemory = \"64M\"\nprobe = { task = \"recv\", channel = \"p\", from = [\"a\"], size = \"1M\", transfers = 2 }\n[[channel]]\nname = \"c\"\nkind = \"shmem\"\nmembers = [\"a\", \"b\", \"d\"]\n[[channel]]\nname = \"p\"\nkind = \"portio\"\nmembers = [\"a\", \"b\"]\n", "vm[b].probe.transfers", "not available on \"portio\" channels"),
             ("[[vm]]\nname = \"a\"\n[[vm]]\nname = \"d\"\n[[vm]]\nname = \"b\"\nmemory = \"64M\"\nprobe = { task = \"send\", channel = \"c\", to = \"a\", size = \"1M\", transfers = 2 }\n[[channel]]\nname = \"c\"\nkind = \"shmem\"\nmembers = [\"a\", \"b\", \"d\"]\n[[channel]]\nname = \"p\"\nkind = \"portio\"\nmembers = [\"a\", \"b\"]\n", "vm[b].probe.transfers", "only meaningful for task \"recv\""),
             ("[[vm]]\nname = \"a\"\n[[vm]]\nname = \"b\"\n[[channel]]\nname = \"c\"\nkind = \"doorbell\"\nmembers = [\"a\", \"b\"]\nnotify = \"sometimes\"\n", "channel[c].notify", "\"sometimes\" is not \"always\", \"adaptive\" or \"never\""),
             ("[[vm]]\nname = \"a\"\n[[vm]]\nname = \"b\"\n[[channel]]\nname = \"c\"\nkind = \"shmem\"\nmembers = [\"a\", \"b\"]\nnotify = \"never\"\n", "channel[c].notify", "only meaningful for kind = \"doorbell\""),

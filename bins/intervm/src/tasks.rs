@@ -166,6 +166,7 @@ fn boot_info(
             from,
             size,
             portio: Some(how),
+            transfers,
             ..
         } => {
             let ch = channel(cfg, c);
@@ -175,6 +176,10 @@ fn boot_info(
             t.descriptor = how.descriptor;
             t.width = how.width;
             t.rep = how.rep;
+            if let (n @ 1.., [f]) = (*transfers, from.as_slice()) {
+                t.transfers = n;
+                t.expect_stream = expected_from(cfg, &c.name, &f.name, *size, transports);
+            }
             t.timeout_ms = ch.peer_timeout_ms;
             t.join_timeout_ms = ch.join_timeout_ms;
             t.boot_info()

@@ -9,8 +9,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemory};
 use crate::link::{Link, LinkError, PeerState};
 
 /// Slots of [`PortioStats::commands`]: one per command code, up to
-/// [`C_RECV_DESC`] (slot 0 stays 0).
-pub const COMMAND_SLOTS: usize = C_RECV_DESC as usize + 1;
+/// [`C_ACCEPT_PEER`] (slot 0 stays 0).
+pub const COMMAND_SLOTS: usize = C_ACCEPT_PEER as usize + 1;
 
 /// What the device has done, for benchmarks and for spotting hostile guests.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -155,6 +155,7 @@ impl<L: Link, M: GuestMemory> PortioDevice<L, M> {
         match self.link.peer_state(self.peer) {
             PeerState::Present => s |= S_PEER_PRESENT,
             PeerState::Gone => s |= S_PEER_GONE,
+            PeerState::Replaced => s |= S_PEER_GONE | S_PEER_NEW,
             PeerState::Absent => {}
         }
         if self.peer != self.link.me() && matches!(self.link.room(self.peer), Ok(n) if n > 0) {
@@ -244,7 +245,7 @@ impl<L: Link, M: GuestMemory> PortioDevice<L, M> {
     }
 
     fn command(&mut self, c: u32) {
-        if (C_SEND..=C_RECV_DESC).contains(&c) {
+        if (C_SEND..=C_ACCEPT_PEER).contains(&c) {
             self.stats.commands[c as usize] += 1;
         }
         match c {
@@ -261,7 +262,30 @@ impl<L: Link, M: GuestMemory> PortioDevice<L, M> {
                 self.finish_rx();
                 self.set_result(R_OK);
             }
+            C_ACCEPT_PEER => self.accept_peer(),
             _ => self.set_result(R_BAD_COMMAND),
+        }
+    }
+
+    /// [`C_ACCEPT_PEER`]: takes the selected peer's incarnation that is
+    /// there now; a message of the one before it still current here goes.
+    fn accept_peer(&mut self) {
+        if self.peer == self.link.me() || self.peer >= self.link.members() {
+            return self.set_result(R_BAD_PEER);
+        }
+        match self.link.accept(self.peer) {
+            Ok(true) => {
+                if self.rx_current && self.rx_from == self.peer {
+                    self.finish_rx();
+                }
+                self.tx.clear();
+                self.set_result(R_OK);
+            }
+            Ok(false) => self.set_result(R_OK),
+            Err(e) => {
+                let r = self.link_result(e);
+                self.set_result(r);
+            }
         }
     }
 

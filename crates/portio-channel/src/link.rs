@@ -4,9 +4,16 @@
 //! region (a memfd when every member is in one process, a `/dev/shm` object
 //! across processes), one bounded queue per ordered pair of members, so
 //! backpressure and message boundaries come from the ring and a member whose
-//! VMM dies is seen through its heartbeat. Tests use fakes.
+//! VMM dies is seen through its heartbeat. A member whose VMM restarts
+//! joins as a new incarnation: both rings of each pair start again at a
+//! point both ends agree on (`intervm_protocol::ring` generations), so a
+//! frame is never read as part of another incarnation's stream, and the
+//! guest sees the old incarnation gone until it accepts the new one.
+//! Tests use fakes.
 
-use intervm_protocol::ring::{Consumer, MemberState, Producer, RingError};
+use std::cell::Cell;
+
+use intervm_protocol::ring::{Consumer, Follow, MemberState, Producer, RingError};
 use shared_region::transport::{monotonic_ms, STALE_AFTER_MS};
 use shared_region::{Membership, Transport};
 
@@ -19,6 +26,9 @@ pub enum PeerState {
     Present,
     /// Left, or its heartbeat stopped.
     Gone,
+    /// The incarnation accepted is gone and a new one is there (see
+    /// [`Link::accept`]).
+    Replaced,
 }
 
 /// Why a link operation failed.
@@ -55,6 +65,13 @@ pub trait Link: Send {
     /// Takes the next message from any peer into `buf` (at least
     /// [`Link::max_message`] bytes). Returns the sender and the length.
     fn recv(&mut self, buf: &mut [u8]) -> Result<Option<(u32, usize)>, LinkError>;
+    /// Takes the incarnation of `peer` that is there now as the one this
+    /// member talks to, dropping what an earlier one left unread. Returns
+    /// whether it is another one than before. Links without restarts have
+    /// one incarnation per peer.
+    fn accept(&mut self, _peer: u32) -> Result<bool, LinkError> {
+        Ok(false)
+    }
 }
 
 /// A [`Link`] over the intervm ring protocol.
@@ -63,16 +80,30 @@ pub struct RingLink {
     producers: Vec<Option<Producer>>,
     consumers: Vec<Option<Consumer>>,
     broken: Vec<bool>,
+    /// Per peer, the incarnation this member talks to (0: none seen yet;
+    /// the first one seen is taken).
+    accepted: Vec<Cell<u64>>,
     next: usize,
     stale_after_ms: u64,
 }
 
 impl RingLink {
-    /// Joins `transport` as member `me`.
+    /// Joins `transport` as member `me`: a new incarnation of it, whose
+    /// rings start again where their other ends say (see the module
+    /// documentation).
     pub fn join(transport: &Transport, me: u32) -> Result<Self, shared_region::Error> {
-        let membership = transport.join(me)?;
         let geo = transport.geometry();
         let r = transport.ring_region();
+        let ring = shared_region::Error::Ring;
+        // The rings start again before the member table shows the new
+        // incarnation: a peer that sees it and accepts it finds this
+        // side's sync points there already, so nothing it sends from then
+        // on can land before them (and be skipped).
+        let incarnation = r
+            .incarnation(&geo, me)
+            .map_err(ring)?
+            .wrapping_add(1)
+            .max(1);
         let mut producers = Vec::new();
         let mut consumers = Vec::new();
         for p in 0..geo.members {
@@ -80,9 +111,29 @@ impl RingLink {
                 producers.push(None);
                 consumers.push(None);
             } else {
-                let ring = shared_region::Error::Ring;
-                producers.push(Some(r.producer(geo, me, p).map_err(ring)?));
-                consumers.push(Some(r.consumer(geo, p, me).map_err(ring)?));
+                let mut tx = r.producer(geo, me, p).map_err(ring)?;
+                tx.announce(incarnation);
+                let mut rx = r.consumer(geo, p, me).map_err(ring)?;
+                if incarnation > 1 {
+                    // A first incarnation reads from the ring's start.
+                    rx.request_sync(incarnation);
+                }
+                producers.push(Some(tx));
+                consumers.push(Some(rx));
+            }
+        }
+        let membership = transport.join(me)?;
+        let now = r.incarnation(&geo, me).map_err(ring)?;
+        if now != incarnation {
+            // Another process joined as this member at the same moment (a
+            // misconfiguration): go by the number the table holds.
+            for tx in producers.iter_mut().flatten() {
+                tx.announce(now);
+            }
+            for rx in consumers.iter_mut().flatten() {
+                if now > 1 {
+                    rx.request_sync(now);
+                }
             }
         }
         Ok(Self {
@@ -90,6 +141,7 @@ impl RingLink {
             producers,
             consumers,
             broken: vec![false; geo.members as usize],
+            accepted: (0..geo.members).map(|_| Cell::new(0)).collect(),
             next: 0,
             stale_after_ms: STALE_AFTER_MS,
         })
@@ -102,14 +154,49 @@ impl RingLink {
         self.stale_after_ms = ms;
     }
 
+    /// The producer to `peer`, having answered a sync request of a
+    /// restarted consumer there.
     fn producer(&mut self, peer: u32) -> Result<&mut Producer, LinkError> {
         if self.broken.get(peer as usize) == Some(&true) {
             return Err(LinkError::Broken(peer, RingError::CorruptIndex(0)));
         }
-        self.producers
+        let p = self
+            .producers
             .get_mut(peer as usize)
             .and_then(|p| p.as_mut())
-            .ok_or(LinkError::BadPeer(peer))
+            .ok_or(LinkError::BadPeer(peer))?;
+        // Only an incarnation this member accepted: what it sends before
+        // that was for the one before, and is not the new one's.
+        let accepted = &self.accepted[peer as usize];
+        p.answer_sync(|id| accept_incarnation(accepted, id));
+        Ok(p)
+    }
+
+    /// `peer`'s incarnation now (0: never joined).
+    fn incarnation(&self, peer: u32) -> u64 {
+        let t = self.membership.transport();
+        t.ring_region()
+            .incarnation(&t.geometry(), peer)
+            .unwrap_or(0)
+    }
+
+    /// Whether `incarnation` is the one of `peer` this member talks to.
+    fn accepts(&self, peer: u32, incarnation: u64) -> bool {
+        self.accepted
+            .get(peer as usize)
+            .is_some_and(|a| accept_incarnation(a, incarnation))
+    }
+}
+
+/// Whether `incarnation` (a ring generation) is the accepted one in
+/// `accepted`; the first one seen is taken.
+fn accept_incarnation(accepted: &Cell<u64>, incarnation: u64) -> bool {
+    match accepted.get() {
+        0 => {
+            accepted.set(incarnation);
+            true
+        }
+        a => a == incarnation,
     }
 }
 
@@ -134,8 +221,11 @@ impl Link for RingLink {
             Ok(MemberState::Gone) | Err(_) => PeerState::Gone,
             Ok(MemberState::Alive) => {
                 let beat = r.heartbeat(&geo, peer).unwrap_or(0);
+                let now = r.incarnation(&geo, peer).unwrap_or(0);
                 if monotonic_ms().saturating_sub(beat) > self.stale_after_ms {
                     PeerState::Gone
+                } else if !self.accepts(peer, now) {
+                    PeerState::Replaced
                 } else {
                     PeerState::Present
                 }
@@ -157,7 +247,7 @@ impl Link for RingLink {
     }
 
     fn send(&mut self, peer: u32, msg: &[u8]) -> Result<bool, LinkError> {
-        if self.peer_state(peer) == PeerState::Gone {
+        if matches!(self.peer_state(peer), PeerState::Gone | PeerState::Replaced) {
             return Err(LinkError::PeerGone(peer));
         }
         if msg.len() > self.max_message() {
@@ -179,9 +269,34 @@ impl Link for RingLink {
             if self.broken[peer] {
                 continue;
             }
+            let accepted = &self.accepted[peer];
+            if accepted.get() == 0 {
+                // First sight of this peer: its incarnation now.
+                let t = self.membership.transport();
+                if let Ok(n @ 1..) = t.ring_region().incarnation(&t.geometry(), peer as u32) {
+                    accepted.set(n);
+                }
+            }
             let Some(c) = self.consumers[peer].as_mut() else {
                 continue;
             };
+            let gen = c.generation();
+            let followed = if gen != 0 && gen != accepted.get() {
+                // The incarnation read is no longer the accepted one: what
+                // it left unread is not delivered.
+                c.drop_other_generations(accepted.get())
+                    .and_then(|_| c.follow(accepted.get()))
+            } else {
+                c.follow(accepted.get())
+            };
+            match followed {
+                Ok(Follow::Ready | Follow::Switched(_)) if c.generation() == accepted.get() => {}
+                Ok(_) => continue,
+                Err(e) => {
+                    self.broken[peer] = true;
+                    return Err(LinkError::Broken(peer as u32, e));
+                }
+            }
             match c.try_recv(buf) {
                 Ok(Some((len, _))) => {
                     self.next = (peer + 1) % n;
@@ -195,5 +310,111 @@ impl Link for RingLink {
             }
         }
         Ok(None)
+    }
+
+    fn accept(&mut self, peer: u32) -> Result<bool, LinkError> {
+        let now = self.incarnation(peer);
+        let Some(a) = self.accepted.get(peer as usize) else {
+            return Err(LinkError::BadPeer(peer));
+        };
+        if now == 0 || a.get() == now {
+            return Ok(false);
+        }
+        a.set(now);
+        // A new incarnation starts both rings again, clean.
+        self.broken[peer as usize] = false;
+        if let Some(c) = self.consumers[peer as usize].as_mut() {
+            c.drop_other_generations(now)
+                .map_err(|e| LinkError::Broken(peer, e))?;
+        }
+        Ok(true)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use shared_region::{Backing, SharedRegion};
+    use std::sync::Arc;
+
+    fn transport() -> Transport {
+        let r = SharedRegion::open(&Backing::Memfd, 1 << 20).unwrap();
+        Transport::attach(Arc::new(r), 2).unwrap()
+    }
+
+    fn recv(l: &mut RingLink) -> Option<(u32, Vec<u8>)> {
+        let mut buf = vec![0u8; l.max_message()];
+        let (from, n) = l.recv(&mut buf).unwrap()?;
+        Some((from, buf[..n].to_vec()))
+    }
+
+    #[test]
+    fn a_restarted_member_is_gone_until_accepted_and_streams_never_mix() {
+        let t = transport();
+        let mut a = RingLink::join(&t, 0).unwrap();
+        let mut b1 = RingLink::join(&t, 1).unwrap();
+        assert_eq!(a.peer_state(1), PeerState::Present);
+        assert!(a.send(1, b"a1").unwrap());
+        assert!(a.send(1, b"a2").unwrap());
+        assert_eq!(recv(&mut b1), Some((0, b"a1".to_vec())));
+        assert!(b1.send(0, b"b1").unwrap());
+        // b's VMM goes, and comes back as a new incarnation.
+        drop(b1);
+        let mut b2 = RingLink::join(&t, 1).unwrap();
+        assert!(b2.send(0, b"new").unwrap());
+        // a still talks to the first: gone, and sends to it fail...
+        assert_eq!(a.peer_state(1), PeerState::Replaced);
+        assert_eq!(a.send(1, b"x"), Err(LinkError::PeerGone(1)));
+        // ...what it sent is delivered, the new one's is held.
+        assert_eq!(recv(&mut a), Some((1, b"b1".to_vec())));
+        assert_eq!(recv(&mut a), None);
+        // b2 reads nothing a sent to b1 (a2, still in the ring).
+        assert_eq!(recv(&mut b2), None);
+        // Accepted, the new one is present and both ways start clean.
+        assert_eq!(a.accept(1), Ok(true));
+        assert_eq!(a.accept(1), Ok(false), "once");
+        assert_eq!(a.peer_state(1), PeerState::Present);
+        assert_eq!(recv(&mut a), Some((1, b"new".to_vec())));
+        assert!(a.send(1, b"hello").unwrap());
+        assert_eq!(recv(&mut b2), Some((0, b"hello".to_vec())));
+        assert_eq!(b2.peer_state(0), PeerState::Present);
+    }
+
+    #[test]
+    fn what_the_old_incarnation_left_unread_goes_with_the_accept() {
+        let t = transport();
+        let mut a = RingLink::join(&t, 0).unwrap();
+        let b1 = RingLink::join(&t, 1).unwrap();
+        assert_eq!(a.peer_state(1), PeerState::Present);
+        let mut b1 = b1;
+        for m in [&b"old1"[..], b"old2"] {
+            assert!(b1.send(0, m).unwrap());
+        }
+        drop(b1);
+        let mut b2 = RingLink::join(&t, 1).unwrap();
+        assert!(b2.send(0, b"new").unwrap());
+        assert_eq!(a.accept(1), Ok(true));
+        assert_eq!(recv(&mut a), Some((1, b"new".to_vec())));
+        assert_eq!(recv(&mut a), None);
+    }
+
+    #[test]
+    fn ten_restarts_in_a_row_each_carry_their_own_stream() {
+        let t = transport();
+        let mut a = RingLink::join(&t, 0).unwrap();
+        for round in 0..10u8 {
+            let mut b = RingLink::join(&t, 1).unwrap();
+            // The first incarnation is taken at first sight, later ones
+            // once accepted.
+            let _ = a.accept(1);
+            assert_eq!(a.peer_state(1), PeerState::Present, "round {round}");
+            assert!(a.send(1, &[round; 100]).unwrap());
+            assert!(b.send(0, &[round; 50]).unwrap());
+            assert_eq!(recv(&mut b), Some((0, vec![round; 100])));
+            assert_eq!(recv(&mut a), Some((1, vec![round; 50])));
+            // Left unread for the next round to ignore.
+            assert!(a.send(1, b"for this round only").unwrap());
+            assert!(b.send(0, b"also").unwrap());
+        }
     }
 }

@@ -46,6 +46,11 @@ pub struct PortioTask {
     pub timeout_ms: u64,
     /// How long to wait for peers.
     pub join_timeout_ms: u64,
+    /// Receive from one sender: complete transfers to serve across the
+    /// sender's restarts (0: one transfer).
+    pub transfers: u64,
+    /// With `transfers`: the stream checksum of a complete transfer.
+    pub expect_stream: u64,
 }
 
 impl PortioTask {
@@ -63,6 +68,8 @@ impl PortioTask {
             seed: 0,
             timeout_ms: 1000,
             join_timeout_ms: 60_000,
+            transfers: 0,
+            expect_stream: 0,
         }
     }
 
@@ -87,6 +94,8 @@ impl PortioTask {
         i.args[a::SEED] = self.seed;
         i.args[a::TIMEOUT_MS] = self.timeout_ms;
         i.args[a::JOIN_TIMEOUT_MS] = self.join_timeout_ms;
+        i.args[a::TRANSFERS] = self.transfers;
+        i.args[a::EXPECT_STREAM] = self.expect_stream;
         i
     }
 }

@@ -30,6 +30,18 @@
 //! sends each sender a one-byte message and starts its clock; a sender
 //! discards it and starts sending.
 //!
+//! **Restarts.** A member whose VMM restarts (killed, then run again) is a
+//! new *incarnation* of it. The device tells its guest when the one it was
+//! talking to is gone: from then on the peer shows [`S_PEER_GONE`] (sends
+//! to it fail with [`R_PEER_GONE`]) even once the new incarnation is up,
+//! and nothing of the new one is delivered, until the guest writes
+//! [`C_ACCEPT_PEER`] with that peer selected. Messages the old incarnation
+//! sent are delivered until then, and dropped by the accept; messages sent
+//! to an incarnation that died are lost with it. So a transfer never runs
+//! on from one incarnation into the next: a guest that accepts starts a new
+//! one. The first incarnation a device sees of each peer is accepted
+//! without a command.
+//!
 //! After each command [`RESULT`] holds an `R_*` code. Sending never drops a
 //! message: when the peer's queue is full the result is [`R_WOULD_BLOCK`]
 //! and the message stays pending, to be sent again with the same command.
@@ -80,6 +92,10 @@ pub const S_PEER_PRESENT: u32 = 1 << 2;
 pub const S_PEER_GONE: u32 = 1 << 3;
 /// Status: the last command failed ([`RESULT`] is not [`R_OK`]).
 pub const S_ERROR: u32 = 1 << 4;
+/// Status (with [`S_PEER_GONE`]): the selected peer's incarnation this
+/// device talked to is gone and a new one is there, waiting for
+/// [`C_ACCEPT_PEER`].
+pub const S_PEER_NEW: u32 = 1 << 5;
 
 /// Command: send the bytes written to [`DATA`] as one message.
 pub const C_SEND: u32 = 1;
@@ -91,6 +107,10 @@ pub const C_DISCARD_RX: u32 = 3;
 pub const C_SEND_DESC: u32 = 4;
 /// Command: receive the current message into the descriptor buffer.
 pub const C_RECV_DESC: u32 = 5;
+/// Command: accept the incarnation of the selected peer that is there now
+/// (see "Restarts" above): it shows present again, its messages flow, and
+/// whatever the incarnation before it left unread is dropped.
+pub const C_ACCEPT_PEER: u32 = 6;
 
 /// Result: done.
 pub const R_OK: u32 = 0;

@@ -254,6 +254,17 @@ pub mod portio_args {
     /// How long to wait for the start message (send) or for the peers to
     /// be present (receive).
     pub const JOIN_TIMEOUT_MS: usize = 9;
+    /// Receive (one sender): serve this many complete transfers of
+    /// [`BYTES`] from a sender that may restart meanwhile (0: one transfer,
+    /// as before). A transfer whose sender goes is counted in
+    /// `results::SHM_TRANSFERS_LOST`; the receiver accepts the sender's
+    /// next incarnation (`C_ACCEPT_PEER`) and waits for it up to
+    /// [`JOIN_TIMEOUT_MS`].
+    pub const TRANSFERS: usize = 10;
+    /// With [`TRANSFERS`]: the stream checksum each complete transfer must
+    /// have (a `ring::fold` of message checksums); others count in
+    /// `results::SHM_TRANSFERS_BAD`.
+    pub const EXPECT_STREAM: usize = 11;
 }
 
 /// Port-I/O transfers move bytes through the data register.

@@ -204,6 +204,33 @@ struct Inbound {
     last: u64,
 }
 
+/// How a receive moves bytes: descriptor mode, or port mode with this
+/// width and `rep`.
+#[derive(Clone, Copy)]
+struct Access {
+    desc: bool,
+    width: usize,
+    rep: bool,
+}
+
+impl Access {
+    fn from_args() -> Self {
+        Self {
+            desc: arg(a::MODE) == PORTIO_MODE_DESCRIPTOR,
+            width: width(),
+            rep: arg(a::REP) == 1,
+        }
+    }
+}
+
+/// Why [`pump`] stopped early.
+enum Stop {
+    /// This sender is gone (or another incarnation replaced it).
+    Gone(u32),
+    /// Any other failure (a `fail` code, already recorded).
+    Failed(u32),
+}
+
 fn try_recv() -> Result<(), u32> {
     let dev = Dev {
         base: arg(a::BASE) as u16,
@@ -212,13 +239,12 @@ fn try_recv() -> Result<(), u32> {
     let mask = arg(a::PEERS) as u32;
     let want = arg(a::BYTES);
     let max = dev.rd(MAX_MESSAGE) as u64;
-    let (desc, w, rep) = (
-        arg(a::MODE) == PORTIO_MODE_DESCRIPTOR,
-        width(),
-        arg(a::REP) == 1,
-    );
+    let how = Access::from_args();
     let dst = buffer(max.max(4096), max.max(1))?;
     dst.fill(0);
+    if arg(a::TRANSFERS) > 0 {
+        return serve(&dev, &clock, mask, dst, how);
+    }
     let mut peers = [None::<Inbound>; MAX_MEMBERS as usize];
     for (m, p) in peers.iter_mut().enumerate() {
         if mask & (1 << m) != 0 {
@@ -248,13 +274,16 @@ fn try_recv() -> Result<(), u32> {
             }
         }
     }
-    let outcome = pump(&dev, &clock, &mut peers, dst, want, desc, w, rep);
+    let outcome = pump(&dev, &clock, &mut peers, dst, want, how, false);
     for (m, p) in peers.iter().enumerate() {
         if let Some(p) = p {
             record(m as u32, p.bytes, p.msgs, p.stream, p.last);
         }
     }
-    let waits = outcome?;
+    let waits = outcome.map_err(|s| match s {
+        Stop::Gone(m) => port_fail(R_PEER_GONE, m as u64),
+        Stop::Failed(code) => code,
+    })?;
     let end = peers
         .iter()
         .flatten()
@@ -271,17 +300,111 @@ fn try_recv() -> Result<(), u32> {
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Receives `transfers` complete transfers from the one sender in `mask`,
+/// which may be killed and restarted (a new VMM joining as the same member)
+/// before, between or during them. Each starts afresh: the receiver
+/// accepts the sender's incarnation that is there (`C_ACCEPT_PEER`, which
+/// drops what an earlier one left), waits until it is present, and says
+/// go. A transfer its sender leaves is counted as lost (never as received;
+/// a sender that leaves before its first message cut nothing);
+/// one with a checksum other than `EXPECT_STREAM` as bad. Fails if any was
+/// bad, or if no sender is there within `JOIN_TIMEOUT_MS`.
+fn serve(dev: &Dev, clock: &Clock, mask: u32, dst: &mut [u8], how: Access) -> Result<(), u32> {
+    if mask.count_ones() != 1 {
+        return Err(port_fail(R_BAD_PEER, mask as u64));
+    }
+    let from = mask.trailing_zeros();
+    let (want, transfers) = (arg(a::BYTES), arg(a::TRANSFERS));
+    let expect = arg(a::EXPECT_STREAM);
+    let (mut ok, mut lost, mut bad) = (0u64, 0u64, 0u64);
+    dev.select(from)?;
+    set_state(State::Ready);
+    while ok < transfers {
+        wait(dev, clock, arg(a::JOIN_TIMEOUT_MS), |d| {
+            let s = d.rd(STATUS);
+            if s & S_PEER_NEW != 0 {
+                d.command(C_ACCEPT_PEER);
+            }
+            s & S_PEER_PRESENT != 0
+        })?;
+        let mut peers = [None::<Inbound>; MAX_MEMBERS as usize];
+        peers[from as usize] = Some(Inbound::default());
+        set_result(results::SHM_START_TSC, arch::rdtsc());
+        dev.put(&[1], 1, false);
+        let outcome = match dev.command(C_SEND) {
+            R_OK => pump(dev, clock, &mut peers, dst, want, how, true).map(|_| ()),
+            R_PEER_GONE => Err(Stop::Gone(from)),
+            r => return Err(port_fail(r, from as u64)),
+        };
+        let p = peers[from as usize].unwrap_or_default();
+        record(from, p.bytes, p.msgs, p.stream, p.last);
+        let n = ok + lost + bad + 1;
+        match outcome {
+            Ok(()) if p.stream == expect => {
+                ok += 1;
+                crate::println!(
+                    "probe: portio: transfer {}: {} bytes, checksum ok",
+                    n,
+                    p.bytes
+                );
+            }
+            Ok(()) => {
+                bad += 1;
+                crate::println!(
+                    "probe: portio: transfer {}: {} bytes, CHECKSUM {:#x} != {:#x}",
+                    n,
+                    p.bytes,
+                    p.stream,
+                    expect
+                );
+            }
+            Err(Stop::Gone(_)) if p.msgs == 0 => {
+                // An incarnation that was there when the go went out but
+                // left without sending (one that had finished the
+                // transfer before): no transfer was cut.
+                crate::println!("probe: portio: sender left before sending; waiting for the next");
+            }
+            Err(Stop::Gone(_)) => {
+                lost += 1;
+                crate::println!(
+                    "probe: portio: transfer {}: sender gone after {} of {} bytes",
+                    n,
+                    p.bytes,
+                    want
+                );
+            }
+            Err(Stop::Failed(code)) => return Err(code),
+        }
+        set_result(results::SHM_TRANSFERS_OK, ok);
+        set_result(results::SHM_TRANSFERS_LOST, lost);
+        set_result(results::SHM_TRANSFERS_BAD, bad);
+        set_result(results::SHM_END_TSC, p.last);
+    }
+    if bad > 0 {
+        return Err(fail(FAIL_BASE + R_BROKEN as u64, bad));
+    }
+    Ok(())
+}
+
+/// Receives from every sender in `peers` until each delivered `want`
+/// bytes. A sender is gone when the device says so after `TIMEOUT_MS`
+/// without a message (its heartbeat may only be late), or at once when a
+/// new incarnation replaced it and `restarts` (a serving receiver).
+/// Returns the number of idle polls.
 fn pump(
     dev: &Dev,
     clock: &Clock,
     peers: &mut [Option<Inbound>],
     dst: &mut [u8],
     want: u64,
-    desc: bool,
-    w: usize,
-    rep: bool,
-) -> Result<u64, u32> {
+    how: Access,
+    restarts: bool,
+) -> Result<u64, Stop> {
+    let Access {
+        desc,
+        width: w,
+        rep,
+    } = how;
     let timeout = arg(a::TIMEOUT_MS).max(1);
     let mut pending = peers.iter().flatten().count();
     let (mut waits, mut idle_since) = (0u64, clock.now_ms());
@@ -289,36 +412,41 @@ fn pump(
         let n = dev.rd(RX_LEN) as usize;
         if n == 0 {
             waits += 1;
-            if waits.is_multiple_of(64) && clock.now_ms() - idle_since > timeout {
-                // Nothing for a while: is a sender we still wait for gone?
+            let quiet = clock.now_ms() - idle_since > timeout;
+            if waits.is_multiple_of(64) && (quiet || restarts) {
+                // Nothing for a while (or, serving, a restart shows at
+                // once): is a sender we still wait for gone?
+                let mark = if quiet { S_PEER_GONE } else { S_PEER_NEW };
                 for (m, p) in peers.iter().enumerate() {
                     if p.is_some_and(|p| p.bytes < want) {
-                        dev.select(m as u32)?;
-                        if dev.rd(STATUS) & (S_PEER_GONE | S_RX_READY) == S_PEER_GONE {
-                            return Err(port_fail(R_PEER_GONE, m as u64));
+                        dev.select(m as u32).map_err(Stop::Failed)?;
+                        if dev.rd(STATUS) & (mark | S_RX_READY) == mark {
+                            return Err(Stop::Gone(m as u32));
                         }
                     }
                 }
-                idle_since = clock.now_ms();
+                if quiet {
+                    idle_since = clock.now_ms();
+                }
             }
             continue;
         }
         let from = dev.rd(RX_FROM) as usize;
         if n > dst.len() {
-            return Err(port_fail(R_TOO_LARGE, n as u64));
+            return Err(Stop::Failed(port_fail(R_TOO_LARGE, n as u64)));
         }
         let msg = &mut dst[..n];
         if desc {
             dev.set_desc(msg.as_ptr() as u64, n as u32);
             match dev.command(C_RECV_DESC) {
                 R_OK => {}
-                r => return Err(port_fail(r, from as u64)),
+                r => return Err(Stop::Failed(port_fail(r, from as u64))),
             }
         } else {
             dev.get(msg, w, rep);
         }
         let Some(Some(p)) = peers.get_mut(from) else {
-            return Err(port_fail(R_BAD_PEER, from as u64));
+            return Err(Stop::Failed(port_fail(R_BAD_PEER, from as u64)));
         };
         p.bytes += n as u64;
         p.msgs += 1;
@@ -327,7 +455,7 @@ fn pump(
         if p.bytes == want {
             pending -= 1;
         } else if p.bytes > want {
-            return Err(port_fail(R_TOO_LARGE, p.bytes));
+            return Err(Stop::Failed(port_fail(R_TOO_LARGE, p.bytes)));
         }
         idle_since = clock.now_ms();
     }

@@ -41,12 +41,14 @@ mod checksum;
 mod liveness;
 mod pattern;
 mod spsc;
+mod sync;
 
 pub use checksum::{checksum, fold};
 pub use liveness::Liveness;
 pub use pattern::{fill_pattern, seed_for};
 pub use spsc::{frame_bytes, Consumer, Producer, RingState};
 use spsc::{RingRef, SLEEPING};
+pub use sync::{Follow, SyncPoint};
 
 /// `RegionHeader::magic`: "IVMRING1".
 pub const REGION_MAGIC: u64 = u64::from_le_bytes(*b"IVMRING1");
@@ -444,6 +446,9 @@ impl Region {
             ] {
                 self.u64_at(base + line).store(0, Ordering::Relaxed);
             }
+            for word in sync::SYNC_WORDS {
+                self.u64_at(base + word).store(0, Ordering::Relaxed);
+            }
         }
         self.u64_at(OFF_MAGIC)
             .store(REGION_MAGIC, Ordering::Release);
@@ -623,6 +628,8 @@ impl Region {
             tail_seen: head.wrapping_sub(geo.ring_bytes),
             seq: 0,
             peer: to,
+            gen: 0,
+            answered: 0,
         })
     }
 
@@ -639,6 +646,8 @@ impl Region {
             tail,
             seq: 0,
             peer: from,
+            gen: 0,
+            waiting: None,
         })
     }
 }

@@ -19,10 +19,10 @@ pub(super) struct RingRef {
 }
 
 impl RingRef {
-    fn head(&self) -> &AtomicU64 {
+    pub(super) fn head(&self) -> &AtomicU64 {
         self.region.u64_at(self.off + RING_HEAD)
     }
-    fn tail(&self) -> &AtomicU64 {
+    pub(super) fn tail(&self) -> &AtomicU64 {
         self.region.u64_at(self.off + RING_TAIL)
     }
     fn producer_flags(&self) -> &AtomicU64 {
@@ -86,7 +86,7 @@ impl RingRef {
     }
 
     /// Copies from the ring at stream position `pos` into `dst` (wrapping).
-    fn read_at(&self, pos: u64, dst: &mut [u8]) {
+    pub(super) fn read_at(&self, pos: u64, dst: &mut [u8]) {
         let cap = self.geo.ring_bytes;
         let start = pos & (cap - 1);
         let first = (cap - start).min(dst.len() as u64) as usize;
@@ -135,6 +135,10 @@ pub struct Producer {
     pub(super) tail_seen: u64,
     pub(super) seq: u32,
     pub(super) peer: u32,
+    /// Generation announced (`sync`); 0: never announced.
+    pub(super) gen: u64,
+    /// The consumer's sync request last answered.
+    pub(super) answered: u64,
 }
 
 /// A "waiting for a doorbell" flag in a ring's flag line.
@@ -231,7 +235,7 @@ impl Producer {
         hdr[8..].copy_from_slice(&sum.to_le_bytes());
         self.ring.write_at(self.head, &hdr);
         self.head = self.head.wrapping_add(need);
-        self.seq = self.seq.wrapping_add(1);
+        self.seq = super::sync::next_seq(self.seq, self.gen);
         self.ring.head().store(self.head, Ordering::Release);
         Ok(Some(sum))
     }
@@ -244,6 +248,10 @@ pub struct Consumer {
     pub(super) tail: u64,
     pub(super) seq: u32,
     pub(super) peer: u32,
+    /// Producer generation read (`sync`); 0: none yet.
+    pub(super) gen: u64,
+    /// A sync request not answered yet.
+    pub(super) waiting: Option<u64>,
 }
 
 impl Consumer {
@@ -341,7 +349,7 @@ impl Consumer {
             return Err(RingError::BadChecksum { seq });
         }
         self.tail = self.tail.wrapping_add(need);
-        self.seq = self.seq.wrapping_add(1);
+        self.seq = super::sync::next_seq(self.seq, self.gen);
         self.ring.tail().store(self.tail, Ordering::Release);
         Ok(Some((len as usize, sum)))
     }
