@@ -37,7 +37,7 @@ fuzz_target!(|data: &[u8]| {
         };
         let Some(a) = arg(&mut ops, 2) else { return };
         let (from, to) = (a[0] as u32 % (members + 1), a[1] as u32 % (members + 1));
-        match op % 6 {
+        match op % 8 {
             // The hostile peer writes one aligned word: anywhere, or in
             // the header of ring (from, to); a raw value, one near 2^64, a
             // small one, or the word's value moved by a little.
@@ -100,6 +100,43 @@ fuzz_target!(|data: &[u8]| {
                     let mut l = Liveness::new(&region, &g, from, 10, 0);
                     let _ = l.check(&region, &g, 5);
                     let _ = l.check(&region, &g, 50);
+                }
+            }
+            // Generations (the port-I/O VMMs' restarts): a producer that
+            // announces itself and answers, a consumer that asks and
+            // follows, against whatever the peer wrote.
+            6 => {
+                let Some(n) = arg(&mut ops, 1) else { return };
+                let gen = n[0] as u64 % 4;
+                if let Ok(g) = region.geometry() {
+                    if let Ok(mut p) = region.producer(g, from, to) {
+                        p.announce(gen);
+                        let _ = p.answer_sync(|id| id % 2 == 0);
+                        let _ = p.try_send(&msg[..n[0] as usize]);
+                    }
+                }
+            }
+            7 => {
+                let Some(n) = arg(&mut ops, 1) else { return };
+                let gen = n[0] as u64 % 4;
+                if let Ok(g) = region.geometry() {
+                    if let Ok(mut c) = region.consumer(g, from, to) {
+                        if n[0] & 0x80 != 0 {
+                            c.request_sync(gen);
+                        }
+                        for _ in 0..4 {
+                            let _ = c.drop_other_generations(gen);
+                            match c.follow(gen) {
+                                Ok(intervm_protocol::ring::Follow::Ready)
+                                | Ok(intervm_protocol::ring::Follow::Switched(_)) => {
+                                    if !matches!(c.try_recv(&mut out), Ok(Some(_))) {
+                                        break;
+                                    }
+                                }
+                                _ => break,
+                            }
+                        }
+                    }
                 }
             }
             _ => {
