@@ -277,6 +277,10 @@ struct Results {
 /// Ping-pong between two probe VMs: one way = round trip / 2.
 #[derive(Serialize, Deserialize)]
 struct Latency {
+    /// How the sides wait: "polled" (shared memory), or a doorbell mode
+    /// ("always", "adaptive").
+    #[serde(default = "polled")]
+    notify: String,
     /// Message bytes over the ring.
     bytes: u64,
     /// Round trips of each kind per run.
@@ -294,25 +298,56 @@ struct Latency {
     ratio: f64,
 }
 
+fn polled() -> String {
+    "polled".into()
+}
+
 /// Round trips of each kind per ping-pong run: enough for ring messages
 /// to pass through the whole ring many times (first touches are not what
 /// a long-lived pair sees), and both kinds fit in the probe's round log.
 const PING_PONG_ROUNDS: u64 = 16_000;
 
+/// Ping-pong latency of ring messages, with the cache-line floor of the
+/// same boots: polled shared memory (with `shmem` in the channels), and
+/// both doorbell modes (with `doorbell`).
 fn latencies(o: &Opts) -> Vec<Latency> {
     let mut out = Vec::new();
-    for bytes in [64u64, 4096] {
-        eprintln!("latency: floor and ring {} x{}", label(bytes), o.repeat);
+    let mut modes = Vec::new();
+    if o.channels.iter().any(|c| c == "shmem") {
+        modes.push(None);
+    }
+    if o.channels.iter().any(|c| c == "doorbell") {
+        modes.extend([
+            Some(doorbell::Notify::Always),
+            Some(doorbell::Notify::Adaptive),
+        ]);
+    }
+    for (mode, bytes) in modes.into_iter().flat_map(|m| [(m, 64u64), (m, 4096)]) {
+        let name = mode.map_or("polled", |m| m.name());
+        eprintln!(
+            "latency ({name}): floor and ring {} x{}",
+            label(bytes),
+            o.repeat
+        );
+        // Doorbell round trips cost ~100 µs: fewer of them.
+        let rounds = match mode {
+            None => PING_PONG_ROUNDS,
+            Some(_) => PING_PONG_ROUNDS / 8,
+        };
         let runs: Vec<shmem::PingPong> = (0..o.repeat)
-            .map(|_| shmem::ping_pong(bytes, PING_PONG_ROUNDS))
+            .map(|_| match mode {
+                None => shmem::ping_pong(bytes, rounds),
+                Some(m) => doorbell::ring_ping_pong(bytes, rounds, m),
+            })
             .collect();
         let one_way = |v: &[f64], q: f64| quantile(v, q).map(|rt| rt / 2.0);
         let of = |f: &dyn Fn(&shmem::PingPong) -> Option<f64>| {
             median(runs.iter().filter_map(f).collect())
         };
         out.push(Latency {
+            notify: name.to_string(),
             bytes,
-            rounds: PING_PONG_ROUNDS,
+            rounds,
             floor_p50: of(&|r| one_way(&r.floor, 0.5)),
             floor_p99: of(&|r| one_way(&r.floor, 0.99)),
             p50: of(&|r| one_way(&r.ring, 0.5)),
@@ -327,14 +362,14 @@ fn latency_markdown(r: &Results) -> String {
     if r.latency.is_empty() {
         return String::new();
     }
-    let mut m = format!(
-        "\n## Latency: one message in flight (shared memory, polled)\n\nTwo probe VMs bounce one word each way in their member-table entries (the floor: a cache line each way, no ring protocol) {} times, then a ring message as many times, in the same boot; one way is half a round trip, timed by the initiator. Medians over the runs of each run's p50 and p99, and of each run's ring p50 over its floor p50.\n\n| message | floor p50 | floor p99 | ring p50 | ring p99 | ring / floor |\n|---|---|---|---|---|---|\n",
-        r.latency.first().map_or(0, |l| l.rounds)
-    );
+    let mut m = "\n## Latency: one message in flight\n\nTwo probe VMs bounce one word each way in their member-table entries (the floor: a cache line each way, no ring protocol, polled) N times, then a ring message as many times, in the same boot; one way is half a round trip, timed by the initiator. The sides wait for ring messages by polling (shared memory), or on doorbell devices (in-kernel path) by sleeping at once and ringing every message (always), or by polling for the PVM budget and ringing only a side that declared it sleeps (adaptive). Medians over the runs of each run's p50 and p99, and of each run's ring p50 over its floor p50.\n\n| waiting | message | N | floor p50 | floor p99 | ring p50 | ring p99 | ring / floor |\n|---|---|---|---|---|---|---|---|\n"
+        .to_string();
     for l in &r.latency {
         m += &format!(
-            "| {} | {} | {} | {} | {} | {:.1}x |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {:.1}x |\n",
+            l.notify,
             label(l.bytes),
+            l.rounds,
             seconds(l.floor_p50),
             seconds(l.floor_p99),
             seconds(l.p50),
@@ -1151,11 +1186,12 @@ fn main() {
     let raw = portio::raw_exit() * 1e6;
     let t0 = Instant::now();
     let points = run(&o);
-    let (breakdown, latency) = if o.channels.iter().any(|c| c == "shmem") {
-        (layers(&o), latencies(&o))
+    let breakdown = if o.channels.iter().any(|c| c == "shmem") {
+        layers(&o)
     } else {
-        (Vec::new(), Vec::new())
+        Vec::new()
     };
+    let latency = latencies(&o);
     let peers = if o.channels.iter().any(|c| c == "shmem") && o.peers {
         peer_curve(&o)
     } else {

@@ -114,6 +114,30 @@ pub fn pairs_ping_pong(members: u32, rounds: u64) -> Vec<Duration> {
     out
 }
 
+/// [`super::shmem::ping_pong`] over doorbell devices (in-kernel path):
+/// `rounds` of the floor (polled), then `rounds` ring messages of `bytes`
+/// whose sides wait as `mode` says (`Always`: sleep at once, rung after
+/// every message; `Adaptive`: poll for the PVM budget, then sleep).
+pub fn ring_ping_pong(bytes: u64, rounds: u64, mode: Notify) -> super::shmem::PingPong {
+    use probe_image::shmem::PingPongTask;
+    let shared =
+        Arc::new(SharedRegion::open(&Backing::Memfd, super::shmem::region()).expect("region"));
+    let t = Transport::attach(shared.clone(), 2).expect("attach");
+    let mk = |name: &str, me: u32| {
+        let mut task = PingPongTask::new(me, 1 - me, me == 0, bytes, rounds);
+        task.floor_first = true;
+        task.notify = mode;
+        task.spin_us = SPIN_US_PVM;
+        let (vm, dev) = vm(name, &task.boot_info(), &shared, me as u16, true);
+        (vm, dev, t.join(me).expect("join"))
+    };
+    let (vb, db, _mb) = mk("pong", 1);
+    let (va, da, _ma) = mk("ping", 0);
+    group::wire(&[da, db]).expect("wire");
+    let (rb, ra) = (vb.start().expect("start"), va.start().expect("start"));
+    super::shmem::PingPong::read(&ra, &rb, rounds)
+}
+
 /// A notification mode's name in bench output.
 pub fn label(mode: Notify) -> &'static str {
     match mode {

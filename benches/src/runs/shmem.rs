@@ -220,16 +220,24 @@ pub fn ping_pong(bytes: u64, rounds: u64) -> PingPong {
     };
     let b = vm("pong", 1);
     let a = vm("ping", 0);
-    let limit = Duration::from_secs(600);
-    a.0.wait_timeout(limit).expect("initiator finished");
-    b.0.wait_timeout(limit).expect("responder finished");
-    let info = probe::read_info(a.0.vm().memory()).expect("info");
-    let res = ShmemResult::from_info(&info);
-    assert!(res.error.is_none(), "ping-pong failed: {:?}", res.error);
-    let total = Duration::from_secs_f64(res.seconds().unwrap_or(0.0));
-    let mut all = super::Rounds::read(&a.0, 2 * rounds, info.tsc_khz, total).each;
-    let ring = all.split_off(rounds.min(all.len() as u64) as usize);
-    PingPong { floor: all, ring }
+    PingPong::read(&a.0, &b.0, rounds)
+}
+
+impl PingPong {
+    /// Waits for a floor-first ping-pong of `rounds` between initiator
+    /// `a` and responder `b`, and reads the initiator's round log.
+    pub fn read(a: &vmm_core::RunningVm, b: &vmm_core::RunningVm, rounds: u64) -> Self {
+        let limit = Duration::from_secs(600);
+        a.wait_timeout(limit).expect("initiator finished");
+        b.wait_timeout(limit).expect("responder finished");
+        let info = probe::read_info(a.vm().memory()).expect("info");
+        let res = ShmemResult::from_info(&info);
+        assert!(res.error.is_none(), "ping-pong failed: {:?}", res.error);
+        let total = Duration::from_secs_f64(res.seconds().unwrap_or(0.0));
+        let mut all = super::Rounds::read(a, 2 * rounds, info.tsc_khz, total).each;
+        let ring = all.split_off(rounds.min(all.len() as u64) as usize);
+        PingPong { floor: all, ring }
+    }
 }
 
 /// Region bytes for `members` members: about 256 KiB per ring, at least

@@ -172,6 +172,12 @@ pub struct PingPongTask {
     pub timeout_ms: u64,
     /// How long to wait for the peer to join.
     pub join_timeout_ms: u64,
+    /// Doorbells (on a doorbell device): ring after every message
+    /// (`Always`), or only a side that declared it sleeps after polling
+    /// `spin_us` (`Adaptive`); `Never` polls.
+    pub notify: Notify,
+    /// Adaptive: how long a side polls before it sleeps.
+    pub spin_us: u64,
 }
 
 impl PingPongTask {
@@ -189,6 +195,8 @@ impl PingPongTask {
             seed: 0,
             timeout_ms: 2000,
             join_timeout_ms: 60_000,
+            notify: Notify::Never,
+            spin_us: SPIN_US_PVM,
         }
     }
 
@@ -205,11 +213,14 @@ impl PingPongTask {
         a[shmem_args::SEED] = self.seed;
         a[shmem_args::TIMEOUT_MS] = self.timeout_ms;
         a[shmem_args::JOIN_TIMEOUT_MS] = self.join_timeout_ms;
-        a[shmem_args::FLAGS] = if self.initiator {
-            SHMEM_PP_INITIATOR
-        } else {
-            0
-        } | if self.line { SHMEM_PP_LINE } else { 0 }
+        a[shmem_args::SPIN_US] = self.spin_us;
+        a[shmem_args::FLAGS] = self.notify.probe_flags()
+            | if self.initiator {
+                SHMEM_PP_INITIATOR
+            } else {
+                0
+            }
+            | if self.line { SHMEM_PP_LINE } else { 0 }
             | if self.floor_first {
                 SHMEM_PP_FLOOR_FIRST
             } else {

@@ -848,6 +848,16 @@ fn try_ping_pong(ch: &Channel) -> Result<(), u32> {
     if bytes > p.max_message() || bytes > intervm_protocol::probe::SHMEM_BUF_MAX / 2 {
         return Err(ring_fail(RingError::TooLarge(bytes)));
     }
+    if ch.notify.rings() {
+        listen(ch)?;
+    }
+    let mut pace = Pace {
+        send: Policy::new(ch.notify, Side::Sender, spin_cycles(&clock)),
+        wait: Policy::new(ch.notify, Side::Receiver, spin_cycles(&clock)),
+        counter: bell_counter(),
+        rang: 0,
+        sleeps: 0,
+    };
     // Two message buffers: what goes out and what comes back.
     let buf = buffer(2 * bytes, bytes)?;
     let (out, back) = buf.split_at_mut(bytes as usize);
@@ -905,9 +915,9 @@ fn try_ping_pong(ch: &Channel) -> Result<(), u32> {
             }
         } else {
             if initiator {
-                send_one(ch, &clock, &mut p, &mut live, out)?;
+                send_one(ch, &clock, &mut p, &mut live, out, &mut pace)?;
             }
-            let (n, _) = recv_one(ch, &clock, &mut c, &mut live, back)?;
+            let (n, _) = recv_one(ch, &clock, &mut c, &mut live, back, &mut pace)?;
             if n != bytes as usize {
                 return Err(ring_fail(RingError::CorruptLength(n as u32)));
             }
@@ -918,7 +928,7 @@ fn try_ping_pong(ch: &Channel) -> Result<(), u32> {
                 }
                 back.fill(0);
             } else {
-                send_one(ch, &clock, &mut p, &mut live, back)?;
+                send_one(ch, &clock, &mut p, &mut live, back, &mut pace)?;
             }
         }
         let cycles = arch::rdtsc() - t0;
@@ -932,16 +942,34 @@ fn try_ping_pong(ch: &Channel) -> Result<(), u32> {
     set_result(results::SHM_ROUND_MAX, slowest);
     set_result(results::SHM_ROUNDS, all);
     set_result(results::SHM_WAIT_CYCLES, total);
+    set_result(results::SHM_DOORBELLS, pace.rang);
+    set_result(results::SHM_SLEEPS, pace.sleeps);
+    set_result(
+        results::SHM_IRQS,
+        pace.counter.load(core::sync::atomic::Ordering::SeqCst),
+    );
     Ok(())
 }
 
-/// Sends `msg` as one frame, polling while the ring is full.
+/// How a ping-pong side paces itself on a doorbell channel: when it rings
+/// the peer after a message, and when it sleeps instead of polling.
+struct Pace {
+    send: Policy,
+    wait: Policy,
+    counter: &'static core::sync::atomic::AtomicU64,
+    rang: u64,
+    sleeps: u64,
+}
+
+/// Sends `msg` as one frame, polling while the ring is full, then rings
+/// the peer if `pace` says so.
 fn send_one(
     ch: &Channel,
     clock: &Clock,
     p: &mut ring::Producer,
     live: &mut Liveness,
     msg: &[u8],
+    pace: &mut Pace,
 ) -> Result<(), u32> {
     let mut idle = 0u64;
     while p.try_send(msg).map_err(ring_fail)?.is_none() {
@@ -952,27 +980,56 @@ fn send_one(
         }
         core::hint::spin_loop();
     }
+    if pace.send.ring_peer(|| p.take_consumer_sleep()) {
+        let v = bell(ch, p.peer(), 0).map_err(ring_fail)?;
+        arch::mmio_write32(ch.bar0 + ivshmem::DOORBELL, v);
+        pace.rang += 1;
+    }
     Ok(())
 }
 
-/// Receives one frame into `out`, polling while the ring is empty.
+/// Receives one frame into `out`: polls while the ring is empty, and on a
+/// doorbell channel, once `pace` says so, declares that it sleeps, looks
+/// once more and sleeps until an interrupt (one since the look wakes it at
+/// once: no lost wake-up).
 fn recv_one(
     ch: &Channel,
     clock: &Clock,
     c: &mut ring::Consumer,
     live: &mut Liveness,
     out: &mut [u8],
+    pace: &mut Pace,
 ) -> Result<(usize, u64), u32> {
     let mut idle = 0u64;
     loop {
+        let seen = pace.counter.load(core::sync::atomic::Ordering::SeqCst);
         if let Some(got) = c.try_recv(out).map_err(ring_fail)? {
+            pace.wait.progress();
             return Ok(got);
         }
         idle += 1;
-        if idle.is_multiple_of(CHECK_EVERY) {
-            live.check(&ch.region, &ch.geo, clock.now_ms())
-                .map_err(ring_fail)?;
+        if pace.wait.idle(arch::rdtsc()) == Idle::Poll {
+            if idle.is_multiple_of(CHECK_EVERY) {
+                live.check(&ch.region, &ch.geo, clock.now_ms())
+                    .map_err(ring_fail)?;
+            }
+            core::hint::spin_loop();
+            continue;
         }
-        core::hint::spin_loop();
+        // A peer that left wakes this side after marking itself gone, so
+        // looking before the sleep is enough.
+        live.check(&ch.region, &ch.geo, clock.now_ms())
+            .map_err(ring_fail)?;
+        if pace.wait.declares() {
+            c.declare_sleep();
+        }
+        if c.available().map_err(ring_fail)? == 0 {
+            pace.sleeps += 1;
+            arch::wait_for_interrupt(pace.counter, seen);
+        }
+        if pace.wait.declares() {
+            c.awake();
+        }
+        pace.wait.progress();
     }
 }
