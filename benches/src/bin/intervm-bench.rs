@@ -309,9 +309,36 @@ const PING_PONG_ROUNDS: u64 = 16_000;
 
 /// Ping-pong latency of ring messages, with the cache-line floor of the
 /// same boots: polled shared memory (with `shmem` in the channels), and
-/// both doorbell modes (with `doorbell`).
-fn latencies(o: &Opts) -> Vec<Latency> {
+/// both doorbell modes (with `doorbell`); and of port-I/O descriptor
+/// messages (with `portio`) beside `raw_exit` (s), the raw CPL3 exit of
+/// this invocation.
+fn latencies(o: &Opts, raw_exit: f64) -> Vec<Latency> {
     let mut out = Vec::new();
+    if o.channels.iter().any(|c| c == "portio") {
+        for bytes in [64u64, 4096] {
+            eprintln!(
+                "latency (port I/O descriptors): {} x{}",
+                label(bytes),
+                o.repeat
+            );
+            let rounds = PING_PONG_ROUNDS / 64;
+            let runs: Vec<Vec<f64>> = (0..o.repeat)
+                .map(|_| portio::ping_pong(bytes, rounds))
+                .collect();
+            let of = |q: f64| median(runs.iter().filter_map(|r| quantile(r, q)).collect());
+            let (p50, p99) = (of(0.5) / 2.0, of(0.99) / 2.0);
+            out.push(Latency {
+                notify: "port I/O (descriptors)".into(),
+                bytes,
+                rounds,
+                floor_p50: raw_exit,
+                floor_p99: raw_exit,
+                p50,
+                p99,
+                ratio: p50 / raw_exit.max(f64::MIN_POSITIVE),
+            });
+        }
+    }
     let mut modes = Vec::new();
     if o.channels.iter().any(|c| c == "shmem") {
         modes.push(None);
@@ -362,7 +389,7 @@ fn latency_markdown(r: &Results) -> String {
     if r.latency.is_empty() {
         return String::new();
     }
-    let mut m = "\n## Latency: one message in flight\n\nTwo probe VMs bounce one word each way in their member-table entries (the floor: a cache line each way, no ring protocol, polled) N times, then a ring message as many times, in the same boot; one way is half a round trip, timed by the initiator. The sides wait for ring messages by polling (shared memory), or on doorbell devices (in-kernel path) by sleeping at once and ringing every message (always), or by polling for the PVM budget and ringing only a side that declared it sleeps (adaptive). Medians over the runs of each run's p50 and p99, and of each run's ring p50 over its floor p50.\n\n| waiting | message | N | floor p50 | floor p99 | ring p50 | ring p99 | ring / floor |\n|---|---|---|---|---|---|---|---|\n"
+    let mut m = "\n## Latency: one message in flight\n\nTwo probe VMs bounce one word each way in their member-table entries (the floor: a cache line each way, no ring protocol, polled) N times, then a ring message as many times, in the same boot; one way is half a round trip, timed by the initiator. The sides wait for ring messages by polling (shared memory), or on doorbell devices (in-kernel path) by sleeping at once and ringing every message (always), or by polling for the PVM budget and ringing only a side that declared it sleeps (adaptive). Port I/O sends and receives each message with one descriptor command (its floor is this run's raw CPL3 `out` exit, a mean of 2,000). Medians over the runs of each run's p50 and p99, and of each run's ring p50 over its floor p50.\n\n| waiting | message | N | floor p50 | floor p99 | ring p50 | ring p99 | ring / floor |\n|---|---|---|---|---|---|---|---|\n"
         .to_string();
     for l in &r.latency {
         m += &format!(
@@ -1191,7 +1218,7 @@ fn main() {
     } else {
         Vec::new()
     };
-    let latency = latencies(&o);
+    let latency = latencies(&o, raw / 1e6);
     let peers = if o.channels.iter().any(|c| c == "shmem") && o.peers {
         peer_curve(&o)
     } else {

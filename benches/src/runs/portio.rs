@@ -119,6 +119,28 @@ pub fn transfer(m: Mode, bytes: u64) -> Run {
     }
 }
 
+/// Two probe VMs ping-pong `rounds` descriptor messages of `bytes` over a
+/// port-I/O channel; returns the initiator's round trips, in seconds.
+pub fn ping_pong(bytes: u64, rounds: u64) -> Vec<f64> {
+    let region = SharedRegion::open(&Backing::Memfd, 4 << 20).expect("region");
+    let t = Transport::attach(Arc::new(region), 2).expect("attach");
+    let side = |me: u32| {
+        let mut k = probe_image::portio::PingPongTask::new(1 - me, me == 0, bytes, rounds);
+        k.seed = 9;
+        k.boot_info()
+    };
+    let (b, _) = vm("pong", &side(1), &t, 1);
+    let (a, _) = vm("ping", &side(0), &t, 0);
+    let limit = Duration::from_secs(600);
+    a.wait_timeout(limit).expect("initiator finished");
+    b.wait_timeout(limit).expect("responder finished");
+    let info = probe::read_info(a.vm().memory()).expect("info");
+    let res = ShmemResult::from_info(&info);
+    assert!(res.error.is_none(), "port-I/O ping-pong: {:?}", res.error);
+    let total = Duration::from_secs_f64(res.seconds().unwrap_or(0.0));
+    super::Rounds::read(&a, rounds, info.tsc_khz, total).each
+}
+
 /// The raw CPL3 port-I/O exit round trip (the foundation bench's number).
 pub fn raw_exit() -> f64 {
     let mut info = BootInfo::new(Workload::PioRoundTrip, 0, 0);

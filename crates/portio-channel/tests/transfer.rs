@@ -250,3 +250,41 @@ fn a_member_stopped_mid_transfer_is_reported_gone() {
     );
     assert_eq!(got.stream, expected_stream(SEED, got.bytes, p.message));
 }
+
+#[test]
+fn a_descriptor_ping_pong_echoes_every_message_and_logs_every_round_trip() {
+    require_kvm!();
+    const ROUNDS: u64 = 100;
+    for bytes in [64u64, 4096] {
+        let t = transport(2);
+        let side = |me: u32| {
+            let mut k = probe_image::portio::PingPongTask::new(1 - me, me == 0, bytes, ROUNDS);
+            k.seed = SEED;
+            k.timeout_ms = PEER_TIMEOUT_MS;
+            k.boot_info()
+        };
+        let b = start("pong", &side(1), &t, 1, true);
+        let a = start("ping", &side(0), &t, 0, true);
+        let log = {
+            let exit = a.vm.wait_timeout(RUN_TIMEOUT);
+            assert!(exit.is_some(), "{bytes} B: the initiator hung");
+            probe::round_log(a.vm.vm().memory(), ROUNDS + 1).expect("round log")
+        };
+        let (a_exit, a_info, a_console, a_stats) = end(a);
+        let (b_exit, _, b_console, b_stats) = end(b);
+        assert_eq!(a_exit, VmExit::Guest(EXIT_OK), "{bytes} B:\n{a_console}");
+        assert_eq!(b_exit, VmExit::Guest(EXIT_OK), "{bytes} B:\n{b_console}");
+        // Every echo was compared byte for byte by the initiator; each
+        // side sent and received one descriptor message per round.
+        assert_eq!(
+            a_info.results[intervm_protocol::probe::results::SHM_ROUNDS],
+            ROUNDS
+        );
+        assert!(log[..ROUNDS as usize].iter().all(|&c| c > 0), "{bytes} B");
+        assert_eq!(log[ROUNDS as usize], 0, "{bytes} B: a round past the last");
+        for s in [a_stats, b_stats] {
+            assert_eq!((s.sent, s.received), (ROUNDS, ROUNDS), "{bytes} B: {s:?}");
+            assert_eq!(s.sent_bytes, ROUNDS * bytes);
+        }
+    }
+}

@@ -100,6 +100,59 @@ impl PortioTask {
     }
 }
 
+/// A port-I/O ping-pong in descriptor mode
+/// ([`Workload::PortioPingPong`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct PingPongTask {
+    /// First port of the channel device.
+    pub base: u16,
+    /// The other side's member index.
+    pub peer: u32,
+    /// Sends first and times each round trip (in the round log).
+    pub initiator: bool,
+    /// Message bytes.
+    pub bytes: u64,
+    /// Round trips.
+    pub rounds: u64,
+    /// Payload pattern seed.
+    pub seed: u64,
+    /// Silence after which a gone peer is reported.
+    pub timeout_ms: u64,
+    /// How long to wait for the peer.
+    pub join_timeout_ms: u64,
+}
+
+impl PingPongTask {
+    /// `rounds` round trips of `bytes` with `peer`, ports at `DEFAULT_BASE`.
+    pub fn new(peer: u32, initiator: bool, bytes: u64, rounds: u64) -> Self {
+        Self {
+            base: DEFAULT_BASE,
+            peer,
+            initiator,
+            bytes,
+            rounds,
+            seed: 0,
+            timeout_ms: 1000,
+            join_timeout_ms: 60_000,
+        }
+    }
+
+    /// The boot-info page that makes the probe run this task.
+    pub fn boot_info(&self) -> BootInfo {
+        let mut i = BootInfo::new(Workload::PortioPingPong, 0, 0);
+        i.args[a::BASE] = self.base as u64;
+        i.args[a::PEERS] = self.peer as u64;
+        i.args[a::BYTES] = self.bytes;
+        i.args[a::ROUNDS] = self.rounds;
+        i.args[a::INITIATOR] = self.initiator as u64;
+        i.args[a::SEED] = self.seed;
+        i.args[a::MODE] = PORTIO_MODE_DESCRIPTOR;
+        i.args[a::TIMEOUT_MS] = self.timeout_ms;
+        i.args[a::JOIN_TIMEOUT_MS] = self.join_timeout_ms;
+        i
+    }
+}
+
 /// Names a device result code.
 pub fn error_name(code: u64) -> &'static str {
     u32::try_from(code).map_or("unknown result", result_name)

@@ -121,6 +121,12 @@ pub enum Workload {
     /// [`results::SHM_SENT_FIRST`], interrupts per vector at
     /// [`results::SHM_VECTOR_IRQS`].
     ShmemExchange = 16,
+    /// Port-I/O ping-pong in descriptor mode: the initiator sends a
+    /// `BYTES` message to `PEERS` (the peer's member index) and waits for
+    /// the echo, `ROUNDS` times, comparing each echo byte for byte and
+    /// logging each round trip in the round log; the other side echoes.
+    /// Arguments in [`portio_args`].
+    PortioPingPong = 17,
 }
 
 /// Arguments of [`Workload::Chaos`].
@@ -153,6 +159,7 @@ impl Workload {
             14 => Self::Chaos,
             15 => Self::ShmemPingPong,
             16 => Self::ShmemExchange,
+            17 => Self::PortioPingPong,
             _ => return None,
         })
     }
@@ -265,6 +272,10 @@ pub mod portio_args {
     /// have (a `ring::fold` of message checksums); others count in
     /// `results::SHM_TRANSFERS_BAD`.
     pub const EXPECT_STREAM: usize = 11;
+    /// Ping-pong: round trips.
+    pub const ROUNDS: usize = 12;
+    /// Ping-pong: 1 on the side that sends first and times.
+    pub const INITIATOR: usize = 13;
 }
 
 /// Port-I/O transfers move bytes through the data register.

@@ -110,6 +110,7 @@ fn run_workload(workload: u32, top: bool) -> u32 {
         Some(Workload::DoorbellPingPong) => doorbell::ping_pong(),
         Some(Workload::Chaos) => chaos::run(),
         Some(Workload::ShmemPingPong) => shmem::ping_pong(),
+        Some(Workload::PortioPingPong) => portio::ping_pong(),
         Some(Workload::ShmemExchange) => exchange::run(),
         Some(Workload::Sequence) if top => sequence(),
         Some(Workload::Sequence) => EXIT_BAD_BOOT_INFO,

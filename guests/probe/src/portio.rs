@@ -461,3 +461,108 @@ fn pump(
     }
     Ok(waits)
 }
+
+/// [`intervm_protocol::probe::Workload::PortioPingPong`].
+pub fn ping_pong() -> u32 {
+    match try_ping_pong() {
+        Ok(()) => EXIT_OK,
+        Err(code) => code,
+    }
+}
+
+/// One buffer holds the message both ways, and its descriptor is written
+/// once: a round trip costs each side a send (`CONTROL`, `RESULT`), the
+/// `RX_LEN` polls until the message is there, and a receive (`CONTROL`,
+/// `RESULT`), each an exit.
+fn try_ping_pong() -> Result<(), u32> {
+    let dev = Dev {
+        base: arg(a::BASE) as u16,
+    };
+    let clock = Clock::new();
+    let peer = arg(a::PEERS) as u32;
+    let bytes = arg(a::BYTES).max(1);
+    let rounds = arg(a::ROUNDS).max(1);
+    let initiator = arg(a::INITIATOR) == 1;
+    if bytes > dev.rd(MAX_MESSAGE) as u64 {
+        return Err(port_fail(R_TOO_LARGE, bytes));
+    }
+    let buf = buffer(2 * bytes, bytes)?;
+    let (msg, want) = buf.split_at_mut(bytes as usize);
+    intervm_protocol::ring::fill_pattern(arg(a::SEED), 0, want);
+    dev.select(peer)?;
+    wait(&dev, &clock, arg(a::JOIN_TIMEOUT_MS), |d| {
+        d.rd(STATUS) & S_PEER_PRESENT != 0
+    })?;
+    dev.set_desc(msg.as_ptr() as u64, bytes as u32);
+    set_state(State::Ready);
+    let (mut fastest, mut slowest, mut total) = (u64::MAX, 0u64, 0u64);
+    set_result(results::SHM_START_TSC, arch::rdtsc());
+    for round in 1..=rounds {
+        let t0 = arch::rdtsc();
+        if initiator {
+            msg.copy_from_slice(want);
+            echo_send(&dev, peer)?;
+        }
+        echo_recv(&dev, &clock, peer, bytes)?;
+        if initiator {
+            if msg != &want[..] {
+                return Err(port_fail(R_BROKEN, round));
+            }
+        } else {
+            echo_send(&dev, peer)?;
+        }
+        let cycles = arch::rdtsc() - t0;
+        total += cycles;
+        fastest = fastest.min(cycles);
+        slowest = slowest.max(cycles);
+        crate::shmem::log_round(round, cycles);
+    }
+    set_result(results::SHM_END_TSC, arch::rdtsc());
+    set_result(results::SHM_ROUND_MIN, fastest);
+    set_result(results::SHM_ROUND_MAX, slowest);
+    set_result(results::SHM_ROUNDS, rounds);
+    set_result(results::SHM_WAIT_CYCLES, total);
+    Ok(())
+}
+
+/// Sends the descriptor buffer, again while the peer's queue is full.
+fn echo_send(dev: &Dev, peer: u32) -> Result<(), u32> {
+    loop {
+        match dev.command(C_SEND_DESC) {
+            R_OK => return Ok(()),
+            R_WOULD_BLOCK => {
+                if dev.rd(STATUS) & S_PEER_GONE != 0 {
+                    return Err(port_fail(R_PEER_GONE, peer as u64));
+                }
+            }
+            r => return Err(port_fail(r, peer as u64)),
+        }
+    }
+}
+
+/// Waits for a message of `bytes` and receives it into the descriptor
+/// buffer; a peer gone for `TIMEOUT_MS` with nothing waiting fails.
+fn echo_recv(dev: &Dev, clock: &Clock, peer: u32, bytes: u64) -> Result<(), u32> {
+    let timeout = arg(a::TIMEOUT_MS).max(1);
+    let (mut polls, mut since) = (0u64, clock.now_ms());
+    loop {
+        match dev.rd(RX_LEN) as u64 {
+            0 => {
+                polls += 1;
+                if polls.is_multiple_of(64) && clock.now_ms() - since > timeout {
+                    if dev.rd(STATUS) & (S_PEER_GONE | S_RX_READY) == S_PEER_GONE {
+                        return Err(port_fail(R_PEER_GONE, peer as u64));
+                    }
+                    since = clock.now_ms();
+                }
+            }
+            n if n == bytes => {
+                return match dev.command(C_RECV_DESC) {
+                    R_OK => Ok(()),
+                    r => Err(port_fail(r, peer as u64)),
+                }
+            }
+            n => return Err(port_fail(R_TOO_LARGE, n)),
+        }
+    }
+}

@@ -805,7 +805,7 @@ fn pump(
 }
 
 /// Writes round `round` (1-based) of the round log.
-fn log_round(round: u64, cycles: u64) {
+pub(crate) fn log_round(round: u64, cycles: u64) {
     if (1..=ROUND_LOG_MAX).contains(&round) {
         // SAFETY: the round log lies in identity-mapped guest RAM below the
         // probe image that nothing else uses, and `round - 1` is below
