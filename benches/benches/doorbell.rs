@@ -24,6 +24,22 @@ fn bench(c: &mut Criterion) {
         });
     }
     g.finish();
+    // One ring message in flight, each side waiting on its doorbell
+    // (always) or polling first (adaptive); one way = round trip / 2.
+    let mut g = c.benchmark_group("doorbell_ring_one_way");
+    g.sample_size(10).measurement_time(Duration::from_secs(5));
+    for mode in [Notify::Always, Notify::Adaptive] {
+        for (bytes, size) in [(64u64, "64B"), (4096, "4KiB")] {
+            g.bench_function(BenchmarkId::new(mode.name(), size), |b| {
+                b.iter_custom(|iters| {
+                    let n = iters.clamp(10, intervm_benches::runs::PING_PONG_MAX);
+                    let pp = ring_ping_pong(bytes, n, mode);
+                    Duration::from_secs_f64(intervm_benches::runs::one_way(&pp.ring) * iters as f64)
+                })
+            });
+        }
+    }
+    g.finish();
     let mut g = c.benchmark_group("doorbell_transfer");
     g.sample_size(10).measurement_time(Duration::from_secs(10));
     for (bytes, label) in [(4u64 << 10, "4KiB"), (2 << 20, "2MiB")] {

@@ -35,6 +35,20 @@ fn bench(c: &mut Criterion) {
         });
     }
     g.finish();
+    // One descriptor message in flight; one way = round trip / 2.
+    let mut g = c.benchmark_group("portio_one_way");
+    g.sample_size(10).measurement_time(Duration::from_secs(5));
+    for (bytes, size) in [(64u64, "64B"), (4096, "4KiB")] {
+        g.bench_function(BenchmarkId::new("descriptor", size), |b| {
+            b.iter_custom(|iters| {
+                let n = iters.clamp(10, intervm_benches::runs::PING_PONG_MAX);
+                Duration::from_secs_f64(
+                    intervm_benches::runs::one_way(&ping_pong(bytes, n)) * iters as f64,
+                )
+            })
+        });
+    }
+    g.finish();
 }
 
 fn summary() {

@@ -50,6 +50,25 @@ fn bench(c: &mut Criterion) {
         }
         g.finish();
     }
+    if kvm.is_none() {
+        // One ring message in flight, polled, and the cache-line floor of
+        // the same boots; one way = round trip / 2.
+        let mut g = c.benchmark_group("shmem_one_way");
+        g.sample_size(10).measurement_time(Duration::from_secs(5));
+        for (bytes, size) in [(64u64, "64B"), (4096, "4KiB")] {
+            for (what, floor) in [("ring", false), ("cache_line_floor", true)] {
+                g.bench_function(BenchmarkId::new(what, size), |b| {
+                    b.iter_custom(|iters| {
+                        let n = iters.clamp(10, intervm_benches::runs::PING_PONG_MAX);
+                        let pp = ping_pong(bytes, n);
+                        let v = if floor { &pp.floor } else { &pp.ring };
+                        Duration::from_secs_f64(intervm_benches::runs::one_way(v) * iters as f64)
+                    })
+                });
+            }
+        }
+        g.finish();
+    }
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {

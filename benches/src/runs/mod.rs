@@ -36,3 +36,16 @@ impl Rounds {
         self.each.get(1..).unwrap_or(&[])
     }
 }
+
+/// Most round trips of one ping-pong kind per boot a criterion bench asks
+/// for: both kinds of a floor-first ping-pong fit in the round log.
+pub const PING_PONG_MAX: u64 = 16_000;
+
+/// Mean one-way time of the round trips `rounds` (seconds each): half
+/// their mean.
+pub fn one_way(rounds: &[f64]) -> f64 {
+    if rounds.is_empty() {
+        return 0.0;
+    }
+    rounds.iter().sum::<f64>() / rounds.len() as f64 / 2.0
+}
