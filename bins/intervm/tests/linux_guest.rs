@@ -675,7 +675,13 @@ join_timeout = "600s"   # Linux boots slowly on PVM, more so on a busy host
     while interrupted < KILLS && completed < 2 {
         let h0 = head();
         let mut probe = common::spawn_vm(cfg, "probe");
-        intervm_testkit::wait_until("the (re)started probe to send", || head() != h0);
+        // The first one waits for Linux to boot and the tool to start:
+        // minutes on a busy host. The deadline only catches a hang.
+        intervm_testkit::wait_until_within(
+            "the (re)started probe to send",
+            Duration::from_secs(1200),
+            || head() != h0,
+        );
         // Frozen, it cannot finish between this look and the kill.
         common::signal(&probe, libc::SIGSTOP);
         if head().wrapping_sub(h0) < whole {

@@ -273,8 +273,8 @@ impl Link for RingLink {
             if accepted.get() == 0 {
                 // First sight of this peer: its incarnation now.
                 let t = self.membership.transport();
-                if let Ok(n @ 1..) = t.ring_region().incarnation(&t.geometry(), peer as u32) {
-                    accepted.set(n);
+                if let Ok(inc @ 1..) = t.ring_region().incarnation(&t.geometry(), peer as u32) {
+                    accepted.set(inc);
                 }
             }
             let Some(c) = self.consumers[peer].as_mut() else {

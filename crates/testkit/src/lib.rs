@@ -150,12 +150,18 @@ pub const PEER_TIMEOUT_MS: u64 = 30_000;
 /// `what` after [`RUN_TIMEOUT`], which only a hang reaches. For tests that
 /// must wait for a state (a transfer under way, a member joined) instead of
 /// sleeping and hoping it was reached.
-pub fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+pub fn wait_until(what: &str, cond: impl FnMut() -> bool) {
+    wait_until_within(what, RUN_TIMEOUT, cond)
+}
+
+/// [`wait_until`] with a deadline of `patience` (for a state that comes
+/// after something slow, such as a Linux guest's boot on a busy host).
+pub fn wait_until_within(what: &str, patience: Duration, mut cond: impl FnMut() -> bool) {
     let t0 = std::time::Instant::now();
     while !cond() {
         assert!(
-            t0.elapsed() < RUN_TIMEOUT,
-            "timed out after {RUN_TIMEOUT:?} waiting for {what}"
+            t0.elapsed() < patience,
+            "timed out after {patience:?} waiting for {what}"
         );
         std::thread::sleep(Duration::from_millis(1));
     }

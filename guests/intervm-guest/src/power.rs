@@ -24,11 +24,30 @@ pub fn has_debug_device(ports: &mut dyn Ports) -> bool {
     ports.input(DEBUG_PORT_BASE + DEBUG_SCRATCH_OFFSET, 4) == MARK
 }
 
+/// Waits until what was written to the console has left through the
+/// serial port. The VM ends at the debug-port write, and the tty layer
+/// sends buffered output on the port's interrupts, so a line written just
+/// before (init's "intervm-init: status N") was lost now and then on a
+/// busy host. Not a terminal (or no console): nothing to wait for.
+fn drain_console() {
+    use std::os::fd::AsRawFd;
+    for fd in [libc::STDOUT_FILENO, libc::STDERR_FILENO] {
+        // SAFETY: tcdrain on a descriptor number; an invalid or non-tty
+        // one only returns an error.
+        unsafe { libc::tcdrain(fd) };
+    }
+    if let Ok(console) = std::fs::OpenOptions::new().write(true).open("/dev/console") {
+        // SAFETY: as above, on a descriptor this function owns.
+        unsafe { libc::tcdrain(console.as_raw_fd()) };
+    }
+}
+
 /// Ends the VM with `status`: through intervm's debug device if there is
 /// one, else by rebooting. Returns only if both failed.
 pub fn poweroff(status: u8) -> Error {
     // SAFETY: sync has no preconditions.
     unsafe { libc::sync() };
+    drain_console();
     if let Ok(mut ports) = Hardware::open_range(DEBUG_PORT_BASE, DEBUG_PORT_LEN) {
         if has_debug_device(&mut ports) {
             ports.output(DEBUG_PORT_BASE + DEBUG_EXIT_OFFSET, 4, status as u32);
