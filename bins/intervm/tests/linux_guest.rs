@@ -671,30 +671,23 @@ join_timeout = "600s"   # Linux boots slowly on PVM, more so on a busy host
     let whole = SIZE / (64 << 10) * intervm_protocol::ring::frame_bytes(64 << 10);
     let t0 = Instant::now();
     let linux = common::spawn_vm(cfg, "linux");
-    let (mut interrupted, mut completed) = (0u64, 0u64);
-    while interrupted < KILLS && completed < 2 {
-        let h0 = head();
-        let mut probe = common::spawn_vm(cfg, "probe");
-        // The first one waits for Linux to boot and the tool to start:
-        // minutes on a busy host. The deadline only catches a hang.
-        intervm_testkit::wait_until_within(
-            "the (re)started probe to send",
-            Duration::from_secs(1200),
-            || head() != h0,
-        );
-        // Frozen, it cannot finish between this look and the kill.
-        common::signal(&probe, libc::SIGSTOP);
-        if head().wrapping_sub(h0) < whole {
-            probe.kill().unwrap();
-            let _ = probe.wait();
-            interrupted += 1;
-        } else {
-            common::signal(&probe, libc::SIGCONT);
+    // The first sender waits for Linux to boot and the tool to start:
+    // minutes on a busy host. The deadline only catches a hang.
+    let plan = intervm_testkit::KillPlan {
+        kills: KILLS,
+        complete: 3,
+        whole,
+        patience: Duration::from_secs(1200),
+    };
+    let (interrupted, mut completed) = intervm_testkit::kill_mid_transfer(
+        plan,
+        head,
+        || common::spawn_vm(cfg, "probe"),
+        |probe| {
             let o = probe.wait_with_output().unwrap();
             assert!(o.status.success(), "{:?}", common::text(&o));
-            completed += 1;
-        }
-    }
+        },
+    );
     let mut last = String::new();
     while completed < 3 {
         let o = common::spawn_vm(cfg, "probe").wait_with_output().unwrap();

@@ -8,7 +8,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Output};
 
-use common::{intervm_cmd, signal, spawn_vm_with, temp_config, text, watch_shm};
+use common::{intervm_cmd, spawn_vm_with, temp_config, text, watch_shm};
 use intervm_protocol::ring::{self, MemberState};
 use intervm_testkit::{kvm_available, wait_until};
 
@@ -382,25 +382,20 @@ fn killed_and_restarted(kind: &str, size: &str, opts: &str) {
     // What a whole transfer publishes: its frames, each with a header.
     let whole = bytes / FRAME * ring::frame_bytes(FRAME);
     let b = p.spawn(&cfg, "b");
-    let (mut interrupted, mut completed) = (0, 0);
-    // Stops early only if transfers keep finishing before the sender can
-    // be frozen, so that b still waits for the last one below.
-    while interrupted < KILLS && completed < COMPLETE - 1 {
-        let h0 = head();
-        let mut a = p.spawn(&cfg, "a");
-        wait_until("the (re)started sender to send", || head() != h0);
-        // Frozen, it cannot finish between this look and the kill.
-        signal(&a, libc::SIGSTOP);
-        if head().wrapping_sub(h0) < whole {
-            a.kill().unwrap();
-            let _ = a.wait();
-            interrupted += 1;
-        } else {
-            signal(&a, libc::SIGCONT);
+    let plan = intervm_testkit::KillPlan {
+        kills: KILLS,
+        complete: COMPLETE,
+        whole,
+        patience: intervm_testkit::RUN_TIMEOUT,
+    };
+    let (interrupted, mut completed) = intervm_testkit::kill_mid_transfer(
+        plan,
+        head,
+        || p.spawn(&cfg, "a"),
+        |a| {
             finished(a);
-            completed += 1;
-        }
-    }
+        },
+    );
     let human = if bytes >= 1 << 30 {
         format!("{} GiB", bytes >> 30)
     } else {

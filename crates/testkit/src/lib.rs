@@ -260,3 +260,58 @@ pub fn finish(running: RunningVm, console: &SerialBuffer, timeout: Duration) -> 
     }
     (exit, info)
 }
+
+/// Sends `sig` to `child`.
+pub fn signal(child: &std::process::Child, sig: i32) {
+    // SAFETY: signals a child the caller started and has not reaped.
+    assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, sig) }, 0);
+}
+
+/// How [`kill_mid_transfer`] restarts a sender.
+#[derive(Clone, Copy, Debug)]
+pub struct KillPlan {
+    /// Transfers to cut.
+    pub kills: u64,
+    /// Complete transfers the receiver waits for in all: the loop stops
+    /// early once all but one finished on their own (the caller runs the
+    /// rest), so the receiver still waits for a last one.
+    pub complete: u64,
+    /// Ring bytes a whole transfer publishes (frames with their headers).
+    pub whole: u64,
+    /// How long a (re)started sender may take to send its first frame; a
+    /// deadline that only catches a hang.
+    pub patience: Duration,
+}
+
+/// Starts senders with `spawn` one after another, each killed (SIGKILL)
+/// mid-transfer, until `plan.kills` transfers were cut. `head` reads the
+/// ring's head, which only a running sender moves: a sender is killed once
+/// it moved, and after it was frozen (SIGSTOP), so one that finished
+/// between the look and the kill is never counted as cut; that one is
+/// resumed and handed to `finish`. Returns (cut, completed).
+pub fn kill_mid_transfer(
+    plan: KillPlan,
+    head: impl Fn() -> u64,
+    mut spawn: impl FnMut() -> std::process::Child,
+    mut finish: impl FnMut(std::process::Child),
+) -> (u64, u64) {
+    let (mut cut, mut completed) = (0, 0);
+    while cut < plan.kills && completed + 1 < plan.complete {
+        let h0 = head();
+        let mut a = spawn();
+        wait_until_within("the (re)started sender to send", plan.patience, || {
+            head() != h0
+        });
+        signal(&a, libc::SIGSTOP);
+        if head().wrapping_sub(h0) < plan.whole {
+            let _ = a.kill();
+            let _ = a.wait();
+            cut += 1;
+        } else {
+            signal(&a, libc::SIGCONT);
+            finish(a);
+            completed += 1;
+        }
+    }
+    (cut, completed)
+}

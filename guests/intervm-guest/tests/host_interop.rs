@@ -430,12 +430,6 @@ fn a_probe_sends_twice_in_a_row_to_two_tool_runs() {
     assert_eq!(exit, VmExit::Guest(0), "{}", console.contents());
 }
 
-/// Sends `sig` to `child`.
-fn signal(child: &std::process::Child, sig: libc::c_int) {
-    // SAFETY: signals a child we started and have not reaped.
-    assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, sig) }, 0);
-}
-
 #[test]
 fn a_receiver_serving_transfers_outlives_a_sender_killed_and_restarted_ten_times() {
     // Both ends are the tool, as processes on the host (no KVM needed):
@@ -483,24 +477,17 @@ fn a_receiver_serving_transfers_outlives_a_sender_killed_and_restarted_ten_times
     let head = || region.ring_state(&geo, 0, 1).map_or(0, |s| s.head);
     let frame = intervm_protocol::probe::shmem_frame_bytes(CHUNK, SIZE, geo.max_payload());
     let whole = SIZE.div_ceil(frame) * intervm_protocol::ring::frame_bytes(frame);
-    let (mut interrupted, mut completed) = (0, 0);
-    while interrupted < KILLS && completed < COMPLETE - 1 {
-        let h0 = head();
-        let mut a = sender();
-        wait_until("the (re)started sender to send", || head() != h0);
-        // Frozen, it cannot finish between this look and the kill.
-        signal(&a, libc::SIGSTOP);
-        if head().wrapping_sub(h0) < whole {
-            a.kill().unwrap();
-            let _ = a.wait();
-            interrupted += 1;
-        } else {
-            signal(&a, libc::SIGCONT);
+    let plan = intervm_testkit::KillPlan {
+        kills: KILLS,
+        complete: COMPLETE,
+        whole,
+        patience: intervm_testkit::RUN_TIMEOUT,
+    };
+    let (interrupted, mut completed) =
+        intervm_testkit::kill_mid_transfer(plan, head, sender, |a| {
             let o = wait_within(a, "a sender", HANG);
             assert!(o.status.success(), "{}", text(&o));
-            completed += 1;
-        }
-    }
+        });
     while completed < COMPLETE {
         let o = wait_within(sender(), "a sender", HANG);
         assert!(o.status.success(), "{}", text(&o));

@@ -90,9 +90,3 @@ pub fn assert_received_clean(out: &str, what: &str) {
         "no clean {what:?} in:\n{out}"
     );
 }
-
-/// Sends `sig` to `child`.
-pub fn signal(child: &std::process::Child, sig: libc::c_int) {
-    // SAFETY: signals a child we started and have not reaped.
-    assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, sig) }, 0);
-}
