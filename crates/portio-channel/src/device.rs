@@ -278,7 +278,6 @@ impl<L: Link, M: GuestMemory> PortioDevice<L, M> {
                 if self.rx_current && self.rx_from == self.peer {
                     self.finish_rx();
                 }
-                self.tx.clear();
                 self.set_result(R_OK);
             }
             Ok(false) => self.set_result(R_OK),
@@ -706,5 +705,52 @@ mod tests {
         wr(&mut d[0], CONTROL, C_SEND);
         assert_eq!(rd(&mut d[0], RESULT), R_PEER_GONE);
         assert_eq!(rd(&mut d[0], RX_LEN), 1);
+    }
+
+    #[test]
+    fn a_restarted_peer_shows_new_and_its_old_message_goes_with_the_accept() {
+        use crate::link::RingLink;
+        use shared_region::{Backing, SharedRegion, Transport};
+        let t = Transport::attach(
+            Arc::new(SharedRegion::open(&Backing::Memfd, 1 << 20).unwrap()),
+            2,
+        )
+        .unwrap();
+        let mem = || GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+        let mut a = PortioDevice::new(RingLink::join(&t, 0).unwrap(), mem());
+        let mut b1 = RingLink::join(&t, 1).unwrap();
+        let rd = |d: &mut PortioDevice<RingLink, GuestMemoryMmap>, off: u16| {
+            let mut v = [0u8; 4];
+            d.pio_read(PioAddress(0), off, &mut v);
+            u32::from_le_bytes(v)
+        };
+        assert_ne!(rd(&mut a, STATUS) & S_PEER_PRESENT, 0);
+        assert!(b1.send(0, b"old").unwrap());
+        // Made current (partly read), then b restarts.
+        assert_eq!(rd(&mut a, RX_LEN), 3);
+        drop(b1);
+        let mut b2 = RingLink::join(&t, 1).unwrap();
+        assert!(b2.send(0, b"new!").unwrap());
+        let s = rd(&mut a, STATUS);
+        assert_eq!(
+            s & (S_PEER_GONE | S_PEER_NEW),
+            S_PEER_GONE | S_PEER_NEW,
+            "{s:#x}"
+        );
+        assert_eq!(s & S_PEER_PRESENT, 0);
+        // Sends to the gone incarnation fail; the accept takes the new one.
+        a.pio_write(PioAddress(0), DATA, &[1]);
+        a.pio_write(PioAddress(0), CONTROL, &C_SEND.to_le_bytes());
+        assert_eq!(rd(&mut a, RESULT), R_PEER_GONE);
+        a.pio_write(PioAddress(0), CONTROL, &C_ACCEPT_PEER.to_le_bytes());
+        assert_eq!(rd(&mut a, RESULT), R_OK);
+        let s = rd(&mut a, STATUS);
+        assert_eq!(s & (S_PEER_PRESENT | S_PEER_NEW), S_PEER_PRESENT, "{s:#x}");
+        // The old incarnation's current message went; the new one's comes.
+        assert_eq!(rd(&mut a, RX_LEN), 4);
+        let mut w = [0u8; 4];
+        a.pio_read(PioAddress(0), DATA, &mut w);
+        assert_eq!(&w, b"new!");
+        assert_eq!(a.stats().commands[C_ACCEPT_PEER as usize], 1);
     }
 }
