@@ -3,6 +3,7 @@
 //! ```text
 //! intervm-guest shmem send --me 0 --to 1 [--size 64M | --file F] [--device 00:03.0]
 //! intervm-guest shmem recv --me 1 --from 0 [--size 64M] [--file OUT]
+//! intervm-guest shmem recv --me 1 --from 0 --size 64M --transfers 3   # across sender restarts
 //! intervm-guest shmem format --members 2
 //! ```
 //!
