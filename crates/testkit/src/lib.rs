@@ -299,9 +299,36 @@ pub fn kill_mid_transfer(
     while cut < plan.kills && completed + 1 < plan.complete {
         let h0 = head();
         let mut a = spawn();
-        wait_until_within("the (re)started sender to send", plan.patience, || {
-            head() != h0
-        });
+        // Until it sends; a sender that ends, or waits past the deadline,
+        // without sending fails the test with what it printed.
+        let t0 = std::time::Instant::now();
+        let mut ended = false;
+        while head() == h0 {
+            ended = a.try_wait().is_ok_and(|s| s.is_some());
+            if ended && head() != h0 {
+                // It sent (all of it, or until it failed) and left between
+                // the two looks: whatever it did, `finish` judges it.
+                break;
+            }
+            if ended || t0.elapsed() > plan.patience {
+                let _ = a.kill();
+                let o = a.wait_with_output().expect("the sender's output");
+                panic!(
+                    "a (re)started sender {} without sending ({}; {cut} cut and {completed} \
+                     complete transfers before it; ring head {h0})\nstdout:\n{}\nstderr:\n{}",
+                    if ended { "ended" } else { "waited too long" },
+                    o.status,
+                    String::from_utf8_lossy(&o.stdout),
+                    String::from_utf8_lossy(&o.stderr)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if ended {
+            finish(a);
+            completed += 1;
+            continue;
+        }
         signal(&a, libc::SIGSTOP);
         if head().wrapping_sub(h0) < plan.whole {
             let _ = a.kill();

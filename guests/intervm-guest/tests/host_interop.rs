@@ -441,6 +441,12 @@ fn a_receiver_serving_transfers_outlives_a_sender_killed_and_restarted_ten_times
     const KILLS: u64 = 10;
     const COMPLETE: u64 = 3;
     const SIZE: u64 = 64 << 20;
+    // The tools are debug builds: a sender fills 16 MiB of pattern before
+    // it prepares, and the receiver checks every byte. In a CI run, beside
+    // the other tests of this file and a CPU hog, the first sender once
+    // took over a minute to send. Waits end long before these deadlines
+    // unless something hangs.
+    const SLOW: std::time::Duration = std::time::Duration::from_secs(600);
     let shm = Shm::new("serve");
     let t = shm.transport();
     let (region, geo) = (t.ring_region(), t.geometry());
@@ -451,7 +457,7 @@ fn a_receiver_serving_transfers_outlives_a_sender_killed_and_restarted_ten_times
         "--transfers",
         &COMPLETE.to_string(),
         "--join-timeout",
-        &(PEER_TIMEOUT_MS / 1000).to_string(),
+        &SLOW.as_secs().to_string(),
     ]);
     let receiver = serve.spawn().unwrap();
     let size = SIZE.to_string();
@@ -469,6 +475,8 @@ fn a_receiver_serving_transfers_outlives_a_sender_killed_and_restarted_ten_times
             &size,
             "--seed",
             "9",
+            "--join-timeout",
+            &SLOW.as_secs().to_string(),
         ])
         .spawn()
         .unwrap()
@@ -481,7 +489,7 @@ fn a_receiver_serving_transfers_outlives_a_sender_killed_and_restarted_ten_times
         kills: KILLS,
         complete: COMPLETE,
         whole,
-        patience: intervm_testkit::RUN_TIMEOUT,
+        patience: SLOW,
     };
     let (interrupted, mut completed) =
         intervm_testkit::kill_mid_transfer(plan, head, sender, |a| {
