@@ -31,6 +31,20 @@ impl Rounds {
         }
     }
 
+    /// Waits for a ping-pong between initiator `a` and responder `b` to
+    /// end, checks that the initiator reported no error, and reads the
+    /// `rounds` round trips it logged.
+    pub fn of_ping_pong(a: &vmm_core::RunningVm, b: &vmm_core::RunningVm, rounds: u64) -> Self {
+        let limit = Duration::from_secs(600);
+        a.wait_timeout(limit).expect("initiator finished");
+        b.wait_timeout(limit).expect("responder finished");
+        let info = vmm_core::boot::probe::read_info(a.vm().memory()).expect("info");
+        let res = probe_image::shmem::ShmemResult::from_info(&info);
+        assert!(res.error.is_none(), "ping-pong failed: {:?}", res.error);
+        let total = Duration::from_secs_f64(res.seconds().unwrap_or(0.0));
+        Self::read(a, rounds, info.tsc_khz, total)
+    }
+
     /// The rounds after the first.
     pub fn warm(&self) -> &[f64] {
         self.each.get(1..).unwrap_or(&[])

@@ -131,14 +131,7 @@ pub fn ping_pong(bytes: u64, rounds: u64) -> Vec<f64> {
     };
     let (b, _) = vm("pong", &side(1), &t, 1);
     let (a, _) = vm("ping", &side(0), &t, 0);
-    let limit = Duration::from_secs(600);
-    a.wait_timeout(limit).expect("initiator finished");
-    b.wait_timeout(limit).expect("responder finished");
-    let info = probe::read_info(a.vm().memory()).expect("info");
-    let res = ShmemResult::from_info(&info);
-    assert!(res.error.is_none(), "port-I/O ping-pong: {:?}", res.error);
-    let total = Duration::from_secs_f64(res.seconds().unwrap_or(0.0));
-    super::Rounds::read(&a, rounds, info.tsc_khz, total).each
+    super::Rounds::of_ping_pong(&a, &b, rounds).each
 }
 
 /// The raw CPL3 port-I/O exit round trip (the foundation bench's number).

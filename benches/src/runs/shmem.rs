@@ -227,14 +227,7 @@ impl PingPong {
     /// Waits for a floor-first ping-pong of `rounds` between initiator
     /// `a` and responder `b`, and reads the initiator's round log.
     pub fn read(a: &vmm_core::RunningVm, b: &vmm_core::RunningVm, rounds: u64) -> Self {
-        let limit = Duration::from_secs(600);
-        a.wait_timeout(limit).expect("initiator finished");
-        b.wait_timeout(limit).expect("responder finished");
-        let info = probe::read_info(a.vm().memory()).expect("info");
-        let res = ShmemResult::from_info(&info);
-        assert!(res.error.is_none(), "ping-pong failed: {:?}", res.error);
-        let total = Duration::from_secs_f64(res.seconds().unwrap_or(0.0));
-        let mut all = super::Rounds::read(a, 2 * rounds, info.tsc_khz, total).each;
+        let mut all = super::Rounds::of_ping_pong(a, b, 2 * rounds).each;
         let ring = all.split_off(rounds.min(all.len() as u64) as usize);
         PingPong { floor: all, ring }
     }

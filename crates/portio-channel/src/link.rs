@@ -271,11 +271,8 @@ impl Link for RingLink {
             }
             let accepted = &self.accepted[peer];
             if accepted.get() == 0 {
-                // First sight of this peer: its incarnation now.
-                let t = self.membership.transport();
-                if let Ok(inc @ 1..) = t.ring_region().incarnation(&t.geometry(), peer as u32) {
-                    accepted.set(inc);
-                }
+                // First sight of this peer: its incarnation now (none yet: 0).
+                accepted.set(self.incarnation(peer as u32));
             }
             let Some(c) = self.consumers[peer].as_mut() else {
                 continue;

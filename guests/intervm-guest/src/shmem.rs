@@ -195,7 +195,7 @@ impl Joined {
 }
 
 /// What a transfer did.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Summary {
     /// Payload bytes.
     pub bytes: u64,
@@ -465,12 +465,16 @@ impl Inbound {
         let cons = j.region.consumer(j.geo, c.peer, c.me).map_err(ring_err)?;
         // Room for the longest frame seen so far, not for the longest the
         // ring could hold: a region may be larger than this guest's memory.
+        // Both are faulted in now, before any clock starts.
         let first = j.geo.max_payload().min(RECV_BUFFER_START) as usize;
         Ok(Self {
             cons,
             policy: policy_of(notify, my_id.is_some(), Side::Receiver),
             buf: crate::touched_buffer(first),
-            want: Vec::new(),
+            want: match verify {
+                Some(_) => crate::touched_buffer(first),
+                None => Vec::new(),
+            },
             verify,
         })
     }
@@ -485,6 +489,16 @@ impl Inbound {
             .set_ready(&j.geo, c.me, ready_go(1))
             .map_err(ring_err)?;
         Ok(dropped)
+    }
+
+    /// Makes room for frames of `len` bytes (the pattern buffer too, when
+    /// checking), failing instead of aborting when memory is short.
+    fn grow(&mut self, len: usize) -> Result<(), Error> {
+        self.buf = crate::try_touched_buffer(len)?;
+        if self.verify.is_some() {
+            self.want = crate::try_touched_buffer(len)?;
+        }
+        Ok(())
     }
 
     /// Receives one transfer after [`Inbound::go`]: `size` bytes (if
@@ -502,12 +516,7 @@ impl Inbound {
         notify: &mut dyn Notifier,
     ) -> (Summary, Result<(), Error>) {
         let start = Instant::now();
-        let mut s = Summary {
-            bytes: 0,
-            frames: 0,
-            stream: 0,
-            elapsed: Duration::ZERO,
-        };
+        let mut s = Summary::default();
         live.progressed(monotonic_ms());
         let mut first_frame: Option<u64> = None;
         let mut idle = 0u64;
@@ -517,11 +526,8 @@ impl Inbound {
             }
             let frame = match self.cons.try_recv(&mut self.buf) {
                 // Longer than any before (and checked to fit the ring): grow.
-                Err(RingError::TooLarge(len)) => match crate::try_touched_buffer(len as usize) {
-                    Ok(b) => {
-                        self.buf = b;
-                        continue;
-                    }
+                Err(RingError::TooLarge(len)) => match self.grow(len as usize) {
+                    Ok(()) => continue,
                     Err(e) => break Err(e),
                 },
                 Err(e) => break Err(ring_err(e)),
@@ -531,12 +537,6 @@ impl Inbound {
                 Some((0, _)) => break Ok(()),
                 Some((n, sum)) => {
                     if let Some(seed) = self.verify {
-                        if self.want.len() < n {
-                            match crate::try_touched_buffer(self.buf.len().max(n)) {
-                                Ok(b) => self.want = b,
-                                Err(e) => break Err(e),
-                            }
-                        }
                         // Frames after the first are as long as the first
                         // but for the last: the sender's frame size.
                         let frame = *first_frame.get_or_insert(n as u64);
@@ -723,12 +723,7 @@ pub fn serve(
         complete: 0,
         interrupted: 0,
         stale_bytes: 0,
-        last: Summary {
-            bytes: 0,
-            frames: 0,
-            stream: 0,
-            elapsed: Duration::ZERO,
-        },
+        last: Summary::default(),
     };
     while done.complete < transfers {
         let mut live = await_prepared(&j, c)?;

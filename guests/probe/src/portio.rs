@@ -6,7 +6,7 @@
 //! message to each sender; a sender starts when it has it. The receiver's
 //! clock therefore covers the whole transfer.
 
-use crate::transfer::{buffer, record, Clock};
+use crate::transfer::{buffer, record, Clock, RoundTimes};
 use crate::{arch, arg, fail, set_result, set_state};
 use intervm_protocol::portio::*;
 use intervm_protocol::probe::{
@@ -495,7 +495,7 @@ fn try_ping_pong() -> Result<(), u32> {
     })?;
     dev.set_desc(msg.as_ptr() as u64, bytes as u32);
     set_state(State::Ready);
-    let (mut fastest, mut slowest, mut total) = (u64::MAX, 0u64, 0u64);
+    let mut times = RoundTimes::new();
     set_result(results::SHM_START_TSC, arch::rdtsc());
     for round in 1..=rounds {
         let t0 = arch::rdtsc();
@@ -511,17 +511,11 @@ fn try_ping_pong() -> Result<(), u32> {
         } else {
             echo_send(&dev, peer)?;
         }
-        let cycles = arch::rdtsc() - t0;
-        total += cycles;
-        fastest = fastest.min(cycles);
-        slowest = slowest.max(cycles);
-        crate::shmem::log_round(round, cycles);
+        times.add(round, arch::rdtsc() - t0);
     }
     set_result(results::SHM_END_TSC, arch::rdtsc());
-    set_result(results::SHM_ROUND_MIN, fastest);
-    set_result(results::SHM_ROUND_MAX, slowest);
-    set_result(results::SHM_ROUNDS, rounds);
-    set_result(results::SHM_WAIT_CYCLES, total);
+    times.publish(rounds);
+    set_result(results::SHM_WAIT_CYCLES, times.total);
     Ok(())
 }
 

@@ -13,13 +13,12 @@
 //! its own ready word to "go"; senders start when they see it. So the receiver's start-to-last-byte time covers
 //! the whole transfer, measured on one clock.
 
-use crate::transfer::{buffer, record, Clock};
+use crate::transfer::{buffer, record, Clock, RoundTimes};
 use crate::{arch, arg, fail, pci, set_result, set_state};
 use intervm_protocol::ivshmem;
 use intervm_protocol::notify::{Idle, Notify, Policy, Side};
 use intervm_protocol::probe::{
-    results, shmem_args, shmem_frame_bytes, State, EXIT_OK, ROUND_LOG_GPA, ROUND_LOG_MAX,
-    SHMEM_CORRUPT_HEAD, SHMEM_HOLD,
+    results, shmem_args, shmem_frame_bytes, State, EXIT_OK, SHMEM_CORRUPT_HEAD, SHMEM_HOLD,
 };
 use intervm_protocol::ring::{
     self, fold, ready_go, Geometry, Liveness, MemberState, RingError, READY_PREPARED,
@@ -491,7 +490,7 @@ fn recv_on(ch: &Channel) -> Result<(), u32> {
     let rounds = arg(shmem_args::ROUNDS).max(1);
     let start = arch::rdtsc();
     set_result(results::SHM_START_TSC, start);
-    let (mut waits, mut fastest, mut slowest) = (0u64, u64::MAX, 0u64);
+    let (mut waits, mut times) = (0u64, RoundTimes::new());
     for round in 1..=rounds {
         let t0 = arch::rdtsc();
         ch.region
@@ -507,14 +506,9 @@ fn recv_on(ch: &Channel) -> Result<(), u32> {
         }
         waits += pumped.map_err(ring_fail)?;
         let t1 = peers.iter().flatten().map(|p| p.last).max().unwrap_or(t0);
-        let cycles = t1.saturating_sub(t0);
-        log_round(round, cycles);
-        fastest = fastest.min(cycles);
-        slowest = slowest.max(cycles);
+        times.add(round, t1.saturating_sub(t0));
     }
-    set_result(results::SHM_ROUND_MIN, fastest);
-    set_result(results::SHM_ROUND_MAX, slowest);
-    set_result(results::SHM_ROUNDS, rounds);
+    times.publish(rounds);
     let end = peers
         .iter()
         .flatten()
@@ -804,18 +798,6 @@ fn pump(
     outcome
 }
 
-/// Writes round `round` (1-based) of the round log.
-pub(crate) fn log_round(round: u64, cycles: u64) {
-    if (1..=ROUND_LOG_MAX).contains(&round) {
-        // SAFETY: the round log lies in identity-mapped guest RAM below the
-        // probe image that nothing else uses, and `round - 1` is below
-        // ROUND_LOG_MAX.
-        unsafe {
-            core::ptr::write_volatile((ROUND_LOG_GPA as *mut u64).add(round as usize - 1), cycles)
-        };
-    }
-}
-
 /// The value a ping-pong side publishes in its ready word for round `n`.
 const fn pp_word(n: u64) -> u64 {
     (0x7070 << 48) | n
@@ -882,7 +864,7 @@ fn try_ping_pong(ch: &Channel) -> Result<(), u32> {
     // between boots, and the floor moves with them).
     let both = flags & SHMEM_PP_FLOOR_FIRST != 0;
     let all = if both { 2 * rounds } else { rounds };
-    let (mut fastest, mut slowest, mut total) = (u64::MAX, 0u64, 0u64);
+    let mut times = RoundTimes::new();
     let start = arch::rdtsc();
     set_result(results::SHM_START_TSC, start);
     for round in 1..=all {
@@ -931,17 +913,11 @@ fn try_ping_pong(ch: &Channel) -> Result<(), u32> {
                 send_one(ch, &clock, &mut p, &mut live, back, &mut pace)?;
             }
         }
-        let cycles = arch::rdtsc() - t0;
-        total += cycles;
-        fastest = fastest.min(cycles);
-        slowest = slowest.max(cycles);
-        log_round(round, cycles);
+        times.add(round, arch::rdtsc() - t0);
     }
     set_result(results::SHM_END_TSC, arch::rdtsc());
-    set_result(results::SHM_ROUND_MIN, fastest);
-    set_result(results::SHM_ROUND_MAX, slowest);
-    set_result(results::SHM_ROUNDS, all);
-    set_result(results::SHM_WAIT_CYCLES, total);
+    times.publish(all);
+    set_result(results::SHM_WAIT_CYCLES, times.total);
     set_result(results::SHM_DOORBELLS, pace.rang);
     set_result(results::SHM_SLEEPS, pace.sleeps);
     set_result(

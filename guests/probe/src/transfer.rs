@@ -2,7 +2,9 @@
 //! buffer and the per-peer result records.
 
 use crate::{arch, fail, info, set_result};
-use intervm_protocol::probe::{results, shmem_source_bytes, SHMEM_BUF_GPA as BUF_BASE};
+use intervm_protocol::probe::{
+    results, shmem_source_bytes, ROUND_LOG_GPA, ROUND_LOG_MAX, SHMEM_BUF_GPA as BUF_BASE,
+};
 
 /// The TSC, in milliseconds for timeouts.
 pub struct Clock {
@@ -77,4 +79,49 @@ pub fn record_at(first: usize, peer: u32, bytes: u64, frames: u64, stream: u64, 
     set_result(base + 1, frames);
     set_result(base + 2, stream);
     set_result(base + 3, tsc);
+}
+
+/// The times of a workload's rounds (transfers, or ping-pong round
+/// trips): each in the round log, their sum, the fastest and the slowest.
+pub struct RoundTimes {
+    /// Cycles of all rounds.
+    pub total: u64,
+    fastest: u64,
+    slowest: u64,
+}
+
+impl RoundTimes {
+    /// No round yet.
+    pub fn new() -> Self {
+        Self {
+            total: 0,
+            fastest: u64::MAX,
+            slowest: 0,
+        }
+    }
+
+    /// Notes round `round` (1-based), which took `cycles`.
+    pub fn add(&mut self, round: u64, cycles: u64) {
+        self.total += cycles;
+        self.fastest = self.fastest.min(cycles);
+        self.slowest = self.slowest.max(cycles);
+        if (1..=ROUND_LOG_MAX).contains(&round) {
+            // SAFETY: the round log lies in identity-mapped guest RAM below
+            // the probe image that nothing else uses, and `round - 1` is
+            // below ROUND_LOG_MAX.
+            unsafe {
+                core::ptr::write_volatile(
+                    (ROUND_LOG_GPA as *mut u64).add(round as usize - 1),
+                    cycles,
+                )
+            };
+        }
+    }
+
+    /// Publishes the fastest and slowest of `rounds` rounds.
+    pub fn publish(&self, rounds: u64) {
+        set_result(results::SHM_ROUND_MIN, self.fastest);
+        set_result(results::SHM_ROUND_MAX, self.slowest);
+        set_result(results::SHM_ROUNDS, rounds);
+    }
 }
