@@ -37,7 +37,7 @@ fuzz_target!(|data: &[u8]| {
         };
         let Some(a) = arg(&mut ops, 2) else { return };
         let (from, to) = (a[0] as u32 % (members + 1), a[1] as u32 % (members + 1));
-        match op % 8 {
+        match op % 10 {
             // The hostile peer writes one aligned word: anywhere, or in
             // the header of ring (from, to); a raw value, one near 2^64, a
             // small one, or the word's value moved by a little.
@@ -139,6 +139,38 @@ fuzz_target!(|data: &[u8]| {
                     }
                 }
             }
+            // Frames filled and read in place: whatever the peer wrote,
+            // every piece handed out lies inside the region.
+            8 => {
+                let Some(l) = arg(&mut ops, 2) else { return };
+                let len = u16::from_le_bytes([l[0], l[1]]) as usize % msg.len();
+                if let Ok(g) = region.geometry() {
+                    if let Ok(mut p) = region.producer(g, from, to) {
+                        if let Ok(Some(mut r)) = p.try_reserve(len) {
+                            let (a, b) = r.pieces_mut();
+                            inside(base, a);
+                            inside(base, b);
+                            a.fill(l[1]);
+                            let _ = r.commit(len / (1 + l[1] as usize % 2));
+                        }
+                    }
+                }
+            }
+            9 => {
+                if let Ok(g) = region.geometry() {
+                    if let Ok(mut c) = region.consumer(g, from, to) {
+                        for _ in 0..4 {
+                            let Ok(Some(b)) = c.try_borrow() else { break };
+                            let (x, y) = b.pieces();
+                            inside(base, x);
+                            inside(base, y);
+                            if b.release().is_err() {
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
             _ => {
                 if let Ok(g) = region.geometry() {
                     let _ = region.set_heartbeat(&g, from, to as u64);
@@ -151,3 +183,14 @@ fuzz_target!(|data: &[u8]| {
     }
     drop(words);
 });
+
+/// Fails unless `piece` lies within the region mapped at `base`.
+fn inside(base: usize, piece: &[u8]) {
+    let at = piece.as_ptr() as usize;
+    assert!(
+        at >= base && at + piece.len() <= base + REGION_BYTES,
+        "a piece of {} bytes at region offset {:#x} leaves the region",
+        piece.len(),
+        at.wrapping_sub(base)
+    );
+}

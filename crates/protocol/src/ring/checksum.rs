@@ -59,6 +59,30 @@ impl Fletcher {
     /// `src` readable and `dst` writable for `n` bytes; no overlap.
     #[inline(always)]
     pub(super) unsafe fn copy(&mut self, dst: *mut u8, src: *const u8, n: usize) {
+        // SAFETY: the caller's guarantees, passed on.
+        unsafe { self.pass::<true>(dst, src, n) }
+    }
+
+    /// Sums `n` bytes at `src` where they lie (a frame borrowed or filled
+    /// in place). `n` must be a multiple of 8 unless this is the last piece
+    /// of the message.
+    ///
+    /// # Safety
+    /// `src` readable for `n` bytes.
+    #[inline(always)]
+    pub(super) unsafe fn sum(&mut self, src: *const u8, n: usize) {
+        // SAFETY: `pass::<false>` never writes through `dst`.
+        unsafe { self.pass::<false>(core::ptr::null_mut(), src, n) }
+    }
+
+    /// One pass over `n` bytes at `src`, summing each word as it was
+    /// loaded and, with `STORE`, storing it at `dst`.
+    ///
+    /// # Safety
+    /// `src` readable for `n` bytes; with `STORE`, `dst` writable for `n`
+    /// bytes, not overlapping `src`.
+    #[inline(always)]
+    unsafe fn pass<const STORE: bool>(&mut self, dst: *mut u8, src: *const u8, n: usize) {
         let words = n / 8;
         let mut i = 0;
         while i < words && self.words & 3 != 0 {
@@ -67,7 +91,9 @@ impl Fletcher {
             // allowed.
             unsafe {
                 let w = core::ptr::read_unaligned(src.add(i * 8) as *const u64);
-                core::ptr::write_unaligned(dst.add(i * 8) as *mut u64, w);
+                if STORE {
+                    core::ptr::write_unaligned(dst.add(i * 8) as *mut u64, w);
+                }
                 self.word(u64::from_le(w));
             }
             i += 1;
@@ -77,7 +103,9 @@ impl Fletcher {
             // `words * 8` bytes (`i + 4 <= words`); unaligned is allowed.
             unsafe {
                 let w = core::ptr::read_unaligned(src.add(i * 8) as *const [u64; 4]);
-                core::ptr::write_unaligned(dst.add(i * 8) as *mut [u64; 4], w);
+                if STORE {
+                    core::ptr::write_unaligned(dst.add(i * 8) as *mut [u64; 4], w);
+                }
                 self.block(w);
             }
             i += 4;
@@ -86,7 +114,9 @@ impl Fletcher {
             // SAFETY: as in the first loop.
             unsafe {
                 let w = core::ptr::read_unaligned(src.add(i * 8) as *const u64);
-                core::ptr::write_unaligned(dst.add(i * 8) as *mut u64, w);
+                if STORE {
+                    core::ptr::write_unaligned(dst.add(i * 8) as *mut u64, w);
+                }
                 self.word(u64::from_le(w));
             }
             i += 1;
@@ -98,7 +128,9 @@ impl Fletcher {
             // through a local 8-byte array.
             unsafe {
                 core::ptr::copy_nonoverlapping(src.add(words * 8), w.as_mut_ptr(), rest);
-                core::ptr::copy_nonoverlapping(w.as_ptr(), dst.add(words * 8), rest);
+                if STORE {
+                    core::ptr::copy_nonoverlapping(w.as_ptr(), dst.add(words * 8), rest);
+                }
             }
             self.word(u64::from_le_bytes(w));
         }

@@ -25,9 +25,11 @@
 //!
 //! The parts, a module each: this one holds the region (its header, the
 //! member table and the [`Region`] accessors), `spsc` one ring (frames,
-//! [`Producer`], [`Consumer`], sleep declarations), `checksum` the frame
-//! and stream checksums, `liveness` whether a peer is still there, and
-//! `pattern` the test payload.
+//! [`Producer`], [`Consumer`], sleep declarations), `zero_copy` frames
+//! filled and read in place ([`Reserved`], [`Borrowed`]), `sync` a ring's
+//! restart when one of its ends restarts, `checksum` the frame and stream
+//! checksums, `liveness` whether a peer is still there, and `pattern` the
+//! test payload.
 //!
 //! Nothing read from shared memory is trusted: each side keeps its own copy
 //! of the index it owns, checks the peer's index against the ring capacity
@@ -42,6 +44,7 @@ mod liveness;
 mod pattern;
 mod spsc;
 mod sync;
+mod zero_copy;
 
 pub use checksum::{checksum, fold};
 pub use liveness::Liveness;
@@ -49,6 +52,7 @@ pub use pattern::{fill_pattern, seed_for};
 pub use spsc::{frame_bytes, Consumer, Producer, RingState};
 use spsc::{RingRef, SLEEPING};
 pub use sync::{Follow, SyncPoint};
+pub use zero_copy::{Borrowed, Reserved};
 
 /// `RegionHeader::magic`: "IVMRING1".
 pub const REGION_MAGIC: u64 = u64::from_le_bytes(*b"IVMRING1");

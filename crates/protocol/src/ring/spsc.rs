@@ -85,6 +85,30 @@ impl RingRef {
         f.finish()
     }
 
+    /// The one or two pieces of ring data that `len` bytes at stream
+    /// position `pos` occupy (two when they wrap past the buffer's end;
+    /// the second is then empty otherwise). `len` is at most the capacity.
+    pub(super) fn spans(&self, pos: u64, len: usize) -> [(*mut u8, usize); 2] {
+        let cap = self.geo.ring_bytes;
+        let start = pos & (cap - 1);
+        let first = (cap - start).min(len as u64) as usize;
+        // SAFETY: start < cap, so the first piece starts inside the data
+        // area; the bounds are as for `write_at`.
+        let at = unsafe { self.data().add(start as usize) };
+        [(at, first), (self.data(), len - first)]
+    }
+
+    /// The checksum of `len` bytes at stream position `pos` (a multiple of
+    /// 8), summed where they lie.
+    pub(super) fn sum_at(&self, pos: u64, len: usize) -> u64 {
+        let mut f = Fletcher::new(len);
+        for (at, n) in self.spans(pos, len) {
+            // SAFETY: each span lies inside the data area (`spans`).
+            unsafe { f.sum(at, n) };
+        }
+        f.finish()
+    }
+
     /// Copies from the ring at stream position `pos` into `dst` (wrapping).
     pub(super) fn read_at(&self, pos: u64, dst: &mut [u8]) {
         let cap = self.geo.ring_bytes;
@@ -214,30 +238,43 @@ impl Producer {
         self.ring.geo.ring_bytes.saturating_sub(used)
     }
 
-    /// Sends `msg` as one frame if there is room; `Ok(false)` when full.
-    /// Returns the frame's checksum through `sum` for stream accounting.
+    /// Sends `msg` as one frame if there is room; `Ok(None)` when full.
+    /// Returns the frame's checksum, for stream accounting.
     pub fn try_send(&mut self, msg: &[u8]) -> Result<Option<u64>, RingError> {
-        let need = frame_bytes(msg.len() as u64);
-        if msg.len() as u64 > self.max_message() {
-            return Err(RingError::TooLarge(msg.len() as u64));
-        }
-        if self.known_free() < need && self.free()? < need {
+        if !self.room_for(msg.len())? {
             return Ok(None);
         }
         // Payload first (summed while copied), then the header that carries
-        // the sum; neither is visible before the head store below.
+        // the sum; neither is visible before the head store in `publish`.
         let sum = self
             .ring
             .write_summed(self.head.wrapping_add(FRAME_HEADER_BYTES), msg);
+        self.publish(msg.len(), sum);
+        Ok(Some(sum))
+    }
+
+    /// Whether a frame of `len` payload bytes fits now (`TooLarge` if it
+    /// never can).
+    pub(super) fn room_for(&mut self, len: usize) -> Result<bool, RingError> {
+        if len as u64 > self.max_message() {
+            return Err(RingError::TooLarge(len as u64));
+        }
+        let need = frame_bytes(len as u64);
+        Ok(self.known_free() >= need || self.free()? >= need)
+    }
+
+    /// Publishes the frame whose `len` payload bytes (summing to `sum`)
+    /// are already in the ring after the head: writes its header, then
+    /// moves the head past it.
+    pub(super) fn publish(&mut self, len: usize, sum: u64) {
         let mut hdr = [0u8; 16];
-        hdr[..4].copy_from_slice(&(msg.len() as u32).to_le_bytes());
+        hdr[..4].copy_from_slice(&(len as u32).to_le_bytes());
         hdr[4..8].copy_from_slice(&self.seq.to_le_bytes());
         hdr[8..].copy_from_slice(&sum.to_le_bytes());
         self.ring.write_at(self.head, &hdr);
-        self.head = self.head.wrapping_add(need);
+        self.head = self.head.wrapping_add(frame_bytes(len as u64));
         self.seq = super::sync::next_seq(self.seq, self.gen);
         self.ring.head().store(self.head, Ordering::Release);
-        Ok(Some(sum))
     }
 }
 
@@ -314,6 +351,30 @@ impl Consumer {
     /// payload length and checksum. The payload is checked after it was
     /// copied, so the peer cannot change it between check and use.
     pub fn try_recv(&mut self, out: &mut [u8]) -> Result<Option<(usize, u64)>, RingError> {
+        let Some(f) = self.next_frame()? else {
+            return Ok(None);
+        };
+        if f.len > out.len() {
+            return Err(RingError::TooLarge(f.len as u64));
+        }
+        let dst = &mut out[..f.len];
+        // The sum is of the bytes as copied out, so the peer cannot change
+        // them between the check and their use.
+        let got = self
+            .ring
+            .read_summed(self.tail.wrapping_add(FRAME_HEADER_BYTES), dst);
+        fence(Ordering::Acquire);
+        if got != f.sum {
+            return Err(RingError::BadChecksum { seq: f.seq });
+        }
+        self.consume(f.len);
+        Ok(Some((f.len, f.sum)))
+    }
+
+    /// The header of the next frame, if one is published: its length
+    /// checked against the ring and what was published, its sequence
+    /// number against the one expected. The payload is not read.
+    pub(super) fn next_frame(&self) -> Result<Option<FrameHead>, RingError> {
         let avail = self.available()?;
         if avail < FRAME_HEADER_BYTES {
             return Ok(None);
@@ -325,12 +386,8 @@ impl Consumer {
         let sum = u64::from_le_bytes([
             hdr[8], hdr[9], hdr[10], hdr[11], hdr[12], hdr[13], hdr[14], hdr[15],
         ]);
-        let need = frame_bytes(len as u64);
-        if len as u64 > self.ring.geo.max_payload() || need > avail {
+        if len as u64 > self.ring.geo.max_payload() || frame_bytes(len as u64) > avail {
             return Err(RingError::CorruptLength(len));
-        }
-        if len as usize > out.len() {
-            return Err(RingError::TooLarge(len as u64));
         }
         if seq != self.seq {
             return Err(RingError::BadSequence {
@@ -338,19 +395,29 @@ impl Consumer {
                 found: seq,
             });
         }
-        let dst = &mut out[..len as usize];
-        // The sum is of the bytes as copied out, so the peer cannot change
-        // them between the check and their use.
-        let got = self
-            .ring
-            .read_summed(self.tail.wrapping_add(FRAME_HEADER_BYTES), dst);
-        fence(Ordering::Acquire);
-        if got != sum {
-            return Err(RingError::BadChecksum { seq });
-        }
-        self.tail = self.tail.wrapping_add(need);
+        Ok(Some(FrameHead {
+            len: len as usize,
+            seq,
+            sum,
+        }))
+    }
+
+    /// Takes the next frame, of `len` payload bytes, off the ring: the
+    /// producer may write over it from now on.
+    pub(super) fn consume(&mut self, len: usize) {
+        self.tail = self.tail.wrapping_add(frame_bytes(len as u64));
         self.seq = super::sync::next_seq(self.seq, self.gen);
         self.ring.tail().store(self.tail, Ordering::Release);
-        Ok(Some((len as usize, sum)))
     }
+}
+
+/// A frame header as read and checked by [`Consumer::next_frame`].
+#[derive(Clone, Copy, Debug)]
+pub(super) struct FrameHead {
+    /// Payload bytes.
+    pub(super) len: usize,
+    /// Sequence number.
+    pub(super) seq: u32,
+    /// Checksum of the payload, as the producer wrote it.
+    pub(super) sum: u64,
 }

@@ -138,10 +138,10 @@ impl Producer {
         self.gen = gen.max(1);
         self.seq = tag(self.gen);
         self.answered = self.ring.word(SYNC_REQ).load(Ordering::Acquire);
-        self.publish();
+        self.publish_sync_point();
     }
 
-    fn publish(&self) {
+    fn publish_sync_point(&self) {
         self.ring.publish_sync(SyncPoint {
             at: self.head,
             seq: self.seq,
@@ -164,7 +164,7 @@ impl Producer {
             return false;
         }
         self.answered = req;
-        self.publish();
+        self.publish_sync_point();
         true
     }
 }
