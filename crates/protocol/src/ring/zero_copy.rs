@@ -239,9 +239,10 @@ mod tests {
         let (_mem, r, geo) = region(4096 + 2 * 8192);
         let mut p = r.producer(geo, 0, 1).expect("producer");
         let mut c = r.consumer(geo, 0, 1).expect("consumer");
-        let mut res = p.try_reserve(64).expect("reserve").expect("room");
-        res.pieces_mut().0.fill(7);
-        drop(res);
+        {
+            let mut res = p.try_reserve(64).expect("reserve").expect("room");
+            res.pieces_mut().0.fill(7);
+        }
         assert!(c.try_borrow().expect("borrow").is_none());
         let res = p.try_reserve(64).expect("reserve").expect("room");
         assert_eq!(
@@ -250,7 +251,8 @@ mod tests {
             "a commit longer than the reservation"
         );
         p.try_send(b"kept").expect("send").expect("room");
-        drop(c.try_borrow().expect("borrow").expect("frame"));
+        // Borrowed, and dropped at the end of the statement.
+        assert!(c.try_borrow().expect("borrow").is_some());
         let b = c.try_borrow().expect("borrow").expect("frame");
         assert_eq!(joined(b.pieces()), b"kept");
         b.release().expect("release");
