@@ -1,6 +1,6 @@
 //! Shared memory without interrupts: time to move 4 KiB, 2 MiB and 1 GiB.
 //!
-//! Three groups, measured in the same run so they can be compared:
+//! Measured in the same run so they can be compared:
 //!
 //! - `shmem/host_memcpy`: one `copy_from_slice` of the size between two
 //!   pre-faulted host buffers: the floor for moving bytes in this machine.
@@ -11,7 +11,9 @@
 //!   ivshmem-plain device on one 4 MiB memfd region; the receiver's TSC
 //!   times each transfer from its start signal to the last byte (boot is
 //!   not included). Small sizes repeat the transfer `iters` times in one
-//!   boot.
+//!   boot. `shmem/vm_to_vm_zero_copy`: the same with frames filled and
+//!   read in place (the sender generates its pattern in the ring, the
+//!   receiver sums each frame where it lies).
 //!
 //! After criterion, a summary table prints the medians side by side with
 //! the ratio to `memcpy`.
@@ -46,6 +48,9 @@ fn bench(c: &mut Criterion) {
         if kvm.is_none() {
             g.bench_function(BenchmarkId::new("vm_to_vm", label), |b| {
                 b.iter_custom(|i| vm_to_vm(bytes, i).total)
+            });
+            g.bench_function(BenchmarkId::new("vm_to_vm_zero_copy", label), |b| {
+                b.iter_custom(|i| vm_to_vm_with(bytes, i, true).total)
             });
         }
         g.finish();

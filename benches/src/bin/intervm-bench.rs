@@ -166,6 +166,7 @@ fn run(o: &Opts) -> Vec<Point> {
                 "shmem" => {
                     plan.push(("memcpy", "host".into(), b));
                     plan.push(("shmem", "polling".into(), b));
+                    plan.push(("shmem", "zero-copy".into(), b));
                 }
                 "portio" => {
                     for m in portio::MODES {
@@ -204,7 +205,7 @@ fn run(o: &Opts) -> Vec<Point> {
                 }
                 "shmem" => {
                     let n = rounds(bytes);
-                    let r = shmem::vm_to_vm(bytes, n);
+                    let r = shmem::vm_to_vm_with(bytes, n, variant == "zero-copy");
                     p.keep_rounds(&r);
                     (r.total / n as u32).as_secs_f64()
                 }

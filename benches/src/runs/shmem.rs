@@ -110,8 +110,9 @@ fn plain_vm(name: &str, info: &BootInfo, region: &Arc<SharedRegion>) -> Vm {
 }
 
 /// Starts a receiving and a sending probe VM on one memfd region, moving
-/// `bytes` `rounds` times (`quiet`: the probes print nothing).
-pub fn pair(bytes: u64, rounds: u64, quiet: bool) -> (Member, Member) {
+/// `bytes` `rounds` times (`quiet`: the probes print nothing; `zero_copy`:
+/// both fill and read frames in place).
+pub fn pair(bytes: u64, rounds: u64, quiet: bool, zero_copy: bool) -> (Member, Member) {
     let shared = Arc::new(SharedRegion::open(&Backing::Memfd, region()).expect("region"));
     let t = Transport::attach(shared, 2).expect("attach");
     let vm = |name: &str, me: u32, role: Role| {
@@ -119,6 +120,7 @@ pub fn pair(bytes: u64, rounds: u64, quiet: bool) -> (Member, Member) {
         task.chunk = chunk();
         task.rounds = rounds;
         task.quiet = quiet;
+        task.zero_copy = zero_copy;
         plain_member(name, me, &task.boot_info(), &t)
     };
     let rx = vm("rx", 1, Role::Recv { from: 1 });
@@ -129,7 +131,14 @@ pub fn pair(bytes: u64, rounds: u64, quiet: bool) -> (Member, Member) {
 /// Two probe VMs moving `bytes` `rounds` times; returns the receiver's
 /// times.
 pub fn vm_to_vm(bytes: u64, rounds: u64) -> super::Rounds {
-    let (rx, tx) = pair(bytes, rounds, false);
+    vm_to_vm_with(bytes, rounds, false)
+}
+
+/// [`vm_to_vm`], with frames filled and read in place when `zero_copy`
+/// (the sender generates its pattern in the ring; the receiver sums each
+/// frame where it lies).
+pub fn vm_to_vm_with(bytes: u64, rounds: u64, zero_copy: bool) -> super::Rounds {
+    let (rx, tx) = pair(bytes, rounds, false, zero_copy);
     let limit = Duration::from_secs(600);
     rx.0.wait_timeout(limit).expect("receiver finished");
     tx.0.wait_timeout(limit).expect("sender finished");
@@ -165,7 +174,7 @@ pub struct Breakdown {
 
 /// Measures [`Breakdown`] over `rounds` transfers of `bytes`.
 pub fn breakdown(bytes: u64, rounds: u64) -> Breakdown {
-    let (rx, tx) = pair(bytes, rounds, true);
+    let (rx, tx) = pair(bytes, rounds, true, false);
     let exits = |r: &vmm_core::RunningVm| {
         use std::sync::atomic::Ordering::Relaxed;
         let s = &r.vm().control().stats;

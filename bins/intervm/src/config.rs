@@ -158,6 +158,7 @@ struct RawProbe {
     rep: Option<bool>,
     rounds: Option<u64>,
     transfers: Option<u64>,
+    zero_copy: Option<bool>,
     ops: Option<u64>,
     seed: Option<u64>,
 }
@@ -285,6 +286,9 @@ pub enum ProbeTask {
         chunk: u64,
         /// Port-I/O channels: how bytes cross.
         portio: Option<PortioHow>,
+        /// Shared-memory channels: fill frames in place in the ring
+        /// (`zero_copy` in the file).
+        zero_copy: bool,
     },
     /// A hostile guest: `ops` random accesses to every device of the VM
     /// (config space, BARs, port-I/O registers, doorbells, its regions).
@@ -322,6 +326,9 @@ pub enum ProbeTask {
         /// transfers from the one sender, which may leave, crash or be
         /// restarted meanwhile (`transfers` in the file).
         transfers: u64,
+        /// Shared-memory channels: read frames in place in the ring
+        /// (`zero_copy` in the file).
+        zero_copy: bool,
     },
 }
 
@@ -594,6 +601,7 @@ fn probe_task(p: &RawProbe, vm: &VmSpec, channels: &[ChannelSpec]) -> Result<Pro
             ("rep", p.rep.is_some()),
             ("rounds", p.rounds.is_some()),
             ("transfers", p.transfers.is_some()),
+            ("zero_copy", p.zero_copy.is_some()),
             ("ops", p.ops.is_some() && task == Hello),
             ("seed", p.seed.is_some() && task == Hello),
         ] {
@@ -667,6 +675,15 @@ fn probe_task(p: &RawProbe, vm: &VmSpec, channels: &[ChannelSpec]) -> Result<Pro
     if p.transfers.is_some() && task != Recv {
         return Err("transfers: only meaningful for task \"recv\"".into());
     }
+    if p.zero_copy.is_some() && !matches!(task, Send | Recv) {
+        return Err("zero_copy: only meaningful for tasks \"send\" and \"recv\"".into());
+    }
+    if p.zero_copy.is_some() && ch.kind.is_portio() {
+        return Err(format!(
+            "zero_copy: only meaningful on \"shmem\" and \"doorbell\" channels; {name:?} is \"portio\" (its rings belong to the VMMs)"
+        ));
+    }
+    let zero_copy = p.zero_copy.unwrap_or(false);
     let portio = if let Kind::Portio { port } = ch.kind {
         let descriptor = match &p.mode {
             None => false,
@@ -795,6 +812,7 @@ fn probe_task(p: &RawProbe, vm: &VmSpec, channels: &[ChannelSpec]) -> Result<Pro
             size,
             chunk,
             portio,
+            zero_copy,
         })
     } else {
         if p.to.is_some() {
@@ -823,6 +841,7 @@ fn probe_task(p: &RawProbe, vm: &VmSpec, channels: &[ChannelSpec]) -> Result<Pro
             chunk: p.chunk.as_ref().map_or(0, |_| chunk),
             portio,
             transfers,
+            zero_copy,
         })
     }
 }
@@ -1546,6 +1565,9 @@ mod tests {
             ("[[vm]]\nname = \"a\"\n[[vm]]\nname = \"b\"\n[[channel]]\nname = \"c\"\nkind = \"portio\"\nmembers = [\"a\", \"b\"]\njoin_timeout = \"0s\"\n", "channel[c].join_timeout", "between 1ms and 24h"),
             ("[[vm]]\nname = \"a\"\n[[vm]]\nname = \"d\"\n[[vm]]\nname = \"b\"\nmemory = \"64M\"\nprobe = { task = \"recv\", channel = \"c\", from = [\"a\", \"d\"], size = \"1M\", transfers = 2 }\n[[channel]]\nname = \"c\"\nkind = \"shmem\"\nmembers = [\"a\", \"b\", \"d\"]\n[[channel]]\nname = \"p\"\nkind = \"portio\"\nmembers = [\"a\", \"b\"]\n", "vm[b].probe.transfers", "needs exactly one sender in from (has 2)"),
             ("[[vm]]\nname = \"a\"\n[[vm]]\nname = \"d\"\n[[vm]]\nname = \"b\"\nmemory = \"64M\"\nprobe = { task = \"recv\", channel = \"c\", from = [\"a\"], size = \"1M\", transfers = 0 }\n[[channel]]\nname = \"c\"\nkind = \"shmem\"\nmembers = [\"a\", \"b\", \"d\"]\n[[channel]]\nname = \"p\"\nkind = \"portio\"\nmembers = [\"a\", \"b\"]\n", "vm[b].probe.transfers", "0 is not between 1 and 1000000"),
+            ("[[vm]]\nname = \"a\"\n[[vm]]\nname = \"b\"\nprobe = { task = \"send\", channel = \"p\", to = \"a\", size = \"1M\", zero_copy = true }\n[[channel]]\nname = \"p\"\nkind = \"portio\"\nmembers = [\"a\", \"b\"]\n", "vm[b].probe.zero_copy", "only meaningful on \"shmem\" and \"doorbell\" channels; \"p\" is \"portio\""),
+            ("[[vm]]\nname = \"a\"\n[[vm]]\nname = \"b\"\nprobe = { task = \"exchange\", channel = \"c\", size = \"1M\", zero_copy = true }\n[[channel]]\nname = \"c\"\nkind = \"shmem\"\nmembers = [\"a\", \"b\"]\n", "vm[b].probe.zero_copy", "only meaningful for tasks \"send\" and \"recv\""),
+            ("[[vm]]\nname = \"a\"\nprobe = { task = \"hello\", zero_copy = false }\n", "vm[a].probe.zero_copy", "not used by task \"hello\""),
             ("[[vm]]\nname = \"a\"\n[[vm]]\nname = \"d\"\n[[vm]]\nname = \"b\"\nmemory = \"64M\"\nprobe = { task = \"send\", channel = \"c\", to = \"a\", size = \"1M\", transfers = 2 }\n[[channel]]\nname = \"c\"\nkind = \"shmem\"\nmembers = [\"a\", \"b\", \"d\"]\n[[channel]]\nname = \"p\"\nkind = \"portio\"\nmembers = [\"a\", \"b\"]\n", "vm[b].probe.transfers", "only meaningful for task \"recv\""),
             ("[[vm]]\nname = \"a\"\n[[vm]]\nname = \"b\"\n[[channel]]\nname = \"c\"\nkind = \"doorbell\"\nmembers = [\"a\", \"b\"]\nnotify = \"sometimes\"\n", "channel[c].notify", "\"sometimes\" is not \"always\", \"adaptive\" or \"never\""),
             ("[[vm]]\nname = \"a\"\n[[vm]]\nname = \"b\"\n[[channel]]\nname = \"c\"\nkind = \"shmem\"\nmembers = [\"a\", \"b\"]\nnotify = \"never\"\n", "channel[c].notify", "only meaningful for kind = \"doorbell\""),

@@ -148,6 +148,7 @@ fn boot_info(
             size,
             chunk,
             portio: Some(how),
+            ..
         } => {
             let ch = channel(cfg, c);
             let mut t = PortioTask::new(portio::Role::Send { to: to.index }, *size);
@@ -190,11 +191,13 @@ fn boot_info(
             size,
             chunk,
             portio: None,
+            zero_copy,
         } => {
             let ch = channel(cfg, c);
             let mut t = ShmemTask::new(c.me, Role::Send { to: to.index }, *size);
             t.device_index = c.device;
             t.chunk = *chunk;
+            t.zero_copy = *zero_copy;
             t.seed = seed_for(&c.name, &vm.name);
             set_notify(&mut t, ch);
             t.timeout_ms = ch.peer_timeout_ms;
@@ -228,12 +231,14 @@ fn boot_info(
             chunk,
             portio: None,
             transfers,
+            zero_copy,
         } => {
             let ch = channel(cfg, c);
             let mask = from.iter().fold(0u32, |m, f| m | 1 << f.index);
             let mut t = ShmemTask::new(c.me, Role::Recv { from: mask }, *size);
             t.device_index = c.device;
             t.chunk = *chunk;
+            t.zero_copy = *zero_copy;
             if let (n @ 1.., [f]) = (*transfers, from.as_slice()) {
                 t.transfers = n;
                 t.expect_stream = expected_from(cfg, &c.name, &f.name, *size, transports);

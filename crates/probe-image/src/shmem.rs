@@ -6,7 +6,7 @@ pub use intervm_protocol::notify::Notify;
 use intervm_protocol::notify::SPIN_US_PVM;
 use intervm_protocol::probe::{
     results, shmem_args, shmem_frame_bytes, shmem_source_bytes, BootInfo, Workload,
-    SHMEM_CORRUPT_HEAD, SHMEM_HOLD, SHMEM_QUIET,
+    SHMEM_CORRUPT_HEAD, SHMEM_HOLD, SHMEM_QUIET, SHMEM_ZERO_COPY,
 };
 use intervm_protocol::ring::{self, RingError};
 
@@ -68,6 +68,9 @@ pub struct ShmemTask {
     pub hold: bool,
     /// Print nothing (exit counting).
     pub quiet: bool,
+    /// Fill (send) or read (receive) frames in place, not through a
+    /// buffer ([`SHMEM_ZERO_COPY`]).
+    pub zero_copy: bool,
     /// Receiver from one sender: 0 for one transfer ended by the first
     /// error; N for N complete transfers from a sender that may leave,
     /// crash or be restarted meanwhile (see [`Transfers`]).
@@ -100,6 +103,7 @@ impl ShmemTask {
             jitter_cycles: 0,
             hold: false,
             quiet: false,
+            zero_copy: false,
             transfers: 0,
             expect_stream: 0,
             vectors: 1,
@@ -130,7 +134,8 @@ impl ShmemTask {
             0
         } | self.notify.probe_flags()
             | if self.quiet { SHMEM_QUIET } else { 0 }
-            | if self.hold { SHMEM_HOLD } else { 0 };
+            | if self.hold { SHMEM_HOLD } else { 0 }
+            | if self.zero_copy { SHMEM_ZERO_COPY } else { 0 };
         a[shmem_args::SPIN_US] = self.spin_us;
         a[shmem_args::START_DELAY_MS] = self.start_delay_ms;
         a[shmem_args::JITTER_CYCLES] = self.jitter_cycles;

@@ -406,6 +406,14 @@ pub const SHMEM_QUIET: u64 = 8;
 /// `results::SHM_SLEEPS` as it goes), whatever the scheduling.
 pub const SHMEM_HOLD: u64 = 16;
 
+/// `shmem_args::FLAGS` bit of a transfer: frames are filled and read in
+/// place (`ring::Producer::try_reserve`, `ring::Consumer::try_borrow`).
+/// A sender writes its prepared payload straight into each reserved frame
+/// (the one copy left: the sender producing its message), which the
+/// commit then sums in place; a receiver sums each frame where it lies
+/// instead of copying it out (no copy).
+pub const SHMEM_ZERO_COPY: u64 = 256;
+
 /// Doorbell flag: use INTx (IOAPIC, Interrupt Status) instead of MSI-X.
 pub const DB_INTX: u64 = 1;
 /// Doorbell flag: program the INTx pin edge-triggered (PVM does not inject

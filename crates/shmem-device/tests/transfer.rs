@@ -28,6 +28,10 @@ struct Member {
 }
 
 fn args(workload: Workload, me: u32, peers: u64, bytes: u64) -> BootInfo {
+    task(workload, me, peers, bytes).boot_info()
+}
+
+fn task(workload: Workload, me: u32, peers: u64, bytes: u64) -> ShmemTask {
     let role = match workload {
         Workload::ShmemSend => Role::Send { to: peers as u32 },
         _ => Role::Recv { from: peers as u32 },
@@ -36,7 +40,7 @@ fn args(workload: Workload, me: u32, peers: u64, bytes: u64) -> BootInfo {
     task.chunk = CHUNK;
     task.seed = SEED + me as u64;
     task.timeout_ms = PEER_TIMEOUT_MS;
-    task.boot_info()
+    task
 }
 
 fn start(name: &str, info: &BootInfo, transport: &Transport) -> Member {
@@ -217,6 +221,40 @@ fn a_ping_pong_whose_peer_stops_answering_ends_with_peer_gone() {
         RingError::PeerGone(1).code(),
         "{a_console}"
     );
+}
+
+#[test]
+fn frames_filled_and_read_in_place_carry_each_senders_pattern() {
+    require_kvm!();
+    // 64 KiB frames in 512 KiB rings: frames wrap past the rings' ends.
+    // Two senders fill frames in place, one copies; the receiver sums
+    // every frame where it lies.
+    const BYTES: u64 = 64 << 20;
+    let t = transport(4, 8 << 20);
+    let mut rx = task(Workload::ShmemRecv, 3, 0b0111, BYTES);
+    rx.zero_copy = true;
+    let rx = start("rx", &rx.boot_info(), &t);
+    let txs: Vec<Member> = (0..3)
+        .map(|m| {
+            let mut tx = task(Workload::ShmemSend, m, 3, BYTES);
+            tx.zero_copy = m != 1;
+            start(&format!("tx{m}"), &tx.boot_info(), &t)
+        })
+        .collect();
+    let (rx_exit, rx_info, rx_console) = end(rx);
+    assert_eq!(rx_exit, VmExit::Guest(EXIT_OK), "receiver:\n{rx_console}");
+    for (m, tx) in txs.into_iter().enumerate() {
+        let (exit, info, console) = end(tx);
+        assert_eq!(exit, VmExit::Guest(EXIT_OK), "sender {m}:\n{console}");
+        let got = record(&rx_info, m as u32);
+        assert_eq!(got[0], BYTES, "bytes from {m}");
+        assert_eq!(got[2], record(&info, 3)[2], "stream checksum from {m}");
+        assert_eq!(
+            got[2],
+            expected_stream(SEED + m as u64, BYTES),
+            "not sender {m}'s pattern"
+        );
+    }
 }
 
 #[test]

@@ -244,6 +244,10 @@ struct SendArgs {
     /// Payload bytes per frame.
     #[arg(long, default_value = "64K")]
     chunk: String,
+    /// Fill each frame where it lies in the ring: a file is read straight
+    /// into it, the pattern generated there (no copy through a buffer).
+    #[arg(long)]
+    zero_copy: bool,
     #[command(flatten)]
     timing: Timing,
 }
@@ -274,6 +278,11 @@ struct RecvArgs {
     /// last complete transfer.
     #[arg(long, requires = "size")]
     transfers: Option<u64>,
+    /// Read each frame where it lies in the ring (check it, write it to
+    /// --file) and only then take it off the ring, if its checksum still
+    /// holds: no copy through a buffer.
+    #[arg(long)]
+    zero_copy: bool,
     #[command(flatten)]
     timing: Timing,
 }
@@ -387,14 +396,48 @@ fn source(r: Region) -> shmem::Source {
     }
 }
 
-fn common(region: Region, me: u32, peer: u32, t: &Timing) -> Result<shmem::Common, Error> {
-    Ok(shmem::Common {
-        source: source(region),
-        me,
-        peer,
-        timeout: secs("timeout", t.timeout)?,
-        join_timeout: secs("join-timeout", t.join_timeout)?,
-    })
+/// What a ring send or receive command says about its member, peer and
+/// frames.
+struct Ends<'a> {
+    me: u32,
+    peer: u32,
+    timing: &'a Timing,
+    zero_copy: bool,
+}
+
+impl Ends<'_> {
+    fn common(&self, source: shmem::Source) -> Result<shmem::Common, Error> {
+        Ok(shmem::Common {
+            source,
+            me: self.me,
+            peer: self.peer,
+            timeout: secs("timeout", self.timing.timeout)?,
+            join_timeout: secs("join-timeout", self.timing.join_timeout)?,
+            zero_copy: self.zero_copy,
+        })
+    }
+}
+
+impl SendArgs {
+    fn ends(&self) -> Ends<'_> {
+        Ends {
+            me: self.me,
+            peer: self.to,
+            timing: &self.timing,
+            zero_copy: self.zero_copy,
+        }
+    }
+}
+
+impl RecvArgs {
+    fn ends(&self) -> Ends<'_> {
+        Ends {
+            me: self.me,
+            peer: self.from,
+            timing: &self.timing,
+            zero_copy: self.zero_copy,
+        }
+    }
 }
 
 fn mode(o: &PortioOpts) -> portio::Mode {
@@ -420,30 +463,17 @@ fn uio_dev(o: &UioOpts) -> Result<PathBuf, Error> {
     uio::pick(std::path::Path::new(uio::SYSFS_UIO), o.uio.as_deref())
 }
 
-fn uio_common(
-    o: &UioOpts,
-    me: u32,
-    peer: u32,
-    t: &Timing,
-) -> Result<(shmem::Common, uio::Uio), Error> {
+fn uio_common(o: &UioOpts, ends: Ends<'_>) -> Result<(shmem::Common, uio::Uio), Error> {
     let dev = uio_dev(o)?;
     let mut u = uio::Uio::open(std::path::Path::new(uio::SYSFS_UIO), &dev)?;
     u.set_adaptive((o.notify == Notify::Adaptive).then(|| Duration::from_micros(o.spin_us.max(1))));
-    Ok((
-        shmem::Common {
-            source: shmem::Source {
-                device: None,
-                resource: None,
-                sysfs: PathBuf::from(pci::SYSFS_DEVICES),
-                uio: Some(dev),
-            },
-            me,
-            peer,
-            timeout: secs("timeout", t.timeout)?,
-            join_timeout: secs("join-timeout", t.join_timeout)?,
-        },
-        u,
-    ))
+    let c = ends.common(shmem::Source {
+        device: None,
+        resource: None,
+        sysfs: PathBuf::from(pci::SYSFS_DEVICES),
+        uio: Some(dev),
+    })?;
+    Ok((c, u))
 }
 
 fn run(cmd: Cmd) -> Result<String, Error> {
@@ -470,12 +500,12 @@ fn run(cmd: Cmd) -> Result<String, Error> {
         }
         Cmd::Poweroff { status } => Err(intervm_guest::power::poweroff(status)),
         Cmd::Doorbell(DoorbellCmd::Send { uio, args: a }) => {
-            let (c, mut u) = uio_common(&uio, a.me, a.to, &a.timing)?;
+            let (c, mut u) = uio_common(&uio, a.ends())?;
             let s = shmem::send(&c, &a.what.payload()?, size(&a.chunk)?, &mut u)?;
             Ok(format!("sent {s}"))
         }
         Cmd::Doorbell(DoorbellCmd::Recv { uio, args: a }) => {
-            let (c, mut u) = uio_common(&uio, a.me, a.from, &a.timing)?;
+            let (c, mut u) = uio_common(&uio, a.ends())?;
             receive(&c, &a, &mut u)
         }
         Cmd::Doorbell(DoorbellCmd::Pingpong {
@@ -539,12 +569,12 @@ fn run(cmd: Cmd) -> Result<String, Error> {
             Ok(format!("received {s}"))
         }
         Cmd::Shmem(ShmemCmd::Send { region, args: a }) => {
-            let c = common(region, a.me, a.to, &a.timing)?;
+            let c = a.ends().common(source(region))?;
             let s = shmem::send(&c, &a.what.payload()?, size(&a.chunk)?, &mut shmem::Polling)?;
             Ok(format!("sent {s}"))
         }
         Cmd::Shmem(ShmemCmd::Recv { region, args: a }) => {
-            let c = common(region, a.me, a.from, &a.timing)?;
+            let c = a.ends().common(source(region))?;
             receive(&c, &a, &mut shmem::Polling)
         }
         Cmd::Shmem(ShmemCmd::Format {

@@ -50,6 +50,12 @@ pub struct Common {
     pub timeout: Duration,
     /// How long to wait for the peer to show up.
     pub join_timeout: Duration,
+    /// Fill (send) and read (receive) frames in place in the ring: a file
+    /// is read straight into a frame and written straight from one, the
+    /// pattern is generated and compared where it lies. No copy through a
+    /// buffer; each received frame is checked after its use (see
+    /// `intervm_protocol::ring::Borrowed`).
+    pub zero_copy: bool,
 }
 
 /// A mapped, formatted region with this process joined as a member.
@@ -343,42 +349,44 @@ pub fn send(
         monotonic_ms(),
     );
     let (mut sent, mut frames, mut stream, mut pos) = (0u64, 0u64, 0u64, 0usize);
-    let mut buf = crate::touched_buffer(frame);
+    // Copying: frames are staged here. In place: nothing is staged.
+    let mut buf = if c.zero_copy {
+        Vec::new()
+    } else {
+        crate::touched_buffer(frame)
+    };
     let mut policy = policy_of(notify, my_id.is_some(), Side::Sender);
     loop {
-        let msg: &[u8] = match &mut file {
+        // The next frame: its most bytes, and, when copying, the bytes.
+        let (most, msg): (usize, &[u8]) = match &mut file {
+            Some(_) if c.zero_copy => (frame, &[]),
             Some(f) => {
                 let n = read_full(f, &mut buf)
                     .map_err(|e| Error::Io("reading the payload".into(), e))?;
-                &buf[..n]
+                (n, &buf[..n])
             }
             None => {
                 if sent >= size {
                     break;
                 }
                 let n = (frame.min((size - sent) as usize)).min(src.len() - pos);
-                let m = &src[pos..pos + n];
-                pos = (pos + n) % src.len();
-                m
+                (n, &src[pos..pos + n])
             }
         };
-        let eof = msg.is_empty();
-        loop {
-            match p.try_send(msg).map_err(ring_err)? {
-                Some(sum) => {
-                    policy.progress();
-                    if !eof {
-                        stream = fold(stream, sum);
-                        sent += msg.len() as u64;
-                        frames += 1;
-                    }
-                    if rings && policy.ring_peer(|| p.take_consumer_sleep()) {
-                        // Read again at every ring: a receiver whose
-                        // ivshmem server restarted has a new ID.
-                        notify.ring(j.doorbell_of(c.peer)?);
-                    }
-                    break;
-                }
+        let (len, sum) = loop {
+            let attempt = if c.zero_copy {
+                let from = match &mut file {
+                    Some(f) => InPlace::File(f),
+                    None => InPlace::Bytes(msg),
+                };
+                fill_in_place(&mut p, most, from)?
+            } else {
+                p.try_send(msg)
+                    .map_err(ring_err)?
+                    .map(|sum| (msg.len(), sum))
+            };
+            match attempt {
+                Some(sent) => break sent,
                 None => {
                     live.check(&j.region, &j.geo, monotonic_ms())
                         .map_err(ring_err)?;
@@ -388,7 +396,7 @@ pub fn send(
                     match policy.idle(monotonic_us()) {
                         Idle::Sleep => {
                             p.declare_sleep();
-                            if p.free().map_err(ring_err)? < ring::frame_bytes(msg.len() as u64) {
+                            if p.free().map_err(ring_err)? < ring::frame_bytes(most as u64) {
                                 notify.wait(Duration::from_millis(50));
                             }
                             p.awake();
@@ -398,6 +406,22 @@ pub fn send(
                     }
                 }
             }
+        };
+        policy.progress();
+        // A file's end: the empty frame just sent.
+        let eof = file.is_some() && len == 0;
+        if !eof {
+            stream = fold(stream, sum);
+            sent += len as u64;
+            frames += 1;
+            if file.is_none() {
+                pos = (pos + len) % src.len();
+            }
+        }
+        if rings && policy.ring_peer(|| p.take_consumer_sleep()) {
+            // Read again at every ring: a receiver whose ivshmem server
+            // restarted has a new ID.
+            notify.ring(j.doorbell_of(c.peer)?);
         }
         if eof {
             break;
@@ -410,6 +434,53 @@ pub fn send(
         stream,
         elapsed: start.elapsed(),
     })
+}
+
+/// Where a frame filled in place takes its bytes from.
+enum InPlace<'a> {
+    /// Read from this file (fewer bytes at its end, none past it).
+    File(&'a mut std::fs::File),
+    /// These bytes (the test pattern, prepared before the clock started).
+    Bytes(&'a [u8]),
+}
+
+/// Sends one frame of up to `most` bytes filled where it lies in the ring
+/// (`--zero-copy`): read from a file straight into the ring, or the
+/// prepared pattern written there (the sum is taken in place at the
+/// commit, not while the ring copies). `Ok(None)` while the ring has no room for it;
+/// otherwise the bytes sent (0 at a file's end: the end-of-stream frame)
+/// and the frame's checksum.
+fn fill_in_place(
+    p: &mut ring::Producer,
+    most: usize,
+    from: InPlace<'_>,
+) -> Result<Option<(usize, u64)>, Error> {
+    let Some(mut frame) = p.try_reserve(most).map_err(ring_err)? else {
+        return Ok(None);
+    };
+    let (a, b) = frame.pieces_mut();
+    let len = match from {
+        InPlace::File(f) => {
+            let mut read = |buf: &mut [u8]| {
+                read_full(f, buf).map_err(|e| Error::Io("reading the payload".into(), e))
+            };
+            // A failed read drops the reservation: nothing is sent.
+            let n = read(a)?;
+            if n == a.len() {
+                n + read(b)?
+            } else {
+                n
+            }
+        }
+        InPlace::Bytes(msg) => {
+            let (m0, m1) = msg.split_at(a.len().min(msg.len()));
+            a[..m0.len()].copy_from_slice(m0);
+            b[..m1.len()].copy_from_slice(m1);
+            msg.len()
+        }
+    };
+    let sum = frame.commit(len).map_err(ring_err)?;
+    Ok(Some((len, sum)))
 }
 
 pub(crate) fn read_full(f: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
@@ -452,6 +523,18 @@ struct Inbound {
     want: Vec<u8>,
     /// Compare every byte with the test pattern of this seed.
     verify: Option<u64>,
+    /// Read frames where they lie (`Common::zero_copy`); `buf` stays empty.
+    zero_copy: bool,
+}
+
+/// Where a received frame belongs in its transfer (for the pattern check).
+#[derive(Clone, Copy)]
+struct At {
+    /// The transfer's size, if known.
+    size: Option<u64>,
+    /// Frames and bytes received before this one.
+    frames: u64,
+    bytes: u64,
 }
 
 impl Inbound {
@@ -470,12 +553,16 @@ impl Inbound {
         Ok(Self {
             cons,
             policy: policy_of(notify, my_id.is_some(), Side::Receiver),
-            buf: crate::touched_buffer(first),
+            buf: match c.zero_copy {
+                false => crate::touched_buffer(first),
+                true => Vec::new(),
+            },
             want: match verify {
                 Some(_) => crate::touched_buffer(first),
                 None => Vec::new(),
             },
             verify,
+            zero_copy: c.zero_copy,
         })
     }
 
@@ -491,14 +578,55 @@ impl Inbound {
         Ok(dropped)
     }
 
-    /// Makes room for frames of `len` bytes (the pattern buffer too, when
-    /// checking), failing instead of aborting when memory is short.
+    /// Makes room for copied frames of `len` bytes, failing instead of
+    /// aborting when memory is short. (The pattern is compared a block at
+    /// a time: its buffer does not grow.)
     fn grow(&mut self, len: usize) -> Result<(), Error> {
         self.buf = crate::try_touched_buffer(len)?;
-        if self.verify.is_some() {
-            self.want = crate::try_touched_buffer(len)?;
-        }
         Ok(())
+    }
+
+    /// Takes the next frame off the ring if one is there, checked against
+    /// the pattern (when asked) and written to `sink`: copied out first, or
+    /// used where it lies and taken off only if its checksum still holds.
+    /// Returns its length and checksum.
+    fn next_frame(
+        &mut self,
+        at: At,
+        first_frame: &mut Option<u64>,
+        sink: Option<&mut (dyn Write + '_)>,
+    ) -> Result<Option<(usize, u64)>, Error> {
+        if !self.zero_copy {
+            let (n, sum) = loop {
+                match self.cons.try_recv(&mut self.buf) {
+                    // Longer than any before (and checked to fit the
+                    // ring): grow.
+                    Err(RingError::TooLarge(len)) => self.grow(len as usize)?,
+                    Err(e) => return Err(ring_err(e)),
+                    Ok(None) => return Ok(None),
+                    Ok(Some(f)) => break f,
+                }
+            };
+            let pieces = (&self.buf[..n], &[][..]);
+            deliver(pieces, self.verify, &mut self.want, at, first_frame, sink)?;
+            return Ok(Some((n, sum)));
+        }
+        let Some(frame) = self.cons.try_borrow().map_err(ring_err)? else {
+            return Ok(None);
+        };
+        let n = frame.len();
+        deliver(
+            frame.pieces(),
+            self.verify,
+            &mut self.want,
+            at,
+            first_frame,
+            sink,
+        )?;
+        // What was checked and written stands only if the bytes were the
+        // sender's all along.
+        let sum = frame.release().map_err(ring_err)?;
+        Ok(Some((n, sum)))
     }
 
     /// Receives one transfer after [`Inbound::go`]: `size` bytes (if
@@ -524,32 +652,18 @@ impl Inbound {
             if size.is_some_and(|want| s.bytes >= want) {
                 break Ok(());
             }
-            let frame = match self.cons.try_recv(&mut self.buf) {
-                // Longer than any before (and checked to fit the ring): grow.
-                Err(RingError::TooLarge(len)) => match self.grow(len as usize) {
-                    Ok(()) => continue,
-                    Err(e) => break Err(e),
-                },
-                Err(e) => break Err(ring_err(e)),
+            let at = At {
+                size,
+                frames: s.frames,
+                bytes: s.bytes,
+            };
+            let frame = match self.next_frame(at, &mut first_frame, sink.as_deref_mut()) {
+                Err(e) => break Err(e),
                 Ok(f) => f,
             };
             match frame {
                 Some((0, _)) => break Ok(()),
                 Some((n, sum)) => {
-                    if let Some(seed) = self.verify {
-                        // Frames after the first are as long as the first
-                        // but for the last: the sender's frame size.
-                        let frame = *first_frame.get_or_insert(n as u64);
-                        let pos = pattern_frame_pos(size.unwrap_or(u64::MAX), frame, s.frames);
-                        ring::fill_pattern(seed, pos, &mut self.want[..n]);
-                        if self.buf[..n] != self.want[..n] {
-                            let i = (0..n).find(|&i| self.buf[i] != self.want[i]).unwrap_or(0);
-                            break Err(Error::Mismatch {
-                                seed,
-                                offset: s.bytes + i as u64,
-                            });
-                        }
-                    }
                     s.bytes += n as u64;
                     s.frames += 1;
                     s.stream = fold(s.stream, sum);
@@ -563,11 +677,6 @@ impl Inbound {
                     }
                     s.elapsed = start.elapsed();
                     self.policy.progress();
-                    if let Some(w) = &mut sink {
-                        if let Err(e) = w.write_all(&self.buf[..n]) {
-                            break Err(Error::Io("writing the payload".into(), e));
-                        }
-                    }
                     idle = 0;
                 }
                 None => {
@@ -608,6 +717,49 @@ impl Inbound {
         };
         (s, r)
     }
+}
+
+/// Checks a received frame, in `pieces` (in order), against the pattern
+/// of seed `verify` if given (generated into `want`), and writes it to
+/// `sink` if given.
+fn deliver(
+    pieces: (&[u8], &[u8]),
+    verify: Option<u64>,
+    want: &mut [u8],
+    at: At,
+    first_frame: &mut Option<u64>,
+    sink: Option<&mut (dyn Write + '_)>,
+) -> Result<(), Error> {
+    let n = pieces.0.len() + pieces.1.len();
+    if let Some(seed) = verify {
+        // Frames after the first are as long as the first but for the
+        // last: the sender's frame size.
+        let frame = *first_frame.get_or_insert(n as u64);
+        let pos = pattern_frame_pos(at.size.unwrap_or(u64::MAX), frame, at.frames);
+        // Compared a block of `want` at a time.
+        let mut off = 0usize;
+        for piece in [pieces.0, pieces.1] {
+            for block in piece.chunks(want.len().max(1)) {
+                let w = &mut want[..block.len()];
+                ring::fill_pattern(seed, pos + off as u64, w);
+                if block != w {
+                    let i = block.iter().zip(w.iter()).position(|(g, w)| g != w);
+                    return Err(Error::Mismatch {
+                        seed,
+                        offset: at.bytes + (off + i.unwrap_or(0)) as u64,
+                    });
+                }
+                off += block.len();
+            }
+        }
+    }
+    if let Some(w) = sink {
+        for piece in [pieces.0, pieces.1] {
+            w.write_all(piece)
+                .map_err(|e| Error::Io("writing the payload".into(), e))?;
+        }
+    }
+    Ok(())
 }
 
 /// Waits until sender `c.peer` is alive and has prepared a transfer, and

@@ -180,6 +180,7 @@ fn transfer(tag: &str, adaptive: Option<Duration>, setup: Setup) -> Counts {
         // Only a hang reaches these.
         timeout: HANG,
         join_timeout: HANG,
+        zero_copy: false,
     };
     let mut rb = Bell::new(1, &fds, adaptive);
     let mut tb = Bell::new(0, &fds, adaptive);

@@ -19,6 +19,7 @@ use intervm_protocol::ivshmem;
 use intervm_protocol::notify::{Idle, Notify, Policy, Side};
 use intervm_protocol::probe::{
     results, shmem_args, shmem_frame_bytes, State, EXIT_OK, SHMEM_CORRUPT_HEAD, SHMEM_HOLD,
+    SHMEM_ZERO_COPY,
 };
 use intervm_protocol::ring::{
     self, fold, ready_go, Geometry, Liveness, MemberState, RingError, READY_PREPARED,
@@ -296,6 +297,7 @@ fn send_on(ch: &Channel) -> Result<(), u32> {
     );
     let (mut total, mut frames, mut stream, mut waits, mut pos) = (0u64, 0u64, 0u64, 0u64, 0usize);
     let corrupt = arg(shmem_args::FLAGS) & SHMEM_CORRUPT_HEAD != 0;
+    let zero_copy = arg(shmem_args::FLAGS) & SHMEM_ZERO_COPY != 0;
     for round in 1..=rounds {
         // Start line: the receiver's ready word (seen above for round 1).
         wait_for(ch, &clock, peer, go(round))?;
@@ -328,7 +330,12 @@ fn send_on(ch: &Channel) -> Result<(), u32> {
             }
             let n = (chunk.min(bytes - sent) as usize).min(src.len() - pos);
             let c0 = arch::rdtsc();
-            let attempt = p.try_send(&src[pos..pos + n]).map_err(ring_fail)?;
+            let attempt = if zero_copy {
+                send_in_place(&mut p, &src[pos..pos + n])
+            } else {
+                p.try_send(&src[pos..pos + n])
+            }
+            .map_err(ring_fail)?;
             let c1 = arch::rdtsc();
             match attempt {
                 Some(sum) => {
@@ -400,6 +407,34 @@ fn send_on(ch: &Channel) -> Result<(), u32> {
 
 /// What a hostile guest would do: publish a head index the consumer can
 /// never have been given.
+/// Sends `msg` as one frame written straight into the ring
+/// ([`SHMEM_ZERO_COPY`]): the payload is stored in the reserved frame and
+/// summed there at the commit, instead of summed while the ring copies it.
+fn send_in_place(p: &mut ring::Producer, msg: &[u8]) -> Result<Option<u64>, RingError> {
+    let Some(mut frame) = p.try_reserve(msg.len())? else {
+        return Ok(None);
+    };
+    let (a, b) = frame.pieces_mut();
+    let (m0, m1) = msg.split_at(a.len());
+    a.copy_from_slice(m0);
+    b.copy_from_slice(m1);
+    frame.commit(msg.len()).map(Some)
+}
+
+/// Takes the next frame (at most `chunk` bytes) off `c` where it lies,
+/// summed in place ([`SHMEM_ZERO_COPY`]): what `try_recv` returns, without
+/// the copy.
+fn recv_in_place(c: &mut ring::Consumer, chunk: usize) -> Result<Option<(usize, u64)>, RingError> {
+    let Some(frame) = c.try_borrow()? else {
+        return Ok(None);
+    };
+    let n = frame.len();
+    if n > chunk {
+        return Err(RingError::TooLarge(n as u64));
+    }
+    frame.release().map(|sum| Some((n, sum)))
+}
+
 fn corrupt_head(ch: &Channel, peer: u32) -> u32 {
     let Ok(off) = ch.region.ring_offset(&ch.geo, ch.me, peer) else {
         return fail(4, peer as u64);
@@ -673,6 +708,7 @@ fn pump(
     let mut copy_cycles = 0u64;
     let pump_start = arch::rdtsc();
     let mut rng = 0x2545_f491_4f6c_dd1du64 ^ ch.me as u64;
+    let zero_copy = arg(shmem_args::FLAGS) & SHMEM_ZERO_COPY != 0;
     let outcome = loop {
         if pending == 0 {
             break Ok(waits);
@@ -687,7 +723,11 @@ fn pump(
             }
             let out = &mut dst[pos..pos + chunk];
             let c0 = arch::rdtsc();
-            let got = p.c.try_recv(out)?;
+            let got = if zero_copy {
+                recv_in_place(&mut p.c, chunk)?
+            } else {
+                p.c.try_recv(out)?
+            };
             if got.is_some() {
                 copy_cycles += arch::rdtsc() - c0;
             }
