@@ -62,7 +62,7 @@ fn summary() {
         raw * 1e6
     );
     println!(
-        "{:>11} {:>6} | {:>12} {:>10} | {:>12} {:>12} {:>11} | measured",
+        "{:>15} {:>6} | {:>12} {:>10} | {:>12} {:>12} {:>11} | measured",
         "mode", "size", "time", "MiB/s", "tx exits/KiB", "rx exits/KiB", "us/tx exit"
     );
     for m in MODES {
@@ -84,7 +84,7 @@ fn summary() {
                 format!("extrapolated from {} KiB", measured >> 10)
             };
             println!(
-                "{:>11} {label:>6} | {:>10.4} s {:>10.2} | {:>12.1} {:>12.1} {:>11.1} | {note}",
+                "{:>15} {label:>6} | {:>10.4} s {:>10.2} | {:>12.1} {:>12.1} {:>11.1} | {note}",
                 m.label,
                 secs,
                 bytes as f64 / secs / (1 << 20) as f64,

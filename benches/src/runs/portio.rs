@@ -20,15 +20,22 @@ pub struct Mode {
     pub rep: bool,
     /// Largest size measured by default (bytes).
     pub cap: u64,
+    /// Bytes per message (descriptor modes).
+    pub message: u64,
+    /// Bytes of the channel's region: its two rings hold about half each,
+    /// which bounds a message.
+    pub region: u64,
 }
 
-pub const MODES: [Mode; 5] = [
+pub const MODES: [Mode; 6] = [
     Mode {
         label: "port-8bit",
         descriptor: false,
         width: 1,
         rep: false,
         cap: 16 << 10,
+        message: 4096,
+        region: 4 << 20,
     },
     Mode {
         label: "port-16bit",
@@ -36,6 +43,8 @@ pub const MODES: [Mode; 5] = [
         width: 2,
         rep: false,
         cap: 32 << 10,
+        message: 4096,
+        region: 4 << 20,
     },
     Mode {
         label: "port-32bit",
@@ -43,6 +52,8 @@ pub const MODES: [Mode; 5] = [
         width: 4,
         rep: false,
         cap: 64 << 10,
+        message: 4096,
+        region: 4 << 20,
     },
     Mode {
         label: "rep-outsd",
@@ -50,6 +61,8 @@ pub const MODES: [Mode; 5] = [
         width: 4,
         rep: true,
         cap: 64 << 10,
+        message: 4096,
+        region: 4 << 20,
     },
     Mode {
         label: "descriptor",
@@ -57,6 +70,19 @@ pub const MODES: [Mode; 5] = [
         width: 4,
         rep: false,
         cap: 1 << 30,
+        message: 128 << 10,
+        region: 4 << 20,
+    },
+    // Large descriptors: a handful of exits per 8 MiB instead of per
+    // 128 KiB; the rings of a 64 MiB region take them.
+    Mode {
+        label: "descriptor-8MiB",
+        descriptor: true,
+        width: 4,
+        rep: false,
+        cap: 1 << 30,
+        message: 8 << 20,
+        region: 64 << 20,
     },
 ];
 
@@ -89,14 +115,14 @@ pub fn vm(
 }
 
 pub fn transfer(m: Mode, bytes: u64) -> Run {
-    let region = SharedRegion::open(&Backing::Memfd, 4 << 20).expect("region");
+    let region = SharedRegion::open(&Backing::Memfd, m.region).expect("region");
     let t = Transport::attach(Arc::new(region), 2).expect("attach");
     let task = |role| {
         let mut k = PortioTask::new(role, bytes);
         k.descriptor = m.descriptor;
         k.width = m.width;
         k.rep = m.rep;
-        k.message = if m.descriptor { 128 << 10 } else { 4096 };
+        k.message = m.message;
         k.seed = 9;
         k.boot_info()
     };

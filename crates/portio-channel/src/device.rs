@@ -106,6 +106,7 @@ impl<L: Link, M: GuestMemory> PortioDevice<L, M> {
             LinkError::PeerGone(_) => R_PEER_GONE,
             LinkError::BadPeer(_) => R_BAD_PEER,
             LinkError::TooLarge => R_TOO_LARGE,
+            LinkError::Unreadable => R_BAD_ADDRESS,
             LinkError::Broken(p, err) => {
                 log::warn!("portio: queue with member {p} is broken: {err}");
                 R_BROKEN
@@ -172,27 +173,7 @@ impl<L: Link, M: GuestMemory> PortioDevice<L, M> {
             return self.set_result(R_BAD_PEER);
         }
         if msg_from_desc {
-            let len = self.desc_len as usize;
-            if len > self.max {
-                return self.set_result(R_TOO_LARGE);
-            }
-            // Check the guest's range before sizing a buffer for it.
-            if !self.mem.check_range(
-                GuestAddress(self.desc_addr),
-                len,
-                vm_memory::Permissions::Read,
-            ) {
-                return self.set_result(R_BAD_ADDRESS);
-            }
-            self.tx.resize(len, 0);
-            if self
-                .mem
-                .read_slice(&mut self.tx, GuestAddress(self.desc_addr))
-                .is_err()
-            {
-                self.tx.clear();
-                return self.set_result(R_BAD_ADDRESS);
-            }
+            return self.send_desc();
         }
         match self.link.send(self.peer, &self.tx) {
             Ok(true) => {
@@ -203,23 +184,99 @@ impl<L: Link, M: GuestMemory> PortioDevice<L, M> {
             }
             Ok(false) => {
                 self.stats.would_block += 1;
-                if msg_from_desc {
-                    // The guest still has the buffer; it sends it again.
-                    self.tx.clear();
-                }
                 self.set_result(R_WOULD_BLOCK);
             }
             Err(e) => {
-                if msg_from_desc {
-                    self.tx.clear();
-                }
                 let r = self.link_result(e);
                 self.set_result(r);
             }
         }
     }
 
+    /// [`C_SEND_DESC`]: the guest's buffer is copied once, straight into
+    /// the queue to the peer. A descriptor in guest RAM drops the bytes
+    /// written to [`DATA`] before it, whatever the outcome; on "would
+    /// block" the guest still has its buffer and sends it again.
+    fn send_desc(&mut self) {
+        let (len, addr) = (self.desc_len as usize, self.desc_addr);
+        if len > self.max {
+            return self.set_result(R_TOO_LARGE);
+        }
+        // The whole range is checked before any of it is read.
+        if !self
+            .mem
+            .check_range(GuestAddress(addr), len, vm_memory::Permissions::Read)
+        {
+            return self.set_result(R_BAD_ADDRESS);
+        }
+        self.tx.clear();
+        let mem = &self.mem;
+        let mut fill = |off: usize, piece: &mut [u8]| {
+            piece.is_empty()
+                || addr
+                    .checked_add(off as u64)
+                    .is_some_and(|at| mem.read_slice(piece, GuestAddress(at)).is_ok())
+        };
+        match self.link.send_with(self.peer, len, &mut fill) {
+            Ok(true) => {
+                self.stats.sent += 1;
+                self.stats.sent_bytes += len as u64;
+                self.set_result(R_OK);
+            }
+            Ok(false) => {
+                self.stats.would_block += 1;
+                self.set_result(R_WOULD_BLOCK);
+            }
+            Err(e) => {
+                let r = self.link_result(e);
+                self.set_result(r);
+            }
+        }
+    }
+
+    /// [`C_RECV_DESC`] with no message current: the next one goes straight
+    /// from the queue into the guest's buffer, if it fits and the buffer is
+    /// guest RAM. Returns whether one did; otherwise `recv_desc` takes the
+    /// next message as current and answers as for any.
+    fn recv_desc_in_place(&mut self) -> Result<bool, LinkError> {
+        let (addr, room) = (self.desc_addr, self.desc_len as usize);
+        let mem = &self.mem;
+        let mut take = |_from: u32, a: &[u8], b: &[u8]| {
+            let len = a.len() + b.len();
+            if len > room
+                || !mem.check_range(GuestAddress(addr), len, vm_memory::Permissions::Write)
+            {
+                return false;
+            }
+            // In guest RAM, checked above: the writes cannot fail half way.
+            let second = addr.checked_add(a.len() as u64);
+            mem.write_slice(a, GuestAddress(addr)).is_ok()
+                && (b.is_empty()
+                    || second.is_some_and(|at| mem.write_slice(b, GuestAddress(at)).is_ok()))
+        };
+        let Some((from, len)) = self.link.recv_with(&mut take)? else {
+            return Ok(false);
+        };
+        self.stats.received += 1;
+        self.stats.received_bytes += len as u64;
+        self.rx_from = from;
+        self.rx_len = 0;
+        self.rx_pos = 0;
+        self.desc_len = len as u32;
+        Ok(true)
+    }
+
     fn recv_desc(&mut self) {
+        if !self.rx_current {
+            match self.recv_desc_in_place() {
+                Ok(true) => return self.set_result(R_OK),
+                Ok(false) => {}
+                Err(e) => {
+                    let r = self.link_result(e);
+                    return self.set_result(r);
+                }
+            }
+        }
         if let Err(e) = self.fill_rx() {
             let r = self.link_result(e);
             return self.set_result(r);
@@ -395,6 +452,7 @@ impl<L: Link, M: GuestMemory + Send> MutDevicePio for PortioDevice<L, M> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::link::Take;
     use std::collections::VecDeque;
     use std::sync::{Arc, Mutex};
     use vm_memory::GuestMemoryMmap;
@@ -460,6 +518,21 @@ mod tests {
                 buf[..m.len()].copy_from_slice(&m);
                 (from, m.len())
             }))
+        }
+        fn recv_with(&mut self, take: Take<'_>) -> Result<Option<(u32, usize)>, LinkError> {
+            let mut n = self.net.lock().unwrap();
+            let q = &mut n.queues[self.me as usize];
+            let Some((from, m)) = q.front() else {
+                return Ok(None);
+            };
+            // Offered in two pieces, as a ring that wraps would.
+            let (a, b) = m.split_at(m.len() / 2);
+            if !take(*from, a, b) {
+                return Ok(None);
+            }
+            let (from, m) = (*from, m.len());
+            q.pop_front();
+            Ok(Some((from, m)))
         }
     }
 

@@ -24,4 +24,4 @@ pub mod device;
 pub mod link;
 
 pub use device::{PortioDevice, PortioStats};
-pub use link::{Link, LinkError, PeerState, RingLink};
+pub use link::{Fill, Link, LinkError, PeerState, RingLink, Take};

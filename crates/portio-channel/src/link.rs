@@ -46,7 +46,22 @@ pub enum LinkError {
     /// The queue is corrupt (a misbehaving peer).
     #[error("queue to or from peer {0} is broken: {1}")]
     Broken(u32, RingError),
+    /// The bytes of a message to send could not be had (see
+    /// [`Link::send_with`]); nothing was sent.
+    #[error("the message's bytes could not be read")]
+    Unreadable,
 }
+
+/// How [`Link::send_with`] gets a message's bytes: called with each piece
+/// of the message (in order) and the piece's offset in it, to fill the
+/// piece where the message will be read from; `false` if the bytes cannot
+/// be had.
+pub type Fill<'a> = &'a mut dyn FnMut(usize, &mut [u8]) -> bool;
+
+/// What [`Link::recv_with`] does with a message where it lies: called with
+/// its sender and its one or two pieces (in order); returns whether it took
+/// the message (`false` leaves it the next one).
+pub type Take<'a> = &'a mut dyn FnMut(u32, &[u8], &[u8]) -> bool;
 
 /// The transport behind a port-I/O channel device.
 pub trait Link: Send {
@@ -65,6 +80,28 @@ pub trait Link: Send {
     /// Takes the next message from any peer into `buf` (at least
     /// [`Link::max_message`] bytes). Returns the sender and the length.
     fn recv(&mut self, buf: &mut [u8]) -> Result<Option<(u32, usize)>, LinkError>;
+    /// Queues a message of `len` bytes for `peer` whose bytes `fill`
+    /// writes. `Ok(false)` (and `fill` not called) when the queue is full.
+    /// A link that lends its queue's memory (like [`RingLink`]) has `fill`
+    /// write straight into it; this default stages the bytes first.
+    fn send_with(&mut self, peer: u32, len: usize, fill: Fill<'_>) -> Result<bool, LinkError> {
+        if len > self.max_message() {
+            return Err(LinkError::TooLarge);
+        }
+        if self.room(peer)? < len {
+            return Ok(false);
+        }
+        let mut msg = vec![0; len];
+        if !fill(0, &mut msg) {
+            return Err(LinkError::Unreadable);
+        }
+        self.send(peer, &msg)
+    }
+    /// Offers the next message from any peer to `take`, where it lies in
+    /// the queue. Returns its sender and length if `take` took it; `None`
+    /// when no message is waiting or `take` left it (it is then the next
+    /// one [`Link::recv`] takes).
+    fn recv_with(&mut self, take: Take<'_>) -> Result<Option<(u32, usize)>, LinkError>;
     /// Takes the incarnation of `peer` that is there now as the one this
     /// member talks to, dropping what an earlier one left unread. Returns
     /// whether it is another one than before. Links without restarts have
@@ -172,6 +209,60 @@ impl RingLink {
         Ok(p)
     }
 
+    /// Visits the peers round robin, from the one after the last that
+    /// gave something, and runs `visit` on each one's consumer when it
+    /// reads the incarnation this member accepted; returns the first
+    /// answer that is not `None`, with its peer. A ring error breaks that
+    /// peer's queue.
+    fn poll_peers<T>(
+        &mut self,
+        mut visit: impl FnMut(u32, &mut Consumer) -> Result<Option<T>, RingError>,
+    ) -> Result<Option<(u32, T)>, LinkError> {
+        let n = self.consumers.len();
+        for i in 0..n {
+            let peer = (self.next + i) % n;
+            if self.broken[peer] {
+                continue;
+            }
+            let accepted = &self.accepted[peer];
+            if accepted.get() == 0 {
+                // First sight of this peer: its incarnation now (none yet: 0).
+                accepted.set(self.incarnation(peer as u32));
+            }
+            let Some(c) = self.consumers[peer].as_mut() else {
+                continue;
+            };
+            let gen = c.generation();
+            let followed = if gen != 0 && gen != accepted.get() {
+                // The incarnation read is no longer the accepted one: what
+                // it left unread is not delivered.
+                c.drop_other_generations(accepted.get())
+                    .and_then(|_| c.follow(accepted.get()))
+            } else {
+                c.follow(accepted.get())
+            };
+            let visited = match followed {
+                Ok(Follow::Ready | Follow::Switched(_)) if c.generation() == accepted.get() => {
+                    visit(peer as u32, c)
+                }
+                Ok(_) => continue,
+                Err(e) => Err(e),
+            };
+            match visited {
+                Ok(Some(v)) => {
+                    self.next = (peer + 1) % n;
+                    return Ok(Some((peer as u32, v)));
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    self.broken[peer] = true;
+                    return Err(LinkError::Broken(peer as u32, e));
+                }
+            }
+        }
+        Ok(None)
+    }
+
     /// `peer`'s incarnation now (0: never joined).
     fn incarnation(&self, peer: u32) -> u64 {
         let t = self.membership.transport();
@@ -263,50 +354,53 @@ impl Link for RingLink {
     }
 
     fn recv(&mut self, buf: &mut [u8]) -> Result<Option<(u32, usize)>, LinkError> {
-        let n = self.consumers.len();
-        for i in 0..n {
-            let peer = (self.next + i) % n;
-            if self.broken[peer] {
-                continue;
-            }
-            let accepted = &self.accepted[peer];
-            if accepted.get() == 0 {
-                // First sight of this peer: its incarnation now (none yet: 0).
-                accepted.set(self.incarnation(peer as u32));
-            }
-            let Some(c) = self.consumers[peer].as_mut() else {
-                continue;
-            };
-            let gen = c.generation();
-            let followed = if gen != 0 && gen != accepted.get() {
-                // The incarnation read is no longer the accepted one: what
-                // it left unread is not delivered.
-                c.drop_other_generations(accepted.get())
-                    .and_then(|_| c.follow(accepted.get()))
-            } else {
-                c.follow(accepted.get())
-            };
-            match followed {
-                Ok(Follow::Ready | Follow::Switched(_)) if c.generation() == accepted.get() => {}
-                Ok(_) => continue,
-                Err(e) => {
-                    self.broken[peer] = true;
-                    return Err(LinkError::Broken(peer as u32, e));
-                }
-            }
-            match c.try_recv(buf) {
-                Ok(Some((len, _))) => {
-                    self.next = (peer + 1) % n;
-                    return Ok(Some((peer as u32, len)));
-                }
-                Ok(None) => {}
-                Err(e) => {
-                    self.broken[peer] = true;
-                    return Err(LinkError::Broken(peer as u32, e));
-                }
-            }
+        self.poll_peers(|_, c| Ok(c.try_recv(buf)?.map(|(len, _)| len)))
+    }
+
+    fn send_with(&mut self, peer: u32, len: usize, fill: Fill<'_>) -> Result<bool, LinkError> {
+        if matches!(self.peer_state(peer), PeerState::Gone | PeerState::Replaced) {
+            return Err(LinkError::PeerGone(peer));
         }
-        Ok(None)
+        if len > self.max_message() {
+            return Err(LinkError::TooLarge);
+        }
+        let sent = match self.producer(peer)?.try_reserve(len) {
+            Ok(None) => return Ok(false),
+            Ok(Some(mut frame)) => {
+                let (a, b) = frame.pieces_mut();
+                let first = a.len();
+                // A piece that cannot be filled drops the reservation:
+                // nothing is sent.
+                if !fill(0, a) || !fill(first, b) {
+                    return Err(LinkError::Unreadable);
+                }
+                frame.commit(len)
+            }
+            Err(e) => Err(e),
+        };
+        sent.map(|_| true).map_err(|e| {
+            self.broken[peer as usize] = true;
+            LinkError::Broken(peer, e)
+        })
+    }
+
+    fn recv_with(&mut self, take: Take<'_>) -> Result<Option<(u32, usize)>, LinkError> {
+        let offered = self.poll_peers(|peer, c| {
+            let Some(frame) = c.try_borrow()? else {
+                return Ok(None);
+            };
+            let (a, b) = frame.pieces();
+            if !take(peer, a, b) {
+                return Ok(Some(None));
+            }
+            // What `take` copied stands only if the frame was the
+            // sender's all along: a frame changed meanwhile breaks the
+            // queue, and the caller reports it.
+            let len = frame.len();
+            frame.release()?;
+            Ok(Some(Some(len)))
+        })?;
+        Ok(offered.and_then(|(peer, len)| len.map(|len| (peer, len))))
     }
 
     fn accept(&mut self, peer: u32) -> Result<bool, LinkError> {
@@ -413,5 +507,59 @@ mod tests {
             assert!(a.send(1, b"for this round only").unwrap());
             assert!(b.send(0, b"also").unwrap());
         }
+    }
+
+    #[test]
+    fn messages_go_in_and_out_of_the_ring_in_place() {
+        let t = transport();
+        let (mut a, mut b) = (
+            RingLink::join(&t, 0).unwrap(),
+            RingLink::join(&t, 1).unwrap(),
+        );
+        // Sizes that make frames wrap past the ring's end now and then.
+        let max = a.max_message();
+        let mut wrapped = 0;
+        for i in 0..40usize {
+            let len = (i * 7919) % (max / 3) + 1;
+            let msg: Vec<u8> = (0..len).map(|j| (i + j) as u8).collect();
+            let mut fill = |off: usize, piece: &mut [u8]| {
+                piece.copy_from_slice(&msg[off..off + piece.len()]);
+                true
+            };
+            assert!(a.send_with(1, len, &mut fill).unwrap(), "room for {i}");
+            // Left once: it stays the next message.
+            assert_eq!(b.recv_with(&mut |_, _, _| false).unwrap(), None);
+            let mut got = Vec::new();
+            let taken = b
+                .recv_with(&mut |from, x, y| {
+                    assert_eq!(from, 0);
+                    wrapped += usize::from(!x.is_empty() && !y.is_empty());
+                    got = [x, y].concat();
+                    true
+                })
+                .unwrap();
+            assert_eq!(taken, Some((0, len)));
+            assert!(got == msg, "message {i} differs");
+        }
+        assert!(wrapped > 0, "no message wrapped the ring");
+        // A fill that fails sends nothing.
+        assert_eq!(
+            a.send_with(1, 100, &mut |_, _| false),
+            Err(LinkError::Unreadable)
+        );
+        assert_eq!(recv(&mut b), None);
+        // Copies and in-place takes mix.
+        assert!(a.send(1, b"copied").unwrap());
+        let mut got = Vec::new();
+        b.recv_with(&mut |_, x, y| {
+            got = [x, y].concat();
+            true
+        })
+        .unwrap();
+        assert_eq!(got, b"copied");
+        assert_eq!(
+            a.send_with(1, max + 1, &mut |_, _| true),
+            Err(LinkError::TooLarge)
+        );
     }
 }

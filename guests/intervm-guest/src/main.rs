@@ -245,7 +245,8 @@ struct SendArgs {
     #[arg(long, default_value = "64K")]
     chunk: String,
     /// Fill each frame where it lies in the ring: a file is read straight
-    /// into it, the pattern generated there (no copy through a buffer).
+    /// into it, the prepared pattern written there (no copy through a
+    /// staging buffer; the checksum is taken in place at the commit).
     #[arg(long)]
     zero_copy: bool,
     #[command(flatten)]
