@@ -14,21 +14,7 @@
 //! then takes the frame off the ring. A borrowed frame dropped without a
 //! release stays the next frame.
 //!
-//! # What a borrower may trust
-//!
-//! The payload lives in memory other VMs can write. A well-behaved
-//! producer never touches a frame it published, but a hostile member may
-//! rewrite it at any time, also while it is borrowed. A borrower therefore
-//! treats what it reads as **unverified until [`Borrowed::release`]
-//! returns `Ok`**: the release sums the bytes after the borrower used them,
-//! so results computed from them (a file written, a pattern compared, a
-//! message parsed) stand only if it succeeds, and are discarded when it
-//! fails with [`RingError::BadChecksum`]. Lengths and offsets come from
-//! the header read once at the borrow and checked against the ring, never
-//! from shared memory again, so a rewrite can change the bytes seen but
-//! never make the borrower read or write outside the frame. A borrower
-//! that needs bytes that cannot change under it copies them out
-//! ([`Consumer::try_recv`]); the copy is what is checked.
+//! What a borrower may trust is documented on [`Borrowed`].
 
 use core::sync::atomic::{fence, Ordering};
 
@@ -104,7 +90,22 @@ impl Reserved<'_> {
 
 /// The next frame of a ring, borrowed in place by [`Consumer::try_borrow`]:
 /// read it through [`Borrowed::pieces`], then [`Borrowed::release`] it.
-/// See the [module](self) for what a borrower may trust.
+///
+/// # What a borrower may trust
+///
+/// The payload lives in memory other VMs can write. A well-behaved
+/// producer never touches a frame it published, but a hostile member may
+/// rewrite it at any time, also while it is borrowed. A borrower therefore
+/// treats what it reads as **unverified until [`Borrowed::release`]
+/// returns `Ok`**: the release sums the bytes after the borrower used them,
+/// so results computed from them (a file written, a pattern compared, a
+/// message parsed) stand only if it succeeds, and are discarded when it
+/// fails with [`RingError::BadChecksum`]. Lengths and offsets come from
+/// the header read once at the borrow and checked against the ring, never
+/// from shared memory again, so a rewrite can change the bytes seen but
+/// never make the borrower read or write outside the frame. A borrower
+/// that needs bytes that cannot change under it copies them out
+/// ([`Consumer::try_recv`]); the copy is what is checked.
 #[derive(Debug)]
 pub struct Borrowed<'a> {
     c: &'a mut Consumer,
