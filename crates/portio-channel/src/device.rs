@@ -175,20 +175,31 @@ impl<L: Link, M: GuestMemory> PortioDevice<L, M> {
         if msg_from_desc {
             return self.send_desc();
         }
-        match self.link.send(self.peer, &self.tx) {
+        let sent = self.link.send(self.peer, &self.tx);
+        if self.sent(sent, self.tx.len()) {
+            self.tx.clear();
+        }
+    }
+
+    /// Counts and answers the outcome of sending a `len`-byte message;
+    /// returns whether it went.
+    fn sent(&mut self, outcome: Result<bool, LinkError>, len: usize) -> bool {
+        match outcome {
             Ok(true) => {
                 self.stats.sent += 1;
-                self.stats.sent_bytes += self.tx.len() as u64;
-                self.tx.clear();
+                self.stats.sent_bytes += len as u64;
                 self.set_result(R_OK);
+                true
             }
             Ok(false) => {
                 self.stats.would_block += 1;
                 self.set_result(R_WOULD_BLOCK);
+                false
             }
             Err(e) => {
                 let r = self.link_result(e);
                 self.set_result(r);
+                false
             }
         }
     }
@@ -217,21 +228,8 @@ impl<L: Link, M: GuestMemory> PortioDevice<L, M> {
                     .checked_add(off as u64)
                     .is_some_and(|at| mem.read_slice(piece, GuestAddress(at)).is_ok())
         };
-        match self.link.send_with(self.peer, len, &mut fill) {
-            Ok(true) => {
-                self.stats.sent += 1;
-                self.stats.sent_bytes += len as u64;
-                self.set_result(R_OK);
-            }
-            Ok(false) => {
-                self.stats.would_block += 1;
-                self.set_result(R_WOULD_BLOCK);
-            }
-            Err(e) => {
-                let r = self.link_result(e);
-                self.set_result(r);
-            }
-        }
+        let sent = self.link.send_with(self.peer, len, &mut fill);
+        self.sent(sent, len);
     }
 
     /// [`C_RECV_DESC`] with no message current: the next one goes straight

@@ -28,6 +28,28 @@ impl Shm {
     fn path(&self) -> PathBuf {
         PathBuf::from("/dev/shm").join(&self.0)
     }
+    /// A 1 MiB region nobody manages, formatted by the tool for two
+    /// members.
+    fn unmanaged(tag: &str) -> Self {
+        let shm = Shm::new(tag);
+        std::fs::File::create(shm.path())
+            .unwrap()
+            .set_len(1 << 20)
+            .unwrap();
+        let res = shm.path();
+        let o = tool(&[
+            "shmem",
+            "format",
+            "--resource",
+            res.to_str().unwrap(),
+            "--members",
+            "2",
+        ])
+        .output()
+        .unwrap();
+        assert!(o.status.success(), "{}", text(&o));
+        shm
+    }
     fn transport(&self) -> Transport {
         let r = SharedRegion::open(&Backing::Shm(self.0.clone()), 1 << 20).expect("region");
         Transport::attach(Arc::new(r), 2).expect("attach")
@@ -71,6 +93,13 @@ fn checked_recv(res: &std::path::Path, size: u64, seed: u64) -> Command {
         "--verify-seed",
         &seed.to_string(),
     ])
+}
+
+/// A fresh directory for a test's files.
+fn scratch_dir(tag: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("intervm-guest-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
 }
 
 /// Runs `cmd` to its end, failing (not hanging) the test if it hangs.
@@ -258,19 +287,10 @@ fn tool_pair(res: &str, recv: &[&str], send: &[&str]) -> (Output, Output) {
 
 #[test]
 fn files_and_patterns_cross_in_place_and_mixed_with_copying_ends() {
-    let shm = Shm::new("in-place");
-    std::fs::File::create(shm.path())
-        .unwrap()
-        .set_len(1 << 20)
-        .unwrap();
+    let shm = Shm::unmanaged("in-place");
     let res = shm.path();
     let res = res.to_str().unwrap();
-    let o = tool(&["shmem", "format", "--resource", res, "--members", "2"])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", text(&o));
-    let dir = std::env::temp_dir().join(format!("intervm-guest-in-place-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("in-place");
     let (input, output) = (dir.join("in.bin"), dir.join("out.bin"));
     // Frames of 100,000 bytes wrap past the rings' ends; the file's last
     // frame is short.
@@ -351,20 +371,10 @@ fn files_and_patterns_cross_in_place_and_mixed_with_copying_ends() {
 
 #[test]
 fn a_file_streams_between_two_tools_with_end_of_stream() {
-    let shm = Shm::new("file");
-    // A region nobody manages: the tool formats it.
-    std::fs::File::create(shm.path())
-        .unwrap()
-        .set_len(1 << 20)
-        .unwrap();
+    let shm = Shm::unmanaged("file");
     let res = shm.path();
     let res = res.to_str().unwrap();
-    let o = tool(&["shmem", "format", "--resource", res, "--members", "2"])
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", text(&o));
-    let dir = std::env::temp_dir().join(format!("intervm-guest-file-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = scratch_dir("file");
     let (input, output) = (dir.join("in.bin"), dir.join("out.bin"));
     // Not a multiple of the frame size, so the last frame is short.
     let mut data = vec![0u8; 1_500_001];
