@@ -172,9 +172,10 @@ pub struct Breakdown {
     pub interrupts: u64,
 }
 
-/// Measures [`Breakdown`] over `rounds` transfers of `bytes`.
-pub fn breakdown(bytes: u64, rounds: u64) -> Breakdown {
-    let (rx, tx) = pair(bytes, rounds, true, false);
+/// Measures [`Breakdown`] over `rounds` transfers of `bytes`, with frames
+/// copied or (`zero_copy`) filled and read in place.
+pub fn breakdown(bytes: u64, rounds: u64, zero_copy: bool) -> Breakdown {
+    let (rx, tx) = pair(bytes, rounds, true, zero_copy);
     let exits = |r: &vmm_core::RunningVm| {
         use std::sync::atomic::Ordering::Relaxed;
         let s = &r.vm().control().stats;
