@@ -1102,7 +1102,10 @@ mod plots {
         let n = r.breakdown.len().max(1);
         // Said only when measured: every run made no exit but its two
         // power-offs and took no interrupt.
-        let quiet = r.breakdown.iter().all(|l| l.exits <= 2 && l.interrupts == 0);
+        let quiet = r
+            .breakdown
+            .iter()
+            .all(|l| l.exits <= 2 && l.interrupts == 0);
         let caption = format!(
             "Shared memory, polled: where a transfer's time goes (share of the receiver's total{})",
             if quiet { "; no exit, no interrupt" } else { "" }
