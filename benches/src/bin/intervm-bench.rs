@@ -1020,15 +1020,17 @@ mod plots {
             v.dedup();
             v
         };
+        // Room on the right, past the largest size, for the legend, so
+        // that it covers no line.
         let (x0, x1) = (
             sizes.first().copied().unwrap_or(10.0).floor() - 1.0,
-            sizes.last().copied().unwrap_or(30.0).ceil() + 1.0,
+            sizes.last().copied().unwrap_or(30.0).ceil() + 12.0,
         );
         let (y0, y1) = bounds(s.iter().flat_map(|(_, v)| v.iter().map(|p| y(p.0, p.1))));
-        let root = SVGBackend::new(path, (1100, 700)).into_drawing_area();
+        let root = SVGBackend::new(path, (1200, 760)).into_drawing_area();
         root.fill(&WHITE).map_err(e)?;
         let mut chart = ChartBuilder::on(&root)
-            .caption(title, ("sans-serif", 28))
+            .caption(title, ("sans-serif", 30))
             .margin(20)
             .x_label_area_size(60)
             .y_label_area_size(110)
@@ -1048,12 +1050,12 @@ mod plots {
             .disable_x_mesh()
             .x_label_formatter(&tick)
             .y_label_formatter(&|v| approx(*v, y_desc))
-            .label_style(("sans-serif", 18))
-            .axis_desc_style(("sans-serif", 20))
+            .label_style(("sans-serif", 22))
+            .axis_desc_style(("sans-serif", 22))
             .draw()
             .map_err(e)?;
         for (i, (name, pts)) in s.iter().enumerate() {
-            let color = Palette99::pick(i).to_rgba();
+            let color = line_color(i);
             let data: Vec<(f64, f64)> = pts.iter().map(|&(b, t)| (b.log2(), y(b, t))).collect();
             chart
                 .draw_series(LineSeries::new(data.clone(), color.stroke_width(2)))
@@ -1068,13 +1070,33 @@ mod plots {
         }
         chart
             .configure_series_labels()
-            .position(SeriesLabelPosition::UpperLeft)
-            .label_font(("sans-serif", 17))
+            .position(SeriesLabelPosition::UpperRight)
+            .label_font(("sans-serif", 24))
             .background_style(WHITE.mix(0.85))
             .border_style(BLACK)
             .draw()
             .map_err(e)?;
         root.present().map_err(e)
+    }
+
+    /// Line `i`'s color: twelve that tell apart in print, then repeats.
+    fn line_color(i: usize) -> RGBAColor {
+        const C: [(u8, u8, u8); 12] = [
+            (31, 119, 180),
+            (255, 127, 14),
+            (44, 160, 44),
+            (214, 39, 40),
+            (148, 103, 189),
+            (140, 86, 75),
+            (227, 119, 194),
+            (127, 127, 127),
+            (188, 189, 34),
+            (23, 190, 207),
+            (0, 0, 0),
+            (174, 199, 232),
+        ];
+        let (r, g, b) = C[i % C.len()];
+        RGBColor(r, g, b).to_rgba()
     }
 
     /// Time per transfer against size, log-log.
@@ -1111,10 +1133,10 @@ mod plots {
             if quiet { "; no exit, no interrupt" } else { "" }
         );
         let mut chart = ChartBuilder::on(&root)
-            .caption(caption, ("sans-serif", 20))
+            .caption(caption, ("sans-serif", 22))
             .margin(15)
             .x_label_area_size(45)
-            .y_label_area_size(60)
+            .y_label_area_size(70)
             .build_cartesian_2d(0f64..n as f64, 0f64..140f64)
             .map_err(e)?;
         chart
@@ -1122,8 +1144,8 @@ mod plots {
             .disable_x_mesh()
             .x_labels(0)
             .y_desc("% of the transfer (left bar: sender, right bar: receiver)")
-            .label_style(("sans-serif", 17))
-            .axis_desc_style(("sans-serif", 18))
+            .label_style(("sans-serif", 20))
+            .axis_desc_style(("sans-serif", 20))
             .draw()
             .map_err(e)?;
         chart
@@ -1136,18 +1158,18 @@ mod plots {
                         l.total * 1e3,
                     ),
                     (i as f64 + 0.05, 106.0),
-                    ("sans-serif", 17),
+                    ("sans-serif", 20),
                 )
             }))
             .map_err(e)?;
         type Layer = (&'static str, fn(&super::Layers) -> f64);
         let layers: [Layer; 4] = [
-            ("sender: copy + checksum into the ring (guest CPL3)", |l| {
+            ("sender: ring calls, copy and sum (guest CPL3)", |l| {
                 l.send_copy
             }),
             ("sender: waiting on a full ring", |l| l.send_wait),
             (
-                "receiver: copy + checksum out of the ring (guest CPL3)",
+                "receiver: ring calls, copy or sum (guest CPL3)",
                 |l| l.recv_copy,
             ),
             ("receiver: waiting for the peer's data", |l| l.recv_wait),
@@ -1187,7 +1209,7 @@ mod plots {
         chart
             .configure_series_labels()
             .position(SeriesLabelPosition::UpperRight)
-            .label_font(("sans-serif", 16))
+            .label_font(("sans-serif", 20))
             .background_style(WHITE.mix(0.85))
             .border_style(BLACK)
             .draw()
