@@ -147,7 +147,9 @@ fuzz_target!(|data: &[u8]| {
                 if let Ok(g) = region.geometry() {
                     if let Ok(mut p) = region.producer(g, from, to) {
                         if let Ok(Some(mut r)) = p.try_reserve(len) {
-                            let (a, b) = r.pieces_mut();
+                            // SAFETY: the only producer of the ring in this
+                            // process (made above); only stored into.
+                            let (a, b) = unsafe { r.pieces_mut() };
                             inside(base, a);
                             inside(base, b);
                             a.fill(l[1]);
@@ -161,7 +163,8 @@ fuzz_target!(|data: &[u8]| {
                     if let Ok(mut c) = region.consumer(g, from, to) {
                         for _ in 0..4 {
                             let Ok(Some(b)) = c.try_borrow() else { break };
-                            let (x, y) = b.pieces();
+                            // SAFETY: only their addresses are looked at.
+                            let (x, y) = unsafe { b.pieces() };
                             inside(base, x);
                             inside(base, y);
                             if b.release().is_err() {

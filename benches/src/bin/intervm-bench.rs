@@ -1168,10 +1168,9 @@ mod plots {
                 l.send_copy
             }),
             ("sender: waiting on a full ring", |l| l.send_wait),
-            (
-                "receiver: ring calls, copy or sum (guest CPL3)",
-                |l| l.recv_copy,
-            ),
+            ("receiver: ring calls, copy or sum (guest CPL3)", |l| {
+                l.recv_copy
+            }),
             ("receiver: waiting for the peer's data", |l| l.recv_wait),
         ];
         for (k, (name, f)) in layers.iter().enumerate() {

@@ -367,7 +367,9 @@ impl Link for RingLink {
         let sent = match self.producer(peer)?.try_reserve(len) {
             Ok(None) => return Ok(false),
             Ok(Some(mut frame)) => {
-                let (a, b) = frame.pieces_mut();
+                // SAFETY: this link holds the ring's only producer in this
+                // process; `fill` only stores into the pieces.
+                let (a, b) = unsafe { frame.pieces_mut() };
                 let first = a.len();
                 // A piece that cannot be filled drops the reservation:
                 // nothing is sent.
@@ -389,7 +391,9 @@ impl Link for RingLink {
             let Some(frame) = c.try_borrow()? else {
                 return Ok(None);
             };
-            let (a, b) = frame.pieces();
+            // SAFETY: `take` only copies the pieces (into guest memory),
+            // and its copy stands only if the release below succeeds.
+            let (a, b) = unsafe { frame.pieces() };
             if !take(peer, a, b) {
                 return Ok(Some(None));
             }
@@ -400,7 +404,16 @@ impl Link for RingLink {
             frame.release()?;
             Ok(Some(Some(len)))
         })?;
-        Ok(offered.and_then(|(peer, len)| len.map(|len| (peer, len))))
+        match offered {
+            Some((peer, Some(len))) => Ok(Some((peer, len))),
+            Some((peer, None)) => {
+                // Left: the next `recv` starts at this peer again, so the
+                // message offered is the one it takes.
+                self.next = peer as usize;
+                Ok(None)
+            }
+            None => Ok(None),
+        }
     }
 
     fn accept(&mut self, peer: u32) -> Result<bool, LinkError> {
@@ -542,6 +555,38 @@ mod tests {
             assert!(got == msg, "message {i} differs");
         }
         assert!(wrapped > 0, "no message wrapped the ring");
+        // A message left in place is the one the next copy takes, even
+        // with another member's waiting after it in the round.
+        let t3 = {
+            let r = SharedRegion::open(&Backing::Memfd, 1 << 20).unwrap();
+            Transport::attach(Arc::new(r), 3).unwrap()
+        };
+        let (mut x, mut y, mut z) = (
+            RingLink::join(&t3, 0).unwrap(),
+            RingLink::join(&t3, 1).unwrap(),
+            RingLink::join(&t3, 2).unwrap(),
+        );
+        for round in 0..3u8 {
+            assert!(y.send(0, &[round; 10]).unwrap());
+            assert!(z.send(0, &[round + 100; 20]).unwrap());
+            for _ in 0..2 {
+                let mut first = None;
+                assert_eq!(
+                    x.recv_with(&mut |from, _, _| {
+                        first = Some(from);
+                        false
+                    })
+                    .unwrap(),
+                    None
+                );
+                let (from, _) = recv(&mut x).unwrap();
+                assert_eq!(
+                    Some(from),
+                    first,
+                    "round {round}: another message was taken"
+                );
+            }
+        }
         // A fill that fails sends nothing.
         assert_eq!(
             a.send_with(1, 100, &mut |_, _| false),

@@ -19,7 +19,10 @@
 //! [`C_SEND_DESC`]: the VMM copies that whole buffer as one message in one
 //! exit. [`C_RECV_DESC`] copies the current message (all of it, or nothing
 //! if it is longer than [`DESC_LEN`]) to the buffer and sets [`DESC_LEN`]
-//! to its length. Buffers must lie in guest RAM.
+//! to its length. Buffers must lie in guest RAM. The VMM copies straight
+//! between the buffer and its queue to the peer; a message that fails its
+//! checksum on the way in answers [`R_BROKEN`], and the buffer then holds
+//! bytes that must not be used.
 //!
 //! An empty message (a send command with nothing written) is delivered
 //! too: [`STATUS`] shows [`S_RX_READY`] with [`RX_LEN`] 0 until

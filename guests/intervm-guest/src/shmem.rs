@@ -458,7 +458,9 @@ fn fill_in_place(
     let Some(mut frame) = p.try_reserve(most).map_err(ring_err)? else {
         return Ok(None);
     };
-    let (a, b) = frame.pieces_mut();
+    // SAFETY: this process holds the ring's only producer (its member's);
+    // the pieces are only stored into.
+    let (a, b) = unsafe { frame.pieces_mut() };
     let len = match from {
         InPlace::File(f) => {
             let mut read = |buf: &mut [u8]| {
@@ -615,14 +617,11 @@ impl Inbound {
             return Ok(None);
         };
         let n = frame.len();
-        deliver(
-            frame.pieces(),
-            self.verify,
-            &mut self.want,
-            at,
-            first_frame,
-            sink,
-        )?;
+        // SAFETY: `deliver` only compares the pieces with the pattern and
+        // hands them to `write(2)`; what it did stands only if the release
+        // below succeeds (the transfer fails otherwise).
+        let pieces = unsafe { frame.pieces() };
+        deliver(pieces, self.verify, &mut self.want, at, first_frame, sink)?;
         // What was checked and written stands only if the bytes were the
         // sender's all along.
         let sum = frame.release().map_err(ring_err)?;
@@ -944,4 +943,67 @@ pub fn format(src: &Source, members: u32, force: bool) -> Result<Geometry, Error
     let geo = Geometry::fit(members, map.len() as u64).map_err(ring_err)?;
     region.init(geo).map_err(ring_err)?;
     Ok(geo)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A frame of `n` pattern bytes at stream offset `pos`, split after
+    /// `first` bytes as a wrapping frame is, with byte `bad` flipped.
+    fn frame(pos: u64, n: usize, bad: Option<usize>) -> Vec<u8> {
+        let mut f = vec![0u8; n];
+        ring::fill_pattern(7, pos, &mut f);
+        if let Some(i) = bad {
+            f[i] ^= 0x40;
+        }
+        f
+    }
+
+    #[test]
+    fn a_difference_is_found_at_its_byte_in_either_piece_and_any_block() {
+        // Frames of 1,000 bytes, compared in blocks of 64.
+        let mut want = vec![0u8; 64];
+        for (k, first, bad) in [
+            (0u64, 1000, None),
+            (3, 600, Some(599)),
+            (5, 600, Some(601)),
+            (2, 10, Some(999)),
+        ] {
+            let f = frame(k * 1000, 1000, bad);
+            let (a, b) = f.split_at(first);
+            let at = At {
+                size: Some(10_000),
+                frames: k,
+                bytes: k * 1000,
+            };
+            let mut first_frame = Some(1000);
+            let got = deliver((a, b), Some(7), &mut want, at, &mut first_frame, None);
+            match (bad, got) {
+                (None, Ok(())) => {}
+                (Some(i), Err(Error::Mismatch { seed: 7, offset })) => {
+                    assert_eq!(offset, k * 1000 + i as u64, "frame {k}")
+                }
+                (bad, got) => panic!("frame {k}, byte {bad:?} flipped: {got:?}"),
+            }
+        }
+        // What a sink gets is the frame, both pieces in order.
+        let f = frame(0, 300, None);
+        let mut sink = Vec::new();
+        let at = At {
+            size: None,
+            frames: 0,
+            bytes: 0,
+        };
+        deliver(
+            f.split_at(100),
+            None,
+            &mut [],
+            at,
+            &mut None,
+            Some(&mut sink),
+        )
+        .unwrap();
+        assert_eq!(sink, f);
+    }
 }

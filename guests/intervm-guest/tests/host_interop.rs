@@ -324,7 +324,8 @@ fn files_and_patterns_cross_in_place_and_mixed_with_copying_ends() {
         text(&rx)
     );
     // A receiver in place that checks the pattern finds the first
-    // difference, past its first pattern block and frame.
+    // difference, in a later frame, at its offset in the stream (offsets
+    // within a frame and block: the unit test of `deliver`).
     data[2_500_000] ^= 1;
     std::fs::write(&input, &data).unwrap();
     let recv = ["--verify-seed", "5", "--zero-copy"];

@@ -405,8 +405,6 @@ fn send_on(ch: &Channel) -> Result<(), u32> {
     Ok(())
 }
 
-/// What a hostile guest would do: publish a head index the consumer can
-/// never have been given.
 /// Sends `msg` as one frame written straight into the ring
 /// ([`SHMEM_ZERO_COPY`]): the payload is stored in the reserved frame and
 /// summed there at the commit, instead of summed while the ring copies it.
@@ -414,7 +412,8 @@ fn send_in_place(p: &mut ring::Producer, msg: &[u8]) -> Result<Option<u64>, Ring
     let Some(mut frame) = p.try_reserve(msg.len())? else {
         return Ok(None);
     };
-    let (a, b) = frame.pieces_mut();
+    // SAFETY: the probe holds the ring's only producer; only stored into.
+    let (a, b) = unsafe { frame.pieces_mut() };
     let (m0, m1) = msg.split_at(a.len());
     a.copy_from_slice(m0);
     b.copy_from_slice(m1);
@@ -435,6 +434,8 @@ fn recv_in_place(c: &mut ring::Consumer, chunk: usize) -> Result<Option<(usize, 
     frame.release().map(|sum| Some((n, sum)))
 }
 
+/// What a hostile guest would do: publish a head index the consumer can
+/// never have been given.
 fn corrupt_head(ch: &Channel, peer: u32) -> u32 {
     let Ok(off) = ch.region.ring_offset(&ch.geo, ch.me, peer) else {
         return fail(4, peer as u64);

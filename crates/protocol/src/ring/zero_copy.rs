@@ -57,15 +57,25 @@ impl Reserved<'_> {
     /// past the ring's end (the second is empty otherwise). Byte `i` of the
     /// payload is `first[i]` for `i < first.len()`, else
     /// `second[i - first.len()]`. It holds whatever the ring held before.
-    pub fn pieces_mut(&mut self) -> (&mut [u8], &mut [u8]) {
+    ///
+    /// # Safety
+    /// The slices are memory of a region other VMs map. The caller must
+    /// make sure that this is the only [`Producer`] of the ring in this
+    /// process (a ring has one producer; [`Region::producer`](super::Region::producer)
+    /// does not stop a second), and must only store into the slices, or
+    /// read back what it stored without building on it anything whose
+    /// validity depends on the bytes (a `str`, an enum): a hostile peer may
+    /// write them too. What such a peer changes reaches only the frame's
+    /// receiver, whose checksum then fails.
+    pub unsafe fn pieces_mut(&mut self) -> (&mut [u8], &mut [u8]) {
         let pos = self.p.head.wrapping_add(FRAME_HEADER_BYTES);
         let [(a, an), (b, bn)] = self.p.ring.spans(pos, self.len);
-        // SAFETY: the two spans lie inside the ring's data area (`spans`),
-        // do not overlap (together they are at most the capacity), and are
-        // past the published head, where the consumer does not read until
-        // the commit; the mutable borrow of `self` keeps them unique here.
-        // A hostile peer writing them concurrently can only change what
-        // this frame carries to itself.
+        // SAFETY: the two spans lie inside the ring's data area (`spans`)
+        // and do not overlap (together they are at most the capacity).
+        // They lie past the published head, where no consumer reads before
+        // the commit, and the caller guarantees no other producer of this
+        // ring in this process; the mutable borrow of `self` keeps them
+        // unique among this producer's reservations.
         unsafe {
             (
                 core::slice::from_raw_parts_mut(a, an),
@@ -106,6 +116,12 @@ impl Reserved<'_> {
 /// never make the borrower read or write outside the frame. A borrower
 /// that needs bytes that cannot change under it copies them out
 /// ([`Consumer::try_recv`]); the copy is what is checked.
+///
+/// The checksum is not keyed: it catches bytes that changed by accident,
+/// or by a member that does not also rewrite the header's sum, or changed
+/// back before the release. It does not prove who wrote the frame; with
+/// three or more members, rings that only their producer can write are
+/// still to come (issue #15).
 #[derive(Debug)]
 pub struct Borrowed<'a> {
     c: &'a mut Consumer,
@@ -145,14 +161,23 @@ impl Borrowed<'_> {
     /// The payload, in place: one piece, or two when it wraps past the
     /// ring's end (the second is empty otherwise). Unverified until
     /// [`Borrowed::release`] returns `Ok`.
-    pub fn pieces(&self) -> (&[u8], &[u8]) {
+    ///
+    /// # Safety
+    /// The slices are memory a peer may rewrite while they are borrowed.
+    /// The caller must only copy, compare or sum the bytes, or hand them
+    /// to the kernel (`write(2)`), never build on them anything whose
+    /// validity depends on them (a `str` from a UTF-8 check, an enum, a
+    /// length used later without another check), and must take what it
+    /// computed from them as final only once [`Borrowed::release`]
+    /// returned `Ok`.
+    pub unsafe fn pieces(&self) -> (&[u8], &[u8]) {
         let pos = self.c.tail.wrapping_add(FRAME_HEADER_BYTES);
         let [(a, an), (b, bn)] = self.c.ring.spans(pos, self.head.len);
         // SAFETY: the spans lie inside the ring's data area (`spans`), with
         // a length checked against the ring when the header was read; they
-        // belong to a published frame the producer does not write again
-        // until the release. A hostile member that writes them anyway can
-        // change the bytes seen, which the release's checksum detects.
+        // belong to a published frame a well-behaved producer does not
+        // write again until the release. That a hostile one may is the
+        // caller's contract above.
         unsafe {
             (
                 core::slice::from_raw_parts(a, an),
@@ -215,7 +240,8 @@ mod tests {
                 p.try_send(&msg).expect("send").expect("room");
             } else {
                 let mut res = p.try_reserve(len + 100).expect("reserve").expect("room");
-                let (a, b) = res.pieces_mut();
+                // SAFETY: the ring's only producer; only stored into.
+                let (a, b) = unsafe { res.pieces_mut() };
                 wrapped += usize::from(!b.is_empty());
                 let n = a.len().min(len);
                 a[..n].copy_from_slice(&msg[..n]);
@@ -227,7 +253,8 @@ mod tests {
                 assert_eq!((&out[..n], sum), (&msg[..], checksum(&msg)));
             } else {
                 let b = c.try_borrow().expect("borrow").expect("frame");
-                assert_eq!(joined(b.pieces()), msg);
+                // SAFETY: only compared.
+                assert_eq!(joined(unsafe { b.pieces() }), msg);
                 assert_eq!(b.release().expect("release"), checksum(&msg));
             }
         }
@@ -242,7 +269,8 @@ mod tests {
         let mut c = r.consumer(geo, 0, 1).expect("consumer");
         {
             let mut res = p.try_reserve(64).expect("reserve").expect("room");
-            res.pieces_mut().0.fill(7);
+            // SAFETY: the ring's only producer; only stored into.
+            unsafe { res.pieces_mut() }.0.fill(7);
         }
         assert!(c.try_borrow().expect("borrow").is_none());
         let res = p.try_reserve(64).expect("reserve").expect("room");
@@ -255,7 +283,8 @@ mod tests {
         // Borrowed, and dropped at the end of the statement.
         assert!(c.try_borrow().expect("borrow").is_some());
         let b = c.try_borrow().expect("borrow").expect("frame");
-        assert_eq!(joined(b.pieces()), b"kept");
+        // SAFETY: only compared.
+        assert_eq!(joined(unsafe { b.pieces() }), b"kept");
         b.release().expect("release");
         assert_eq!(
             p.try_reserve(geo.ring_bytes as usize).err(),
@@ -284,19 +313,20 @@ mod tests {
 
     #[test]
     fn a_payload_rewritten_while_borrowed_fails_its_release_and_stays() {
-        let (mem, r, geo) = region(4096 + 2 * 8192);
+        let (mut mem, r, geo) = region(4096 + 2 * 8192);
         let mut p = r.producer(geo, 0, 1).expect("producer");
         let mut c = r.consumer(geo, 0, 1).expect("consumer");
         p.try_send(&[1u8; 40]).expect("send").expect("room");
         let b = c.try_borrow().expect("borrow").expect("frame");
-        assert_eq!(b.pieces().0, &[1u8; 40]);
+        // SAFETY: only compared.
+        assert_eq!(unsafe { b.pieces() }.0, &[1u8; 40]);
         // A hostile member writes the published payload (first data word
         // after the frame header, in the first ring after the region
         // header and the ring header).
         let word = (geo.ring_base + 256 + FRAME_HEADER_BYTES) as usize / 8;
         // SAFETY: a word inside the vector that backs the region, written
         // the way another VM would write it.
-        unsafe { core::ptr::write_volatile(mem.as_ptr().add(word) as *mut u64, 0) };
+        unsafe { core::ptr::write_volatile(mem.as_mut_ptr().add(word), 0) };
         assert_eq!(b.release(), Err(RingError::BadChecksum { seq: 0 }));
         // Still the next frame, and still failing.
         let mut out = [0u8; 64];
@@ -305,17 +335,17 @@ mod tests {
 
     #[test]
     fn a_borrow_checks_the_header_as_a_copy_does() {
-        let (mem, r, geo) = region(4096 + 2 * 8192);
+        let (mut mem, r, geo) = region(4096 + 2 * 8192);
         let mut p = r.producer(geo, 0, 1).expect("producer");
         let mut c = r.consumer(geo, 0, 1).expect("consumer");
         p.try_send(b"hello, peer").expect("send").expect("room");
         let len = (geo.ring_base + 256) as usize / 8;
         // SAFETY: the frame header's first word (length, sequence number)
         // in the vector backing the region, written as a hostile VM would.
-        unsafe { core::ptr::write_volatile(mem.as_ptr().add(len) as *mut u64, 60_000) };
+        unsafe { core::ptr::write_volatile(mem.as_mut_ptr().add(len), 60_000) };
         assert_eq!(c.try_borrow().err(), Some(RingError::CorruptLength(60_000)));
         // SAFETY: as above: length 8, sequence number 5.
-        unsafe { core::ptr::write_volatile(mem.as_ptr().add(len) as *mut u64, 8 | 5 << 32) };
+        unsafe { core::ptr::write_volatile(mem.as_mut_ptr().add(len), 8 | 5 << 32) };
         assert_eq!(
             c.try_borrow().err(),
             Some(RingError::BadSequence {
