@@ -181,11 +181,13 @@ pub fn send<P: Ports>(
             Some(std::fs::File::open(p).map_err(|e| Error::Io(p.display().to_string(), e))?),
         ),
     };
+    // Faulted in before the clock starts (a first touch is a page fault
+    // of milliseconds in a Linux guest on PVM).
+    let mut buf = crate::touched_buffer(message);
     wait_for(&mut dev, join_timeout, |d| d.rd(RX_LEN) > 0)?;
     dev.command(C_DISCARD_RX);
     let start = Instant::now();
     let (mut sent, mut msgs, mut stream, mut pos) = (0u64, 0u64, 0u64, 0usize);
-    let mut buf = crate::touched_buffer(message);
     loop {
         let n = match &mut file {
             Some(f) => crate::shmem::read_full(f, &mut buf)
@@ -262,6 +264,8 @@ pub fn recv<P: Ports>(
         )),
         None => None,
     };
+    // Faulted in before the clock starts, as for the sender.
+    let mut buf = crate::touched_buffer(max);
     wait_for(&mut dev, join_timeout, |d| {
         d.rd(STATUS) & S_PEER_PRESENT != 0
     })?;
@@ -277,7 +281,6 @@ pub fn recv<P: Ports>(
     let r = dev.command(C_SEND);
     dev.check(r)?;
     let (mut got, mut msgs, mut stream, mut last) = (0u64, 0u64, 0u64, Duration::ZERO);
-    let mut buf = crate::touched_buffer(max);
     let mut idle = Instant::now();
     while size.is_none_or(|s| got < s) {
         let n = dev.rd(RX_LEN) as usize;
