@@ -126,9 +126,20 @@ pub fn transfer(m: Mode, bytes: u64) -> Run {
         k.seed = 9;
         k.boot_info()
     };
-    let (rx, rxd) = vm("rx", &task(Role::Recv { from: 1 }), &t, 1);
-    let (tx, txd) = vm("tx", &task(Role::Send { to: 1 }), &t, 0);
+    // The receiver's clock starts when it sends its "go", as soon as the
+    // sender's VMM has joined: the sender's guest must be waiting for it by
+    // then, or the time includes the sender's boot.
     let limit = Duration::from_secs(3600);
+    let (tx, txd) = vm("tx", &task(Role::Send { to: 1 }), &t, 0);
+    assert!(
+        probe::wait_state(
+            tx.vm().memory(),
+            intervm_protocol::probe::State::Ready,
+            limit
+        ),
+        "the sender never got ready"
+    );
+    let (rx, rxd) = vm("rx", &task(Role::Recv { from: 1 }), &t, 1);
     rx.wait_timeout(limit).expect("receiver finished");
     tx.wait_timeout(limit).expect("sender finished");
     let ri = probe::read_info(rx.vm().memory()).expect("info");
