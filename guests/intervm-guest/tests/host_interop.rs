@@ -102,6 +102,17 @@ fn scratch_dir(tag: &str) -> PathBuf {
     dir
 }
 
+/// A fresh directory holding `in.bin`, `len` bytes of the pattern of
+/// `seed`; returns it, the input's and an output's path, and the bytes.
+fn pattern_file(tag: &str, len: usize, seed: u64) -> (PathBuf, PathBuf, PathBuf, Vec<u8>) {
+    let dir = scratch_dir(tag);
+    let (input, output) = (dir.join("in.bin"), dir.join("out.bin"));
+    let mut data = vec![0u8; len];
+    intervm_protocol::ring::fill_pattern(seed, 0, &mut data);
+    std::fs::write(&input, &data).unwrap();
+    (dir, input, output, data)
+}
+
 /// Runs `cmd` to its end, failing (not hanging) the test if it hangs.
 fn run(mut cmd: Command, what: &str) -> Output {
     wait_within(cmd.spawn().unwrap(), what, HANG)
@@ -290,13 +301,9 @@ fn files_and_patterns_cross_in_place_and_mixed_with_copying_ends() {
     let shm = Shm::unmanaged("in-place");
     let res = shm.path();
     let res = res.to_str().unwrap();
-    let dir = scratch_dir("in-place");
-    let (input, output) = (dir.join("in.bin"), dir.join("out.bin"));
     // Frames of 100,000 bytes wrap past the rings' ends; the file's last
     // frame is short.
-    let mut data = vec![0u8; 3_000_001];
-    intervm_protocol::ring::fill_pattern(5, 0, &mut data);
-    std::fs::write(&input, &data).unwrap();
+    let (dir, input, output, mut data) = pattern_file("in-place", 3_000_001, 5);
     let (inp, out) = (input.to_str().unwrap(), output.to_str().unwrap());
     let chunk = ["--chunk", "100000"];
     // A file read straight into frames and written straight from them.
@@ -375,12 +382,8 @@ fn a_file_streams_between_two_tools_with_end_of_stream() {
     let shm = Shm::unmanaged("file");
     let res = shm.path();
     let res = res.to_str().unwrap();
-    let dir = scratch_dir("file");
-    let (input, output) = (dir.join("in.bin"), dir.join("out.bin"));
     // Not a multiple of the frame size, so the last frame is short.
-    let mut data = vec![0u8; 1_500_001];
-    intervm_protocol::ring::fill_pattern(3, 0, &mut data);
-    std::fs::write(&input, &data).unwrap();
+    let (dir, input, output, data) = pattern_file("file", 1_500_001, 3);
     let rx = transfer_tool(&[
         "shmem",
         "recv",
