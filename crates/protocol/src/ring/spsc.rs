@@ -42,15 +42,13 @@ impl RingRef {
 
     /// Copies `src` into the ring at stream position `pos` (wrapping).
     fn write_at(&self, pos: u64, src: &[u8]) {
-        let cap = self.geo.ring_bytes;
-        let start = pos & (cap - 1);
-        let first = (cap - start).min(src.len() as u64) as usize;
-        // SAFETY: start + first <= cap and the rest (< cap) wraps to 0; the
-        // data area is `cap` bytes inside the region. The peer may read
-        // concurrently; it validates what it reads.
+        let [(a, an), (b, bn)] = self.spans(pos, src.len());
+        // SAFETY: the spans lie inside the data area (`spans`) and together
+        // hold `src.len()` bytes. The peer may read concurrently; it
+        // validates what it reads.
         unsafe {
-            core::ptr::copy_nonoverlapping(src.as_ptr(), self.data().add(start as usize), first);
-            core::ptr::copy_nonoverlapping(src.as_ptr().add(first), self.data(), src.len() - first);
+            core::ptr::copy_nonoverlapping(src.as_ptr(), a, an);
+            core::ptr::copy_nonoverlapping(src.as_ptr().add(an), b, bn);
         }
     }
 
@@ -58,14 +56,12 @@ impl RingRef {
     /// returns its checksum, computed in the same pass. `pos` is a multiple
     /// of 8, so the wrap splits the message at a word boundary.
     fn write_summed(&self, pos: u64, src: &[u8]) -> u64 {
-        let cap = self.geo.ring_bytes;
-        let start = pos & (cap - 1);
-        let first = (cap - start).min(src.len() as u64) as usize;
+        let [(a, an), (b, bn)] = self.spans(pos, src.len());
         let mut f = Fletcher::new(src.len());
         // SAFETY: as for `write_at`.
         unsafe {
-            f.copy(self.data().add(start as usize), src.as_ptr(), first);
-            f.copy(self.data(), src.as_ptr().add(first), src.len() - first);
+            f.copy(a, src.as_ptr(), an);
+            f.copy(b, src.as_ptr().add(an), bn);
         }
         f.finish()
     }
@@ -73,14 +69,12 @@ impl RingRef {
     /// Copies from the ring at stream position `pos` (a multiple of 8) into
     /// `dst` and returns the checksum of the bytes copied.
     fn read_summed(&self, pos: u64, dst: &mut [u8]) -> u64 {
-        let cap = self.geo.ring_bytes;
-        let start = pos & (cap - 1);
-        let first = (cap - start).min(dst.len() as u64) as usize;
+        let [(a, an), (b, bn)] = self.spans(pos, dst.len());
         let mut f = Fletcher::new(dst.len());
-        // SAFETY: as for `read_at`.
+        // SAFETY: as for `write_at`.
         unsafe {
-            f.copy(dst.as_mut_ptr(), self.data().add(start as usize), first);
-            f.copy(dst.as_mut_ptr().add(first), self.data(), dst.len() - first);
+            f.copy(dst.as_mut_ptr(), a, an);
+            f.copy(dst.as_mut_ptr().add(an), b, bn);
         }
         f.finish()
     }
@@ -93,7 +87,7 @@ impl RingRef {
         let start = pos & (cap - 1);
         let first = (cap - start).min(len as u64) as usize;
         // SAFETY: start < cap, so the first piece starts inside the data
-        // area; the bounds are as for `write_at`.
+        // area; the rest (< cap) wraps to the area's start.
         let at = unsafe { self.data().add(start as usize) };
         [(at, first), (self.data(), len - first)]
     }
@@ -111,21 +105,11 @@ impl RingRef {
 
     /// Copies from the ring at stream position `pos` into `dst` (wrapping).
     pub(super) fn read_at(&self, pos: u64, dst: &mut [u8]) {
-        let cap = self.geo.ring_bytes;
-        let start = pos & (cap - 1);
-        let first = (cap - start).min(dst.len() as u64) as usize;
+        let [(a, an), (b, bn)] = self.spans(pos, dst.len());
         // SAFETY: as for `write_at`; the copy is validated by the caller.
         unsafe {
-            core::ptr::copy_nonoverlapping(
-                self.data().add(start as usize),
-                dst.as_mut_ptr(),
-                first,
-            );
-            core::ptr::copy_nonoverlapping(
-                self.data(),
-                dst.as_mut_ptr().add(first),
-                dst.len() - first,
-            );
+            core::ptr::copy_nonoverlapping(a, dst.as_mut_ptr(), an);
+            core::ptr::copy_nonoverlapping(b, dst.as_mut_ptr().add(an), bn);
         }
     }
 }
