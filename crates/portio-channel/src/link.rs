@@ -263,6 +263,18 @@ impl RingLink {
         Ok(None)
     }
 
+    /// Whether a message of `len` bytes may go to `peer`: it is neither
+    /// gone nor replaced, and the message is not too large.
+    fn may_send(&self, peer: u32, len: usize) -> Result<(), LinkError> {
+        if matches!(self.peer_state(peer), PeerState::Gone | PeerState::Replaced) {
+            return Err(LinkError::PeerGone(peer));
+        }
+        if len > self.max_message() {
+            return Err(LinkError::TooLarge);
+        }
+        Ok(())
+    }
+
     /// `peer`'s incarnation now (0: never joined).
     fn incarnation(&self, peer: u32) -> u64 {
         let t = self.membership.transport();
@@ -338,12 +350,7 @@ impl Link for RingLink {
     }
 
     fn send(&mut self, peer: u32, msg: &[u8]) -> Result<bool, LinkError> {
-        if matches!(self.peer_state(peer), PeerState::Gone | PeerState::Replaced) {
-            return Err(LinkError::PeerGone(peer));
-        }
-        if msg.len() > self.max_message() {
-            return Err(LinkError::TooLarge);
-        }
+        self.may_send(peer, msg.len())?;
         match self.producer(peer)?.try_send(msg) {
             Ok(sent) => Ok(sent.is_some()),
             Err(e) => {
@@ -358,12 +365,7 @@ impl Link for RingLink {
     }
 
     fn send_with(&mut self, peer: u32, len: usize, fill: Fill<'_>) -> Result<bool, LinkError> {
-        if matches!(self.peer_state(peer), PeerState::Gone | PeerState::Replaced) {
-            return Err(LinkError::PeerGone(peer));
-        }
-        if len > self.max_message() {
-            return Err(LinkError::TooLarge);
-        }
+        self.may_send(peer, len)?;
         let sent = match self.producer(peer)?.try_reserve(len) {
             Ok(None) => return Ok(false),
             Ok(Some(mut frame)) => {
