@@ -25,7 +25,13 @@ use vmm_core::pci::{
 struct NoPlatform;
 
 impl PciPlatform for NoPlatform {
-    unsafe fn map_memory(&self, _gpa: u64, _host: u64, _len: u64) -> vmm_core::Result<u32> {
+    unsafe fn map_memory(
+        &self,
+        _gpa: u64,
+        _host: u64,
+        _len: u64,
+        _ro: bool,
+    ) -> vmm_core::Result<u32> {
         Ok(0)
     }
     fn unmap_memory(&self, _handle: u32) -> vmm_core::Result<()> {
@@ -126,7 +132,12 @@ fuzz_target!(|data: &[u8]| {
     };
     let bus = Arc::new(PciBus::new(Box::new(NoPlatform)));
     let region = SharedRegion::open(&Backing::Memfd, 1 << 20).expect("region");
-    let plain = Arc::new(Mutex::new(IvshmemPlain::new(Arc::new(region))));
+    let mut plain = IvshmemPlain::new(Arc::new(region));
+    // BAR2 mapped in pieces (read-only ones where a ring layout would put
+    // the header and other members' sections), moved wherever the ops say.
+    let at = (n as u64) << 12;
+    plain.set_guest_read_only(vec![0..4096, at..at + 0x3000, at + 0x1800..at + 0x10_0000]);
+    let plain = Arc::new(Mutex::new(plain));
     let msix = Arc::new(Mutex::new(MsixDevice::new(1 + n as usize % 64)));
     if bus.add_device(plain).is_err() || bus.add_device(msix.clone()).is_err() {
         return;

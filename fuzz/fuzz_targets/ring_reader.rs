@@ -44,9 +44,17 @@ fuzz_target!(|data: &[u8]| {
             0 => {
                 let Some(p) = arg(&mut ops, 11) else { return };
                 let raw = u64::from_le_bytes(p[3..11].try_into().unwrap());
-                let word = match region.ring_offset(&geo, from, to) {
-                    Ok(ring) if p[0] & 1 != 0 => {
-                        (ring / 8) as usize + p[1] as usize % (RING_HEADER_BYTES as usize / 8)
+                // The producer's header of ring (from, to), or the
+                // consumer's end of it (tail and flag lines, 16 words).
+                let ring = match p[2] & 1 {
+                    0 => region
+                        .ring_offset(&geo, from, to)
+                        .map(|o| (o, RING_HEADER_BYTES)),
+                    _ => region.consumer_offset(&geo, from, to).map(|o| (o, 128)),
+                };
+                let word = match ring {
+                    Ok((at, len)) if p[0] & 1 != 0 => {
+                        (at / 8) as usize + p[1] as usize % (len as usize / 8)
                     }
                     _ => u16::from_le_bytes([p[1], p[2]]) as usize % (REGION_BYTES / 8),
                 };
@@ -90,6 +98,8 @@ fuzz_target!(|data: &[u8]| {
                 if let Ok(g) = region.geometry() {
                     let _ = region.ring_state(&g, from, to);
                     let _ = region.ring_offset(&g, from, to);
+                    let _ = region.consumer_offset(&g, from, to);
+                    let _ = g.guest_read_only(from);
                     let _ = region.member_state(&g, from);
                     let _ = region.doorbell_id(&g, from);
                     let _ = region.may_prepare_for(&g, to);

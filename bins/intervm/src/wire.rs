@@ -296,6 +296,9 @@ fn plug_channels(cfg: &Config, vm: &Vm, w: &mut Wiring) -> Result<Vec<Membership
                     .map_err(|e| cerr(e.to_string()))?;
                 let dev = IvshmemDoorbell::new(vm, t.region().clone(), me as u16, own, d.fast_path)
                     .map_err(|e| cerr(e.to_string()))?;
+                if let Ok(mut d) = dev.lock() {
+                    d.set_guest_read_only(t.guest_read_only(me));
+                }
                 joined.push(t.join(me).map_err(|e| cerr(e.to_string()))?);
                 w.groups
                     .entry(c.name.clone())
@@ -312,7 +315,8 @@ fn plug_channels(cfg: &Config, vm: &Vm, w: &mut Wiring) -> Result<Vec<Membership
                 vm.add_pio_device(*port, PORT_COUNT, Arc::new(Mutex::new(dev)))
             }
             Kind::Shmem => {
-                let dev = IvshmemPlain::new(t.region().clone());
+                let mut dev = IvshmemPlain::new(t.region().clone());
+                dev.set_guest_read_only(t.guest_read_only(me));
                 joined.push(t.join(me).map_err(|e| cerr(e.to_string()))?);
                 vm.add_pci_device(Arc::new(Mutex::new(dev))).map(|_| ())
             }

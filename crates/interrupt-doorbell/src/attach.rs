@@ -43,6 +43,10 @@ pub fn attach_session(
     // only the connection).
     let own = std::mem::take(&mut session.own);
     let device = IvshmemDoorbell::new(vm, t.region().clone(), session.id, own, fast_path)?;
+    device
+        .lock()
+        .map_err(|_| Error::Poisoned)?
+        .set_guest_read_only(t.guest_read_only(me));
     // The guest published its ID from IVPosition when it joined; after a
     // rejoin the host publishes the new one for it.
     let (region, ring, geo) = (t.region().clone(), t.ring_region(), t.geometry());

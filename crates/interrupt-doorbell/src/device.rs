@@ -13,6 +13,7 @@
 //! is the fallback, used when the fast path is off or not registered.
 
 use std::collections::{HashMap, HashSet};
+use std::ops::Range;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
@@ -120,6 +121,8 @@ pub struct IvshmemDoorbell {
     /// The INTx watcher in the VM's event loop, taken out when the device
     /// goes (devices from [`IvshmemDoorbell::with_parts`] have none).
     watcher: Option<(LoopHandle, SubscriberId)>,
+    /// Pieces of the region the guest may only read.
+    read_only: Vec<Range<u64>>,
 }
 
 impl IvshmemDoorbell {
@@ -216,9 +219,19 @@ impl IvshmemDoorbell {
             mode_changed: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
                 .map_err(|e| Error::Io("eventfd".into(), e))?,
             watcher: None,
+            read_only: Vec::new(),
             generation: Arc::new(AtomicU64::new(0)),
         }));
         Ok(dev)
+    }
+
+    /// Makes the `read_only` pieces of the region (offsets into it, widened
+    /// to pages) read-only to the guest: its writes there exit and are
+    /// dropped. A VMM passes the parts of the ring layout other members
+    /// write (`Transport::guest_read_only`). Takes effect when the guest
+    /// next maps BAR2 (set it before the guest runs).
+    pub fn set_guest_read_only(&mut self, read_only: Vec<Range<u64>>) {
+        self.read_only = read_only;
     }
 
     /// The shared memory behind BAR2.
@@ -656,6 +669,7 @@ impl PciDevice for IvshmemDoorbell {
         (bar == SHM_BAR).then(|| BarMemory {
             host_addr: self.region.host_addr() as u64,
             len: self.region.size(),
+            read_only: self.read_only.clone(),
         })
     }
 

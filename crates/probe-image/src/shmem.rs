@@ -6,7 +6,7 @@ pub use intervm_protocol::notify::Notify;
 use intervm_protocol::notify::SPIN_US_PVM;
 use intervm_protocol::probe::{
     results, shmem_args, shmem_frame_bytes, shmem_source_bytes, BootInfo, Workload,
-    SHMEM_CORRUPT_HEAD, SHMEM_HOLD, SHMEM_QUIET, SHMEM_ZERO_COPY,
+    SHMEM_CORRUPT_HEAD, SHMEM_FORGE, SHMEM_HOLD, SHMEM_QUIET, SHMEM_ZERO_COPY,
 };
 use intervm_protocol::ring::{self, RingError};
 
@@ -71,6 +71,9 @@ pub struct ShmemTask {
     /// Fill (send) or read (receive) frames in place, not through a
     /// buffer ([`SHMEM_ZERO_COPY`]).
     pub zero_copy: bool,
+    /// Sender: forge frames on the rings of other pairs instead of
+    /// sending ([`SHMEM_FORGE`]).
+    pub forge: bool,
     /// Receiver from one sender: 0 for one transfer ended by the first
     /// error; N for N complete transfers from a sender that may leave,
     /// crash or be restarted meanwhile (see [`Transfers`]).
@@ -104,6 +107,7 @@ impl ShmemTask {
             hold: false,
             quiet: false,
             zero_copy: false,
+            forge: false,
             transfers: 0,
             expect_stream: 0,
             vectors: 1,
@@ -135,7 +139,8 @@ impl ShmemTask {
         } | self.notify.probe_flags()
             | if self.quiet { SHMEM_QUIET } else { 0 }
             | if self.hold { SHMEM_HOLD } else { 0 }
-            | if self.zero_copy { SHMEM_ZERO_COPY } else { 0 };
+            | if self.zero_copy { SHMEM_ZERO_COPY } else { 0 }
+            | if self.forge { SHMEM_FORGE } else { 0 };
         a[shmem_args::SPIN_US] = self.spin_us;
         a[shmem_args::START_DELAY_MS] = self.start_delay_ms;
         a[shmem_args::JITTER_CYCLES] = self.jitter_cycles;

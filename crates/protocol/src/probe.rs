@@ -72,7 +72,9 @@ pub enum Workload {
     IntxWait = 5,
     /// Find the device `args[0]`, move its BAR `args[1]` to address
     /// `args[2]`, and check the pattern `args[3]` (a u64) that the host put
-    /// at offset 0 of the BAR's backing memory is visible there.
+    /// at offset 0 of the BAR's backing memory is visible there. With
+    /// `args[4]` non-zero, then write it at offset 8 of each of the BAR's
+    /// first `args[5]` pages (the host checks which writes landed).
     BarMove = 6,
     /// Raise a CPU exception at CPL3: `args[0]` = 0 (#DE, divide by zero),
     /// 13 (#GP, non-canonical address) or 14 (#PF, unmapped address); 255
@@ -435,6 +437,14 @@ pub const DB_BY_REGION: u64 = 8;
 /// after sending half its bytes, writes an impossible head index.
 pub const SHMEM_CORRUPT_HEAD: u64 = 1;
 
+/// `shmem_args::FLAGS` bit: the sender is a forger. Instead of sending, it
+/// writes a well-formed frame (8 bytes, sequence number 0, its checksum)
+/// at the head of every ring between two other members and publishes it
+/// there, as if that ring's producer had sent it, then exits. It reports
+/// in `results::SHM_FORGED` how many of those rings took the frame (their
+/// head moved).
+pub const SHMEM_FORGE: u64 = 512;
+
 /// Number of 64-bit argument slots.
 pub const ARG_SLOTS: usize = 16;
 /// Number of 64-bit result slots.
@@ -519,6 +529,9 @@ pub mod results {
     /// ring changed meanwhile). The peer rings at most once per
     /// declaration.
     pub const SHM_DECLARED: usize = 14;
+    /// Forging sender ([`super::SHMEM_FORGE`]): rings between two other
+    /// members whose head moved when it published a frame there.
+    pub const SHM_FORGED: usize = 15;
     /// Shared memory (receiver with `shmem_args::TRANSFERS`): complete
     /// transfers with the expected checksum.
     pub const SHM_TRANSFERS_OK: usize = 100;

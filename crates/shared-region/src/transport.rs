@@ -182,6 +182,19 @@ impl Transport {
         &self.region
     }
 
+    /// What member `m`'s guest must only read: the header and every other
+    /// member's section ([`Geometry::guest_read_only`]), for the device
+    /// that maps the region into it (`set_guest_read_only`). With that,
+    /// no guest can write into a ring it does not produce or speak for
+    /// another member.
+    pub fn guest_read_only(&self, m: u32) -> Vec<std::ops::Range<u64>> {
+        self.geo
+            .guest_read_only(m)
+            .into_iter()
+            .filter(|r| !r.is_empty())
+            .collect()
+    }
+
     /// State of member `m`.
     pub fn member_state(&self, m: u32) -> Result<MemberState> {
         self.ring.member_state(&self.geo, m).map_err(Error::Ring)

@@ -10,6 +10,7 @@
 //! QEMU's plain device, IntrMask and IntrStatus hold what is written,
 //! IVPosition reads 0 and Doorbell writes are ignored. No BAR1, no interrupt pin.
 
+use std::ops::Range;
 use std::sync::Arc;
 
 use vmm_core::pci::{BarKind, BarMemory, BarSpec, PciConfiguration, PciDevice, PciIds};
@@ -51,6 +52,7 @@ pub struct IvshmemPlain {
     intr_mask: u32,
     intr_status: u32,
     ignored: Ignored,
+    read_only: Vec<Range<u64>>,
 }
 
 impl IvshmemPlain {
@@ -78,7 +80,17 @@ impl IvshmemPlain {
             intr_mask: 0,
             intr_status: 0,
             ignored: Ignored::default(),
+            read_only: Vec::new(),
         }
+    }
+
+    /// Makes the `read_only` pieces of the region (offsets into it, widened
+    /// to pages) read-only to the guest: its writes there exit and are
+    /// dropped. A VMM passes the parts of the ring layout other members
+    /// write (`Transport::guest_read_only`). Takes effect when the guest
+    /// next maps BAR2 (set it before the guest runs).
+    pub fn set_guest_read_only(&mut self, read_only: Vec<Range<u64>>) {
+        self.read_only = read_only;
     }
 
     /// The shared region.
@@ -141,6 +153,7 @@ impl PciDevice for IvshmemPlain {
         (bar == SHM_BAR).then(|| BarMemory {
             host_addr: self.region.host_addr() as u64,
             len: self.region.size(),
+            read_only: self.read_only.clone(),
         })
     }
 }

@@ -1,13 +1,15 @@
 //! Probe guests on real /dev/kvm exchanging data through an ivshmem-plain
 //! device: checksummed bulk transfer, the per-round log, four members, a member that stops
-//! mid-transfer, and a hostile member that corrupts a ring index.
+//! mid-transfer, a hostile member that corrupts a ring index, and one that
+//! tries to forge frames on another pair's ring.
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use intervm_protocol::probe::{
     results, shmem_args, BootInfo, State, Workload, EXIT_FAILED, EXIT_OK,
 };
-use intervm_protocol::ring::{frame_bytes, RingError};
+use intervm_protocol::ring::{frame_bytes, is_go, RingError};
 use intervm_testkit::{
     finish, probe_vm_with, require_kvm, wait_until, PEER_TIMEOUT_MS, RUN_TIMEOUT,
 };
@@ -45,12 +47,13 @@ fn task(workload: Workload, me: u32, peers: u64, bytes: u64) -> ShmemTask {
 
 fn start(name: &str, info: &BootInfo, transport: &Transport) -> Member {
     let (vm, console) = probe_vm_with(name, info, 1, MEM);
-    let dev = IvshmemPlain::new(transport.region().clone());
+    let me = info.args[shmem_args::ME] as u32;
+    let mut dev = IvshmemPlain::new(transport.region().clone());
+    // As intervm does: the guest writes only its own section.
+    dev.set_guest_read_only(transport.guest_read_only(me));
     vm.add_pci_device(Arc::new(Mutex::new(dev)))
         .expect("adding the ivshmem device");
-    let membership = transport
-        .join(info.args[shmem_args::ME] as u32)
-        .expect("joining");
+    let membership = transport.join(me).expect("joining");
     let vm = vm.start().expect("starting");
     Member {
         vm,
@@ -352,6 +355,39 @@ fn a_restarted_pair_never_reads_what_an_interrupted_transfer_left() {
     assert_eq!(tx_exit, VmExit::Guest(EXIT_OK), "sender:\n{tx_console}");
     let got = record(&rx_info, 0);
     assert_eq!(got[0], BYTES);
+    assert_eq!(got[2], expected_stream(SEED, BYTES));
+}
+
+#[test]
+fn a_member_cannot_forge_frames_on_the_ring_of_another_pair() {
+    require_kvm!();
+    const BYTES: u64 = 4 << 20;
+    let t = transport(3, 4 << 20);
+    let rx = start("rx", &args(Workload::ShmemRecv, 1, 0b01, BYTES), &t);
+    let mut tx = task(Workload::ShmemSend, 0, 1, BYTES);
+    tx.hold = true;
+    let tx = start("tx", &tx.boot_info(), &t);
+    // Once the receiver says go it reads from the ring's current head, and
+    // the sender holds its first frame: a frame published now would be
+    // taken as the sender's first.
+    let (ring, geo) = (t.ring_region(), t.geometry());
+    wait_until("the receiver's go", || {
+        ring.ready(&geo, 1).is_ok_and(is_go) || rx.vm.wait_timeout(Duration::ZERO).is_some()
+    });
+    let mut forger = task(Workload::ShmemSend, 2, 1, 0);
+    forger.forge = true;
+    let (exit, info, console) = end(start("forger", &forger.boot_info(), &t));
+    assert_eq!(exit, VmExit::Guest(EXIT_OK), "forger:\n{console}");
+    assert!(console.contains("on 0 of 2 rings"), "forger:\n{console}");
+    assert_eq!(info.results[results::SHM_FORGED], 0);
+    probe::set_arg(tx.vm.vm().memory(), shmem_args::RELEASE, 1).expect("releasing the sender");
+    let (tx_exit, tx_info, tx_console) = end(tx);
+    let (rx_exit, rx_info, rx_console) = end(rx);
+    assert_eq!(tx_exit, VmExit::Guest(EXIT_OK), "sender:\n{tx_console}");
+    assert_eq!(rx_exit, VmExit::Guest(EXIT_OK), "receiver:\n{rx_console}");
+    let got = record(&rx_info, 0);
+    assert_eq!(got[0], BYTES);
+    assert_eq!(got[2], record(&tx_info, 1)[2]);
     assert_eq!(got[2], expected_stream(SEED, BYTES));
 }
 

@@ -7,7 +7,7 @@
 
 use std::sync::{Arc, Mutex};
 
-use kvm_bindings::kvm_userspace_memory_region;
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_READONLY};
 use kvm_ioctls::VmFd;
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, GuestRegionMmap};
 
@@ -124,13 +124,21 @@ pub struct MemorySlots {
 }
 
 impl MemorySlots {
-    /// Maps `len` bytes at host address `host` to guest address `gpa`.
-    /// Returns the slot to pass to [`MemorySlots::unmap`].
+    /// Maps `len` bytes at host address `host` to guest address `gpa`,
+    /// writable by the guest or (`read_only`) not: its writes then exit to
+    /// the VMM as MMIO. Returns the slot to pass to [`MemorySlots::unmap`].
     ///
     /// # Safety
     /// `host..host+len` must stay mapped until `unmap` is called (or the VM
     /// is destroyed).
-    pub unsafe fn map(&self, vm: &VmFd, gpa: u64, host: u64, len: u64) -> Result<u32> {
+    pub unsafe fn map(
+        &self,
+        vm: &VmFd,
+        gpa: u64,
+        host: u64,
+        len: u64,
+        read_only: bool,
+    ) -> Result<u32> {
         let slot = {
             let mut s = self
                 .inner
@@ -146,7 +154,7 @@ impl MemorySlots {
         };
         let r = kvm_userspace_memory_region {
             slot,
-            flags: 0,
+            flags: if read_only { KVM_MEM_READONLY } else { 0 },
             guest_phys_addr: gpa,
             memory_size: len,
             userspace_addr: host,

@@ -74,11 +74,15 @@ fn a_device_that_panics_stops_its_vm_with_an_error_instead_of_a_hang() {
 #[test]
 fn guest_sees_host_writes_through_a_memory_bar_and_can_move_it() {
     require_kvm!();
+    const MARK: u64 = 0x5eed_0ff0_0d00;
     let new_addr = layout::PCI_MMIO64_BASE + (8 << 30);
     let mut info = BootInfo::new(Workload::BarMove, 0, 0);
-    info.args[..4].copy_from_slice(&[test_id(), 2, new_addr, 0x1234_5678_9abc_def0]);
+    info.args[..6].copy_from_slice(&[test_id(), 2, new_addr, 0x1234_5678_9abc_def0, MARK, 5]);
     let (vm, console) = common::probe_vm("barmove", &info);
     let dev = TestDevice::new(&vm, 1);
+    // Pages 1 and 3 of BAR2 are read-only to the guest (page 3 given
+    // unaligned: it is widened to the whole page).
+    dev.lock().unwrap().read_only = vec![4096..8192, 3 * 4096 + 100..3 * 4096 + 200];
     dev.lock()
         .unwrap()
         .write_shared_u64(0, 0x1234_5678_9abc_def0);
@@ -103,6 +107,12 @@ fn guest_sees_host_writes_through_a_memory_bar_and_can_move_it() {
         "decode off while moving: {moves:?}"
     );
     assert_eq!(moves.last(), Some(&(2, Some(new_addr))));
+    // After the move, the guest wrote MARK into pages 0 to 4: it landed
+    // in the writable ones only.
+    let landed: Vec<bool> = (0..5)
+        .map(|page| dev.lock().unwrap().read_shared_u64(page * 4096 + 8) == MARK)
+        .collect();
+    assert_eq!(landed, [true, false, true, false, true]);
 }
 
 #[test]

@@ -667,7 +667,7 @@ impl Inbound {
                     s.frames += 1;
                     s.stream = fold(s.stream, sum);
                     // Adaptive: a sender asleep on a full ring has room now.
-                    let cons = &self.cons;
+                    let cons = &mut self.cons;
                     if self.policy.ring_peer(|| cons.take_producer_sleep()) {
                         match j.doorbell_of(c.peer) {
                             Ok(id) => notify.ring(id),
@@ -908,15 +908,11 @@ pub fn serve(
             }
             Err(e) => return Err(e),
         }
-        // A sender that did not finish left its "prepared" up: clear it
-        // while our "go" still keeps any next incarnation from publishing
-        // its own, then end our side of this transfer.
-        if s.bytes < size || live.rejoined(&j.region, &j.geo) {
-            let _ = j.region.set_ready(&j.geo, c.peer, 0);
-        }
+        // End our side of this transfer. A sender that finished ends its
+        // side too (or leaves) before the next start line counts; one that
+        // died left its "prepared" up until its next incarnation begins
+        // (see the probe's `serve`: only the sender writes its word).
         j.region.set_ready(&j.geo, c.me, 0).map_err(ring_err)?;
-        // A sender that finished ends its side too (or leaves) before the
-        // next start line counts.
         j.wait_for(c, true, |r| {
             r.ready(&j.geo, c.peer) != Ok(READY_PREPARED) || live.rejoined(r, &j.geo)
         })?;
@@ -942,6 +938,15 @@ pub fn format(src: &Source, members: u32, force: bool) -> Result<Geometry, Error
     }
     let geo = Geometry::fit(members, map.len() as u64).map_err(ring_err)?;
     region.init(geo).map_err(ring_err)?;
+    // An intervm VMM maps the header read-only into its guests: the writes
+    // above were dropped if it manages this region.
+    if region.geometry() != Ok(geo) {
+        return Err(Error::NoDevice(
+            "the region's header cannot be written here (an intervm VMM manages \
+             this region and formats it itself)"
+                .into(),
+        ));
+    }
     Ok(geo)
 }
 

@@ -111,6 +111,12 @@ pub fn read64(addr: u64) -> u64 {
     unsafe { core::ptr::read_volatile(addr as *const u64) }
 }
 
+/// Volatile 64-bit memory write.
+pub fn write64(addr: u64, v: u64) {
+    // SAFETY: as for `mmio_read32`.
+    unsafe { core::ptr::write_volatile(addr as *mut u64, v) }
+}
+
 /// Service 0: sleep at CPL0 with interrupts enabled until an interrupt
 /// arrives, unless `*counter != seen` already (checked with IF=0, so no
 /// wake-up is lost).

@@ -288,6 +288,11 @@ fn bar_move() -> u32 {
     }
     dev.write(0x04, cmd | 0x2);
     let seen = arch::read64(new);
+    if arg(4) != 0 {
+        for page in 0..arg(5) {
+            arch::write64(new + page * 4096 + 8, arg(4));
+        }
+    }
     set_result(results::BAR_MOVE_SEEN, seen);
     set_result(results::BAR_MOVE_OK, (seen == arg(3)) as u64);
     println!(

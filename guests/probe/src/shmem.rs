@@ -18,8 +18,8 @@ use crate::{arch, arg, fail, pci, set_result, set_state};
 use intervm_protocol::ivshmem;
 use intervm_protocol::notify::{Idle, Notify, Policy, Side};
 use intervm_protocol::probe::{
-    results, shmem_args, shmem_frame_bytes, State, EXIT_OK, SHMEM_CORRUPT_HEAD, SHMEM_HOLD,
-    SHMEM_ZERO_COPY,
+    results, shmem_args, shmem_frame_bytes, State, EXIT_OK, SHMEM_CORRUPT_HEAD, SHMEM_FORGE,
+    SHMEM_HOLD, SHMEM_ZERO_COPY,
 };
 use intervm_protocol::ring::{
     self, fold, ready_go, Geometry, Liveness, MemberState, RingError, READY_PREPARED,
@@ -248,6 +248,10 @@ pub fn send() -> u32 {
 
 fn try_send() -> Result<(), u32> {
     let ch = open_channel()?;
+    if arg(shmem_args::FLAGS) & SHMEM_FORGE != 0 {
+        forge(&ch);
+        return Ok(());
+    }
     let r = send_on(&ch);
     // The next transfer's start line must not see this one's word.
     let _ = ch.region.set_ready(&ch.geo, ch.me, 0);
@@ -450,6 +454,51 @@ fn corrupt_head(ch: &Channel, peer: u32) -> u32 {
     EXIT_OK
 }
 
+/// What a hostile member would do to pairs it is not part of
+/// ([`SHMEM_FORGE`]): write a frame a receiver accepts (the next
+/// sequence number of a fresh transfer, a right checksum) at the head of
+/// every ring between two other members, and publish it. Counts the rings
+/// whose head then moved: none where its VMM maps the others' sections
+/// read-only.
+fn forge(ch: &Channel) {
+    let payload = *b"forged!!";
+    let mut frame = [0u8; 24];
+    frame[..4].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+    frame[8..16].copy_from_slice(&ring::checksum(&payload).to_le_bytes());
+    frame[16..].copy_from_slice(&payload);
+    let (mut tried, mut forged) = (0u64, 0u64);
+    for from in (0..ch.geo.members).filter(|&m| m != ch.me) {
+        for to in (0..ch.geo.members).filter(|&m| m != ch.me && m != from) {
+            let Ok(off) = ch.region.ring_offset(&ch.geo, from, to) else {
+                continue;
+            };
+            let head_at = ch.base + off + ring::RING_HEAD;
+            let head = arch::read64(head_at);
+            let pos = head & (ch.geo.ring_bytes - 1);
+            if pos + frame.len() as u64 > ch.geo.ring_bytes {
+                continue;
+            }
+            let at = ch.base + off + ring::RING_HEADER_BYTES + pos;
+            for (i, word) in frame.chunks_exact(8).enumerate() {
+                let mut w = [0u8; 8];
+                w.copy_from_slice(word);
+                arch::write64(at + 8 * i as u64, u64::from_le_bytes(w));
+            }
+            arch::write64(head_at, head + frame.len() as u64);
+            tried += 1;
+            if arch::read64(head_at) != head {
+                forged += 1;
+            }
+        }
+    }
+    set_result(results::SHM_FORGED, forged);
+    crate::println!(
+        "probe: shmem: forged frames on {} of {} rings of other pairs",
+        forged,
+        tried
+    );
+}
+
 /// [`intervm_protocol::probe::Workload::ShmemRecv`].
 pub fn recv() -> u32 {
     match try_recv() {
@@ -608,8 +657,6 @@ fn serve(ch: &Channel, transfers: u64) -> Result<(), u32> {
     let (mut ok, mut lost, mut bad, mut stale) = (0u64, 0u64, 0u64, 0u64);
     set_state(State::Ready);
     while ok < transfers {
-        // The "prepared" awaited is the new incarnation's own: a leaver's
-        // is cleared below.
         let mut live = await_prepared(ch, &clock, from, timeout, true)?;
         let mut c = ch.region.consumer(ch.geo, from, ch.me).map_err(ring_fail)?;
         stale += c.drop_stale().map_err(ring_fail)?;
@@ -670,15 +717,14 @@ fn serve(ch: &Channel, transfers: u64) -> Result<(), u32> {
         set_result(results::SHM_TRANSFERS_BAD, bad);
         set_result(results::SHM_STALE_BYTES, stale);
         set_result(results::SHM_END_TSC, p.last);
-        // A sender that did not finish left its "prepared" up; clear it
-        // while our "go" still keeps any next incarnation from publishing
-        // its own, then end our side of this transfer.
-        if p.bytes < want || p.live.rejoined(&ch.region, &ch.geo) {
-            let _ = ch.region.set_ready(&ch.geo, from, 0);
-        }
+        // End our side of this transfer. A sender that finished ends its
+        // side too (or leaves) before the next start line counts. One that
+        // died left its "prepared" up (its word is in its section, which
+        // only it writes): that lasts until its next incarnation begins,
+        // which clears the word before its number changes
+        // (`Region::begin_incarnation`), so waiting for the change is
+        // waiting for the word to be the new incarnation's.
         ch.region.set_ready(&ch.geo, ch.me, 0).map_err(ring_fail)?;
-        // A sender that finished ends its side too (or leaves) before the
-        // next start line counts.
         let watched = p.live;
         wait_while_may_return(ch, &clock, from, true, |c| {
             c.region.ready(&c.geo, from) != Ok(READY_PREPARED)

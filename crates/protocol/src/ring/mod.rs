@@ -1,21 +1,36 @@
 //! The intervm shared-memory transport: one region, one ring per ordered
-//! pair of members.
+//! pair of members, and every ring in the section of the member that
+//! writes it.
 //!
 //! ```text
-//! offset 0        RegionHeader (one 4 KiB page): magic, version, geometry,
-//!                 member table (one cache line per member: state u32 at
-//!                 +0, heartbeat u64 at +8, ready word u64 at +16,
-//!                 doorbell ID + 1 at +24, incarnation u64 at +32)
-//! ring_base       ring (0 -> 1), ring (0 -> 2), ... ring (N-1 -> N-2)
-//!                 each ring: 256-byte header (head, tail, and two flag
-//!                 lines, each on its own cache line), then `ring_bytes` data
+//! offset 0        RegionHeader (one 4 KiB page): magic, version, geometry
+//!                 (written once, by the VMM that formats the region)
+//! ring_base       section of member 0, section of member 1, ...
+//!
+//! section of member m (page aligned, as is each of its rings):
+//!   +0            member entry: state u32 at +0, heartbeat u64 at +8,
+//!                 ready word u64 at +16, doorbell ID + 1 at +24,
+//!                 incarnation u64 at +32
+//!   +256 + 128 p  m's end of the ring p -> m: the consumer's tail line
+//!                 and its flag line
+//!   +4096         ring m -> 0, ring m -> 1, ... (not m -> m): each a
+//!                 128-byte producer header (head line, flag line), then
+//!                 `ring_bytes` of data
 //! ```
 //!
+//! So everything a member writes lies in its own section, and nothing in
+//! another's: a VMM maps its guest's own section writable and the rest of
+//! the region read-only ([`Geometry::guest_read_only`]), and then no
+//! member can write a frame into a ring it does not produce, move another
+//! member's indices or speak for it in the member table. The header page
+//! is read-only to every guest.
+//!
 //! `ring_base` is 4096 when the rings fill the region ([`Geometry::fit`]).
-//! Rings of a chosen size ([`Geometry::at_end`]) end at the region's last
-//! page instead, and the pages between the header and them are left to the
-//! application: a region of several GiB with small rings, whose users map
-//! only its header and its rings.
+//! Rings of a chosen size ([`Geometry::at_end`]) put the sections at the
+//! region's end instead, and the pages between the header and them are
+//! left to the application (writable by every member): a region of
+//! several GiB with small rings, whose users map only its header and its
+//! sections.
 //!
 //! A ring is a single-producer single-consumer byte stream. `head` and `tail`
 //! are free-running byte counters (published with release, read with
@@ -50,20 +65,24 @@ pub use checksum::{checksum, fold};
 pub use liveness::Liveness;
 pub use pattern::{fill_pattern, seed_for};
 pub use spsc::{frame_bytes, Consumer, Producer, RingState};
-use spsc::{RingRef, SLEEPING};
+use spsc::{is_sleeping, RingRef};
 pub use sync::{Follow, SyncPoint};
 pub use zero_copy::{Borrowed, Reserved};
 
 /// `RegionHeader::magic`: "IVMRING1".
 pub const REGION_MAGIC: u64 = u64::from_le_bytes(*b"IVMRING1");
-/// Layout version.
-pub const REGION_VERSION: u32 = 2;
+/// Layout version (3: each member's rings in its own section).
+pub const REGION_VERSION: u32 = 3;
 /// Most members a region can describe.
 pub const MAX_MEMBERS: u32 = 16;
 /// Size of the region header.
 pub const HEADER_BYTES: u64 = 4096;
-/// Size of each ring's header (four cache lines).
-pub const RING_HEADER_BYTES: u64 = 256;
+/// Size of the first part of a member's section: its member entry and its
+/// ends of the rings towards it.
+pub const SECTION_HEADER_BYTES: u64 = 4096;
+/// Size of a ring's producer header (its head line and flag line); the
+/// ring's data follows it.
+pub const RING_HEADER_BYTES: u64 = 128;
 /// Size of a frame header.
 pub const FRAME_HEADER_BYTES: u64 = 16;
 /// Smallest ring data size.
@@ -76,19 +95,33 @@ const OFF_RING_BYTES: u64 = 16;
 const OFF_RING_STRIDE: u64 = 24;
 const OFF_REGION_SIZE: u64 = 32;
 const OFF_RING_BASE: u64 = 40;
-const OFF_MEMBER_TABLE: u64 = 256;
-const MEMBER_ENTRY: u64 = 64;
-/// Offset of a member's incarnation in its member-table entry.
+/// Offset of a member's state in its entry (the first bytes of its section).
+const MEMBER_STATE: u64 = 0;
+/// Offset of a member's heartbeat in its entry.
+const MEMBER_HEARTBEAT: u64 = 8;
+/// Offset of a member's ready word in its entry.
+const MEMBER_READY: u64 = 16;
+/// Offset of a member's doorbell ID + 1 in its entry.
+const MEMBER_DOORBELL: u64 = 24;
+/// Offset of a member's incarnation in its entry.
 const MEMBER_INCARNATION: u64 = 32;
+/// Offset, in a member's section, of its end of the ring from member 0.
+const INBOUND_BASE: u64 = 256;
+/// Distance between a member's ends of consecutive inbound rings.
+const INBOUND_STRIDE: u64 = 128;
 
-/// Offset of a ring's head index (written by the producer).
+/// Offset of a ring's head index in its producer header (written by the
+/// producer).
 pub const RING_HEAD: u64 = 0;
-/// Offset of a ring's tail index (written by the consumer).
-pub const RING_TAIL: u64 = 64;
-/// Offset of the producer's flag line (used by adaptive notification).
-pub const RING_PRODUCER_FLAGS: u64 = 128;
-/// Offset of the consumer's flag line (used by adaptive notification).
-pub const RING_CONSUMER_FLAGS: u64 = 192;
+/// Offset of the producer's flag line in its header (used by adaptive
+/// notification).
+pub const RING_PRODUCER_FLAGS: u64 = 64;
+/// Offset of a ring's tail index at the consumer's end of it
+/// ([`Region::consumer_offset`]; written by the consumer).
+pub const RING_TAIL: u64 = 0;
+/// Offset of the consumer's flag line at its end of the ring (used by
+/// adaptive notification).
+pub const RING_CONSUMER_FLAGS: u64 = 64;
 
 /// Ready word of a sender whose payload is prepared (see
 /// [`Region::set_ready`]). The start line of a timed transfer: senders set
@@ -241,7 +274,7 @@ pub struct Geometry {
 }
 
 impl Geometry {
-    /// Distance between consecutive rings.
+    /// Distance between consecutive rings of a section.
     pub const fn ring_stride(&self) -> u64 {
         (RING_HEADER_BYTES + self.ring_bytes).next_multiple_of(4096)
     }
@@ -251,15 +284,45 @@ impl Geometry {
         self.members as u64 * (self.members as u64 - 1)
     }
 
-    /// Region bytes this geometry needs: up to the end of its last ring.
+    /// Size of one member's section: its entry, its ends of the rings
+    /// towards it, and the rings it produces.
+    pub const fn section_bytes(&self) -> u64 {
+        SECTION_HEADER_BYTES + (self.members as u64 - 1) * self.ring_stride()
+    }
+
+    /// Region bytes this geometry needs: up to the end of its last section.
     pub const fn region_bytes(&self) -> u64 {
-        self.ring_base + self.ring_count() * self.ring_stride()
+        self.ring_base + self.members as u64 * self.section_bytes()
+    }
+
+    /// Where member `m`'s section lies in the region (`None` for a member
+    /// out of range): everything `m` writes, and nothing another member
+    /// writes.
+    pub fn section(&self, m: u32) -> Option<core::ops::Range<u64>> {
+        (m < self.members).then(|| {
+            let start = self.ring_base + m as u64 * self.section_bytes();
+            start..start + self.section_bytes()
+        })
+    }
+
+    /// The parts of the region member `m`'s guest must only read: the
+    /// header page and every other member's section (page aligned, in
+    /// order; some may be empty). A VMM maps them read-only into `m`'s
+    /// guest and the rest (`m`'s section, and the application pages
+    /// between the header and the sections) writable. All of it, for a
+    /// member out of range.
+    pub fn guest_read_only(&self, m: u32) -> [core::ops::Range<u64>; 3] {
+        let end = self.region_bytes();
+        match self.section(m) {
+            Some(own) => [0..HEADER_BYTES, self.ring_base..own.start, own.end..end],
+            None => [0..end, 0..0, 0..0],
+        }
     }
 
     /// Rings of `ring_bytes` data bytes each (a power of two, at least
-    /// [`MIN_RING_BYTES`]) for `members`, ending at the last page of a
-    /// region of `region_bytes`; the pages between the header and the
-    /// first ring are not used by the ring protocol.
+    /// [`MIN_RING_BYTES`]) for `members`, their sections ending at the
+    /// last page of a region of `region_bytes`; the pages between the
+    /// header and the first section are not used by the ring protocol.
     pub fn at_end(members: u32, region_bytes: u64, ring_bytes: u64) -> Result<Self, RingError> {
         if !(2..=MAX_MEMBERS).contains(&members)
             || !ring_bytes.is_power_of_two()
@@ -272,18 +335,15 @@ impl Geometry {
             ring_bytes,
             ring_base: HEADER_BYTES,
         };
-        let rings = geo
-            .ring_count()
-            .checked_mul(geo.ring_stride())
-            .ok_or(RingError::BadGeometry)?;
-        let needed = HEADER_BYTES.saturating_add(rings);
+        let sections = geo.checked_sections().ok_or(RingError::BadGeometry)?;
+        let needed = HEADER_BYTES.saturating_add(sections);
         if needed > region_bytes {
             return Err(RingError::RegionTooSmall {
                 needed,
                 have: region_bytes,
             });
         }
-        geo.ring_base = (region_bytes - rings) / 4096 * 4096;
+        geo.ring_base = (region_bytes - sections) / 4096 * 4096;
         Ok(geo)
     }
 
@@ -300,53 +360,48 @@ impl Geometry {
         let rings = members as u64 * (members as u64 - 1);
         let per = region_bytes.saturating_sub(HEADER_BYTES) / rings;
         let mut ring_bytes = 1u64 << (63 - per.max(1).leading_zeros());
-        while ring_bytes >= MIN_RING_BYTES
-            && (Geometry {
-                members,
-                ring_bytes,
-                ring_base: HEADER_BYTES,
-            })
-            .region_bytes()
-                > region_bytes
-        {
-            ring_bytes /= 2;
-        }
-        if ring_bytes < MIN_RING_BYTES {
-            let needed = (Geometry {
-                members,
-                ring_bytes: MIN_RING_BYTES,
-                ring_base: HEADER_BYTES,
-            })
-            .region_bytes();
-            return Err(RingError::RegionTooSmall {
-                needed,
-                have: region_bytes,
-            });
-        }
-        Ok(Geometry {
+        let with = |ring_bytes| Geometry {
             members,
             ring_bytes,
             ring_base: HEADER_BYTES,
-        })
+        };
+        while ring_bytes >= MIN_RING_BYTES && with(ring_bytes).region_bytes() > region_bytes {
+            ring_bytes /= 2;
+        }
+        if ring_bytes < MIN_RING_BYTES {
+            return Err(RingError::RegionTooSmall {
+                needed: with(MIN_RING_BYTES).region_bytes(),
+                have: region_bytes,
+            });
+        }
+        Ok(with(ring_bytes))
     }
 
-    /// [`Geometry::region_bytes`], `None` on overflow (a header's values
-    /// are not trusted).
+    /// Bytes of all sections together, `None` on overflow (a header's
+    /// values are not trusted).
+    fn checked_sections(&self) -> Option<u64> {
+        (self.members as u64 - 1)
+            .checked_mul(self.ring_bytes.checked_add(RING_HEADER_BYTES + 4095)? / 4096 * 4096)
+            .and_then(|r| r.checked_add(SECTION_HEADER_BYTES))
+            .and_then(|s| s.checked_mul(self.members as u64))
+    }
+
+    /// [`Geometry::region_bytes`], `None` on overflow.
     fn checked_region_bytes(&self) -> Option<u64> {
-        self.ring_count()
-            .checked_mul(self.ring_stride())
-            .and_then(|r| r.checked_add(self.ring_base))
+        self.checked_sections()
+            .and_then(|s| s.checked_add(self.ring_base))
     }
 
-    fn ring_index(&self, from: u32, to: u32) -> Result<u64, RingError> {
+    /// Which of `from`'s rings goes to `to` (rings to every member but
+    /// itself, in member order).
+    fn ring_slot(&self, from: u32, to: u32) -> Result<u64, RingError> {
         if from >= self.members {
             return Err(RingError::BadMember(from));
         }
         if to >= self.members || to == from {
             return Err(RingError::BadMember(to));
         }
-        let to_slot = if to < from { to } else { to - 1 };
-        Ok(from as u64 * (self.members as u64 - 1) + to_slot as u64)
+        Ok(if to < from { to } else { to - 1 } as u64)
     }
 }
 
@@ -398,6 +453,14 @@ impl Region {
         unsafe { &*(self.base.add(off as usize) as *const AtomicU32) }
     }
 
+    /// Stores 0 in the `len` bytes at `off` (multiples of 8, inside the
+    /// region: the callers' offsets come from a checked geometry).
+    fn zero(&self, off: u64, len: u64) {
+        for word in (off..off + len).step_by(8) {
+            self.u64_at(word).store(0, Ordering::Relaxed);
+        }
+    }
+
     /// Writes a fresh header for `geo` (host side, before any member runs).
     /// Rings start empty and every member slot `Absent`.
     pub fn init(&self, geo: Geometry) -> Result<(), RingError> {
@@ -428,30 +491,16 @@ impl Region {
             .store(self.len, Ordering::Relaxed);
         self.u64_at(OFF_RING_BASE)
             .store(geo.ring_base, Ordering::Relaxed);
-        for m in 0..MAX_MEMBERS as u64 {
-            self.u32_at(OFF_MEMBER_TABLE + m * MEMBER_ENTRY)
-                .store(0, Ordering::Relaxed);
-            self.u64_at(OFF_MEMBER_TABLE + m * MEMBER_ENTRY + 8)
-                .store(0, Ordering::Relaxed);
-            self.u64_at(OFF_MEMBER_TABLE + m * MEMBER_ENTRY + 16)
-                .store(0, Ordering::Relaxed);
-            self.u64_at(OFF_MEMBER_TABLE + m * MEMBER_ENTRY + 24)
-                .store(0, Ordering::Relaxed);
-            self.u64_at(OFF_MEMBER_TABLE + m * MEMBER_ENTRY + MEMBER_INCARNATION)
-                .store(0, Ordering::Relaxed);
-        }
-        for r in 0..geo.ring_count() {
-            let base = geo.ring_base + r * geo.ring_stride();
-            for line in [
-                RING_HEAD,
-                RING_TAIL,
-                RING_PRODUCER_FLAGS,
-                RING_CONSUMER_FLAGS,
-            ] {
-                self.u64_at(base + line).store(0, Ordering::Relaxed);
-            }
-            for word in sync::SYNC_WORDS {
-                self.u64_at(base + word).store(0, Ordering::Relaxed);
+        // Each member's entry and ends of its inbound rings, and the
+        // producer header of each of its rings: all zero (absent, empty).
+        for m in 0..geo.members {
+            let Some(section) = geo.section(m) else {
+                continue;
+            };
+            self.zero(section.start, SECTION_HEADER_BYTES);
+            for slot in 0..geo.members as u64 - 1 {
+                let ring = section.start + SECTION_HEADER_BYTES + slot * geo.ring_stride();
+                self.zero(ring, RING_HEADER_BYTES);
             }
         }
         self.u64_at(OFF_MAGIC)
@@ -503,7 +552,7 @@ impl Region {
         if m >= geo.members {
             return Err(RingError::BadMember(m));
         }
-        Ok(OFF_MEMBER_TABLE + m as u64 * MEMBER_ENTRY)
+        Ok(geo.ring_base + m as u64 * geo.section_bytes())
     }
 
     /// Sets member `m`'s state.
@@ -514,7 +563,8 @@ impl Region {
         s: MemberState,
     ) -> Result<(), RingError> {
         let off = self.member_off(geo, m)?;
-        self.u32_at(off).store(s as u32, Ordering::SeqCst);
+        self.u32_at(off + MEMBER_STATE)
+            .store(s as u32, Ordering::SeqCst);
         Ok(())
     }
 
@@ -522,7 +572,7 @@ impl Region {
     pub fn member_state(&self, geo: &Geometry, m: u32) -> Result<MemberState, RingError> {
         let off = self.member_off(geo, m)?;
         Ok(
-            MemberState::from_u32(self.u32_at(off).load(Ordering::SeqCst))
+            MemberState::from_u32(self.u32_at(off + MEMBER_STATE).load(Ordering::SeqCst))
                 .unwrap_or(MemberState::Gone),
         )
     }
@@ -530,28 +580,29 @@ impl Region {
     /// Stores member `m`'s heartbeat (its VMM writes a clock value).
     pub fn set_heartbeat(&self, geo: &Geometry, m: u32, v: u64) -> Result<(), RingError> {
         let off = self.member_off(geo, m)?;
-        self.u64_at(off + 8).store(v, Ordering::Release);
+        self.u64_at(off + MEMBER_HEARTBEAT)
+            .store(v, Ordering::Release);
         Ok(())
     }
 
     /// Member `m`'s heartbeat.
     pub fn heartbeat(&self, geo: &Geometry, m: u32) -> Result<u64, RingError> {
         let off = self.member_off(geo, m)?;
-        Ok(self.u64_at(off + 8).load(Ordering::Acquire))
+        Ok(self.u64_at(off + MEMBER_HEARTBEAT).load(Ordering::Acquire))
     }
 
     /// Sets member `m`'s ready word: a guest-defined value its peers can
     /// wait for (the probe uses it as a start line for timed transfers).
     pub fn set_ready(&self, geo: &Geometry, m: u32, v: u64) -> Result<(), RingError> {
         let off = self.member_off(geo, m)?;
-        self.u64_at(off + 16).store(v, Ordering::SeqCst);
+        self.u64_at(off + MEMBER_READY).store(v, Ordering::SeqCst);
         Ok(())
     }
 
     /// Member `m`'s ready word.
     pub fn ready(&self, geo: &Geometry, m: u32) -> Result<u64, RingError> {
         let off = self.member_off(geo, m)?;
-        Ok(self.u64_at(off + 16).load(Ordering::SeqCst))
+        Ok(self.u64_at(off + MEMBER_READY).load(Ordering::SeqCst))
     }
 
     /// Whether a sender may publish [`READY_PREPARED`] to receiver `m`:
@@ -567,8 +618,14 @@ impl Region {
     /// talked to is gone", even when the new one is alive and beating:
     /// a member killed and restarted is never taken for the same member
     /// resuming.
+    ///
+    /// Clears the member's ready word first: a "prepared" the previous
+    /// incarnation left (it was killed mid-transfer) is gone before the
+    /// new number shows, so a peer that saw the number change never takes
+    /// that leftover for the new incarnation's.
     pub fn begin_incarnation(&self, geo: &Geometry, m: u32) -> Result<u64, RingError> {
         let off = self.member_off(geo, m)?;
+        self.u64_at(off + MEMBER_READY).store(0, Ordering::SeqCst);
         Ok(self
             .u64_at(off + MEMBER_INCARNATION)
             .fetch_add(1, Ordering::SeqCst)
@@ -586,47 +643,52 @@ impl Region {
     /// peers can ring it even when an ivshmem server picked the IDs.
     pub fn set_doorbell_id(&self, geo: &Geometry, m: u32, id: u16) -> Result<(), RingError> {
         let off = self.member_off(geo, m)?;
-        self.u64_at(off + 24).store(id as u64 + 1, Ordering::SeqCst);
+        self.u64_at(off + MEMBER_DOORBELL)
+            .store(id as u64 + 1, Ordering::SeqCst);
         Ok(())
     }
 
     /// Member `m`'s doorbell peer ID, once it published one.
     pub fn doorbell_id(&self, geo: &Geometry, m: u32) -> Result<Option<u16>, RingError> {
         let off = self.member_off(geo, m)?;
-        let v = self.u64_at(off + 24).load(Ordering::SeqCst);
+        let v = self.u64_at(off + MEMBER_DOORBELL).load(Ordering::SeqCst);
         Ok((1..=0x1_0000).contains(&v).then(|| (v - 1) as u16))
     }
 
-    /// Byte offset of the ring `from -> to` (its header).
+    /// Byte offset of the ring `from -> to`: its producer header, followed
+    /// by its data, in `from`'s section.
     pub fn ring_offset(&self, geo: &Geometry, from: u32, to: u32) -> Result<u64, RingError> {
-        Ok(geo.ring_base + geo.ring_index(from, to)? * geo.ring_stride())
+        let slot = geo.ring_slot(from, to)?;
+        Ok(self.member_off(geo, from)? + SECTION_HEADER_BYTES + slot * geo.ring_stride())
+    }
+
+    /// Byte offset of the consumer's end of the ring `from -> to` (its
+    /// tail line, then its flag line), in `to`'s section.
+    pub fn consumer_offset(&self, geo: &Geometry, from: u32, to: u32) -> Result<u64, RingError> {
+        geo.ring_slot(from, to)?;
+        Ok(self.member_off(geo, to)? + INBOUND_BASE + from as u64 * INBOUND_STRIDE)
     }
 
     /// Ring `from -> to` as an onlooker sees it (a monitor, a test waiting
     /// for a transfer to reach some point): its indices and sleep
     /// declarations, read from shared memory as they are, unchecked.
     pub fn ring_state(&self, geo: &Geometry, from: u32, to: u32) -> Result<RingState, RingError> {
-        let off = self.ring_offset(geo, from, to)?;
-        let flag = |line: u64| self.u64_at(off + line).load(Ordering::SeqCst) == SLEEPING;
+        let ring = self.ring_ref(*geo, from, to)?;
         Ok(RingState {
-            head: self.u64_at(off + RING_HEAD).load(Ordering::Acquire),
-            tail: self.u64_at(off + RING_TAIL).load(Ordering::Acquire),
-            producer_sleeping: flag(RING_PRODUCER_FLAGS),
-            consumer_sleeping: flag(RING_CONSUMER_FLAGS),
+            head: ring.head().load(Ordering::Acquire),
+            tail: ring.tail().load(Ordering::Acquire),
+            producer_sleeping: is_sleeping(ring.producer_flags()),
+            consumer_sleeping: is_sleeping(ring.consumer_flags()),
         })
     }
 
     /// The sending end of ring `from -> to`. Resumes from the ring's current
     /// head (the producer's own index).
     pub fn producer(&self, geo: Geometry, from: u32, to: u32) -> Result<Producer, RingError> {
-        let off = self.ring_offset(&geo, from, to)?;
-        let head = self.u64_at(off + RING_HEAD).load(Ordering::Acquire);
+        let ring = self.ring_ref(geo, from, to)?;
+        let head = ring.head().load(Ordering::Acquire);
         Ok(Producer {
-            ring: RingRef {
-                region: *self,
-                off,
-                geo,
-            },
+            ring,
             head,
             // Nothing known free yet: the first send looks at the tail.
             tail_seen: head.wrapping_sub(geo.ring_bytes),
@@ -634,24 +696,32 @@ impl Region {
             peer: to,
             gen: 0,
             answered: 0,
+            sleep_taken: 0,
         })
     }
 
     /// The receiving end of ring `from -> to`.
     pub fn consumer(&self, geo: Geometry, from: u32, to: u32) -> Result<Consumer, RingError> {
-        let off = self.ring_offset(&geo, from, to)?;
-        let tail = self.u64_at(off + RING_TAIL).load(Ordering::Acquire);
+        let ring = self.ring_ref(geo, from, to)?;
+        let tail = ring.tail().load(Ordering::Acquire);
         Ok(Consumer {
-            ring: RingRef {
-                region: *self,
-                off,
-                geo,
-            },
+            ring,
             tail,
             seq: 0,
             peer: from,
             gen: 0,
             waiting: None,
+            sleep_taken: 0,
+        })
+    }
+
+    /// Where the two halves of ring `from -> to` lie.
+    fn ring_ref(&self, geo: Geometry, from: u32, to: u32) -> Result<RingRef, RingError> {
+        Ok(RingRef {
+            region: *self,
+            off: self.ring_offset(&geo, from, to)?,
+            cons: self.consumer_offset(&geo, from, to)?,
+            geo,
         })
     }
 }
@@ -689,9 +759,10 @@ mod tests {
         // one just below 2^64 must wrap (no overflow panic in debug builds).
         let (_m, r, geo) = setup(2, 1 << 16);
         let off = r.ring_offset(&geo, 0, 1).unwrap();
+        let cons = r.consumer_offset(&geo, 0, 1).unwrap();
         let top = u64::MAX - 7;
         r.u64_at(off + RING_HEAD).store(top, Ordering::SeqCst);
-        r.u64_at(off + RING_TAIL).store(top, Ordering::SeqCst);
+        r.u64_at(cons + RING_TAIL).store(top, Ordering::SeqCst);
         let mut p = r.producer(geo, 0, 1).unwrap();
         let mut c = r.consumer(geo, 0, 1).unwrap();
         for i in 0..4u8 {
@@ -773,8 +844,68 @@ mod tests {
             Err(RingError::RegionTooSmall { .. })
         ));
         assert_eq!(Geometry::fit(1, 1 << 20), Err(RingError::BadGeometry));
-        assert_eq!(g4.ring_index(1, 1), Err(RingError::BadMember(1)));
-        assert_eq!(g4.ring_index(3, 2).unwrap(), 3 * 3 + 2);
+        assert_eq!(g4.ring_slot(1, 1), Err(RingError::BadMember(1)));
+        assert_eq!(g4.ring_slot(3, 2).unwrap(), 2);
+        assert_eq!(g4.ring_slot(1, 3).unwrap(), 2);
+    }
+
+    #[test]
+    fn each_member_writes_only_inside_its_own_section() {
+        let (_m, r, geo) = setup(4, 1 << 20);
+        let sections: Vec<_> = (0..4).map(|m| geo.section(m).unwrap()).collect();
+        assert_eq!(sections[0].start, HEADER_BYTES);
+        assert_eq!(sections[3].end, geo.region_bytes());
+        assert!(sections.windows(2).all(|w| w[0].end == w[1].start));
+        assert_eq!(geo.section(4), None);
+        for from in 0..4 {
+            for to in (0..4).filter(|&t| t != from) {
+                // The producer's header and data lie in its section, the
+                // consumer's end in the consumer's.
+                let ring = r.ring_offset(&geo, from, to).unwrap();
+                assert!(sections[from as usize].contains(&ring));
+                assert!(sections[from as usize].contains(&(ring + geo.ring_stride() - 1)));
+                let cons = r.consumer_offset(&geo, from, to).unwrap();
+                assert!(sections[to as usize].contains(&cons));
+                assert!(cons + 128 <= sections[to as usize].start + SECTION_HEADER_BYTES);
+            }
+            // What the member's guest may not write is everything but its
+            // section (and nothing of the region beyond its sections).
+            let ro = geo.guest_read_only(from);
+            let own = &sections[from as usize];
+            for off in (0..geo.region_bytes()).step_by(4096) {
+                let protected = ro.iter().any(|p| p.contains(&off));
+                assert_eq!(
+                    protected,
+                    !own.contains(&off),
+                    "member {from}, page {off:#x}"
+                );
+            }
+            assert!(ro.iter().all(|p| p.start % 4096 == 0 && p.end % 4096 == 0));
+        }
+        assert_eq!(geo.guest_read_only(9)[0], 0..geo.region_bytes());
+        // A ring from 1 to 2 written by 1 and read by 2 touches nothing in
+        // the sections of 0 and 3.
+        let before: Vec<u64> = (sections[0].clone())
+            .chain(sections[3].clone())
+            .step_by(8)
+            .map(|o| r.u64_at(o).load(Ordering::SeqCst))
+            .collect();
+        let mut p = r.producer(geo, 1, 2).unwrap();
+        let mut c = r.consumer(geo, 1, 2).unwrap();
+        let mut out = [0u8; 512];
+        for i in 0..200u32 {
+            p.try_send(&[i as u8; 300]).unwrap().unwrap();
+            c.declare_sleep();
+            assert!(p.take_consumer_sleep());
+            c.awake();
+            c.try_recv(&mut out).unwrap().unwrap();
+        }
+        let after: Vec<u64> = (sections[0].clone())
+            .chain(sections[3].clone())
+            .step_by(8)
+            .map(|o| r.u64_at(o).load(Ordering::SeqCst))
+            .collect();
+        assert!(before == after);
     }
 
     #[test]
@@ -782,11 +913,14 @@ mod tests {
         let len = 1u64 << 20;
         let geo = Geometry::at_end(3, len, 16 << 10).unwrap();
         assert_eq!(geo.region_bytes(), len, "the last ring ends at the end");
-        assert_eq!(geo.ring_base, len - 6 * (20 << 10));
+        // Three sections of a page and two rings of 16 KiB + 128 bytes.
+        let section = 4096 + 2 * (20 << 10);
+        assert_eq!(geo.section_bytes(), section);
+        assert_eq!(geo.ring_base, len - 3 * section);
         assert_eq!(
             Geometry::at_end(3, len, 256 << 10),
             Err(RingError::RegionTooSmall {
-                needed: HEADER_BYTES + 6 * (260 << 10),
+                needed: HEADER_BYTES + 3 * (4096 + 2 * (260 << 10)),
                 have: len
             })
         );
@@ -812,7 +946,7 @@ mod tests {
             (
                 len,
                 RingError::RegionTooSmall {
-                    needed: len + 6 * (20 << 10),
+                    needed: len + 3 * section,
                     have: len,
                 },
             ),
@@ -866,7 +1000,7 @@ mod tests {
 
     #[test]
     fn full_ring_applies_backpressure() {
-        let (_m, r, geo) = setup(2, 5 * 4096);
+        let (_m, r, geo) = setup(2, 7 * 4096);
         let mut p = r.producer(geo, 0, 1).unwrap();
         let msg = vec![1u8; 1000];
         let mut sent = 0;
@@ -913,7 +1047,7 @@ mod tests {
         assert_eq!(c.try_recv(&mut out), Err(RingError::BadChecksum { seq: 0 }));
         // The producer refuses a tail that runs ahead of its head as soon
         // as it reads it: when the space it knows free runs out.
-        r.u64_at(off + RING_TAIL)
+        r.u64_at(r.consumer_offset(&geo, 0, 1).unwrap() + RING_TAIL)
             .store(4096 * 1024, Ordering::SeqCst);
         let refused = (0..geo.ring_bytes).find_map(|_| p.try_send(b"x").err());
         assert!(
@@ -946,7 +1080,7 @@ mod tests {
     fn sleep_declarations_are_taken_once() {
         let (_m, r, geo) = setup(2, 64 << 10);
         let mut p = r.producer(geo, 0, 1).unwrap();
-        let c = r.consumer(geo, 0, 1).unwrap();
+        let mut c = r.consumer(geo, 0, 1).unwrap();
         assert!(!p.take_consumer_sleep(), "nobody sleeps yet");
         c.declare_sleep();
         p.try_send(b"x").unwrap().unwrap();
@@ -955,10 +1089,17 @@ mod tests {
         assert_eq!((seen.head, seen.tail), (frame_bytes(1), 0));
         assert!(p.take_consumer_sleep(), "ring once");
         assert!(!p.take_consumer_sleep(), "and only once");
+        // The declaration stays until the consumer wakes (the producer
+        // writes nothing in the consumer's line); a new one rings again.
+        assert!(r.ring_state(&geo, 0, 1).unwrap().consumer_sleeping);
+        c.awake();
         assert!(!r.ring_state(&geo, 0, 1).unwrap().consumer_sleeping);
         c.declare_sleep();
+        assert!(p.take_consumer_sleep(), "a new sleep, a new ring");
         c.awake();
-        assert!(!p.take_consumer_sleep());
+        c.declare_sleep();
+        c.awake();
+        assert!(!p.take_consumer_sleep(), "withdrawn");
         p.declare_sleep();
         assert!(r.ring_state(&geo, 0, 1).unwrap().producer_sleeping);
         assert!(c.take_producer_sleep());
@@ -1035,7 +1176,7 @@ mod tests {
         p.try_send(b"first").unwrap().unwrap();
         c.try_recv(&mut out).unwrap().unwrap();
         // Rewind the tail by one frame: the same frame shows up again.
-        let off = r.ring_offset(&geo, 0, 1).unwrap();
+        let off = r.consumer_offset(&geo, 0, 1).unwrap();
         let mut c2 = r.consumer(geo, 0, 1).unwrap();
         c2.seq = 1;
         c2.tail = 0;

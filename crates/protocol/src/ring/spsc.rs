@@ -9,12 +9,16 @@ use super::{
     RING_HEADER_BYTES, RING_PRODUCER_FLAGS, RING_TAIL,
 };
 
-/// One ring of a region: where its header lies, and the geometry that
-/// bounds it.
+/// One ring of a region: where its two halves lie (the producer's header
+/// and data in the producer's section, the consumer's end in the
+/// consumer's), and the geometry that bounds it.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct RingRef {
     pub(super) region: Region,
+    /// The producer's header, followed by the data.
     pub(super) off: u64,
+    /// The consumer's end: tail line, flag line.
+    pub(super) cons: u64,
     pub(super) geo: Geometry,
 }
 
@@ -23,13 +27,13 @@ impl RingRef {
         self.region.u64_at(self.off + RING_HEAD)
     }
     pub(super) fn tail(&self) -> &AtomicU64 {
-        self.region.u64_at(self.off + RING_TAIL)
+        self.region.u64_at(self.cons + RING_TAIL)
     }
-    fn producer_flags(&self) -> &AtomicU64 {
+    pub(super) fn producer_flags(&self) -> &AtomicU64 {
         self.region.u64_at(self.off + RING_PRODUCER_FLAGS)
     }
-    fn consumer_flags(&self) -> &AtomicU64 {
-        self.region.u64_at(self.off + RING_CONSUMER_FLAGS)
+    pub(super) fn consumer_flags(&self) -> &AtomicU64 {
+        self.region.u64_at(self.cons + RING_CONSUMER_FLAGS)
     }
     fn data(&self) -> *mut u8 {
         // SAFETY: the ring lies inside the region (checked by `geometry`/`init`).
@@ -147,38 +151,54 @@ pub struct Producer {
     pub(super) gen: u64,
     /// The consumer's sync request last answered.
     pub(super) answered: u64,
+    /// The consumer's sleep declaration last rung for.
+    pub(super) sleep_taken: u64,
 }
 
-/// A "waiting for a doorbell" flag in a ring's flag line.
-pub(super) const SLEEPING: u64 = 1;
+/// Whether a flag line holds a sleep declaration: its low bit. The rest
+/// counts the declarations, so that a waker can tell a new one from one
+/// it already answered without writing to the sleeper's line.
+pub(super) fn is_sleeping(flag: &AtomicU64) -> bool {
+    flag.load(Ordering::SeqCst) & 1 == 1
+}
 
 /// Adaptive notification (event suppression): each side declares in its
 /// flag line that it is about to sleep; the other side rings only then.
 ///
 /// The lost-wake-up race is closed the way a Dekker lock closes it: the
-/// sleeper stores its flag, fences, and looks at the ring once more before
-/// sleeping; the waker publishes its index, fences, and then looks at the
-/// flag. At least one of the two sees the other's store. The waker takes
-/// the flag (1 -> 0) before ringing, so one sleep costs one doorbell.
+/// sleeper stores its declaration, fences, and looks at the ring once more
+/// before sleeping; the waker publishes its index, fences, and then looks
+/// at the declaration. At least one of the two sees the other's store.
+/// Each declaration carries a new number (the flag line counts them), and
+/// the waker remembers the last one it rang for: one sleep costs one
+/// doorbell, and each side writes only its own line.
 impl RingRef {
     fn declare(flag: &AtomicU64) {
-        flag.store(SLEEPING, Ordering::SeqCst);
+        // Our own line: nobody else writes it.
+        let declared = (flag.load(Ordering::Relaxed) | 1).wrapping_add(2);
+        flag.store(declared, Ordering::SeqCst);
         fence(Ordering::SeqCst);
     }
-    fn take(flag: &AtomicU64) -> bool {
+    fn awake(flag: &AtomicU64) {
+        let v = flag.load(Ordering::Relaxed);
+        flag.store(v & !1, Ordering::SeqCst);
+    }
+    fn take(flag: &AtomicU64, taken: &mut u64) -> bool {
         fence(Ordering::SeqCst);
-        flag.load(Ordering::SeqCst) == SLEEPING
-            && flag
-                .compare_exchange(SLEEPING, 0, Ordering::SeqCst, Ordering::SeqCst)
-                .is_ok()
+        let v = flag.load(Ordering::SeqCst);
+        if v & 1 == 1 && v != *taken {
+            *taken = v;
+            return true;
+        }
+        false
     }
 }
 
 impl Producer {
     /// After publishing: true when the consumer had declared that it
-    /// sleeps (the caller rings it). Clears the declaration.
-    pub fn take_consumer_sleep(&self) -> bool {
-        RingRef::take(self.ring.consumer_flags())
+    /// sleeps (the caller rings it), once per declaration.
+    pub fn take_consumer_sleep(&mut self) -> bool {
+        RingRef::take(self.ring.consumer_flags(), &mut self.sleep_taken)
     }
 
     /// Declares that this producer will sleep until the consumer frees
@@ -190,7 +210,7 @@ impl Producer {
 
     /// Withdraws a sleep declaration.
     pub fn awake(&self) {
-        self.ring.producer_flags().store(0, Ordering::SeqCst);
+        RingRef::awake(self.ring.producer_flags());
     }
 
     /// Member this producer sends to.
@@ -273,6 +293,8 @@ pub struct Consumer {
     pub(super) gen: u64,
     /// A sync request not answered yet.
     pub(super) waiting: Option<u64>,
+    /// The producer's sleep declaration last rung for.
+    pub(super) sleep_taken: u64,
 }
 
 impl Consumer {
@@ -285,13 +307,13 @@ impl Consumer {
 
     /// Withdraws a sleep declaration.
     pub fn awake(&self) {
-        self.ring.consumer_flags().store(0, Ordering::SeqCst);
+        RingRef::awake(self.ring.consumer_flags());
     }
 
     /// After consuming: true when the producer had declared that it sleeps
-    /// on a full ring (the caller rings it). Clears the declaration.
-    pub fn take_producer_sleep(&self) -> bool {
-        RingRef::take(self.ring.producer_flags())
+    /// on a full ring (the caller rings it), once per declaration.
+    pub fn take_producer_sleep(&mut self) -> bool {
+        RingRef::take(self.ring.producer_flags(), &mut self.sleep_taken)
     }
 
     /// Member this consumer receives from.

@@ -47,12 +47,8 @@ pub(super) const SYNC_SEQ: u64 = RING_HEAD + 24;
 pub(super) const SYNC_GEN: u64 = RING_HEAD + 32;
 /// Sync point: the consumer request it answers.
 pub(super) const SYNC_ACK: u64 = RING_HEAD + 40;
-/// Consumer: its latest sync request (its generation).
+/// Consumer: its latest sync request (its generation), in its tail line.
 pub(super) const SYNC_REQ: u64 = RING_TAIL + 8;
-
-/// Every word of a ring header this module uses (zeroed by `Region::init`).
-pub(super) const SYNC_WORDS: [u64; 6] =
-    [SYNC_COUNT, SYNC_AT, SYNC_SEQ, SYNC_GEN, SYNC_ACK, SYNC_REQ];
 
 /// Reads of a sync point that found it being written before giving up for
 /// now (a writer that died mid-write leaves the counter odd; the reader
@@ -89,8 +85,14 @@ pub struct SyncPoint {
 }
 
 impl RingRef {
+    /// A word of the producer's head line.
     fn word(&self, off: u64) -> &AtomicU64 {
         self.region.u64_at(self.off + off)
+    }
+
+    /// The consumer's sync request, in its tail line.
+    fn request(&self) -> &AtomicU64 {
+        self.region.u64_at(self.cons + SYNC_REQ)
     }
 
     fn publish_sync(&self, p: SyncPoint) {
@@ -137,7 +139,7 @@ impl Producer {
     pub fn announce(&mut self, gen: u64) {
         self.gen = gen.max(1);
         self.seq = tag(self.gen);
-        self.answered = self.ring.word(SYNC_REQ).load(Ordering::Acquire);
+        self.answered = self.ring.request().load(Ordering::Acquire);
         self.publish_sync_point();
     }
 
@@ -159,7 +161,7 @@ impl Producer {
         if self.gen == 0 {
             return false;
         }
-        let req = self.ring.word(SYNC_REQ).load(Ordering::Acquire);
+        let req = self.ring.request().load(Ordering::Acquire);
         if req == self.answered || req == 0 || !accept(req) {
             return false;
         }
@@ -190,7 +192,7 @@ impl Consumer {
     /// says [`Follow::Waiting`] and nothing may be read.
     pub fn request_sync(&mut self, id: u64) {
         let id = id.max(1);
-        self.ring.word(SYNC_REQ).store(id, Ordering::Release);
+        self.ring.request().store(id, Ordering::Release);
         self.waiting = Some(id);
     }
 

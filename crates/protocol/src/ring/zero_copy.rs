@@ -206,10 +206,14 @@ impl Borrowed<'_> {
 #[cfg(test)]
 mod tests {
     extern crate std;
-    use super::super::{checksum, fill_pattern, Geometry, Region};
+    use super::super::{checksum, fill_pattern, Geometry, Region, RING_HEADER_BYTES};
     use super::*;
     use std::vec;
     use std::vec::Vec;
+
+    /// The smallest region for two members: the header, and two sections
+    /// of a page and one 4 KiB ring (with its header, two pages).
+    const SMALL: usize = 4096 + 2 * (4096 + 8192);
 
     fn region(bytes: usize) -> (Vec<u64>, Region, Geometry) {
         let mut mem = vec![0u64; bytes / 8];
@@ -227,7 +231,7 @@ mod tests {
 
     #[test]
     fn frames_in_place_cross_the_ring_end_and_mix_with_copied_ones() {
-        let (_mem, r, geo) = region(4096 + 2 * 8192);
+        let (_mem, r, geo) = region(SMALL);
         let mut p = r.producer(geo, 0, 1).expect("producer");
         let mut c = r.consumer(geo, 0, 1).expect("consumer");
         let mut out = vec![0u8; geo.max_payload() as usize];
@@ -264,7 +268,7 @@ mod tests {
 
     #[test]
     fn a_dropped_reservation_sends_nothing_and_a_dropped_borrow_keeps_the_frame() {
-        let (_mem, r, geo) = region(4096 + 2 * 8192);
+        let (_mem, r, geo) = region(SMALL);
         let mut p = r.producer(geo, 0, 1).expect("producer");
         let mut c = r.consumer(geo, 0, 1).expect("consumer");
         {
@@ -294,7 +298,7 @@ mod tests {
 
     #[test]
     fn a_full_ring_refuses_a_reservation_until_the_consumer_frees_room() {
-        let (_mem, r, geo) = region(4096 + 2 * 8192);
+        let (_mem, r, geo) = region(SMALL);
         let mut p = r.producer(geo, 0, 1).expect("producer");
         let mut c = r.consumer(geo, 0, 1).expect("consumer");
         let mut sent = 0;
@@ -313,7 +317,7 @@ mod tests {
 
     #[test]
     fn a_payload_rewritten_while_borrowed_fails_its_release_and_stays() {
-        let (mut mem, r, geo) = region(4096 + 2 * 8192);
+        let (mut mem, r, geo) = region(SMALL);
         let mut p = r.producer(geo, 0, 1).expect("producer");
         let mut c = r.consumer(geo, 0, 1).expect("consumer");
         p.try_send(&[1u8; 40]).expect("send").expect("room");
@@ -321,9 +325,9 @@ mod tests {
         // SAFETY: only compared.
         assert_eq!(unsafe { b.pieces() }.0, &[1u8; 40]);
         // A hostile member writes the published payload (first data word
-        // after the frame header, in the first ring after the region
-        // header and the ring header).
-        let word = (geo.ring_base + 256 + FRAME_HEADER_BYTES) as usize / 8;
+        // after the frame header).
+        let data = r.ring_offset(&geo, 0, 1).expect("ring") + RING_HEADER_BYTES;
+        let word = (data + FRAME_HEADER_BYTES) as usize / 8;
         // SAFETY: a word inside the vector that backs the region, written
         // the way another VM would write it.
         unsafe { core::ptr::write_volatile(mem.as_mut_ptr().add(word), 0) };
@@ -335,11 +339,12 @@ mod tests {
 
     #[test]
     fn a_borrow_checks_the_header_as_a_copy_does() {
-        let (mut mem, r, geo) = region(4096 + 2 * 8192);
+        let (mut mem, r, geo) = region(SMALL);
         let mut p = r.producer(geo, 0, 1).expect("producer");
         let mut c = r.consumer(geo, 0, 1).expect("consumer");
         p.try_send(b"hello, peer").expect("send").expect("room");
-        let len = (geo.ring_base + 256) as usize / 8;
+        let data = r.ring_offset(&geo, 0, 1).expect("ring") + RING_HEADER_BYTES;
+        let len = data as usize / 8;
         // SAFETY: the frame header's first word (length, sequence number)
         // in the vector backing the region, written as a hostile VM would.
         unsafe { core::ptr::write_volatile(mem.as_mut_ptr().add(len), 60_000) };

@@ -15,12 +15,13 @@ use crate::{Error, Result};
 
 /// What the bus needs from the platform: mapping memory BARs and INTx lines.
 pub trait PciPlatform: Send + Sync {
-    /// Maps `len` bytes of host memory at `host` to guest address `gpa`;
-    /// returns a handle for [`PciPlatform::unmap_memory`].
+    /// Maps `len` bytes of host memory at `host` to guest address `gpa`,
+    /// writable by the guest or (`read_only`) not; returns a handle for
+    /// [`PciPlatform::unmap_memory`].
     ///
     /// # Safety
     /// The host range must stay mapped until it is unmapped again.
-    unsafe fn map_memory(&self, gpa: u64, host: u64, len: u64) -> Result<u32>;
+    unsafe fn map_memory(&self, gpa: u64, host: u64, len: u64, read_only: bool) -> Result<u32>;
     /// Undoes a [`PciPlatform::map_memory`].
     fn unmap_memory(&self, handle: u32) -> Result<()>;
     /// The INTx line for IOAPIC pin `gsi`.
@@ -41,9 +42,9 @@ impl KvmPciPlatform {
 }
 
 impl PciPlatform for KvmPciPlatform {
-    unsafe fn map_memory(&self, gpa: u64, host: u64, len: u64) -> Result<u32> {
+    unsafe fn map_memory(&self, gpa: u64, host: u64, len: u64, read_only: bool) -> Result<u32> {
         // SAFETY: forwarded contract.
-        unsafe { self.slots.map(&self.vm, gpa, host, len) }
+        unsafe { self.slots.map(&self.vm, gpa, host, len, read_only) }
     }
     fn unmap_memory(&self, handle: u32) -> Result<()> {
         self.slots.unmap(&self.vm, handle)
@@ -72,7 +73,8 @@ struct Slot {
     /// BAR specs (fixed once on the bus): size and whether it is I/O.
     specs: [Option<(u64, bool)>; NUM_BARS],
     decoded: [Option<u64>; NUM_BARS],
-    mem_handle: [Option<u32>; NUM_BARS],
+    /// The memory slots of each memory-backed BAR that is decoded.
+    mem_handle: [Vec<u32>; NUM_BARS],
 }
 
 struct Windows {
@@ -129,7 +131,7 @@ impl PciBus {
             dev: bridge,
             specs: [None; NUM_BARS],
             decoded: [None; NUM_BARS],
-            mem_handle: [None; NUM_BARS],
+            mem_handle: Default::default(),
         });
         bus
     }
@@ -198,7 +200,7 @@ impl PciBus {
             dev,
             specs,
             decoded: [None; NUM_BARS],
-            mem_handle: [None; NUM_BARS],
+            mem_handle: Default::default(),
         });
         self.update_decoding(&mut st, n);
         Ok(info)
@@ -232,28 +234,45 @@ impl PciBus {
             if want == slot.decoded[i] {
                 continue;
             }
-            if let Some(h) = slot.mem_handle[i].take() {
-                if let Err(e) = self.platform.unmap_memory(h) {
-                    log::warn!("PCI 00:{n:02x}.0 BAR{i}: unmap: {e}");
-                }
-            }
+            self.unmap_bar(&mut slot.mem_handle[i], n, i);
             slot.decoded[i] = want;
-            if let (Some(addr), Some(mem)) = (want, d.bar_memory(i)) {
-                // SAFETY: `bar_memory`'s contract keeps the host range alive
-                // while the device is on the bus; we unmap before dropping it.
-                match unsafe {
-                    self.platform
-                        .map_memory(addr, mem.host_addr, mem.len.min(spec.size))
-                } {
-                    Ok(h) => slot.mem_handle[i] = Some(h),
-                    Err(e) => {
-                        log::warn!("PCI 00:{n:02x}.0 BAR{i} at {addr:#x}: {e}; BAR not decoded");
-                        slot.decoded[i] = None;
+            if let (Some(addr), Some(mut mem)) = (want, d.bar_memory(i)) {
+                mem.len = mem.len.min(spec.size);
+                for piece in mem.pieces() {
+                    // SAFETY: `bar_memory`'s contract keeps the host range
+                    // alive while the device is on the bus; we unmap before
+                    // dropping it. Each piece lies inside that range.
+                    match unsafe {
+                        self.platform.map_memory(
+                            addr + piece.offset,
+                            mem.host_addr + piece.offset,
+                            piece.len,
+                            piece.read_only,
+                        )
+                    } {
+                        Ok(h) => slot.mem_handle[i].push(h),
+                        Err(e) => {
+                            log::warn!(
+                                "PCI 00:{n:02x}.0 BAR{i} at {addr:#x}: {e}; BAR not decoded"
+                            );
+                            self.unmap_bar(&mut slot.mem_handle[i], n, i);
+                            slot.decoded[i] = None;
+                            break;
+                        }
                     }
                 }
             }
             d.bar_moved(i, slot.decoded[i]);
             log::debug!("PCI 00:{n:02x}.0 BAR{i} decoded at {:?}", slot.decoded[i]);
+        }
+    }
+
+    /// Removes the memory slots of BAR `i` of slot `n`.
+    fn unmap_bar(&self, handles: &mut Vec<u32>, n: usize, i: usize) {
+        for h in handles.drain(..) {
+            if let Err(e) = self.platform.unmap_memory(h) {
+                log::warn!("PCI 00:{n:02x}.0 BAR{i}: unmap: {e}");
+            }
         }
     }
 
@@ -304,7 +323,10 @@ impl PciBus {
                 let (Some(base), Some((size, is_io))) = (*dec, slot.specs[i]) else {
                     continue;
                 };
-                if slot.mem_handle[i].is_none() && is_io == io && addr >= base && addr - base < size
+                if slot.mem_handle[i].is_empty()
+                    && is_io == io
+                    && addr >= base
+                    && addr - base < size
                 {
                     return Some((slot.dev.clone(), i, addr - base));
                 }
@@ -407,11 +429,12 @@ mod tests {
         log: Log,
     }
     impl PciPlatform for FakePlatform {
-        unsafe fn map_memory(&self, gpa: u64, _host: u64, len: u64) -> Result<u32> {
-            self.log
-                .lock()
-                .unwrap()
-                .push(format!("map {gpa:#x}+{len:#x}"));
+        unsafe fn map_memory(&self, gpa: u64, _host: u64, len: u64, ro: bool) -> Result<u32> {
+            let mut log = self.log.lock().unwrap();
+            log.push(format!(
+                "map {gpa:#x}+{len:#x}{}",
+                if ro { " ro" } else { "" }
+            ));
             Ok(7)
         }
         fn unmap_memory(&self, handle: u32) -> Result<()> {
@@ -430,6 +453,7 @@ mod tests {
     struct Dev {
         config: PciConfiguration,
         reads: Vec<(usize, u64)>,
+        read_only: Vec<std::ops::Range<u64>>,
     }
     impl PciDevice for Dev {
         fn config(&self) -> &PciConfiguration {
@@ -444,9 +468,9 @@ mod tests {
         }
         fn bar_write(&mut self, _: usize, _: u64, _: &[u8]) {}
         fn bar_memory(&self, bar: usize) -> Option<BarMemory> {
-            (bar == 2).then_some(BarMemory {
-                host_addr: 0x7000_0000,
-                len: 1 << 20,
+            (bar == 2).then(|| BarMemory {
+                read_only: self.read_only.clone(),
+                ..BarMemory::writable(0x7000_0000, 1 << 20)
             })
         }
     }
@@ -485,6 +509,7 @@ mod tests {
         let dev = Arc::new(Mutex::new(Dev {
             config,
             reads: Vec::new(),
+            read_only: Vec::new(),
         }));
         bus.add_device(dev.clone()).unwrap();
         (bus, log, dev)
@@ -530,11 +555,38 @@ mod tests {
         let second = Arc::new(Mutex::new(Dev {
             config,
             reads: Vec::new(),
+            read_only: Vec::new(),
         }));
         let info = bus.add_device(second).unwrap();
         let (a, b) = (bus.decoded_bar(1, 0).unwrap(), info.bars[0].unwrap().0);
         assert_eq!(b % 4096, 0, "BAR0 at {b:#x} is not page aligned");
         assert!(b >= a + 4096, "BAR0s share a page: {a:#x} and {b:#x}");
+    }
+
+    #[test]
+    fn a_memory_bar_with_read_only_pieces_maps_one_slot_per_piece() {
+        let (bus, log, dev) = setup();
+        let io = PciConfigIo(bus.clone());
+        dev.lock().unwrap().read_only = vec![0..0x1000, 0x3000..0x5000];
+        // Moving the BAR maps it again, now in pieces.
+        let at = layout::PCI_MMIO64_BASE + (1 << 30);
+        cfg_write(&io, 1, 0x18, at as u32 | 0xc);
+        cfg_write(&io, 1, 0x1c, (at >> 32) as u32);
+        assert_eq!(bus.decoded_bar(1, 2), Some(at));
+        let log = log.lock().unwrap();
+        let n = log.len();
+        assert_eq!(
+            log[n - 4..],
+            [
+                format!("map {at:#x}+0x1000 ro"),
+                format!("map {:#x}+0x2000", at + 0x1000),
+                format!("map {:#x}+0x2000 ro", at + 0x3000),
+                format!("map {:#x}+0xfb000", at + 0x5000),
+            ]
+        );
+        // Writes into the read-only pieces are not routed to the device
+        // as register accesses (they exit, and nobody claims them).
+        assert!(bus.route(at + 8, false).is_none());
     }
 
     #[test]

@@ -17,13 +17,82 @@ pub use msix::Msix;
 
 use crate::irq::IntxLine;
 
-/// Host memory that backs a BAR directly (mapped into the guest, no exits).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// Host memory that backs a BAR directly: mapped into the guest, so that
+/// reads and writes cause no exits, except writes to its read-only pieces,
+/// which exit and are dropped (KVM read-only memory slots).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct BarMemory {
     /// Host virtual address of the first byte.
     pub host_addr: u64,
     /// Length in bytes (the BAR size).
     pub len: u64,
+    /// Pieces of the BAR (offsets into it) the guest may read but not
+    /// write. Each is widened to whole pages; overlaps are allowed.
+    pub read_only: Vec<core::ops::Range<u64>>,
+}
+
+/// One KVM memory slot of a [`BarMemory`], see [`BarMemory::pieces`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BarPiece {
+    /// Offset in the BAR.
+    pub offset: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// Whether the guest may only read it.
+    pub read_only: bool,
+}
+
+impl BarMemory {
+    /// `len` bytes at `host_addr`, all writable by the guest.
+    pub fn writable(host_addr: u64, len: u64) -> Self {
+        Self {
+            host_addr,
+            len,
+            read_only: Vec::new(),
+        }
+    }
+
+    /// The BAR cut where writability changes, in order, covering it all:
+    /// one memory slot each. Read-only pieces are widened to whole pages
+    /// and clipped to the BAR.
+    pub fn pieces(&self) -> Vec<BarPiece> {
+        const PAGE: u64 = 4096;
+        let mut ro: Vec<(u64, u64)> = self
+            .read_only
+            .iter()
+            .map(|r| {
+                let start = (r.start / PAGE * PAGE).min(self.len);
+                let end = r.end.checked_next_multiple_of(PAGE).unwrap_or(u64::MAX);
+                (start, end.min(self.len))
+            })
+            .filter(|(s, e)| s < e)
+            .collect();
+        ro.sort_unstable();
+        fn piece(offset: u64, end: u64, read_only: bool, out: &mut Vec<BarPiece>) {
+            if end <= offset {
+                return;
+            }
+            match out.last_mut() {
+                Some(last) if last.read_only == read_only && last.offset + last.len == offset => {
+                    last.len += end - offset
+                }
+                _ => out.push(BarPiece {
+                    offset,
+                    len: end - offset,
+                    read_only,
+                }),
+            }
+        }
+        let mut out = Vec::new();
+        let mut at = 0;
+        for (s, e) in ro {
+            piece(at, s, false, &mut out);
+            piece(s.max(at), e, true, &mut out);
+            at = at.max(e);
+        }
+        piece(at, self.len, false, &mut out);
+        out
+    }
 }
 
 /// A PCI function on the [`PciBus`].
@@ -87,4 +156,49 @@ impl PciDevice for HostBridge {
         data.fill(0xff);
     }
     fn bar_write(&mut self, _bar: usize, _offset: u64, _data: &[u8]) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn piece(offset: u64, len: u64, read_only: bool) -> BarPiece {
+        BarPiece {
+            offset,
+            len,
+            read_only,
+        }
+    }
+
+    #[test]
+    fn bar_pieces_cover_the_bar_in_order_and_widen_read_only_ones_to_pages() {
+        let all = BarMemory::writable(0, 0x10000);
+        assert_eq!(all.pieces(), [piece(0, 0x10000, false)]);
+        let mem = BarMemory {
+            // Unsorted, overlapping, unaligned, empty, and past the end.
+            read_only: vec![
+                0x8000..0x9000,
+                0x100..0x200,
+                0x8800..0xa000,
+                5..5,
+                0xf000..0x20000,
+            ],
+            ..all
+        };
+        assert_eq!(
+            mem.pieces(),
+            [
+                piece(0, 0x1000, true),
+                piece(0x1000, 0x7000, false),
+                piece(0x8000, 0x2000, true),
+                piece(0xa000, 0x5000, false),
+                piece(0xf000, 0x1000, true),
+            ]
+        );
+        let whole = BarMemory {
+            read_only: vec![0..0x1000, 0x800..u64::MAX],
+            ..BarMemory::writable(0, 0x3000)
+        };
+        assert_eq!(whole.pieces(), [piece(0, 0x3000, true)]);
+    }
 }

@@ -25,6 +25,8 @@ pub struct TestDevice {
     intx: Option<Box<dyn IntxLine>>,
     pub shared: MmapRegion<()>,
     pub moves: Vec<(usize, Option<u64>)>,
+    /// Pieces of BAR2 the guest may only read.
+    pub read_only: Vec<std::ops::Range<u64>>,
     /// Panics on the next config-space read (a device bug a guest hits).
     pub panic_on_config: bool,
 }
@@ -78,6 +80,7 @@ impl TestDevice {
             intx: None,
             shared,
             moves: Vec::new(),
+            read_only: Vec::new(),
             panic_on_config: false,
         }))
     }
@@ -140,6 +143,7 @@ impl PciDevice for TestDevice {
         (bar == 2).then(|| BarMemory {
             host_addr: self.shared.as_ptr() as u64,
             len: SHARED_SIZE,
+            read_only: self.read_only.clone(),
         })
     }
     fn bar_moved(&mut self, bar: usize, addr: Option<u64>) {
