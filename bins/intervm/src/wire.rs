@@ -296,9 +296,9 @@ fn plug_channels(cfg: &Config, vm: &Vm, w: &mut Wiring) -> Result<Vec<Membership
                     .map_err(|e| cerr(e.to_string()))?;
                 let dev = IvshmemDoorbell::new(vm, t.region().clone(), me as u16, own, d.fast_path)
                     .map_err(|e| cerr(e.to_string()))?;
-                if let Ok(mut d) = dev.lock() {
-                    d.set_guest_read_only(t.guest_read_only(me));
-                }
+                dev.lock()
+                    .map_err(|_| cerr("doorbell device lock poisoned".into()))?
+                    .set_guest_read_only(t.guest_read_only(me));
                 joined.push(t.join(me).map_err(|e| cerr(e.to_string()))?);
                 w.groups
                     .entry(c.name.clone())

@@ -366,7 +366,7 @@ fn record_at(info: &BootInfo, first: usize, peer: u32) -> PeerRecord {
 
 /// Names a ring error code the way `RingError` does.
 pub fn error_name(code: u64) -> &'static str {
-    const ALL: [RingError; 10] = [
+    const ALL: [RingError; 11] = [
         RingError::RegionTooSmall { needed: 0, have: 0 },
         RingError::BadGeometry,
         RingError::NotInitialized,
@@ -380,8 +380,9 @@ pub fn error_name(code: u64) -> &'static str {
         },
         RingError::TooLarge(0),
         RingError::PeerGone(0),
+        RingError::NotWritable,
     ];
-    const NAMES: [&str; 10] = [
+    const NAMES: [&str; 11] = [
         "region too small",
         "bad geometry",
         "region not formatted",
@@ -392,6 +393,7 @@ pub fn error_name(code: u64) -> &'static str {
         "bad sequence",
         "message too large",
         "peer gone",
+        "region header read-only",
     ];
     ALL.iter()
         .position(|e| e.code() == code)

@@ -440,9 +440,10 @@ pub const SHMEM_CORRUPT_HEAD: u64 = 1;
 /// `shmem_args::FLAGS` bit: the sender is a forger. Instead of sending, it
 /// writes a well-formed frame (8 bytes, sequence number 0, its checksum)
 /// at the head of every ring between two other members and publishes it
-/// there, as if that ring's producer had sent it, then exits. It reports
-/// in `results::SHM_FORGED` how many of those rings took the frame (their
-/// head moved).
+/// there, as if that ring's producer had sent it, then formats the region
+/// afresh, then exits. It reports in `results::SHM_FORGED` how many of
+/// those rings took the frame (their head moved), and in
+/// `results::SHM_ERROR` why formatting was refused (0: it was not).
 pub const SHMEM_FORGE: u64 = 512;
 
 /// Number of 64-bit argument slots.

@@ -150,6 +150,18 @@ impl Transport {
             }
             geo
         } else {
+            if let Some(v) = ring
+                .formatted_version()
+                .filter(|&v| v != ring::REGION_VERSION)
+            {
+                log::warn!(
+                    "{}: formatted by an intervm of another ring layout (version {v}, this \
+                     one uses {}); formatting it again (members of that version still \
+                     using it lose their rings)",
+                    region.label(),
+                    ring::REGION_VERSION
+                );
+            }
             let geo = match ring_bytes {
                 Some(n) => Geometry::at_end(members, region.size(), n),
                 None => Geometry::fit(members, region.size()),

@@ -32,8 +32,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let boot = |name: &str, me: u32, role: Role| -> Result<_, Box<dyn std::error::Error>> {
         let vm = Vm::new(&VmConfig::new(name, 64 << 20))?;
-        // The device exposes the region as BAR2; the guest maps it directly.
-        let dev = IvshmemPlain::new(transport.region().clone());
+        // The device exposes the region as BAR2; the guest maps it directly,
+        // writable only where this member writes (its own section).
+        let mut dev = IvshmemPlain::new(transport.region().clone());
+        dev.set_guest_read_only(transport.guest_read_only(me));
         vm.add_pci_device(Arc::new(Mutex::new(dev)))?;
         let mut task = ShmemTask::new(me, role, BYTES);
         task.seed = 42;

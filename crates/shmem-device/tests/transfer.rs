@@ -380,6 +380,12 @@ fn a_member_cannot_forge_frames_on_the_ring_of_another_pair() {
     assert_eq!(exit, VmExit::Guest(EXIT_OK), "forger:\n{console}");
     assert!(console.contains("on 0 of 2 rings"), "forger:\n{console}");
     assert_eq!(info.results[results::SHM_FORGED], 0);
+    // Nor can it format the region under them: the header is read-only.
+    assert_eq!(
+        info.results[results::SHM_ERROR],
+        RingError::NotWritable.code(),
+        "forger:\n{console}"
+    );
     probe::set_arg(tx.vm.vm().memory(), shmem_args::RELEASE, 1).expect("releasing the sender");
     let (tx_exit, tx_info, tx_console) = end(tx);
     let (rx_exit, rx_info, rx_console) = end(rx);

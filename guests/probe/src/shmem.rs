@@ -89,7 +89,7 @@ pub(crate) fn ring_fail(e: RingError) -> u32 {
         RingError::BadChecksum { seq } => seq as u64,
         RingError::BadSequence { found, .. } => found as u64,
         RingError::RegionTooSmall { needed, .. } => needed,
-        RingError::BadGeometry | RingError::NotInitialized => 0,
+        RingError::BadGeometry | RingError::NotInitialized | RingError::NotWritable => 0,
     };
     set_result(results::SHM_ERROR, e.code());
     set_result(results::SHM_ERROR_DETAIL, detail);
@@ -497,6 +497,17 @@ fn forge(ch: &Channel) {
         forged,
         tried
     );
+    // Last, the bluntest: format the region afresh, every ring reset.
+    match ch.region.init(ch.geo) {
+        Ok(()) => crate::println!("probe: shmem: formatting the region: done"),
+        Err(e) => {
+            set_result(results::SHM_ERROR, e.code());
+            crate::println!(
+                "probe: shmem: formatting the region: refused (error {})",
+                e.code()
+            );
+        }
+    }
 }
 
 /// [`intervm_protocol::probe::Workload::ShmemRecv`].

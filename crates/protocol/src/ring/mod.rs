@@ -19,11 +19,12 @@
 //! ```
 //!
 //! So everything a member writes lies in its own section, and nothing in
-//! another's: a VMM maps its guest's own section writable and the rest of
-//! the region read-only ([`Geometry::guest_read_only`]), and then no
-//! member can write a frame into a ring it does not produce, move another
-//! member's indices or speak for it in the member table. The header page
-//! is read-only to every guest.
+//! another's: a VMM maps its guest's own section writable and the header
+//! page and the other members' sections read-only
+//! ([`Geometry::guest_read_only`]), and then no member can write a frame
+//! into a ring it does not produce, move another member's indices or
+//! speak for it in the member table. The pages the ring protocol does not
+//! use (before the first section, after the last) stay writable.
 //!
 //! `ring_base` is 4096 when the rings fill the region ([`Geometry::fit`]).
 //! Rings of a chosen size ([`Geometry::at_end`]) put the sections at the
@@ -219,6 +220,9 @@ pub enum RingError {
     TooLarge(u64),
     /// The peer left or died.
     PeerGone(u32),
+    /// The region header cannot be written here (a guest formatting a
+    /// region whose VMM maps the header read-only).
+    NotWritable,
 }
 
 impl core::fmt::Display for RingError {
@@ -238,6 +242,10 @@ impl core::fmt::Display for RingError {
             }
             RingError::TooLarge(n) => write!(f, "message of {n} bytes does not fit"),
             RingError::PeerGone(m) => write!(f, "peer {m} is gone"),
+            RingError::NotWritable => write!(
+                f,
+                "the region header is read-only here (its VMM formats the region itself)"
+            ),
         }
     }
 }
@@ -258,6 +266,7 @@ impl RingError {
             RingError::BadSequence { .. } => 8,
             RingError::TooLarge(_) => 9,
             RingError::PeerGone(_) => 10,
+            RingError::NotWritable => 11,
         }
     }
 }
@@ -269,7 +278,8 @@ pub struct Geometry {
     pub members: u32,
     /// Data bytes per ring (power of two).
     pub ring_bytes: u64,
-    /// Offset of the first ring (page aligned, at least [`HEADER_BYTES`]).
+    /// Offset of the first member's section (page aligned, at least
+    /// [`HEADER_BYTES`]).
     pub ring_base: u64,
 }
 
@@ -479,6 +489,12 @@ impl Region {
             });
         }
         self.u64_at(OFF_MAGIC).store(0, Ordering::SeqCst);
+        if self.u64_at(OFF_MAGIC).load(Ordering::SeqCst) != 0 {
+            // The store was dropped: a guest whose VMM maps the header
+            // read-only. Nothing else is touched (its own section would
+            // be, and its peers would see its rings reset).
+            return Err(RingError::NotWritable);
+        }
         self.u32_at(OFF_VERSION)
             .store(REGION_VERSION, Ordering::Relaxed);
         self.u32_at(OFF_MEMBERS)
@@ -506,6 +522,14 @@ impl Region {
         self.u64_at(OFF_MAGIC)
             .store(REGION_MAGIC, Ordering::Release);
         Ok(())
+    }
+
+    /// The layout version of an intervm header, whatever it is (`None`
+    /// without the magic), e.g. to name the version of a region that
+    /// [`Region::geometry`] refuses as not formatted.
+    pub fn formatted_version(&self) -> Option<u32> {
+        (self.len >= HEADER_BYTES && self.u64_at(OFF_MAGIC).load(Ordering::Acquire) == REGION_MAGIC)
+            .then(|| self.u32_at(OFF_VERSION).load(Ordering::Relaxed))
     }
 
     /// Reads and checks the header (guest side). Never trusts it beyond
@@ -968,9 +992,17 @@ mod tests {
         let mut m = Mem::new(1 << 16);
         let r = m.region();
         assert_eq!(r.geometry(), Err(RingError::NotInitialized));
+        assert_eq!(r.formatted_version(), None);
         let geo = Geometry::fit(2, 1 << 16).unwrap();
         r.init(geo).unwrap();
         assert_eq!(r.geometry(), Ok(geo));
+        assert_eq!(r.formatted_version(), Some(REGION_VERSION));
+        // Another layout version is not read as this one.
+        r.u32_at(OFF_VERSION).store(2, Ordering::SeqCst);
+        assert_eq!(r.geometry(), Err(RingError::NotInitialized));
+        assert_eq!(r.formatted_version(), Some(2));
+        r.u32_at(OFF_VERSION)
+            .store(REGION_VERSION, Ordering::SeqCst);
         // A member claims rings far larger than the mapping.
         r.u64_at(OFF_RING_BYTES).store(1 << 40, Ordering::SeqCst);
         assert_eq!(r.geometry(), Err(RingError::BadGeometry));

@@ -118,10 +118,11 @@ impl Reserved<'_> {
 /// ([`Consumer::try_recv`]); the copy is what is checked.
 ///
 /// The checksum is not keyed: it catches bytes that changed by accident,
-/// or by a member that does not also rewrite the header's sum, or changed
-/// back before the release. It does not prove who wrote the frame; with
-/// three or more members, rings that only their producer can write are
-/// still to come (issue #15).
+/// or by a writer that does not also rewrite the header's sum, or changed
+/// back before the release. Who can write the frame is the mapping's
+/// business: under intervm a ring lies in its producer's section, which
+/// only that member's guest (and the VMM processes) can write, so the
+/// rewriter of a borrowed frame can only be its producer.
 #[derive(Debug)]
 pub struct Borrowed<'a> {
     c: &'a mut Consumer,

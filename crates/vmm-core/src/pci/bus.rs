@@ -32,17 +32,34 @@ pub trait PciPlatform: Send + Sync {
 pub struct KvmPciPlatform {
     vm: Arc<VmFd>,
     slots: MemorySlots,
+    /// KVM_CAP_READONLY_MEM.
+    read_only_slots: bool,
 }
 
 impl KvmPciPlatform {
     /// Maps through `vm`'s memory slots.
     pub fn new(vm: Arc<VmFd>, slots: MemorySlots) -> Self {
-        Self { vm, slots }
+        let read_only_slots = vm.check_extension(kvm_ioctls::Cap::ReadonlyMem);
+        Self {
+            vm,
+            slots,
+            read_only_slots,
+        }
     }
 }
 
 impl PciPlatform for KvmPciPlatform {
     unsafe fn map_memory(&self, gpa: u64, host: u64, len: u64, read_only: bool) -> Result<u32> {
+        let read_only = if read_only && !self.read_only_slots {
+            // Every x86 KVM since Linux 3.8 has them; say so loudly if not.
+            log::warn!(
+                "KVM has no read-only memory slots: guest memory at {gpa:#x}+{len:#x} \
+                 that should be read-only is mapped writable"
+            );
+            false
+        } else {
+            read_only
+        };
         // SAFETY: forwarded contract.
         unsafe { self.slots.map(&self.vm, gpa, host, len, read_only) }
     }
