@@ -65,7 +65,7 @@ fn bench(c: &mut Criterion) {
                 g.bench_function(BenchmarkId::new(what, size), |b| {
                     b.iter_custom(|iters| {
                         let n = iters.clamp(10, intervm_benches::runs::PING_PONG_MAX);
-                        let pp = ping_pong(bytes, n);
+                        let pp = ping_pong(bytes, n, false);
                         let v = if floor { &pp.floor } else { &pp.ring };
                         Duration::from_secs_f64(intervm_benches::runs::one_way(v) * iters as f64)
                     })

@@ -340,18 +340,23 @@ fn latencies(o: &Opts, raw_exit: f64) -> Vec<Latency> {
             });
         }
     }
+    // (doorbell mode or polled, whether the floor carries the message)
     let mut modes = Vec::new();
     if o.channels.iter().any(|c| c == "shmem") {
-        modes.push(None);
+        modes.extend([(None, false), (None, true)]);
     }
     if o.channels.iter().any(|c| c == "doorbell") {
         modes.extend([
-            Some(doorbell::Notify::Always),
-            Some(doorbell::Notify::Adaptive),
+            (Some(doorbell::Notify::Always), false),
+            (Some(doorbell::Notify::Adaptive), false),
         ]);
     }
-    for (mode, bytes) in modes.into_iter().flat_map(|m| [(m, 64u64), (m, 4096)]) {
-        let name = mode.map_or("polled", |m| m.name());
+    for ((mode, copy), bytes) in modes.into_iter().flat_map(|m| [(m, 64u64), (m, 4096)]) {
+        let name = match (mode, copy) {
+            (Some(m), _) => m.name(),
+            (None, false) => "polled",
+            (None, true) => "polled, copy floor",
+        };
         eprintln!(
             "latency ({name}): floor and ring {} x{}",
             label(bytes),
@@ -364,7 +369,7 @@ fn latencies(o: &Opts, raw_exit: f64) -> Vec<Latency> {
         };
         let runs: Vec<shmem::PingPong> = (0..o.repeat)
             .map(|_| match mode {
-                None => shmem::ping_pong(bytes, rounds),
+                None => shmem::ping_pong(bytes, rounds, copy),
                 Some(m) => doorbell::ring_ping_pong(bytes, rounds, m),
             })
             .collect();
@@ -390,7 +395,7 @@ fn latency_markdown(r: &Results) -> String {
     if r.latency.is_empty() {
         return String::new();
     }
-    let mut m = "\n## Latency: one message in flight\n\nTwo probe VMs bounce one word each way in their member-table entries (the floor: a cache line each way, no ring protocol, polled) N times, then a ring message as many times, in the same boot; one way is half a round trip, timed by the initiator. The sides wait for ring messages by polling (shared memory), or on doorbell devices (in-kernel path) by sleeping at once and ringing every message (always), or by polling for the PVM budget and ringing only a side that declared it sleeps (adaptive). Port I/O sends and receives each message with one descriptor command (its floor is this run's raw CPL3 `out` exit, a mean of 2,000). Medians over the runs of each run's p50 and p99, and of each run's ring p50 over its floor p50.\n\n| waiting | message | N | floor p50 | floor p99 | ring p50 | ring p99 | ring / floor |\n|---|---|---|---|---|---|---|---|\n"
+    let mut m = "\n## Latency: one message in flight\n\nTwo probe VMs bounce one word each way in their member-table entries (the floor: a cache line each way, no ring protocol, polled) N times, then a ring message as many times, in the same boot; one way is half a round trip, timed by the initiator. The sides wait for ring messages by polling (shared memory), or on doorbell devices (in-kernel path) by sleeping at once and ringing every message (always), or by polling for the PVM budget and ringing only a side that declared it sleeps (adaptive). Port I/O sends and receives each message with one descriptor command (its floor is this run's raw CPL3 `out` exit, a mean of 2,000). Medians over the runs of each run's p50 and p99, and of each run's ring p50 over its floor p50. The \"copy floor\" rows carry the message in their floor: each side copies it to the start of its ring's data area before its word, and the other copies it out after seeing the word (no frame, index or checksum), the least any protocol that signals beside its data needs.\n\n| waiting | message | N | floor p50 | floor p99 | ring p50 | ring p99 | ring / floor |\n|---|---|---|---|---|---|---|---|\n"
         .to_string();
     for l in &r.latency {
         m += &format!(

@@ -217,15 +217,17 @@ pub struct PingPong {
 }
 
 /// Two probe VMs on one memfd region: `rounds` round trips of the floor
-/// (one word each way, no ring), then `rounds` of a `bytes` message over
-/// the ring, in the same boot; the initiator's round trips.
-pub fn ping_pong(bytes: u64, rounds: u64) -> PingPong {
+/// (one word each way, no ring; with `copy_floor`, the `bytes` message
+/// copied beside the word), then `rounds` of a `bytes` message over the
+/// ring, in the same boot; the initiator's round trips.
+pub fn ping_pong(bytes: u64, rounds: u64, copy_floor: bool) -> PingPong {
     use probe_image::shmem::PingPongTask;
     let shared = Arc::new(SharedRegion::open(&Backing::Memfd, region()).expect("region"));
     let t = Transport::attach(shared, 2).expect("attach");
     let vm = |name: &str, me: u32| {
         let mut task = PingPongTask::new(me, 1 - me, me == 0, bytes, rounds);
         task.floor_first = true;
+        task.copy_floor = copy_floor;
         plain_member(name, me, &task.boot_info(), &t)
     };
     let b = vm("pong", 1);

@@ -172,6 +172,9 @@ pub struct PingPongTask {
     /// `rounds` of the floor first, then `rounds` of ring messages, in the
     /// same boot (the round log holds both, in that order).
     pub floor_first: bool,
+    /// The floor carries the message too: copied beside the word, with no
+    /// ring protocol (`SHMEM_PP_COPY`).
+    pub copy_floor: bool,
     /// Message bytes (ignored with `line`).
     pub bytes: u64,
     /// Round trips.
@@ -200,6 +203,7 @@ impl PingPongTask {
             initiator,
             line: false,
             floor_first: false,
+            copy_floor: false,
             bytes,
             rounds,
             seed: 0,
@@ -212,7 +216,9 @@ impl PingPongTask {
 
     /// The boot-info page that makes the probe run this task.
     pub fn boot_info(&self) -> BootInfo {
-        use intervm_protocol::probe::{SHMEM_PP_FLOOR_FIRST, SHMEM_PP_INITIATOR, SHMEM_PP_LINE};
+        use intervm_protocol::probe::{
+            SHMEM_PP_COPY, SHMEM_PP_FLOOR_FIRST, SHMEM_PP_INITIATOR, SHMEM_PP_LINE,
+        };
         let mut info = BootInfo::new(Workload::ShmemPingPong, 0, 0);
         let a = &mut info.args;
         a[shmem_args::DEVICE_INDEX] = self.device_index as u64;
@@ -235,7 +241,8 @@ impl PingPongTask {
                 SHMEM_PP_FLOOR_FIRST
             } else {
                 0
-            };
+            }
+            | if self.copy_floor { SHMEM_PP_COPY } else { 0 };
         info
     }
 }

@@ -363,6 +363,13 @@ pub const SHMEM_PP_LINE: u64 = 64;
 /// ring messages, in one boot (round log slots `1..=ROUNDS`, then
 /// `ROUNDS + 1..=2 * ROUNDS`).
 pub const SHMEM_PP_FLOOR_FIRST: u64 = 128;
+/// `shmem_args::FLAGS` bit of [`Workload::ShmemPingPong`]: the floor
+/// ([`SHMEM_PP_LINE`]) carries the message too. Before publishing its
+/// word, a side copies its `BYTES` message to the start of its own
+/// ring's data area (no frame, no index, no checksum); after seeing the
+/// peer's word, it copies the peer's message out of the peer's ring. The
+/// floor of any protocol that signals with a word beside the data.
+pub const SHMEM_PP_COPY: u64 = 1024;
 
 /// `shmem_args::FLAGS` bit of [`Notify::Always`](crate::notify::Notify):
 /// the sender rings the receiver (vector 0) after each frame; the receiver

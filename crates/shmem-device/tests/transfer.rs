@@ -172,11 +172,13 @@ fn a_receiver_logs_each_round_and_the_rounds_fit_in_the_transfer() {
 }
 
 /// `kind`: 0 ring messages, 1 the floor (one word each way), 2 the floor
-/// then ring messages.
+/// then ring messages, 3 the copy floor (the message beside the word) then
+/// ring messages.
 fn ping_pong_info(me: u32, initiator: bool, bytes: u64, rounds: u64, kind: u8) -> BootInfo {
     let mut t = shmem::PingPongTask::new(me, 1 - me, initiator, bytes, rounds);
     t.line = kind == 1;
-    t.floor_first = kind == 2;
+    t.floor_first = kind >= 2;
+    t.copy_floor = kind == 3;
     t.seed = SEED;
     t.timeout_ms = PEER_TIMEOUT_MS;
     t.boot_info()
@@ -186,12 +188,12 @@ fn ping_pong_info(me: u32, initiator: bool, bytes: u64, rounds: u64, kind: u8) -
 fn ping_pong_echoes_every_message_and_logs_every_round_trip() {
     require_kvm!();
     const ROUNDS: u64 = 3000;
-    for (bytes, kind) in [(64, 0), (4096, 0), (8, 1), (64, 2)] {
+    for (bytes, kind) in [(64, 0), (4096, 0), (8, 1), (64, 2), (4096, 3)] {
         let t = transport(2, 1 << 20);
         let a = start("a", &ping_pong_info(0, true, bytes, ROUNDS, kind), &t);
         let b = start("b", &ping_pong_info(1, false, bytes, ROUNDS, kind), &t);
         let exit = a.vm.wait_timeout(RUN_TIMEOUT);
-        let rounds = if kind == 2 { 2 * ROUNDS } else { ROUNDS };
+        let rounds = if kind >= 2 { 2 * ROUNDS } else { ROUNDS };
         let log = probe::round_log(a.vm.vm().memory(), rounds + 1).expect("round log");
         let (a_exit, a_info, a_console) = end(a);
         let (b_exit, _, b_console) = end(b);

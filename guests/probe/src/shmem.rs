@@ -915,7 +915,9 @@ pub fn ping_pong() -> u32 {
 }
 
 fn try_ping_pong(ch: &Channel) -> Result<(), u32> {
-    use intervm_protocol::probe::{SHMEM_PP_FLOOR_FIRST, SHMEM_PP_INITIATOR, SHMEM_PP_LINE};
+    use intervm_protocol::probe::{
+        SHMEM_PP_COPY, SHMEM_PP_FLOOR_FIRST, SHMEM_PP_INITIATOR, SHMEM_PP_LINE,
+    };
     let clock = Clock::new();
     let peer = arg(shmem_args::PEERS) as u32;
     let flags = arg(shmem_args::FLAGS);
@@ -956,6 +958,17 @@ fn try_ping_pong(ch: &Channel) -> Result<(), u32> {
         c.region.ready(&c.geo, peer).is_ok_and(|w| w >= pp_word(0))
     })?;
     let mut live = Liveness::new(&ch.region, &ch.geo, peer, timeout, clock.now_ms());
+    // The copy floor's message areas: the start of each side's own ring
+    // (unused by the ring protocol until the ring rounds, which overwrite
+    // it). Ours is in our section, the peer's readable in its.
+    let copy = flags & SHMEM_PP_COPY != 0;
+    let data = |from: u32, to: u32| {
+        ch.region
+            .ring_offset(&ch.geo, from, to)
+            .map(|off| (ch.base + off + ring::RING_HEADER_BYTES) as *mut u8)
+            .map_err(ring_fail)
+    };
+    let (mine, theirs) = (data(ch.me, peer)?, data(peer, ch.me)? as *const u8);
     set_state(State::Ready);
     // With SHMEM_PP_FLOOR_FIRST: `rounds` of the floor, then `rounds` of
     // ring messages, in one boot (the host may move the vCPU threads
@@ -973,8 +986,18 @@ fn try_ping_pong(ch: &Channel) -> Result<(), u32> {
         };
         let t0 = arch::rdtsc();
         if line {
-            // The floor: one word each way, no ring protocol.
+            // The floor: one word each way, no ring protocol; with `copy`,
+            // the message copied out beside it and in after it.
+            let put = |msg: &[u8]| {
+                // SAFETY: `bytes` fits in a ring (checked above), so the
+                // area lies inside our ring's data; `msg` is `out` or
+                // `back`, of `bytes` each.
+                unsafe { core::ptr::copy_nonoverlapping(msg.as_ptr(), mine, msg.len()) }
+            };
             if initiator {
+                if copy {
+                    put(out);
+                }
                 ch.region
                     .set_ready(&ch.geo, ch.me, pp_word(round))
                     .map_err(ring_fail)?;
@@ -988,7 +1011,15 @@ fn try_ping_pong(ch: &Channel) -> Result<(), u32> {
                 }
                 core::hint::spin_loop();
             }
+            if copy {
+                // SAFETY: as for `put`, in the peer's ring. The peer may
+                // write its area meanwhile: these bytes are only timed.
+                unsafe { core::ptr::copy_nonoverlapping(theirs, back.as_mut_ptr(), back.len()) };
+            }
             if !initiator {
+                if copy {
+                    put(back);
+                }
                 ch.region
                     .set_ready(&ch.geo, ch.me, pp_word(round))
                     .map_err(ring_fail)?;
@@ -1012,6 +1043,13 @@ fn try_ping_pong(ch: &Channel) -> Result<(), u32> {
             }
         }
         times.add(round, arch::rdtsc() - t0);
+        if line && copy && initiator && (round == rounds || round == all) {
+            // The floor's last echo came back whole (checked untimed).
+            if back != &out[..] {
+                return Err(ring_fail(RingError::BadChecksum { seq: round as u32 }));
+            }
+            back.fill(0);
+        }
     }
     set_result(results::SHM_END_TSC, arch::rdtsc());
     times.publish(all);
