@@ -114,9 +114,19 @@ pub fn vm(
     (vm.start().expect("start"), dev)
 }
 
+/// A channel's region, its pages faulted in as `intervm` does for port-I/O
+/// channels, unless `INTERVM_BENCH_COLD_RING=1` (to measure what the first
+/// transfers through a fresh ring pay).
+fn channel(bytes: u64) -> Transport {
+    let region = SharedRegion::open(&Backing::Memfd, bytes).expect("region");
+    if std::env::var("INTERVM_BENCH_COLD_RING").as_deref() != Ok("1") {
+        region.populate().expect("populating the ring");
+    }
+    Transport::attach(Arc::new(region), 2).expect("attach")
+}
+
 pub fn transfer(m: Mode, bytes: u64) -> Run {
-    let region = SharedRegion::open(&Backing::Memfd, m.region).expect("region");
-    let t = Transport::attach(Arc::new(region), 2).expect("attach");
+    let t = channel(m.region);
     let task = |role| {
         let mut k = PortioTask::new(role, bytes);
         k.descriptor = m.descriptor;
@@ -159,8 +169,7 @@ pub fn transfer(m: Mode, bytes: u64) -> Run {
 /// Two probe VMs ping-pong `rounds` descriptor messages of `bytes` over a
 /// port-I/O channel; returns the initiator's round trips, in seconds.
 pub fn ping_pong(bytes: u64, rounds: u64) -> Vec<f64> {
-    let region = SharedRegion::open(&Backing::Memfd, 4 << 20).expect("region");
-    let t = Transport::attach(Arc::new(region), 2).expect("attach");
+    let t = channel(4 << 20);
     let side = |me: u32| {
         let mut k = probe_image::portio::PingPongTask::new(1 - me, me == 0, bytes, rounds);
         k.seed = 9;

@@ -307,6 +307,11 @@ fn plug_channels(cfg: &Config, vm: &Vm, w: &mut Wiring) -> Result<Vec<Membership
                 vm.add_pci_device(dev).map(|_| ())
             }
             Kind::Portio { port } => {
+                // Only VMMs touch these rings: fault them in now rather
+                // than during the first transfers.
+                if let Err(e) = t.region().populate() {
+                    log::warn!("channel {}: {e}", c.name);
+                }
                 // The device holds the membership: the VM leaves the
                 // channel when it (and so its device) goes away.
                 let mut link = RingLink::join(t, me).map_err(|e| cerr(e.to_string()))?;
