@@ -662,12 +662,6 @@ join_timeout = "600s"   # Linux boots slowly on PVM, more so on a busy host
     );
     let cfg = config.to_str().unwrap();
     let (_map, region) = common::watch_shm(&shm, 4 << 20);
-    let head = || {
-        region
-            .geometry()
-            .and_then(|g| region.ring_state(&g, 0, 1))
-            .map_or(0, |s| s.head)
-    };
     let whole = SIZE / (64 << 10) * intervm_protocol::ring::frame_bytes(64 << 10);
     let t0 = Instant::now();
     let linux = common::spawn_vm(cfg, "linux");
@@ -681,7 +675,7 @@ join_timeout = "600s"   # Linux boots slowly on PVM, more so on a busy host
     };
     let (interrupted, mut completed) = intervm_testkit::kill_mid_transfer(
         plan,
-        head,
+        (&region, 0, 1),
         || common::spawn_vm(cfg, "probe"),
         |probe| {
             let o = probe.wait_with_output().unwrap();

@@ -372,13 +372,6 @@ fn killed_and_restarted(kind: &str, size: &str, opts: &str) {
     );
     let cfg = temp_config(&format!("split-rejoin-{kind}.toml"), &body);
     let (_map, region) = watch_shm(&p.shm, 4 << 20);
-    // The head of ring a -> b: only a running sender moves it.
-    let head = || {
-        region
-            .geometry()
-            .and_then(|g| region.ring_state(&g, 0, 1))
-            .map_or(0, |s| s.head)
-    };
     // What a whole transfer publishes: its frames, each with a header.
     let whole = bytes / FRAME * ring::frame_bytes(FRAME);
     let b = p.spawn(&cfg, "b");
@@ -391,7 +384,7 @@ fn killed_and_restarted(kind: &str, size: &str, opts: &str) {
     };
     let (interrupted, mut completed) = intervm_testkit::kill_mid_transfer(
         plan,
-        head,
+        (&region, 0, 1),
         || p.spawn(&cfg, "a"),
         |a| {
             finished(a);

@@ -283,18 +283,50 @@ pub struct KillPlan {
     pub patience: Duration,
 }
 
+/// What the ring protocol shows of members `from` and `to` of `region`
+/// and of the ring between them: each member's state, incarnation, ready
+/// word and heartbeat, and the ring's indices and sleep declarations (for
+/// a test that hangs to say where).
+pub fn pair_state(region: &intervm_protocol::ring::Region, from: u32, to: u32) -> String {
+    let Ok(geo) = region.geometry() else {
+        return "region not formatted".into();
+    };
+    let member = |m: u32| {
+        format!(
+            "member {m}: {:?}, incarnation {:?}, ready {:#x?}, heartbeat {:?}",
+            region.member_state(&geo, m),
+            region.incarnation(&geo, m),
+            region.ready(&geo, m),
+            region.heartbeat(&geo, m)
+        )
+    };
+    format!(
+        "{}; {}; ring {from} -> {to}: {:?}",
+        member(from),
+        member(to),
+        region.ring_state(&geo, from, to)
+    )
+}
+
 /// Starts senders with `spawn` one after another, each killed (SIGKILL)
-/// mid-transfer, until `plan.kills` transfers were cut. `head` reads the
-/// ring's head, which only a running sender moves: a sender is killed once
-/// it moved, and after it was frozen (SIGSTOP), so one that finished
-/// between the look and the kill is never counted as cut; that one is
-/// resumed and handed to `finish`. Returns (cut, completed).
+/// mid-transfer, until `plan.kills` transfers were cut. Each sends on the
+/// ring `from -> to` of `region`, whose head only a running sender moves:
+/// a sender is killed once it moved, and after it was frozen (SIGSTOP), so
+/// one that finished between the look and the kill is never counted as
+/// cut; that one is resumed and handed to `finish`. Returns (cut,
+/// completed).
 pub fn kill_mid_transfer(
     plan: KillPlan,
-    head: impl Fn() -> u64,
+    (region, from, to): (&intervm_protocol::ring::Region, u32, u32),
     mut spawn: impl FnMut() -> std::process::Child,
     mut finish: impl FnMut(std::process::Child),
 ) -> (u64, u64) {
+    let head = || {
+        region
+            .geometry()
+            .and_then(|g| region.ring_state(&g, from, to))
+            .map_or(0, |s| s.head)
+    };
     let (mut cut, mut completed) = (0, 0);
     while cut < plan.kills && completed + 1 < plan.complete {
         let h0 = head();
@@ -315,9 +347,11 @@ pub fn kill_mid_transfer(
                 let o = a.wait_with_output().expect("the sender's output");
                 panic!(
                     "a (re)started sender {} without sending ({}; {cut} cut and {completed} \
-                     complete transfers before it; ring head {h0})\nstdout:\n{}\nstderr:\n{}",
+                     complete transfers before it; ring head {h0}; now {})\nstdout:\n{}\n\
+                     stderr:\n{}",
                     if ended { "ended" } else { "waited too long" },
                     o.status,
+                    pair_state(region, from, to),
                     String::from_utf8_lossy(&o.stdout),
                     String::from_utf8_lossy(&o.stderr)
                 );

@@ -779,7 +779,9 @@ fn await_prepared(j: &Joined, c: &Common) -> Result<Liveness, Error> {
             r.member_state(&j.geo, c.peer) == Ok(MemberState::Alive)
                 && r.ready(&j.geo, c.peer) == Ok(READY_PREPARED)
         })?;
-        if !live.rejoined(&j.region, &j.geo) {
+        // A watch begun before any sender joined follows no incarnation
+        // yet: watch again, so that it is the one that prepared.
+        if live.is_pinned() && !live.rejoined(&j.region, &j.geo) {
             return Ok(live);
         }
     }

@@ -606,8 +606,6 @@ fn a_receiver_serving_transfers_outlives_a_sender_killed_and_restarted_ten_times
         .spawn()
         .unwrap()
     };
-    // The head of ring 0 -> 1: only a running sender moves it.
-    let head = || region.ring_state(&geo, 0, 1).map_or(0, |s| s.head);
     let frame = intervm_protocol::probe::shmem_frame_bytes(CHUNK, SIZE, geo.max_payload());
     let whole = SIZE.div_ceil(frame) * intervm_protocol::ring::frame_bytes(frame);
     let plan = intervm_testkit::KillPlan {
@@ -617,7 +615,7 @@ fn a_receiver_serving_transfers_outlives_a_sender_killed_and_restarted_ten_times
         patience: SLOW,
     };
     let (interrupted, mut completed) =
-        intervm_testkit::kill_mid_transfer(plan, head, sender, |a| {
+        intervm_testkit::kill_mid_transfer(plan, (&region, 0, 1), sender, |a| {
             let o = wait_within(a, "a sender", HANG);
             assert!(o.status.success(), "{}", text(&o));
         });

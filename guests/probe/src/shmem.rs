@@ -150,7 +150,9 @@ fn await_prepared(
             c.region.member_state(&c.geo, peer) == Ok(MemberState::Alive)
                 && c.region.ready(&c.geo, peer) == Ok(READY_PREPARED)
         })?;
-        if !live.rejoined(&ch.region, &ch.geo) {
+        // A watch begun before any sender joined follows no incarnation
+        // yet: watch again, so that it is the one that prepared.
+        if live.is_pinned() && !live.rejoined(&ch.region, &ch.geo) {
             return Ok(live);
         }
     }

@@ -40,6 +40,18 @@ impl Liveness {
         self.incarnation
     }
 
+    /// Whether the watch follows a known incarnation: false for one begun
+    /// before the peer ever joined, until [`Liveness::check`] adopts the
+    /// first incarnation it sees. Adopting is right for a peer that joins
+    /// once, but a wait for what an incarnation publishes must not return
+    /// such a watch: the peer may die and another incarnation join before
+    /// the first check, which would then follow the new one as if it had
+    /// published (a receiver waiting for a dead sender's frames, the new
+    /// sender waiting for that receiver: both stuck). Watch again instead.
+    pub fn is_pinned(&self) -> bool {
+        self.incarnation != 0
+    }
+
     /// True when the peer was restarted (joined again) since this watch
     /// began; never before it joined for the first time.
     pub fn rejoined(&self, region: &Region, geo: &Geometry) -> bool {

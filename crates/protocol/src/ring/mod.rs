@@ -844,10 +844,15 @@ mod tests {
         let (_m, r, geo) = setup(2, 1 << 16);
         let mut live = Liveness::new(&r, &geo, 0, 1000, 0);
         assert!(!live.rejoined(&r, &geo));
+        assert!(!live.is_pinned());
         r.begin_incarnation(&geo, 0).unwrap();
         r.set_member_state(&geo, 0, MemberState::Alive).unwrap();
         r.set_heartbeat(&geo, 0, 5).unwrap();
         assert!(!live.rejoined(&r, &geo), "its first join is no rejoin");
+        // Not pinned yet: had the first incarnation died and a second
+        // joined before the check below, the check would adopt the second.
+        assert!(!live.is_pinned());
+        assert!(Liveness::new(&r, &geo, 0, 1000, 0).is_pinned());
         assert_eq!(live.check(&r, &geo, 1), Ok(()));
         assert_eq!(live.incarnation(), 1);
         r.begin_incarnation(&geo, 0).unwrap();

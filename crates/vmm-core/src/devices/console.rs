@@ -266,11 +266,12 @@ mod tests {
             }
         }
         assert_eq!(got, sent, "bytes changed on the way");
-        assert!(
-            interrupts >= (sent.len() / 64) as u64,
-            "{interrupts} interrupts for {} FIFO refills",
-            sent.len() / 64
-        );
+        // The FIFO holds 64 of the 1000 bytes, and the loop above drains
+        // only after an interrupt: had a refill raised none, `wait_irq`
+        // would have hit the deadline. How many there were depends on how
+        // the forwarder and this loop interleave (one interrupt may cover
+        // several refills while the loop drains), so it is not bounded.
+        assert!(interrupts >= 1);
         // End of input ends the forwarder by itself, with every byte queued.
         assert_eq!(within_deadline(move || input.join()).unwrap(), 1000);
         // The UART (so the VM) carries on: more input still gets through.
