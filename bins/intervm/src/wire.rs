@@ -166,6 +166,13 @@ fn open_channels(
             }
         }
         let region = SharedRegion::open(&backing, c.size).map_err(|e| cerr(e.to_string()))?;
+        if matches!(c.kind, Kind::Portio { .. }) {
+            // Only VMMs touch port-I/O rings: fault them in now (once per
+            // process) rather than during the first transfers.
+            if let Err(e) = region.populate() {
+                log::warn!("channel {}: {e}", c.name);
+            }
+        }
         let t = Transport::attach_rings(Arc::new(region), c.members.len() as u32, c.ring_bytes)
             .map_err(|e| cerr(e.to_string()))?;
         out.insert(c.name.clone(), t);
@@ -307,11 +314,6 @@ fn plug_channels(cfg: &Config, vm: &Vm, w: &mut Wiring) -> Result<Vec<Membership
                 vm.add_pci_device(dev).map(|_| ())
             }
             Kind::Portio { port } => {
-                // Only VMMs touch these rings: fault them in now rather
-                // than during the first transfers.
-                if let Err(e) = t.region().populate() {
-                    log::warn!("channel {}: {e}", c.name);
-                }
                 // The device holds the membership: the VM leaves the
                 // channel when it (and so its device) goes away.
                 let mut link = RingLink::join(t, me).map_err(|e| cerr(e.to_string()))?;
