@@ -395,8 +395,12 @@ fn latency_markdown(r: &Results) -> String {
     if r.latency.is_empty() {
         return String::new();
     }
-    let mut m = "\n## Latency: one message in flight\n\nTwo probe VMs bounce one word each way in their member-table entries (the floor: a cache line each way, no ring protocol, polled) N times, then a ring message as many times, in the same boot; one way is half a round trip, timed by the initiator. The sides wait for ring messages by polling (shared memory), or on doorbell devices (in-kernel path) by sleeping at once and ringing every message (always), or by polling for the PVM budget and ringing only a side that declared it sleeps (adaptive). Port I/O sends and receives each message with one descriptor command (its floor is this run's raw CPL3 `out` exit, a mean of 2,000). Medians over the runs of each run's p50 and p99, and of each run's ring p50 over its floor p50. The \"copy floor\" rows carry the message in their floor: each side copies it to the start of its ring's data area before its word, and the other copies it out after seeing the word (no frame, index or checksum), the least any protocol that signals beside its data needs.\n\n| waiting | message | N | floor p50 | floor p99 | ring p50 | ring p99 | ring / floor |\n|---|---|---|---|---|---|---|---|\n"
+    let mut m = "\n## Latency: one message in flight\n\nTwo probe VMs bounce one word each way in their member-table entries (the floor: a cache line each way, no ring protocol, polled) N times, then a ring message as many times, in the same boot; one way is half a round trip, timed by the initiator. The sides wait for ring messages by polling (shared memory), or on doorbell devices (in-kernel path) by sleeping at once and ringing every message (always), or by polling for the PVM budget and ringing only a side that declared it sleeps (adaptive). Port I/O sends and receives each message with one descriptor command (its floor is this run's raw CPL3 `out` exit, a mean of 2,000). Medians over the runs of each run's p50 and p99, and of each run's ring p50 over its floor p50."
         .to_string();
+    if r.latency.iter().any(|l| l.notify.contains("copy floor")) {
+        m += " The \"copy floor\" rows carry the message in their floor: each side copies it to the start of its ring's data area before its word, and the other copies it out after seeing the word (no frame, index or checksum), the least any protocol that signals beside its data needs.";
+    }
+    m += "\n\n| waiting | message | N | floor p50 | floor p99 | ring p50 | ring p99 | ring / floor |\n|---|---|---|---|---|---|---|---|\n";
     for l in &r.latency {
         m += &format!(
             "| {} | {} | {} | {} | {} | {} | {} | {:.1}x |\n",
