@@ -284,13 +284,20 @@ impl PciBus {
         }
     }
 
-    /// Removes the memory slots of BAR `i` of slot `n`.
+    /// Removes the memory slots of BAR `i` of slot `n`. A slot that fails
+    /// to unmap stays in `handles`, so that it is not forgotten while KVM
+    /// still maps it: the next change of that BAR tries again.
     fn unmap_bar(&self, handles: &mut Vec<u32>, n: usize, i: usize) {
-        for h in handles.drain(..) {
-            if let Err(e) = self.platform.unmap_memory(h) {
-                log::warn!("PCI 00:{n:02x}.0 BAR{i}: unmap: {e}");
+        handles.retain(|&h| match self.platform.unmap_memory(h) {
+            Ok(()) => false,
+            Err(e) => {
+                log::error!(
+                    "PCI 00:{n:02x}.0 BAR{i}: unmap of memory slot {h}: {e}; \
+                     kept, to be retried when the BAR changes again"
+                );
+                true
             }
-        }
+        });
     }
 
     fn config_access(&self, write: Option<&[u8]>, read: Option<&mut [u8]>, port_off: u64) {
@@ -438,12 +445,17 @@ mod tests {
     use super::*;
     use crate::pci::config::{BarSpec, PciConfiguration, PciIds};
     use crate::pci::BarMemory;
+    use std::sync::atomic::{AtomicU32, Ordering};
 
     type Log = Arc<Mutex<Vec<String>>>;
 
     #[derive(Default)]
     struct FakePlatform {
         log: Log,
+        /// Handles handed out so far (the first is 7).
+        mapped: AtomicU32,
+        /// How many of the next unmaps fail.
+        failing_unmaps: Arc<AtomicU32>,
     }
     impl PciPlatform for FakePlatform {
         unsafe fn map_memory(&self, gpa: u64, _host: u64, len: u64, ro: bool) -> Result<u32> {
@@ -452,9 +464,20 @@ mod tests {
                 "map {gpa:#x}+{len:#x}{}",
                 if ro { " ro" } else { "" }
             ));
-            Ok(7)
+            Ok(7 + self.mapped.fetch_add(1, Ordering::Relaxed))
         }
         fn unmap_memory(&self, handle: u32) -> Result<()> {
+            let fail = self
+                .failing_unmaps
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                .is_ok();
+            if fail {
+                self.log
+                    .lock()
+                    .unwrap()
+                    .push(format!("unmap {handle} failed"));
+                return Err(crate::Error::Memory("injected unmap failure".into()));
+            }
             self.log.lock().unwrap().push(format!("unmap {handle}"));
             Ok(())
         }
@@ -493,8 +516,15 @@ mod tests {
     }
 
     fn setup() -> (Arc<PciBus>, Log, Arc<Mutex<Dev>>) {
+        let (bus, log, dev, _) = setup_failing();
+        (bus, log, dev)
+    }
+
+    /// [`setup`], with a counter of unmaps to fail.
+    fn setup_failing() -> (Arc<PciBus>, Log, Arc<Mutex<Dev>>, Arc<AtomicU32>) {
         let p = FakePlatform::default();
         let log = p.log.clone();
+        let failing = p.failing_unmaps.clone();
         let bus = Arc::new(PciBus::new(Box::new(p)));
         let ids = PciIds {
             vendor: 0x1af4,
@@ -529,7 +559,7 @@ mod tests {
             read_only: Vec::new(),
         }));
         bus.add_device(dev.clone()).unwrap();
-        (bus, log, dev)
+        (bus, log, dev, failing)
     }
 
     fn cfg_write(io: &PciConfigIo, dev: u32, reg: u32, v: u32) {
@@ -614,7 +644,8 @@ mod tests {
         cfg_write(&io, 1, 0x18, 0x20_000c);
         cfg_write(&io, 1, 0x1c, 0);
         assert_eq!(bus.decoded_bar(1, 2), None);
-        assert_eq!(log.lock().unwrap().last().unwrap(), "unmap 7");
+        // (The low dword's write alone moved it inside the window first.)
+        assert_eq!(log.lock().unwrap().last().unwrap(), "unmap 8");
         // Just past the 64-bit window (addresses are masked to the BAR's
         // 1 MiB alignment, so a BAR can only start inside or beyond it).
         let top = layout::PCI_MMIO64_BASE + layout::PCI_MMIO64_SIZE;
@@ -635,6 +666,35 @@ mod tests {
         assert_eq!((bus.decoded_bar(1, 0), bus.decoded_bar(1, 2)), (None, None));
         cfg_write(&io, 1, 0x04, 2);
         assert_eq!(bus.decoded_bar(1, 2), Some(ok));
+    }
+
+    #[test]
+    fn a_memory_slot_that_fails_to_unmap_is_kept_and_retried() {
+        let (bus, log, _, failing) = setup_failing();
+        let io = PciConfigIo(bus.clone());
+        let first = layout::PCI_MMIO64_BASE;
+        let second = first + (1 << 30);
+        failing.store(1, Ordering::Relaxed);
+        cfg_write(&io, 1, 0x18, second as u32 | 0xc);
+        cfg_write(&io, 1, 0x1c, (second >> 32) as u32);
+        // The low dword's write already moves the BAR (the high dword is
+        // unchanged): unmapping slot 7 there failed, so it is kept.
+        assert_eq!(bus.decoded_bar(1, 2), Some(second));
+        let tail = |k: usize| {
+            let l = log.lock().unwrap();
+            l[l.len() - k..].to_vec()
+        };
+        assert_eq!(
+            tail(2),
+            [
+                "unmap 7 failed".to_string(),
+                format!("map {second:#x}+0x100000")
+            ]
+        );
+        // The next change unmaps both the kept slot and the current one.
+        cfg_write(&io, 1, 0x04, 0);
+        assert_eq!(bus.decoded_bar(1, 2), None);
+        assert_eq!(tail(2), ["unmap 7", "unmap 8"]);
     }
 
     #[test]
