@@ -226,6 +226,13 @@ fn linux_userspace_exchanges_data_with_a_probe_over_all_three_channels() {
         all.contains("intervm-init: status 0"),
         "a guest command failed:\n{all}"
     );
+    // Linux userspace, through sysfs resource2, could write neither
+    // region's header or the probe's section, and could write its own.
+    let protected = all
+        .lines()
+        .filter(|l| l.contains("intervm-guest: region protection ok: 0 of "))
+        .count();
+    assert_eq!(protected, 2, "protection checks (shm, bell):\n{all}");
     // Every transfer the probe received from Linux (2 over shm and bell,
     // 3 over pio: rep outsl, outb, descriptors) matched what intervm
     // computes for Linux's pattern.

@@ -68,6 +68,10 @@ pub enum Error {
     /// answer in time).
     #[error("timed out: {0}")]
     Timeout(String),
+    /// `shmem check-protection`: this guest can write what it must only
+    /// read, or cannot write its own section.
+    #[error("region not protected as an intervm VMM maps it: {0}")]
+    Unprotected(String),
     /// Received bytes differ from the test pattern (`--verify-seed`).
     #[error("payload differs from the pattern with seed {seed} at byte {offset}")]
     Mismatch {

@@ -5,6 +5,7 @@
 //! intervm-guest shmem recv --me 1 --from 0 [--size 64M] [--file OUT]
 //! intervm-guest shmem recv --me 1 --from 0 --size 64M --transfers 3   # across sender restarts
 //! intervm-guest shmem format --members 2
+//! intervm-guest shmem check-protection --me 1   # what this guest may write
 //! ```
 //!
 //! Runs in any Linux guest as root (it maps
@@ -355,6 +356,17 @@ enum ShmemCmd {
         #[command(flatten)]
         args: RecvArgs,
     },
+    /// Check that this guest cannot write the region's header or another
+    /// member's section, and can write its own (as an intervm VMM maps
+    /// them); exits 1 otherwise. A write that lands is undone at once,
+    /// but peers may see it: for tests, not for regions in real use.
+    CheckProtection {
+        #[command(flatten)]
+        region: Region,
+        /// This guest's member index.
+        #[arg(long)]
+        me: u32,
+    },
     /// Write a fresh ring layout (for regions no intervm VMM manages).
     Format {
         #[command(flatten)]
@@ -577,6 +589,13 @@ fn run(cmd: Cmd) -> Result<String, Error> {
         Cmd::Shmem(ShmemCmd::Recv { region, args: a }) => {
             let c = a.ends().common(source(region))?;
             receive(&c, &a, &mut shmem::Polling)
+        }
+        Cmd::Shmem(ShmemCmd::CheckProtection { region, me }) => {
+            let p = shmem::check_protection(&source(region), me)?;
+            if p.landed > 0 || !p.own_writable {
+                return Err(Error::Unprotected(p.to_string()));
+            }
+            Ok(format!("region protection ok: {p}"))
         }
         Cmd::Shmem(ShmemCmd::Format {
             region,

@@ -923,6 +923,96 @@ pub fn serve(
     Ok(done)
 }
 
+/// What [`check_protection`] found.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Protection {
+    /// Pages probed in the header and the other members' sections.
+    pub probed: u64,
+    /// Of those, the pages where the write landed (each undone at once).
+    pub landed: u64,
+    /// Whether the write to this member's own section landed.
+    pub own_writable: bool,
+}
+
+impl std::fmt::Display for Protection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} of {} pages of the header and the other members' sections took a write; \
+             this member's own section {}",
+            self.landed,
+            self.probed,
+            if self.own_writable {
+                "took one"
+            } else {
+                "did not take one"
+            }
+        )
+    }
+}
+
+/// Flips word `at` of the mapping and reads it back: whether the write
+/// landed. A landed write is undone at once. A peer's own store to the
+/// word in between would have to produce exactly the flipped value to be
+/// taken for ours.
+///
+/// # Safety
+/// `at + 8` must lie inside `map`, and `at` must be 8-byte aligned.
+unsafe fn write_lands(map: &Mapping, at: u64) -> bool {
+    const FLIP: u64 = 0xa55a_c33c_0ff0_9669;
+    // SAFETY: in bounds and aligned (the caller's contract); volatile,
+    // since other VMs share the bytes.
+    unsafe {
+        let p = map.ptr().add(at as usize).cast::<u64>();
+        let was = p.read_volatile();
+        p.write_volatile(was ^ FLIP);
+        let landed = p.read_volatile() == was ^ FLIP;
+        if landed {
+            p.write_volatile(was);
+        }
+        landed
+    }
+}
+
+/// Checks what this guest may write of a formatted region, as member
+/// `me`: one word of every page of the header and of every other member's
+/// section, which an intervm VMM maps read-only into the guest
+/// ([`Geometry::guest_read_only`]), and one word of `me`'s own section,
+/// which it maps writable. Each word is flipped and read back; one that
+/// changed is put back at once, but a peer using that page may see it in
+/// between: run this where a write that lands is a failure anyway.
+/// Under QEMU, which maps the whole region writable, every write lands.
+pub fn check_protection(src: &Source, me: u32) -> Result<Protection, Error> {
+    let map = map(src)?;
+    // SAFETY: `map` outlives `region` (both end with this function).
+    let region = unsafe { Region::new(map.ptr(), map.len() as u64) };
+    let geo = region.geometry().map_err(ring_err)?;
+    let own = geo
+        .section(me)
+        .ok_or(Error::Ring(RingError::BadMember(me)))?;
+    let mut found = Protection {
+        probed: 0,
+        landed: 0,
+        own_writable: false,
+    };
+    for range in geo.guest_read_only(me) {
+        // `geometry` checked that the sections lie inside the mapping;
+        // they and the header are page aligned.
+        for page in (range.start..range.end).step_by(4096) {
+            found.probed += 1;
+            // SAFETY: a page start inside the region.
+            if unsafe { write_lands(&map, page) } {
+                found.landed += 1;
+            }
+        }
+    }
+    // The last word of the section: data bytes of its last ring, which
+    // no peer reads beyond that ring's published head.
+    // SAFETY: inside the region, 8-byte aligned (sections are pages).
+    found.own_writable = unsafe { write_lands(&map, own.end - 8) };
+    Ok(found)
+}
+
 /// Writes a fresh ring layout for `members` into the region (for regions
 /// no intervm VMM manages, e.g. between QEMU guests). Refuses while a
 /// member is alive unless `force`.
