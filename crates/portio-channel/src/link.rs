@@ -13,7 +13,7 @@
 
 use std::cell::Cell;
 
-use intervm_protocol::ring::{Consumer, Follow, MemberState, Producer, RingError};
+use intervm_protocol::ring::{self, Consumer, Follow, MemberState, Producer, RingError};
 use shared_region::transport::{monotonic_ms, STALE_AFTER_MS};
 use shared_region::{Membership, Transport};
 
@@ -240,6 +240,16 @@ impl RingLink {
                     .and_then(|_| c.follow(accepted.get()))
             } else {
                 c.follow(accepted.get())
+            };
+            let followed = match followed {
+                // Frames of incarnations before the accepted one (sent to
+                // this member before it first looked at the peer, which
+                // restarted since) can never be read: drop them, or they
+                // hold the queue forever.
+                Ok(Follow::Held(t)) if ring::precedes(t, accepted.get()) => c
+                    .drop_older_generations(accepted.get())
+                    .and_then(|_| c.follow(accepted.get())),
+                f => f,
             };
             let visited = match followed {
                 Ok(Follow::Ready | Follow::Switched(_)) if c.generation() == accepted.get() => {
@@ -484,6 +494,32 @@ mod tests {
         assert!(a.send(1, b"hello").unwrap());
         assert_eq!(recv(&mut b2), Some((0, b"hello".to_vec())));
         assert_eq!(b2.peer_state(0), PeerState::Present);
+    }
+
+    #[test]
+    fn a_peer_first_seen_after_it_restarted_is_not_held_behind_its_old_frames() {
+        // Through the state (a guest that asks first) and through a
+        // receive (one that just reads); a joined before b1 or after.
+        for (look_first, join_late) in [(true, false), (false, false), (false, true)] {
+            let t = transport();
+            let early = (!join_late).then(|| RingLink::join(&t, 0).unwrap());
+            let mut b1 = RingLink::join(&t, 1).unwrap();
+            assert!(b1.send(0, b"old").unwrap());
+            drop(b1);
+            let mut a = early.unwrap_or_else(|| RingLink::join(&t, 0).unwrap());
+            let mut b2 = RingLink::join(&t, 1).unwrap();
+            assert!(b2.send(0, b"new").unwrap());
+            if look_first {
+                assert_eq!(a.peer_state(1), PeerState::Present);
+            }
+            // b1's frame was never for the incarnation a first saw.
+            assert_eq!(
+                recv(&mut a),
+                Some((1, b"new".to_vec())),
+                "looked first: {look_first}, joined late: {join_late}"
+            );
+            assert_eq!(recv(&mut a), None);
+        }
     }
 
     #[test]

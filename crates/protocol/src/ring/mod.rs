@@ -67,7 +67,7 @@ pub use liveness::Liveness;
 pub use pattern::{fill_pattern, seed_for};
 pub use spsc::{frame_bytes, Consumer, Producer, RingState};
 use spsc::{is_sleeping, RingRef};
-pub use sync::{Follow, SyncPoint};
+pub use sync::{precedes, Follow, SyncPoint};
 pub use zero_copy::{Borrowed, Reserved};
 
 /// `RegionHeader::magic`: "IVMRING1".

@@ -171,6 +171,15 @@ impl Producer {
     }
 }
 
+/// Whether a frame tagged `held` (a [`Follow::Held`] value: the low 16
+/// bits of its generation) was written by an incarnation before `gen`.
+/// Incarnations count up by one per join, so the tags compare modulo
+/// 2^16: up to 32,767 incarnations back count as before.
+pub fn precedes(held: u32, gen: u64) -> bool {
+    let behind = (gen as u16).wrapping_sub(held as u16);
+    behind != 0 && behind < 0x8000
+}
+
 /// What [`Consumer::follow`] found.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Follow {
@@ -260,6 +269,22 @@ impl Consumer {
     /// before it are gone for good). Frame lengths are checked as when
     /// reading. Returns the bytes dropped.
     pub fn drop_other_generations(&mut self, accepted: u64) -> Result<u64, RingError> {
+        self.drop_frames_while(|t| t != tag(accepted))
+    }
+
+    /// Drops the unread frames of generations before `accepted` (older
+    /// incarnations of the same producer: gone for good, and never to be
+    /// accepted again), up to the first frame of `accepted` or of a later
+    /// generation, which stays to be followed or accepted. For a consumer
+    /// that first sees its producer after it restarted: the frames of the
+    /// incarnations before were never for it. Returns the bytes dropped.
+    pub fn drop_older_generations(&mut self, accepted: u64) -> Result<u64, RingError> {
+        self.drop_frames_while(|t| precedes(t >> 16, accepted))
+    }
+
+    /// Drops frames from the tail while their sequence number's tag
+    /// (`seq & 0xffff_0000`) satisfies `drop`.
+    fn drop_frames_while(&mut self, drop: impl Fn(u32) -> bool) -> Result<u64, RingError> {
         if self.waiting.is_some() {
             return Ok(0);
         }
@@ -270,7 +295,7 @@ impl Consumer {
             self.ring.read_at(self.tail, &mut hdr);
             let len = u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
             let seq = u32::from_le_bytes([hdr[4], hdr[5], hdr[6], hdr[7]]);
-            if seq & 0xffff_0000 == tag(accepted) {
+            if !drop(seq & 0xffff_0000) {
                 break;
             }
             let need = frame_bytes(len as u64);
@@ -371,6 +396,46 @@ mod tests {
         );
         assert_eq!(c.follow(3), Ok(Follow::Switched(3)));
         assert_eq!(recv(&mut c).as_deref(), Some(&b"live"[..]));
+    }
+
+    #[test]
+    fn a_consumer_that_first_sees_a_restarted_producer_drops_only_older_frames() {
+        let mut mem = vec![0u64; 8192];
+        let (r, geo) = setup(&mut mem);
+        let mut c = r.consumer(geo, 0, 1).unwrap();
+        let mut p1 = r.producer(geo, 0, 1).unwrap();
+        p1.announce(1);
+        p1.try_send(b"old").unwrap().unwrap();
+        let mut p2 = r.producer(geo, 0, 1).unwrap();
+        p2.announce(2);
+        p2.try_send(b"now").unwrap().unwrap();
+        let mut p3 = r.producer(geo, 0, 1).unwrap();
+        p3.announce(3);
+        p3.try_send(b"next").unwrap().unwrap();
+        // First sight at incarnation 2: 1's frame is dropped, 2's is read,
+        // and 3's waits to be accepted.
+        assert_eq!(c.follow(2), Ok(Follow::Held(1)));
+        assert_eq!(c.drop_older_generations(2), Ok(frame_bytes(3)));
+        assert_eq!(c.follow(2), Ok(Follow::Switched(2)));
+        assert_eq!(recv(&mut c).as_deref(), Some(&b"now"[..]));
+        assert_eq!(c.drop_older_generations(2), Ok(0), "3 is after 2");
+        assert_eq!(c.follow(2), Ok(Follow::Held(3)));
+        assert_eq!(c.follow(3), Ok(Follow::Switched(3)));
+        assert_eq!(recv(&mut c).as_deref(), Some(&b"next"[..]));
+    }
+
+    #[test]
+    fn generation_tags_compare_modulo_their_sixteen_bits() {
+        assert!(precedes(1, 2));
+        assert!(!precedes(2, 2));
+        assert!(!precedes(3, 2));
+        assert!(precedes(0xffff, 0x1_0000), "across the wrap");
+        assert!(precedes(0xffff, 0x1_0003));
+        assert!(
+            !precedes(1, 0xffff),
+            "32,768 or more behind counts as ahead"
+        );
+        assert!(!precedes(1, 0), "nothing precedes no incarnation");
     }
 
     #[test]
