@@ -312,11 +312,16 @@ impl<L: Link, M: GuestMemory> PortioDevice<L, M> {
                 self.finish_rx();
                 self.set_result(R_OK);
             }
-            C_DISCARD_RX => {
-                let _ = self.rx_left();
-                self.finish_rx();
-                self.set_result(R_OK);
-            }
+            C_DISCARD_RX => match self.fill_rx() {
+                Ok(()) => {
+                    self.finish_rx();
+                    self.set_result(R_OK);
+                }
+                Err(e) => {
+                    let r = self.link_result(e);
+                    self.set_result(r);
+                }
+            },
             C_ACCEPT_PEER => self.accept_peer(),
             _ => self.set_result(R_BAD_COMMAND),
         }
@@ -346,8 +351,10 @@ impl<L: Link, M: GuestMemory> PortioDevice<L, M> {
     fn read_data(&mut self, data: &mut [u8]) {
         self.stats.data_accesses += 1;
         if let Err(e) = self.fill_rx() {
+            // No message is current (one was being fetched): say why.
+            data.fill(0);
             let r = self.link_result(e);
-            self.set_result(r);
+            return self.set_result(r);
         }
         let left = self.rx_len - self.rx_pos;
         if left == 0 {
@@ -776,6 +783,45 @@ mod tests {
         wr(&mut d[0], CONTROL, C_SEND);
         assert_eq!(rd(&mut d[0], RESULT), R_PEER_GONE);
         assert_eq!(rd(&mut d[0], RX_LEN), 1);
+    }
+
+    #[test]
+    fn a_corrupt_queue_found_by_a_data_read_or_a_discard_is_reported_broken() {
+        use crate::link::RingLink;
+        use intervm_protocol::ring::RING_HEADER_BYTES;
+        use shared_region::{Backing, SharedRegion, Transport};
+        for discard in [false, true] {
+            let t = Transport::attach(
+                Arc::new(SharedRegion::open(&Backing::Memfd, 1 << 20).unwrap()),
+                2,
+            )
+            .unwrap();
+            let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap();
+            let mut a = PortioDevice::new(RingLink::join(&t, 0).unwrap(), mem);
+            let mut b = RingLink::join(&t, 1).unwrap();
+            assert!(b.send(0, b"doomed").unwrap());
+            // b's VMM (or a bug there) rewrites the frame's length.
+            let at = t.ring_region().ring_offset(&t.geometry(), 1, 0).unwrap() + RING_HEADER_BYTES;
+            // SAFETY: the first frame's length word, inside the 1 MiB
+            // region `t` keeps mapped, 8-byte aligned.
+            unsafe {
+                t.region()
+                    .host_addr()
+                    .add(at as usize)
+                    .cast::<u32>()
+                    .write_volatile(u32::MAX)
+            };
+            let mut w = [9u8; 4];
+            if discard {
+                a.pio_write(PioAddress(0), CONTROL, &C_DISCARD_RX.to_le_bytes());
+            } else {
+                a.pio_read(PioAddress(0), DATA, &mut w);
+                assert_eq!(w, [0; 4]);
+            }
+            let mut r = [0u8; 4];
+            a.pio_read(PioAddress(0), RESULT, &mut r);
+            assert_eq!(u32::from_le_bytes(r), R_BROKEN, "discard: {discard}");
+        }
     }
 
     #[test]
