@@ -427,6 +427,12 @@ impl ServerNotices {
                 g.add_peer(peer, clones);
             }
             Some(_) => {}
+            // "Peer left" for this member itself: a server's mistake (or
+            // malice) that must not take its self-doorbell away, as QEMU
+            // ignores it too.
+            None if peer == id => {
+                log::warn!("ivshmem client {id}: the server said this member left; ignored");
+            }
             None => {
                 self.pending.remove(&peer);
                 g.remove_peer(peer);

@@ -699,6 +699,59 @@ fn a_server_cannot_make_a_doorbell_block_or_pass_off_a_pipe_as_an_eventfd() {
 }
 
 #[test]
+fn a_server_cannot_take_away_a_members_own_doorbell() {
+    require_kvm!();
+    let none: Option<&std::fs::File> = None;
+    let region = vmm_core::memory::memfd("ivshmem-test", 0).unwrap();
+    region.set_len(1 << 20).unwrap();
+    let own = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
+    let peer = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
+    let (path, t) = fake_server("self-left", move |s| {
+        proto::send(&s, 0, none).unwrap();
+        proto::send(&s, 0, none).unwrap();
+        proto::send(&s, -1, Some(&region)).unwrap();
+        proto::send(&s, 0, Some(&own)).unwrap();
+        // After the join (one vector: it ends with the own eventfd):
+        // "member 0 left", to member 0 itself; then a peer joins, which
+        // shows when the notice before it was taken.
+        proto::send(&s, 0, none).unwrap();
+        proto::send(&s, 1, Some(&peer)).unwrap();
+        let _ = std::io::Read::read(&mut &s, &mut [0u8; 1]);
+    });
+    let session = client::connect(&path, 1).unwrap();
+    let (vm, _c) = probe_vm_with(
+        "self-left",
+        &BootInfo::new(Workload::Hello, 0, 0),
+        1,
+        16 << 20,
+    );
+    let dev = attach(&vm, session, false);
+    let ring = |to: u16| {
+        let mut g = dev.lock().unwrap();
+        g.bar_write(0, DOORBELL, &((to as u32) << 16).to_le_bytes());
+        g.stats()
+    };
+    let mut rung = 0;
+    wait_until("peer 1's join notice", || {
+        let s = ring(1);
+        let now = s.rung > rung;
+        rung = s.rung;
+        now
+    });
+    let before = dev.lock().unwrap().stats();
+    let after = ring(0);
+    assert_eq!(
+        (after.rung, after.dropped),
+        (before.rung + 1, before.dropped),
+        "ringing itself after the server said it left"
+    );
+    drop(dev);
+    drop(vm);
+    t.join().unwrap();
+    let _ = std::fs::remove_file(&path);
+}
+
+#[test]
 fn clients_that_never_read_cannot_keep_a_good_client_out() {
     // Forty clients connect and read nothing while the server owes each of
     // them thousands of messages. A server that blocked on them (up to a
