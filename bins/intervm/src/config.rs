@@ -386,6 +386,11 @@ pub const MAX_TRANSFERS: u64 = 1_000_000;
 /// Default payload bytes per frame of a probe transfer.
 pub const DEFAULT_CHUNK: u64 = 64 << 10;
 
+/// The most a probe transfer may move.
+const MAX_TRANSFER: u64 = 1 << 40;
+/// The most frames a probe transfer may take.
+const MAX_FRAMES: u64 = 1 << 32;
+
 /// Default shared region size of a `shmem` channel.
 pub const DEFAULT_SHMEM_SIZE: u64 = 4 << 20;
 
@@ -736,6 +741,20 @@ fn probe_task(p: &RawProbe, vm: &VmSpec, channels: &[ChannelSpec]) -> Result<Pro
         return Err(format!(
             "chunk: {chunk} bytes is more than the probe's {} MiB frame buffer",
             intervm_protocol::probe::SHMEM_BUF_MAX >> 20
+        ));
+    }
+    // intervm computes the checksum a transfer must arrive with one frame
+    // at a time: bound the transfer and its frames.
+    if size > MAX_TRANSFER {
+        return Err(format!(
+            "size: {size} bytes is more than a probe transfer moves ({} GiB)",
+            MAX_TRANSFER >> 30
+        ));
+    }
+    if size.div_ceil(chunk) > MAX_FRAMES {
+        return Err(format!(
+            "chunk: {size} bytes in frames of {chunk} bytes is more than {MAX_FRAMES} frames; \
+             use a larger chunk"
         ));
     }
     let need = shmem_min_memory(size);
@@ -1565,6 +1584,8 @@ mod tests {
             ("[[vm]]\nname = \"a\"\n[[vm]]\nname = \"b\"\n[[channel]]\nname = \"c\"\nkind = \"portio\"\nmembers = [\"a\", \"b\"]\njoin_timeout = \"0s\"\n", "channel[c].join_timeout", "between 1ms and 24h"),
             ("[[vm]]\nname = \"a\"\n[[vm]]\nname = \"d\"\n[[vm]]\nname = \"b\"\nmemory = \"64M\"\nprobe = { task = \"recv\", channel = \"c\", from = [\"a\", \"d\"], size = \"1M\", transfers = 2 }\n[[channel]]\nname = \"c\"\nkind = \"shmem\"\nmembers = [\"a\", \"b\", \"d\"]\n[[channel]]\nname = \"p\"\nkind = \"portio\"\nmembers = [\"a\", \"b\"]\n", "vm[b].probe.transfers", "needs exactly one sender in from (has 2)"),
             ("[[vm]]\nname = \"a\"\n[[vm]]\nname = \"d\"\n[[vm]]\nname = \"b\"\nmemory = \"64M\"\nprobe = { task = \"recv\", channel = \"c\", from = [\"a\"], size = \"1M\", transfers = 0 }\n[[channel]]\nname = \"c\"\nkind = \"shmem\"\nmembers = [\"a\", \"b\", \"d\"]\n[[channel]]\nname = \"p\"\nkind = \"portio\"\nmembers = [\"a\", \"b\"]\n", "vm[b].probe.transfers", "0 is not between 1 and 1000000"),
+            ("[[vm]]\nname = \"a\"\n[[vm]]\nname = \"b\"\nprobe = { task = \"send\", channel = \"c\", to = \"a\", size = \"1000000G\" }\n[[channel]]\nname = \"c\"\nkind = \"shmem\"\nmembers = [\"a\", \"b\"]\n", "vm[b].probe.size", "more than a probe transfer moves (1024 GiB)"),
+            ("[[vm]]\nname = \"a\"\n[[vm]]\nname = \"b\"\nprobe = { task = \"recv\", channel = \"c\", from = [\"a\"], size = \"1000G\", chunk = \"1\" }\n[[channel]]\nname = \"c\"\nkind = \"shmem\"\nmembers = [\"a\", \"b\"]\n", "vm[b].probe.chunk", "more than 4294967296 frames; use a larger chunk"),
             ("[[vm]]\nname = \"a\"\n[[vm]]\nname = \"b\"\nprobe = { task = \"send\", channel = \"p\", to = \"a\", size = \"1M\", zero_copy = true }\n[[channel]]\nname = \"p\"\nkind = \"portio\"\nmembers = [\"a\", \"b\"]\n", "vm[b].probe.zero_copy", "only meaningful on \"shmem\" and \"doorbell\" channels; \"p\" is \"portio\""),
             ("[[vm]]\nname = \"a\"\n[[vm]]\nname = \"b\"\nprobe = { task = \"exchange\", channel = \"c\", size = \"1M\", zero_copy = true }\n[[channel]]\nname = \"c\"\nkind = \"shmem\"\nmembers = [\"a\", \"b\"]\n", "vm[b].probe.zero_copy", "only meaningful for tasks \"send\" and \"recv\""),
             ("[[vm]]\nname = \"a\"\nprobe = { task = \"hello\", zero_copy = false }\n", "vm[a].probe.zero_copy", "not used by task \"hello\""),
