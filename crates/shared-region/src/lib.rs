@@ -83,6 +83,21 @@ pub enum Error {
         /// Ring data bytes configured.
         wanted: u64,
     },
+    /// Between this process's attach and its join, another one formatted
+    /// the region again with another layout (it found nobody alive yet:
+    /// members started at once with different channel settings).
+    #[error(
+        "{path}: formatted again by another process since this one attached \
+         ({found}; this one uses {wanted}); do all members use the same channel settings?"
+    )]
+    Reformatted {
+        /// Backing path.
+        path: String,
+        /// The layout in the header now.
+        found: String,
+        /// The layout this process attached with.
+        wanted: String,
+    },
 }
 
 /// Result alias.

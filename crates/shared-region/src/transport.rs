@@ -213,9 +213,26 @@ impl Transport {
     }
 
     /// Joins as member `member`: marks it alive and starts its heartbeat.
+    /// Fails if another process formatted the region again with another
+    /// layout since this transport attached (nobody was alive in it then).
     pub fn join(&self, member: u32) -> Result<Membership> {
         if member >= self.geo.members {
             return Err(Error::Ring(RingError::BadMember(member)));
+        }
+        // Under the lock, so that no attach formats the region between
+        // this check and the heartbeat marking the member alive.
+        let lock = FileLock::exclusive(self.region.file(), self.region.label(), LOCK_WAIT)?;
+        let describe =
+            |g: &Geometry| format!("{} members, rings of {} bytes", g.members, g.ring_bytes);
+        match self.ring.geometry() {
+            Ok(g) if g == self.geo => {}
+            found => {
+                return Err(Error::Reformatted {
+                    path: self.region.label().to_string(),
+                    found: found.map_or_else(|e| e.to_string(), |g| describe(&g)),
+                    wanted: describe(&self.geo),
+                })
+            }
         }
         // SAFETY: the returned Membership holds this transport, and with it
         // the region's mapping, for as long as the heartbeat runs.
@@ -234,6 +251,7 @@ impl Transport {
                 source,
             },
         })?;
+        drop(lock);
         Ok(Membership {
             heartbeat,
             transport: self.clone(),
@@ -371,6 +389,35 @@ mod tests {
             geo
         );
         drop(m0);
+        let _ = std::fs::remove_file(format!("/dev/shm/{name}"));
+    }
+
+    #[test]
+    fn a_region_formatted_again_between_attach_and_join_is_refused_at_the_join() {
+        // Two processes started at once with different settings: the
+        // second attaches before the first joined, finds nobody alive and
+        // formats again. The first must not join with its old layout (its
+        // heartbeat and its guest's writable section would land in the
+        // new layout's rings).
+        let name = shm_name("reformat");
+        let backing = Backing::Shm(name.clone());
+        let open = || Arc::new(SharedRegion::open(&backing, 1 << 20).unwrap());
+        let t1 = Transport::attach_rings(open(), 2, Some(64 << 10)).unwrap();
+        let t2 = Transport::attach_rings(open(), 2, Some(128 << 10)).unwrap();
+        let e = t1.join(0).unwrap_err();
+        assert!(
+            matches!(e, Error::Reformatted { .. })
+                && e.to_string().contains("2 members, rings of 131072 bytes; this one uses 2 members, rings of 65536 bytes"),
+            "{e}"
+        );
+        assert_eq!(
+            t1.member_state(0).unwrap(),
+            MemberState::Absent,
+            "not marked alive"
+        );
+        // The one whose layout is in the header joins.
+        let m = t2.join(1).unwrap();
+        drop(m);
         let _ = std::fs::remove_file(format!("/dev/shm/{name}"));
     }
 
