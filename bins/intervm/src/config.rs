@@ -420,6 +420,38 @@ pub enum Backing {
     Server(PathBuf),
 }
 
+impl Backing {
+    /// Where the region (or its server) lives, spelled one way: a shm name
+    /// as its `/dev/shm` path, a path with symlinks, `.` and `..`
+    /// resolved as far as it exists. `None` for a memfd (one per channel).
+    fn location(&self) -> Option<PathBuf> {
+        let p = match self {
+            Backing::Memfd => return None,
+            Backing::Shm(n) => Path::new("/dev/shm").join(n),
+            Backing::File(p) | Backing::Hugetlbfs(p) | Backing::Server(p) => p.clone(),
+        };
+        if let Ok(c) = std::fs::canonicalize(&p) {
+            return Some(c);
+        }
+        if let (Some(dir), Some(name)) = (p.parent(), p.file_name()) {
+            if let Ok(d) = std::fs::canonicalize(dir) {
+                return Some(d.join(name));
+            }
+        }
+        let mut out = PathBuf::new();
+        for c in p.components() {
+            match c {
+                std::path::Component::CurDir => {}
+                std::path::Component::ParentDir => {
+                    out.pop();
+                }
+                c => out.push(c),
+            }
+        }
+        Some(out)
+    }
+}
+
 /// A channel's kind, with the options only that kind has.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Kind {
@@ -1126,12 +1158,16 @@ fn channel_spec(
     // One backing, one channel: two channels on one region would
     // write each other's rings (and a host-only port-I/O ring would
     // be open to a shared-memory guest).
-    if !matches!(backing, Backing::Memfd) {
-        if let Some(other) = earlier.iter().find(|o| o.backing == backing) {
+    if let Some(at) = backing.location() {
+        if let Some(other) = earlier
+            .iter()
+            .find(|o| o.backing.location().as_ref() == Some(&at))
+        {
             return Err(format!(
-                "{}: channel[{}] uses the same backing; every channel needs its own region",
+                "{}: channel[{}] uses the same backing ({}); every channel needs its own region",
                 key("backing"),
-                other.name
+                other.name,
+                at.display()
             ));
         }
     }

@@ -225,6 +225,20 @@ fn shmem_config_errors_name_the_key() {
              [[channel]]\nname = \"d\"\nkind = \"portio\"\nmembers = [\"a\", \"b\"]\nbacking = { shm = \"x\" }\n",
             "channel[d].backing: channel[c] uses the same backing",
         ),
+        (
+            // The same file spelled three ways: as a shm name, as its
+            // /dev/shm path, and through `..`.
+            "samebacking2.toml",
+            "[[channel]]\nname = \"c\"\nkind = \"shmem\"\nmembers = [\"a\", \"b\"]\nbacking = { shm = \"x\" }\n\
+             [[channel]]\nname = \"d\"\nkind = \"portio\"\nmembers = [\"a\", \"b\"]\nbacking = { file = \"/dev/shm/x\" }\n",
+            "channel[d].backing: channel[c] uses the same backing (",
+        ),
+        (
+            "samebacking3.toml",
+            "[[channel]]\nname = \"c\"\nkind = \"shmem\"\nmembers = [\"a\", \"b\"]\nbacking = { file = \"/dev/shm/no-such-dir/../y\" }\n\
+             [[channel]]\nname = \"d\"\nkind = \"doorbell\"\nmembers = [\"a\", \"b\"]\nbacking = { hugetlbfs = \"/dev/shm/y\" }\n",
+            "channel[d].backing: channel[c] uses the same backing (",
+        ),
     ];
     for (file, body, want) in cases {
         check_rejects(file, &format!("{two}{body}"), want);
@@ -273,6 +287,39 @@ fn shmem_config_errors_name_the_key() {
         let body = format!("[[vm]]\nname = \"a\"\n{mem}{probe}\n[[vm]]\nname = \"b\"\n{chan}");
         check_rejects(&format!("task{i}.toml"), &body, want);
     }
+}
+
+#[test]
+fn two_channels_on_one_file_under_two_names_are_refused_at_run() {
+    // A hard link: `check` sees two paths and cannot tell; `run` opens
+    // both and finds one file, before any VM boots.
+    let dir = std::env::temp_dir().join(format!("intervm-cli-link-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (a, b) = (dir.join("a.region"), dir.join("b.region"));
+    let _ = std::fs::remove_file(&b);
+    std::fs::write(&a, vec![0u8; 1 << 20]).unwrap();
+    std::fs::hard_link(&a, &b).unwrap();
+    let body = format!(
+        "[[vm]]\nname = \"a\"\n[[vm]]\nname = \"b\"\n\
+         [[channel]]\nname = \"c\"\nkind = \"shmem\"\nmembers = [\"a\", \"b\"]\nsize = \"1M\"\n\
+         backing = {{ file = \"{}\" }}\n\
+         [[channel]]\nname = \"d\"\nkind = \"portio\"\nmembers = [\"a\", \"b\"]\nsize = \"1M\"\n\
+         backing = {{ file = \"{}\" }}\n",
+        a.display(),
+        b.display()
+    );
+    let cfg = temp_config("hardlink.toml", &body);
+    let o = intervm(&["check", cfg.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", text(&o).1);
+    let o = intervm(&["run", cfg.to_str().unwrap(), "--timeout", "60"]);
+    let (_, err) = text(&o);
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("channel[d]: backing:")
+            && err.contains("is the file channel[c] uses (another name for it)"),
+        "{err}"
+    );
 }
 
 #[test]
