@@ -4,7 +4,7 @@
 //! sleep in `read()` until rung.
 
 use std::fs::{File, OpenOptions};
-use std::io::Read;
+use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -115,6 +115,19 @@ impl Uio {
             )));
         }
         let regs = Mapping::open_at(dev, size, 0)?;
+        // Interrupts on, as UIO does it (a 4-byte write of 1): a process
+        // before this one may have left INTx masked. The driver takes it
+        // as a no-op for MSI-X; EIO means the device has no interrupt.
+        match (&file).write_all(&1u32.to_ne_bytes()) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EIO) => {}
+            Err(e) => {
+                return Err(Error::Io(
+                    format!("{}: enabling interrupts", dev.display()),
+                    e,
+                ))
+            }
+        }
         Ok(Self {
             file,
             regs,
