@@ -2,11 +2,13 @@
 //! as two guest programs would use it: messages of every size echoed back
 //! intact, and a peer that leaves reported as gone.
 
+mod common;
+
 use std::path::PathBuf;
 use std::time::Duration;
 
 use intervm_guest::channel::Channel;
-use intervm_guest::shmem::{self, Source};
+use intervm_guest::shmem::Source;
 use intervm_guest::Error;
 use intervm_protocol::ring::RingError;
 
@@ -14,18 +16,7 @@ use intervm_protocol::ring::RingError;
 const HANG: Duration = Duration::from_secs(60);
 
 fn region(tag: &str) -> (Source, PathBuf) {
-    let path = PathBuf::from(format!(
-        "/dev/shm/intervm-guest-channel-{tag}-{}",
-        std::process::id()
-    ));
-    std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
-    let source = Source {
-        device: None,
-        resource: Some(path.clone()),
-        sysfs: PathBuf::from("/nonexistent"),
-        uio: None,
-    };
-    shmem::format(&source, 2, false).unwrap();
+    let (source, path, _) = common::region(&format!("channel-{tag}"), 2);
     (source, path)
 }
 

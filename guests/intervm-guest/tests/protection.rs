@@ -3,24 +3,13 @@
 //! tell an unprotected region from one an intervm VMM maps. The protected
 //! case needs a VMM: the Linux guest test runs it there.
 
-use std::path::PathBuf;
+mod common;
 
-use intervm_guest::shmem::{self, Protection, Source};
+use intervm_guest::shmem::{self, Protection};
 
 #[test]
 fn on_an_unprotected_file_every_write_lands_and_is_undone() {
-    let path = PathBuf::from(format!(
-        "/dev/shm/intervm-guest-protection-{}",
-        std::process::id()
-    ));
-    std::fs::write(&path, vec![0u8; 1 << 20]).unwrap();
-    let source = Source {
-        device: None,
-        resource: Some(path.clone()),
-        sysfs: PathBuf::from("/nonexistent"),
-        uio: None,
-    };
-    let geo = shmem::format(&source, 3, false).unwrap();
+    let (source, path, geo) = common::region("protection", 3);
     let before = std::fs::read(&path).unwrap();
     let found = shmem::check_protection(&source, 1).unwrap();
     let after = std::fs::read(&path).unwrap();
