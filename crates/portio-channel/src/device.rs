@@ -139,11 +139,21 @@ impl<L: Link, M: GuestMemory> PortioDevice<L, M> {
         self.rx_current = false;
     }
 
-    fn rx_left(&mut self) -> u32 {
-        if let Err(e) = self.fill_rx() {
-            let r = self.link_result(e);
-            self.set_result(r);
+    /// [`Self::fill_rx`], with a link error reported in RESULT; false
+    /// then (no message is current).
+    fn take_rx(&mut self) -> bool {
+        match self.fill_rx() {
+            Ok(()) => true,
+            Err(e) => {
+                let r = self.link_result(e);
+                self.set_result(r);
+                false
+            }
         }
+    }
+
+    fn rx_left(&mut self) -> u32 {
+        self.take_rx();
         (self.rx_len - self.rx_pos) as u32
     }
 
@@ -275,9 +285,8 @@ impl<L: Link, M: GuestMemory> PortioDevice<L, M> {
                 }
             }
         }
-        if let Err(e) = self.fill_rx() {
-            let r = self.link_result(e);
-            return self.set_result(r);
+        if !self.take_rx() {
+            return;
         }
         if !self.rx_current {
             return self.set_result(R_NO_MESSAGE);
@@ -312,16 +321,12 @@ impl<L: Link, M: GuestMemory> PortioDevice<L, M> {
                 self.finish_rx();
                 self.set_result(R_OK);
             }
-            C_DISCARD_RX => match self.fill_rx() {
-                Ok(()) => {
+            C_DISCARD_RX => {
+                if self.take_rx() {
                     self.finish_rx();
                     self.set_result(R_OK);
                 }
-                Err(e) => {
-                    let r = self.link_result(e);
-                    self.set_result(r);
-                }
-            },
+            }
             C_ACCEPT_PEER => self.accept_peer(),
             _ => self.set_result(R_BAD_COMMAND),
         }
@@ -350,11 +355,10 @@ impl<L: Link, M: GuestMemory> PortioDevice<L, M> {
 
     fn read_data(&mut self, data: &mut [u8]) {
         self.stats.data_accesses += 1;
-        if let Err(e) = self.fill_rx() {
-            // No message is current (one was being fetched): say why.
+        if !self.take_rx() {
+            // No message is current (one was being fetched): RESULT says why.
             data.fill(0);
-            let r = self.link_result(e);
-            return self.set_result(r);
+            return;
         }
         let left = self.rx_len - self.rx_pos;
         if left == 0 {
