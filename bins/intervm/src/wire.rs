@@ -122,9 +122,7 @@ fn open_channels(
     selected: &[&crate::config::VmSpec],
 ) -> Result<HashMap<String, Transport>, RunError> {
     let file = cfg.file.display().to_string();
-    let mut out = HashMap::new();
-    // (device, inode) of each region opened, by channel.
-    let mut opened: Vec<((u64, u64), &str)> = Vec::new();
+    let mut out: HashMap<String, Transport> = HashMap::new();
     for c in &cfg.channels {
         let away = elsewhere(c, selected);
         if away.len() == c.members.len() {
@@ -170,24 +168,16 @@ fn open_channels(
         let region = SharedRegion::open(&backing, c.size).map_err(|e| cerr(e.to_string()))?;
         // `check` compares the backings' paths; a hard link (or a name it
         // could not resolve) is only found by the file itself.
-        let id = region
-            .file()
-            .metadata()
-            .map(|m| {
-                (
-                    std::os::unix::fs::MetadataExt::dev(&m),
-                    std::os::unix::fs::MetadataExt::ino(&m),
-                )
-            })
-            .map_err(|e| cerr(format!("backing: {}: {e}", region.label())))?;
-        if let Some((_, other)) = opened.iter().find(|(o, _)| *o == id) {
+        if let Some(other) = out.iter().find_map(|(name, t)| {
+            interrupt_doorbell::client::same_object(t.region().file(), region.file())
+                .then_some(name)
+        }) {
             return Err(cerr(format!(
                 "backing: {} is the file channel[{other}] uses (another name for it); \
                  every channel needs its own region",
                 region.label()
             )));
         }
-        opened.push((id, &c.name));
         if matches!(c.kind, Kind::Portio { .. }) {
             // Only VMMs touch port-I/O rings: fault them in now (once per
             // process) rather than during the first transfers.
