@@ -30,7 +30,9 @@ pub enum SerialOutput {
     Console,
     /// Appended to a file.
     File(PathBuf),
-    /// Kept in memory (tests read it with [`SerialBuffer::contents`]).
+    /// Kept in memory, all of it (tests read it with
+    /// [`SerialBuffer::contents`]); it grows with everything the guest
+    /// prints, so it is for tests and short runs.
     Buffer(SerialBuffer),
     /// Dropped.
     Sink,
@@ -66,6 +68,10 @@ impl Write for SerialBuffer {
         Ok(())
     }
 }
+
+/// The longest line kept before it is written out with a newline added:
+/// a guest that never sends one cannot grow the VMM's memory.
+const MAX_LINE: usize = 4096;
 
 /// Prefixes each line with a tag, drops carriage returns, and writes whole
 /// lines at once so the consoles of several VMs sharing stdout do not mix
@@ -131,13 +137,14 @@ impl<W: Write> Write for LinePrefix<W> {
                     self.line.push(b);
                     self.emit()?;
                 }
-                b if self.sanitize && (b < 0x20 && b != b'\t' || b == 0x7f) => {
-                    self.line.extend_from_slice(&[b'^', b ^ 0x40]);
-                }
-                _ => {
-                    self.line.push(b);
+                b => {
+                    if self.sanitize && (b < 0x20 && b != b'\t' || b == 0x7f) {
+                        self.line.extend_from_slice(&[b'^', b ^ 0x40]);
+                    } else {
+                        self.line.push(b);
+                    }
                     // Bound the buffer for guests that never send a newline.
-                    if self.line.len() >= 4096 {
+                    if self.line.len() >= MAX_LINE {
                         self.line.push(b'\n');
                         self.emit()?;
                     }
@@ -340,6 +347,27 @@ mod tests {
         let s = String::from_utf8(out).unwrap();
         assert_eq!(s, "[a] ^[]0;owned^G^[]52;c;aGk=^G^[[2Jok\tdone^?\n");
         assert!(!s.contains('\x1b'));
+    }
+
+    #[test]
+    fn a_guest_that_never_ends_a_line_cannot_grow_the_buffer() {
+        // Printable bytes and control bytes (shown as two each) alike.
+        for (byte, shown) in [(b'x', "x"), (0x01, "^A")] {
+            let mut out = Vec::new();
+            let mut w = LinePrefix::sanitized("[a] ".into(), &mut out);
+            for _ in 0..100 {
+                w.write_all(&[byte; 1000]).unwrap();
+                assert!(w.line.len() <= MAX_LINE, "{} bytes held", w.line.len());
+            }
+            drop(w);
+            let s = String::from_utf8(out).unwrap();
+            assert!(
+                s.lines().all(|l| l.len() <= 4 + MAX_LINE),
+                "a line too long"
+            );
+            let shown_total: usize = s.lines().map(|l| l[4..].len()).sum();
+            assert_eq!(shown_total, 100_000 * shown.len(), "bytes lost");
+        }
     }
 
     #[test]
