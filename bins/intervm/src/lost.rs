@@ -1,5 +1,5 @@
 //! Channels whose shared region another process shrank (see
-//! `vmm_core::shrink_guard`): this process keeps running on a private copy,
+//! the `shrink-guard` crate): this process keeps running on a private copy,
 //! so such a channel is lost. The run loop stops its members here and their
 //! reports say why.
 

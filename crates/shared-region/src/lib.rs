@@ -4,7 +4,7 @@
 //! - [`region`]: the host memory object shared by every member, from a POSIX
 //!   shm name, a file, a hugetlbfs file or an anonymous memfd, mapped once
 //!   per process and guarded against another process shrinking it
-//!   (`vmm_core::shrink_guard`).
+//!   (the `shrink-guard` crate).
 //! - [`transport`]: the host side of the intervm ring protocol
 //!   (`intervm_protocol::ring`): formatting a region, joining as a member,
 //!   heartbeats and leave notices so peers see a dead VM instead of hanging.

@@ -4,8 +4,8 @@ use std::fs::{File, OpenOptions};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
+use shrink_guard::Guarded;
 use vm_memory::{FileOffset, MmapRegion};
-use vmm_core::shrink_guard::{self, Guarded};
 
 use crate::{Error, Result};
 
@@ -34,7 +34,7 @@ pub enum Backing {
 
 /// A mapped shared region.
 ///
-/// The mapping is guarded ([`vmm_core::shrink_guard`]): if another process
+/// The mapping is guarded ([`shrink_guard`]): if another process
 /// shrinks the backing, this process keeps running on a private copy and
 /// [`SharedRegion::lost`] turns true.
 pub struct SharedRegion {
@@ -71,9 +71,9 @@ impl SharedRegion {
         }
         let (file, label, hugetlb) = match backing {
             Backing::Memfd => (
-                vmm_core::memory::memfd("intervm-shmem", 0).map_err(|e| Error::Io {
+                shrink_guard::memfd("intervm-shmem", 0).map_err(|source| Error::Io {
                     what: "memfd".into(),
-                    source: std::io::Error::other(e.to_string()),
+                    source,
                 })?,
                 "memfd".to_string(),
                 false,

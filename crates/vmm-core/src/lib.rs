@@ -31,11 +31,13 @@ pub mod irq;
 pub mod layout;
 pub mod memory;
 pub mod pci;
-pub mod shrink_guard;
 pub mod vcpu;
 pub mod vm;
 pub mod x86;
 
 pub use error::{Error, Result};
+/// Surviving a shared file shrunk under a mapping (the `shrink-guard`
+/// crate; the vCPU loop calls its `recover` on `EFAULT`).
+pub use shrink_guard;
 pub use vcpu::VmExit;
 pub use vm::{RunningVm, Vm, VmConfig};

@@ -67,21 +67,10 @@ pub fn create_ram(size: u64, backing: RamBacking) -> Result<GuestMemoryMmap> {
     }
 }
 
-/// Creates an anonymous memfd of `size` bytes.
+/// Creates an anonymous memfd of `size` bytes
+/// ([`shrink_guard::memfd`], with this crate's error).
 pub fn memfd(name: &str, size: u64) -> Result<std::fs::File> {
-    use std::os::fd::FromRawFd;
-    let cname = std::ffi::CString::new(name)
-        .map_err(|_| Error::InvalidArgument(format!("memfd name {name:?}")))?;
-    // SAFETY: memfd_create with a valid NUL-terminated name; the returned fd
-    // is owned by the File below.
-    let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
-    if fd < 0 {
-        return Err(Error::io("memfd_create")(std::io::Error::last_os_error()));
-    }
-    // SAFETY: fd is a fresh, valid descriptor we own.
-    let file = unsafe { std::fs::File::from_raw_fd(fd) };
-    file.set_len(size).map_err(Error::io("sizing memfd"))?;
-    Ok(file)
+    shrink_guard::memfd(name, size).map_err(Error::io("memfd_create"))
 }
 
 /// Registers every RAM region with KVM (slots 0..n) and returns the slot

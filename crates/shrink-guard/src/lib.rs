@@ -11,16 +11,42 @@
 //!   mapping, in the signal handler, with private zeroed memory at the same
 //!   address (`MAP_FIXED`), marks it lost and returns, so the access is
 //!   retried and succeeds on the private copy;
-//! - a vCPU whose `KVM_RUN` fails with `EFAULT` calls [`recover`], which
-//!   does the same to every guarded mapping whose file became too short,
-//!   and runs the guest again. The guest then reads zeros there.
+//! - a vCPU loop whose `KVM_RUN` fails with `EFAULT` calls [`recover`],
+//!   which does the same to every guarded mapping whose file became too
+//!   short, and runs the guest again. The guest then reads zeros there.
 //!
 //! Whoever owns the mapping checks [`Guarded::lost`] and reports the
-//! channel lost; nothing else in the process is affected. A SIGBUS outside
-//! every guarded mapping keeps its default action (the process dies, as
-//! without this module).
+//! channel lost; nothing else in the process is affected.
+//!
+//! The first [`guard`] installs a process-wide SIGBUS handler. A SIGBUS
+//! outside every guarded mapping goes to the handler that was installed
+//! before it (an embedding VMM's own), called with the same arguments
+//! (its `SA_RESETHAND`/`SA_NODEFER` flags are not replayed); without one,
+//! the default action ends the process, as without this crate. A handler
+//! installed *after* the first [`guard`] replaces this one: chain to it
+//! from there, or guard nothing.
+//!
+//! ```
+//! use std::os::fd::AsRawFd;
+//! let file = shrink_guard::memfd("example", 1 << 16)?;
+//! // SAFETY: maps the whole memfd shared; unmapped below.
+//! let p = unsafe {
+//!     libc::mmap(std::ptr::null_mut(), 1 << 16, libc::PROT_READ | libc::PROT_WRITE,
+//!                libc::MAP_SHARED, file.as_raw_fd(), 0)
+//! } as *mut u8;
+//! assert_ne!(p as *mut libc::c_void, libc::MAP_FAILED);
+//! let g = shrink_guard::guard(p, 1 << 16, file.as_raw_fd(), 0).expect("a free slot");
+//! file.set_len(0)?; // what a hostile peer would do
+//! // SAFETY: inside the mapping, which is private zeros after the fault.
+//! assert_eq!(unsafe { p.add(8192).read_volatile() }, 0);
+//! assert!(g.lost());
+//! drop(g);
+//! // SAFETY: unmaps what was mapped above.
+//! unsafe { libc::munmap(p.cast(), 1 << 16) };
+//! # Ok::<(), std::io::Error>(())
+//! ```
 
-use std::os::fd::RawFd;
+use std::os::fd::{FromRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicUsize, Ordering};
 use std::sync::{Mutex, OnceLock};
 
@@ -142,7 +168,12 @@ pub fn recover() -> bool {
     any
 }
 
-extern "C" fn on_sigbus(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
+/// The SIGBUS action in place before [`install`]: where a fault outside
+/// every guarded mapping goes. Set right after the handler is installed;
+/// a fault in between sees `None` and takes the default action.
+static PREVIOUS: OnceLock<libc::sigaction> = OnceLock::new();
+
+extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
     // SAFETY: the kernel passes a valid siginfo for an SA_SIGINFO handler.
     let addr = unsafe { (*info).si_addr() } as usize;
     for s in &SLOTS {
@@ -156,12 +187,33 @@ extern "C" fn on_sigbus(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc
             break;
         }
     }
-    // Not ours: the default action, which the retried access then takes.
+    // Not ours: the handler from before, if there was one (reading a
+    // OnceLock that is set is an atomic load, async-signal-safe).
+    if let Some(old) = PREVIOUS.get() {
+        let h = old.sa_sigaction;
+        if h != libc::SIG_DFL && h != libc::SIG_IGN {
+            if old.sa_flags & libc::SA_SIGINFO != 0 {
+                // SAFETY: an SA_SIGINFO action's handler has this type; it
+                // gets the arguments the kernel gave us.
+                let f: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =
+                    unsafe { std::mem::transmute(h) };
+                f(sig, info, ctx);
+            } else {
+                // SAFETY: a plain action's handler takes the signal number.
+                let f: extern "C" fn(libc::c_int) = unsafe { std::mem::transmute(h) };
+                f(sig);
+            }
+            return;
+        }
+    }
+    // The default action, which the retried access then takes (an ignored
+    // SIGBUS from a fault would be retried for ever: it kills too).
     // SAFETY: signal() is async-signal-safe; restores the default action.
     unsafe { libc::signal(libc::SIGBUS, libc::SIG_DFL) };
 }
 
-/// Installs the SIGBUS handler once; false when that failed.
+/// Installs the SIGBUS handler once, keeping the previous action for
+/// faults that are not ours; false when that failed.
 fn install() -> bool {
     static OK: OnceLock<bool> = OnceLock::new();
     *OK.get_or_init(|| {
@@ -169,20 +221,46 @@ fn install() -> bool {
         let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
         sa.sa_sigaction = on_sigbus as *const () as usize;
         sa.sa_flags = libc::SA_SIGINFO;
-        // SAFETY: installs a handler that only touches atomics and makes
-        // async-signal-safe calls (mmap, signal).
+        // SAFETY: a zeroed sigaction for the kernel to fill with the old one.
+        let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+        // SAFETY: installs a handler that only touches atomics, makes
+        // async-signal-safe calls (mmap, signal) and calls the previous
+        // handler, which had to be async-signal-safe already.
         let r = unsafe {
             libc::sigemptyset(&mut sa.sa_mask);
-            libc::sigaction(libc::SIGBUS, &sa, std::ptr::null_mut())
+            libc::sigaction(libc::SIGBUS, &sa, &mut old)
         };
         if r != 0 {
             log::warn!(
                 "cannot handle SIGBUS ({}); a peer that shrinks a shared region will end this process",
                 std::io::Error::last_os_error()
             );
+            return false;
         }
-        r == 0
+        let _ = PREVIOUS.set(old);
+        true
     })
+}
+
+/// Creates an anonymous shared file (`memfd_create`, close-on-exec) of
+/// `size` bytes: memory to map, guard and hand to other processes.
+pub fn memfd(name: &str, size: u64) -> std::io::Result<std::fs::File> {
+    let cname = std::ffi::CString::new(name).map_err(|_| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("memfd name {name:?} holds a NUL byte"),
+        )
+    })?;
+    // SAFETY: memfd_create with a valid NUL-terminated name; the returned fd
+    // is owned by the File below.
+    let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh, valid descriptor we own.
+    let file = unsafe { std::fs::File::from_raw_fd(fd) };
+    file.set_len(size)?;
+    Ok(file)
 }
 
 #[cfg(test)]
@@ -194,7 +272,7 @@ mod tests {
 
     /// A 64 KiB memfd mapped shared (unmapped by [`unmap`]).
     fn mapped() -> (std::fs::File, *mut u8) {
-        let f = crate::memory::memfd("guard-test", LEN as u64).unwrap();
+        let f = memfd("guard-test", LEN as u64).unwrap();
         // SAFETY: maps the whole memfd shared at an address of the kernel's
         // choosing.
         let p = unsafe {
