@@ -291,13 +291,13 @@ impl Geometry {
 
     /// Number of rings (one per ordered pair).
     pub const fn ring_count(&self) -> u64 {
-        self.members as u64 * (self.members as u64 - 1)
+        self.members as u64 * (self.members as u64).saturating_sub(1)
     }
 
     /// Size of one member's section: its entry, its ends of the rings
     /// towards it, and the rings it produces.
     pub const fn section_bytes(&self) -> u64 {
-        SECTION_HEADER_BYTES + (self.members as u64 - 1) * self.ring_stride()
+        SECTION_HEADER_BYTES + (self.members as u64).saturating_sub(1) * self.ring_stride()
     }
 
     /// Region bytes this geometry needs: up to the end of its last section.
@@ -433,8 +433,8 @@ impl Region {
     /// Wraps `len` bytes at `base`.
     ///
     /// # Safety
-    /// `base..base+len` must be mapped readable and writable, 4 KiB aligned,
-    /// for as long as the `Region` (and anything made from it) is used.
+    /// `base..base+len` must be mapped readable and writable, `base` 8-byte
+    /// aligned (a mapping's page alignment is more than enough), for as long as the `Region` (and anything made from it) is used.
     pub unsafe fn new(base: *mut u8, len: u64) -> Self {
         Self { base, len }
     }
@@ -452,8 +452,9 @@ impl Region {
     fn u64_at(&self, off: u64) -> &AtomicU64 {
         debug_assert!(off + 8 <= self.len && off.is_multiple_of(8));
         // SAFETY: every caller passes an offset checked against the
-        // geometry, which was checked against `len`; alignment holds since
-        // the base is page aligned and offsets are multiples of 8.
+        // geometry, which was checked against `len` (`holds`); alignment
+        // holds since the base is 8-byte aligned and offsets are multiples
+        // of 8.
         unsafe { &*(self.base.add(off as usize) as *const AtomicU64) }
     }
 
@@ -474,20 +475,7 @@ impl Region {
     /// Writes a fresh header for `geo` (host side, before any member runs).
     /// Rings start empty and every member slot `Absent`.
     pub fn init(&self, geo: Geometry) -> Result<(), RingError> {
-        if !(2..=MAX_MEMBERS).contains(&geo.members)
-            || !geo.ring_bytes.is_power_of_two()
-            || geo.ring_bytes < MIN_RING_BYTES
-            || geo.ring_base < HEADER_BYTES
-            || !geo.ring_base.is_multiple_of(4096)
-        {
-            return Err(RingError::BadGeometry);
-        }
-        if geo.checked_region_bytes().is_none_or(|n| n > self.len) {
-            return Err(RingError::RegionTooSmall {
-                needed: geo.checked_region_bytes().unwrap_or(u64::MAX),
-                have: self.len,
-            });
-        }
+        self.holds(&geo)?;
         self.u64_at(OFF_MAGIC).store(0, Ordering::SeqCst);
         if self.u64_at(OFF_MAGIC).load(Ordering::SeqCst) != 0 {
             // The store was dropped: a guest whose VMM maps the header
@@ -551,28 +539,37 @@ impl Region {
             ring_bytes: self.u64_at(OFF_RING_BYTES).load(Ordering::Relaxed),
             ring_base: self.u64_at(OFF_RING_BASE).load(Ordering::Relaxed),
         };
+        if geo.ring_bytes > self.len {
+            return Err(RingError::BadGeometry);
+        }
+        self.holds(&geo)?;
+        Ok(geo)
+    }
+
+    /// Checks that this region can hold `geo`, so that every offset the
+    /// accessors compute from it lies inside the mapping. Every method
+    /// taking a [`Geometry`] checks it: its fields are public, and a wrong
+    /// one must be an error, never an access outside the region.
+    fn holds(&self, geo: &Geometry) -> Result<(), RingError> {
         if !(2..=MAX_MEMBERS).contains(&geo.members)
             || !geo.ring_bytes.is_power_of_two()
             || geo.ring_bytes < MIN_RING_BYTES
-            || geo.ring_bytes > self.len
             || geo.ring_base < HEADER_BYTES
             || !geo.ring_base.is_multiple_of(4096)
         {
             return Err(RingError::BadGeometry);
         }
         match geo.checked_region_bytes() {
-            Some(n) if n <= self.len => {}
-            n => {
-                return Err(RingError::RegionTooSmall {
-                    needed: n.unwrap_or(u64::MAX),
-                    have: self.len,
-                })
-            }
+            Some(n) if n <= self.len => Ok(()),
+            n => Err(RingError::RegionTooSmall {
+                needed: n.unwrap_or(u64::MAX),
+                have: self.len,
+            }),
         }
-        Ok(geo)
     }
 
     fn member_off(&self, geo: &Geometry, m: u32) -> Result<u64, RingError> {
+        self.holds(geo)?;
         if m >= geo.members {
             return Err(RingError::BadMember(m));
         }
@@ -876,6 +873,34 @@ mod tests {
         assert_eq!(g4.ring_slot(1, 1), Err(RingError::BadMember(1)));
         assert_eq!(g4.ring_slot(3, 2).unwrap(), 2);
         assert_eq!(g4.ring_slot(1, 3).unwrap(), 2);
+    }
+
+    #[test]
+    fn a_geometry_the_region_cannot_hold_is_an_error_not_an_access_outside_it() {
+        let (_m, r, good) = setup(2, 1 << 16);
+        let too_big = Geometry {
+            ring_bytes: 1 << 20,
+            ..good
+        };
+        let none = Geometry { members: 0, ..good };
+        let odd = Geometry {
+            ring_base: HEADER_BYTES + 8,
+            ..good
+        };
+        for (geo, want) in [
+            (too_big, "region too small"),
+            (none, "no member"),
+            (odd, "geometry"),
+        ] {
+            let e = std::string::ToString::to_string(&r.producer(geo, 0, 1).err().unwrap());
+            assert!(e.contains(want), "{geo:?}: {e}");
+            assert!(r.consumer(geo, 0, 1).is_err());
+            assert!(r.ring_state(&geo, 0, 1).is_err());
+            assert!(r.set_heartbeat(&geo, 1, 7).is_err());
+            assert!(r.begin_incarnation(&geo, 1).is_err());
+        }
+        assert_eq!(none.ring_count(), 0);
+        assert!(r.producer(good, 0, 1).is_ok());
     }
 
     #[test]
