@@ -116,7 +116,9 @@ pub struct RingLink {
     membership: Membership,
     producers: Vec<Option<Producer>>,
     consumers: Vec<Option<Consumer>>,
-    broken: Vec<bool>,
+    /// Per peer, the ring error that broke its queues (both directions),
+    /// until a new incarnation of the peer starts them again.
+    broken: Vec<Option<RingError>>,
     /// Per peer, the incarnation this member talks to (0: none seen yet;
     /// the first one seen is taken).
     accepted: Vec<Cell<u64>>,
@@ -177,7 +179,7 @@ impl RingLink {
             membership,
             producers,
             consumers,
-            broken: vec![false; geo.members as usize],
+            broken: vec![None; geo.members as usize],
             accepted: (0..geo.members).map(|_| Cell::new(0)).collect(),
             next: 0,
             stale_after_ms: STALE_AFTER_MS,
@@ -194,8 +196,8 @@ impl RingLink {
     /// The producer to `peer`, having answered a sync request of a
     /// restarted consumer there.
     fn producer(&mut self, peer: u32) -> Result<&mut Producer, LinkError> {
-        if self.broken.get(peer as usize) == Some(&true) {
-            return Err(LinkError::Broken(peer, RingError::CorruptIndex(0)));
+        if let Some(Some(e)) = self.broken.get(peer as usize) {
+            return Err(LinkError::Broken(peer, *e));
         }
         let p = self
             .producers
@@ -221,7 +223,7 @@ impl RingLink {
         let n = self.consumers.len();
         for i in 0..n {
             let peer = (self.next + i) % n;
-            if self.broken[peer] {
+            if self.broken[peer].is_some() {
                 continue;
             }
             let accepted = &self.accepted[peer];
@@ -265,7 +267,7 @@ impl RingLink {
                 }
                 Ok(None) => {}
                 Err(e) => {
-                    self.broken[peer] = true;
+                    self.broken[peer] = Some(e);
                     return Err(LinkError::Broken(peer as u32, e));
                 }
             }
@@ -364,7 +366,7 @@ impl Link for RingLink {
         match self.producer(peer)?.try_send(msg) {
             Ok(sent) => Ok(sent.is_some()),
             Err(e) => {
-                self.broken[peer as usize] = true;
+                self.broken[peer as usize] = Some(e);
                 Err(LinkError::Broken(peer, e))
             }
         }
@@ -393,7 +395,7 @@ impl Link for RingLink {
             Err(e) => Err(e),
         };
         sent.map(|_| true).map_err(|e| {
-            self.broken[peer as usize] = true;
+            self.broken[peer as usize] = Some(e);
             LinkError::Broken(peer, e)
         })
     }
@@ -438,7 +440,7 @@ impl Link for RingLink {
         }
         a.set(now);
         // A new incarnation starts both rings again, clean.
-        self.broken[peer as usize] = false;
+        self.broken[peer as usize] = None;
         if let Some(c) = self.consumers[peer as usize].as_mut() {
             c.drop_other_generations(now)
                 .map_err(|e| LinkError::Broken(peer, e))?;
@@ -494,6 +496,29 @@ mod tests {
         assert!(a.send(1, b"hello").unwrap());
         assert_eq!(recv(&mut b2), Some((0, b"hello".to_vec())));
         assert_eq!(b2.peer_state(0), PeerState::Present);
+    }
+
+    #[test]
+    fn a_broken_queue_reports_the_error_that_broke_it_both_ways() {
+        let t = transport();
+        let mut a = RingLink::join(&t, 0).unwrap();
+        let mut b = RingLink::join(&t, 1).unwrap();
+        assert!(b.send(0, b"fine").unwrap());
+        // A hostile b moves its head past anything it could have written.
+        let geo = t.geometry();
+        let head =
+            t.ring_region().ring_offset(&geo, 1, 0).unwrap() + intervm_protocol::ring::RING_HEAD;
+        // SAFETY: an 8-byte aligned word inside the mapping, which the
+        // region keeps alive.
+        unsafe { (t.region().host_addr().add(head as usize) as *mut u64).write_volatile(1 << 40) };
+        let mut buf = vec![0u8; a.max_message()];
+        let Err(LinkError::Broken(1, why)) = a.recv(&mut buf) else {
+            panic!("the corrupt index went unnoticed");
+        };
+        // Sending to b names the same cause (it was "corrupt ring index
+        // 0x0" whatever the cause).
+        assert_eq!(a.send(1, b"x"), Err(LinkError::Broken(1, why)));
+        assert_ne!(why, RingError::CorruptIndex(0));
     }
 
     #[test]
