@@ -13,7 +13,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use interrupt_doorbell::{client, server::Server};
-use shmem_device::SharedRegion;
+use shared_region::SharedRegion;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dir = std::env::temp_dir().join(format!("intervm-doorbell-example-{}", std::process::id()));

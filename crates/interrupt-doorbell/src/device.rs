@@ -22,7 +22,7 @@ use kvm_ioctls::{IoEventAddress, VmFd};
 use shared_region::SharedRegion;
 use vmm_core::events::{EventOps, Events, LoopHandle, MutEventSubscriber, SubscriberId};
 use vmm_core::irq::{poll_readable, IntxLine, KvmMsiVectors, MsiVectors};
-use vmm_core::pci::{BarKind, BarMemory, BarSpec, Msix, PciConfiguration, PciDevice};
+use vmm_core::pci::{BarKind, BarMemory, BarSpec, Msix, PciConfiguration, PciDevice, PciIds};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -36,6 +36,21 @@ pub const MSIX_BAR_SIZE: u64 = 4096;
 const PBA_OFFSET: u64 = 0x800;
 /// Most vectors a device offers (the table must fit below the PBA).
 pub const MAX_VECTORS: usize = 64;
+
+/// The ivshmem identity (the same as the plain personality's, from
+/// [`intervm_protocol::ivshmem`]; this crate does not depend on
+/// `shmem-device`).
+fn ivshmem_ids() -> PciIds {
+    use intervm_protocol::ivshmem as iv;
+    PciIds {
+        vendor: iv::VENDOR,
+        device: iv::DEVICE,
+        subsystem_vendor: iv::SUBSYSTEM_VENDOR,
+        subsystem: iv::SUBSYSTEM,
+        revision: iv::REVISION,
+        class: iv::CLASS,
+    }
+}
 
 /// Counters of what guests did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -174,7 +189,7 @@ impl IvshmemDoorbell {
                 vectors.len()
             )));
         }
-        let mut config = PciConfiguration::new(shmem_device::device::ivshmem_ids(), 1);
+        let mut config = PciConfiguration::new(ivshmem_ids(), 1);
         let bars = [
             (REGS_BAR, BarKind::Mem32, REGS_SIZE),
             (MSIX_BAR, BarKind::Mem32, MSIX_BAR_SIZE),

@@ -11,7 +11,7 @@ use intervm_testkit::{
     finish, probe_vm_with, release_after_receiver_sleeps, require_kvm, PEER_TIMEOUT_MS,
 };
 use probe_image::shmem::{expected_stream, peer_record, Notify, Role, ShmemResult, ShmemTask};
-use shmem_device::{Backing, SharedRegion, Transport};
+use shared_region::{Backing, SharedRegion, Transport};
 use vmm_core::VmExit;
 
 struct Outcome {

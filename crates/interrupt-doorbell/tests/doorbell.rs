@@ -16,7 +16,7 @@ use intervm_testkit::{
     RUN_TIMEOUT,
 };
 use probe_image::shmem::{expected_stream, peer_record, Notify, Role, ShmemResult, ShmemTask};
-use shmem_device::{Backing, Membership, SharedRegion, Transport};
+use shared_region::{Backing, Membership, SharedRegion, Transport};
 use vmm_core::devices::serial::SerialBuffer;
 use vmm_core::host::KvmFlavor;
 use vmm_core::{RunningVm, VmExit};

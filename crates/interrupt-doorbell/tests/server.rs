@@ -15,7 +15,7 @@ use interrupt_doorbell::server::Server;
 use interrupt_doorbell::{proto, IvshmemDoorbell};
 use intervm_protocol::probe::{doorbell_args as a, results, BootInfo, Workload, EXIT_OK};
 use intervm_testkit::{finish, probe_vm_with, require_kvm, wait_until, RUN_TIMEOUT};
-use shmem_device::SharedRegion;
+use shared_region::SharedRegion;
 use vmm_core::irq::poll_readable;
 use vmm_core::pci::PciDevice;
 use vmm_core::VmExit;
