@@ -7,7 +7,9 @@
 //!
 //! With a path, the region is a POSIX shm object another program can open
 //! (for example `intervm-guest shmem recv --resource /dev/shm/NAME`);
-//! otherwise an anonymous memfd.
+//! otherwise an anonymous memfd. Needs `/dev/kvm` (it says so and exits 1
+//! without it) and this repository: the probe guest comes from the
+//! `probe-image` crate, which builds `guests/probe`.
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

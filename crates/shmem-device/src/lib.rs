@@ -5,8 +5,11 @@
 //!   64-bit prefetchable, mapped straight into the guest (no exits).
 //! - The region and the ring transport come from the `shared-region` crate
 //!   and are re-exported here ([`region`], [`transport`], [`SharedRegion`],
-//!   [`Transport`], ...), so a VMM that only wants this device needs only
-//!   this crate.
+//!   [`Transport`], ...), so a VMM that only wants this device needs this
+//!   crate and the PCI model it plugs into: `vmm-core`'s
+//!   [`PciDevice`](vmm_core::pci::PciDevice) (config space, BARs, a bus
+//!   that maps BAR2 into KVM). A VMM with its own PCI bus implements the
+//!   few calls that trait makes, or maps [`SharedRegion`] itself.
 //!
 //! The device knows nothing of the ring; any program that maps the same
 //! backing (another VMM, QEMU's `ivshmem-plain` with the same `/dev/shm`
