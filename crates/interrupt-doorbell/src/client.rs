@@ -137,9 +137,12 @@ pub fn connect_within(path: &Path, vectors: usize, limit: Duration) -> Result<Se
         if left.is_zero() {
             return Err(late());
         }
-        stream
-            .set_read_timeout(Some(per.min(left)))
-            .map_err(|e| Error::Io("timeout".into(), e))
+        stream.set_read_timeout(Some(per.min(left))).map_err(|e| {
+            Error::Io(
+                "setting the ivshmem server socket's receive timeout".into(),
+                e,
+            )
+        })
     };
     // A receive that times out under `wait(limit)` has hit the deadline.
     let timed_out = |e: Error| match e {
@@ -242,9 +245,12 @@ pub fn connect_within(path: &Path, vectors: usize, limit: Duration) -> Result<Se
             }
         }
     }
-    stream
-        .set_read_timeout(None)
-        .map_err(|e| Error::Io("timeout".into(), e))?;
+    stream.set_read_timeout(None).map_err(|e| {
+        Error::Io(
+            "setting the ivshmem server socket's receive timeout".into(),
+            e,
+        )
+    })?;
     Ok(Session {
         id,
         shm,
@@ -382,9 +388,12 @@ impl ServerNotices {
         vectors: usize,
         rejoin: Option<Rejoiner>,
     ) -> Result<Self> {
-        stream
-            .set_read_timeout(Some(MESSAGE_WAIT))
-            .map_err(|e| Error::Io("timeout".into(), e))?;
+        stream.set_read_timeout(Some(MESSAGE_WAIT)).map_err(|e| {
+            Error::Io(
+                "setting the ivshmem server socket's receive timeout".into(),
+                e,
+            )
+        })?;
         Ok(Self {
             id,
             dev,

@@ -80,7 +80,10 @@ pub trait IoEvents: Send {
 }
 
 /// [`IoEvents`] of a KVM VM: MMIO ioeventfds with datamatch.
-pub struct KvmIoEvents(pub Arc<VmFd>);
+pub struct KvmIoEvents(
+    /// The VM the ioeventfds are registered with.
+    pub Arc<VmFd>,
+);
 
 impl IoEvents for KvmIoEvents {
     fn register(&self, evt: &EventFd, addr: u64, data: u32) -> std::io::Result<()> {
@@ -155,7 +158,10 @@ impl IvshmemDoorbell {
         check_vectors(own.len())?;
         let clones = own
             .iter()
-            .map(|e| e.try_clone().map_err(|e| Error::Io("eventfd".into(), e)))
+            .map(|e| {
+                e.try_clone()
+                    .map_err(|e| Error::Io("duplicating a doorbell eventfd".into(), e))
+            })
             .collect::<Result<Vec<_>>>()?;
         let vecs = KvmMsiVectors::from_eventfds(vm.gsi_router().clone(), clones)
             .map_err(Error::Vectors)?;
@@ -200,18 +206,24 @@ impl IvshmemDoorbell {
             ),
         ];
         for (i, kind, size) in bars {
-            config
-                .add_bar(i, BarSpec { kind, size })
-                .ok_or_else(|| Error::Config(format!("BAR{i} of {size} bytes")))?;
+            config.add_bar(i, BarSpec { kind, size }).ok_or_else(|| {
+                Error::Config(format!(
+                    "no room for BAR{i} of {size} bytes in the device's config space"
+                ))
+            })?;
         }
         // A member may ring itself (as with QEMU's server, whose own-ID
         // notices make this member its own peer).
         let mut self_ring = Vec::with_capacity(vectors_n);
         for e in &own {
-            self_ring.push(e.try_clone().map_err(|e| Error::Io("eventfd".into(), e))?);
+            self_ring.push(
+                e.try_clone()
+                    .map_err(|e| Error::Io("duplicating a doorbell eventfd".into(), e))?,
+            );
         }
-        let msix = Msix::new(&mut config, vectors, 1, 0, PBA_OFFSET as u32)
-            .ok_or_else(|| Error::Config("MSI-X capability".into()))?;
+        let msix = Msix::new(&mut config, vectors, 1, 0, PBA_OFFSET as u32).ok_or_else(|| {
+            Error::Config("no room for the MSI-X capability in the device's config space".into())
+        })?;
         let dev = Arc::new(Mutex::new(Self {
             config,
             msix,
@@ -232,7 +244,7 @@ impl IvshmemDoorbell {
             stop: Arc::new(AtomicBool::new(false)),
             intx_on: Arc::new(AtomicBool::new(false)),
             mode_changed: EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
-                .map_err(|e| Error::Io("eventfd".into(), e))?,
+                .map_err(|e| Error::Io("creating an eventfd".into(), e))?,
             watcher: None,
             read_only: Vec::new(),
             generation: Arc::new(AtomicU64::new(0)),
@@ -273,7 +285,10 @@ impl IvshmemDoorbell {
     pub fn own_eventfds(&self) -> Result<Vec<EventFd>> {
         self.own
             .iter()
-            .map(|e| e.try_clone().map_err(|e| Error::Io("eventfd".into(), e)))
+            .map(|e| {
+                e.try_clone()
+                    .map_err(|e| Error::Io("duplicating a doorbell eventfd".into(), e))
+            })
             .collect()
     }
 
@@ -345,7 +360,10 @@ impl IvshmemDoorbell {
                 self.own.len()
             )));
         }
-        let dup = |e: &EventFd| e.try_clone().map_err(|e| Error::Io("eventfd".into(), e));
+        let dup = |e: &EventFd| {
+            e.try_clone()
+                .map_err(|e| Error::Io("duplicating a doorbell eventfd".into(), e))
+        };
         let mut previous = Vec::with_capacity(own.len());
         for (i, e) in own.into_iter().enumerate() {
             self.msix
@@ -384,7 +402,10 @@ impl IvshmemDoorbell {
         self.own
             .iter()
             .chain(&self.previous_own)
-            .map(|e| e.try_clone().map_err(|e| Error::Io("eventfd".into(), e)))
+            .map(|e| {
+                e.try_clone()
+                    .map_err(|e| Error::Io("duplicating a doorbell eventfd".into(), e))
+            })
             .collect()
     }
 
@@ -599,7 +620,10 @@ impl IvshmemDoorbell {
     /// [`IntxWatcher`]).
     pub fn intx_watcher(dev: &Arc<Mutex<Self>>) -> Result<IntxWatcher> {
         let g = dev.lock().map_err(|_| Error::Poisoned)?;
-        let dup = |e: &EventFd| e.try_clone().map_err(|e| Error::Io("eventfd".into(), e));
+        let dup = |e: &EventFd| {
+            e.try_clone()
+                .map_err(|e| Error::Io("duplicating a doorbell eventfd".into(), e))
+        };
         Ok(IntxWatcher {
             dev: Arc::downgrade(dev),
             stop: g.stop.clone(),
@@ -712,7 +736,7 @@ pub fn new_eventfds(n: usize) -> Result<Vec<EventFd>> {
     (0..n)
         .map(|_| {
             EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)
-                .map_err(|e| Error::Io("eventfd".into(), e))
+                .map_err(|e| Error::Io("creating an eventfd".into(), e))
         })
         .collect()
 }

@@ -23,7 +23,10 @@ pub fn wire(members: &[Arc<Mutex<IvshmemDoorbell>>]) -> Result<()> {
             if *id != me {
                 let clones = evts
                     .iter()
-                    .map(|e| e.try_clone().map_err(|e| Error::Io("eventfd".into(), e)))
+                    .map(|e| {
+                        e.try_clone()
+                            .map_err(|e| Error::Io("duplicating a doorbell eventfd".into(), e))
+                    })
                     .collect::<Result<Vec<_>>>()?;
                 g.add_peer(*id, clones);
             }

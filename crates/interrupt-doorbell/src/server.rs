@@ -128,7 +128,7 @@ impl Server {
         }
         listener
             .set_nonblocking(true)
-            .map_err(|e| Error::Io("nonblocking".into(), e))?;
+            .map_err(|e| Error::Io(format!("{}: making it non-blocking", path.display()), e))?;
         Ok(Self {
             listener,
             path: path.to_path_buf(),
@@ -196,7 +196,7 @@ impl Server {
         };
         stream
             .set_nonblocking(true)
-            .map_err(|e| Error::Io("nonblocking".into(), e))?;
+            .map_err(|e| Error::Io("making a client's connection non-blocking".into(), e))?;
         let fds = crate::device::new_eventfds(self.vectors)?;
         let mut out = VecDeque::from([Out::Version, Out::Id(id), Out::Shm]);
         for c in &self.clients {

@@ -133,7 +133,7 @@ impl RingLink {
     pub fn join(transport: &Transport, me: u32) -> Result<Self, shared_region::Error> {
         let geo = transport.geometry();
         let r = transport.ring_region();
-        let ring = shared_region::Error::Ring;
+        let ring = shared_region::Error::ring(transport.region().label());
         // The rings start again before the member table shows the new
         // incarnation: a peer that sees it and accepts it finds this
         // side's sync points there already, so nothing it sends from then

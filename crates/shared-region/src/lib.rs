@@ -58,11 +58,13 @@ pub enum Error {
     #[error("shm name {0:?}: use 1-200 characters, no '/'")]
     BadName(String),
     /// The ring transport refused the region.
-    #[error("ring transport: {0}")]
-    Ring(intervm_protocol::ring::RingError),
-    /// Another member did not format the region in time.
-    #[error("{0}: nobody formatted the region within the timeout")]
-    NotFormatted(String),
+    #[error("{path}: {source}")]
+    Ring {
+        /// Backing path (or label).
+        path: String,
+        /// What the ring protocol said.
+        source: intervm_protocol::ring::RingError,
+    },
     /// The region was formatted for another number of members.
     #[error("{path}: formatted for {found} members, this channel has {wanted}")]
     MemberMismatch {
@@ -98,6 +100,17 @@ pub enum Error {
         /// The layout this process attached with.
         wanted: String,
     },
+}
+
+impl Error {
+    /// Wraps a ring protocol error about the region at `path` (for
+    /// `map_err`).
+    pub fn ring(path: &str) -> impl Fn(intervm_protocol::ring::RingError) -> Self + Copy + '_ {
+        move |source| Error::Ring {
+            path: path.to_string(),
+            source,
+        }
+    }
 }
 
 /// Result alias.

@@ -199,7 +199,11 @@ fn guard(map: &MmapRegion<()>, file: &File) -> Option<Guarded> {
 
 /// Maps `size` bytes of `file` read-write and shared.
 fn map_shared(file: &File, size: u64, hugetlb: bool, label: &str) -> Result<MmapRegion<()>> {
-    let fo = FileOffset::new(file.try_clone().map_err(io("dup"))?, 0);
+    let fo = FileOffset::new(
+        file.try_clone()
+            .map_err(io(format!("{label}: duplicating the descriptor")))?,
+        0,
+    );
     vm_memory::mmap::MmapRegionBuilder::new(size as usize)
         .with_file_offset(fo)
         .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
@@ -251,7 +255,8 @@ fn open_file(p: &Path) -> Result<File> {
         return Err(Error::UntrustedBacking {
             path: shown,
             why: format!(
-                "belongs to uid {}, not to this user (uid {me}), who could read or resize it                  under every member; remove it, or use a backing this user owns",
+                "belongs to uid {}, not to this user (uid {me}), who could read or resize it \
+                 under every member; remove it, or use a backing this user owns",
                 meta.uid()
             ),
         });

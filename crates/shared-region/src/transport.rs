@@ -130,7 +130,7 @@ impl Transport {
             Err(_) => false,
         };
         let geo = if in_use {
-            let geo = ring.geometry().map_err(Error::Ring)?;
+            let geo = ring.geometry().map_err(Error::ring(region.label()))?;
             if geo.members != members {
                 return Err(Error::MemberMismatch {
                     path: region.label().to_string(),
@@ -166,8 +166,8 @@ impl Transport {
                 Some(n) => Geometry::at_end(members, region.size(), n),
                 None => Geometry::fit(members, region.size()),
             }
-            .map_err(Error::Ring)?;
-            ring.init(geo).map_err(Error::Ring)?;
+            .map_err(Error::ring(region.label()))?;
+            ring.init(geo).map_err(Error::ring(region.label()))?;
             log::debug!(
                 "{}: formatted for {members} members, {} KiB per ring",
                 region.label(),
@@ -209,7 +209,9 @@ impl Transport {
 
     /// State of member `m`.
     pub fn member_state(&self, m: u32) -> Result<MemberState> {
-        self.ring.member_state(&self.geo, m).map_err(Error::Ring)
+        self.ring
+            .member_state(&self.geo, m)
+            .map_err(Error::ring(self.region.label()))
     }
 
     /// Joins as member `member`: marks it alive and starts its heartbeat.
@@ -217,7 +219,9 @@ impl Transport {
     /// layout since this transport attached (nobody was alive in it then).
     pub fn join(&self, member: u32) -> Result<Membership> {
         if member >= self.geo.members {
-            return Err(Error::Ring(RingError::BadMember(member)));
+            return Err(Error::ring(self.region.label())(RingError::BadMember(
+                member,
+            )));
         }
         // Under the lock, so that no attach formats the region between
         // this check and the heartbeat marking the member alive.
@@ -245,7 +249,7 @@ impl Transport {
             )
         }
         .map_err(|e| match e {
-            StartError::Ring(e) => Error::Ring(e),
+            StartError::Ring(e) => Error::ring(self.region.label())(e),
             StartError::Thread(source) => Error::Io {
                 what: "spawning the heartbeat thread".into(),
                 source,
@@ -302,6 +306,19 @@ mod tests {
 
     fn shm_name(tag: &str) -> String {
         format!("intervm-test-{tag}-{}", std::process::id())
+    }
+
+    #[test]
+    fn ring_errors_name_the_region() {
+        let name = shm_name("ring-error");
+        let r = Arc::new(SharedRegion::open(&Backing::Shm(name.clone()), 1 << 20).unwrap());
+        let t = Transport::attach(r, 2).unwrap();
+        let Err(e) = t.join(5) else {
+            panic!("joined as member 5 of 2")
+        };
+        let e = e.to_string();
+        assert!(e.contains(&name) && e.contains("no member 5"), "{e}");
+        let _ = std::fs::remove_file(format!("/dev/shm/{name}"));
     }
 
     #[test]

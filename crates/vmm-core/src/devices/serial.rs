@@ -190,7 +190,10 @@ impl SerialOutput {
 }
 
 /// The serial interrupt: an eventfd bound to the COM1 GSI with an irqfd.
-pub struct EventFdTrigger(pub EventFd);
+pub struct EventFdTrigger(
+    /// The eventfd registered as the COM1 GSI's irqfd.
+    pub EventFd,
+);
 
 impl Trigger for EventFdTrigger {
     type E = io::Error;

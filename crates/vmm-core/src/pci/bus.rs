@@ -384,7 +384,10 @@ impl Drop for PciBus {
 }
 
 /// Ports 0xCF8..0xD00: CONFIG_ADDRESS (dword at 0xCF8) and CONFIG_DATA (0xCFC..0xCFF).
-pub struct PciConfigIo(pub Arc<PciBus>);
+pub struct PciConfigIo(
+    /// The bus whose config space the ports reach.
+    pub Arc<PciBus>,
+);
 
 impl DevicePio for PciConfigIo {
     fn pio_read(&self, _base: PioAddress, offset: PioAddressOffset, data: &mut [u8]) {
@@ -410,7 +413,10 @@ impl DevicePio for PciConfigIo {
 }
 
 /// Dispatches accesses in one PCI window to the BAR that decodes them.
-pub struct PciWindowRouter(pub Arc<PciBus>);
+pub struct PciWindowRouter(
+    /// The bus whose BARs decode the window.
+    pub Arc<PciBus>,
+);
 
 impl DeviceMmio for PciWindowRouter {
     fn mmio_read(&self, base: MmioAddress, offset: MmioAddressOffset, data: &mut [u8]) {
