@@ -138,7 +138,7 @@ fn the_vmm_path_delivers_too() {
 #[test]
 fn intx_mode_delivers_every_doorbell() {
     require_kvm!();
-    // PVM does not inject level-triggered IOAPIC interrupts (PLATFORM.md).
+    // PVM does not inject level-triggered IOAPIC interrupts (README, "Platform notes: PVM").
     let edge = if KvmFlavor::detect() == KvmFlavor::Pvm {
         DB_EDGE
     } else {

@@ -3,8 +3,11 @@
 //! the same bytes, until an empty message.
 //!
 //! ```sh
-//! cargo build --release --example echo -p intervm-guest   # static with musl, as the tool
-//! echo [PCI-ADDRESS]      # in the guest; member 0 talks to it
+//! # static, as scripts/build-guest-tools builds the tool:
+//! RUSTFLAGS="-C target-feature=+crt-static" cargo build --release \
+//!     --example echo -p intervm-guest --target x86_64-unknown-linux-gnu
+//! # then, in the guest (target/x86_64-unknown-linux-gnu/release/examples/echo):
+//! echo [PCI-ADDRESS]      # member 0 talks to it
 //! ```
 //!
 //! On the host, `--resource /dev/shm/NAME` style access works as well:

@@ -78,13 +78,14 @@ const INITRD_ADDR_MAX: u64 = 0x7fff_ffff;
 pub const BASE_CMDLINE: &str = "console=ttyS0 panic=-1 reboot=t nokaslr \
     8250.nr_uarts=1 i8042.noaux i8042.nokbd tsc=reliable no_timer_check";
 
-/// What PVM's instruction emulator needs (see `PLATFORM.md`): no XSAVE, no
+/// What PVM's instruction emulator needs (README, "Linux guests"): no XSAVE, no
 /// CPU features whose instructions it cannot emulate, and trust in the RNG
 /// seed so the kernel does not spend a minute gathering entropy. Also
 /// `rodata=off`: write-protecting the kernel's text and read-only data
 /// rewrites page tables with emulated CPL0 code, which costs about 5 s of a
-/// 22 s boot; on PVM a Linux guest is a test guest (its userspace cannot
-/// run), so the boot time matters more than that hardening. And
+/// 22 s boot; on PVM a Linux guest is a test guest (its userspace runs
+/// only with the system-call shim, and slowly), so the boot time matters
+/// more than that hardening. And
 /// `maxcpus=1`: starting a secondary vCPU (INIT/SIPI into real-mode code)
 /// hangs the boot on PVM, so a Linux VM with several vCPUs uses one there.
 pub const PVM_CMDLINE: &str = "noxsave clearcpuid=smap,popcnt,rdrand,rdseed,fsgsbase,\
