@@ -705,10 +705,11 @@ impl PciDevice for IvshmemDoorbell {
     }
 
     fn bar_memory(&self, bar: usize) -> Option<BarMemory> {
-        (bar == SHM_BAR).then(|| BarMemory {
-            host_addr: self.region.host_addr() as u64,
-            len: self.region.size(),
-            read_only: self.read_only.clone(),
+        (bar == SHM_BAR).then(|| {
+            // SAFETY: the region's mapping lives as long as the Arc this device
+            // holds, so as long as the device is on a bus.
+            unsafe { BarMemory::new(self.region.host_addr(), self.region.size()) }
+                .with_read_only(self.read_only.clone())
         })
     }
 

@@ -150,10 +150,11 @@ impl PciDevice for IvshmemPlain {
     }
 
     fn bar_memory(&self, bar: usize) -> Option<BarMemory> {
-        (bar == SHM_BAR).then(|| BarMemory {
-            host_addr: self.region.host_addr() as u64,
-            len: self.region.size(),
-            read_only: self.read_only.clone(),
+        (bar == SHM_BAR).then(|| {
+            // SAFETY: the region's mapping lives as long as the Arc this device
+            // holds, so as long as the device is on a bus.
+            unsafe { BarMemory::new(self.region.host_addr(), self.region.size()) }
+                .with_read_only(self.read_only.clone())
         })
     }
 }
@@ -190,7 +191,7 @@ mod tests {
         );
         assert_eq!(c.bar_spec(2).unwrap().size, 1 << 20);
         assert_eq!(c.interrupt_pin(), 0);
-        assert_eq!(d.bar_memory(2).unwrap().len, 1 << 20);
+        assert_eq!(d.bar_memory(2).unwrap().len(), 1 << 20);
         assert!(d.bar_memory(0).is_none());
     }
 

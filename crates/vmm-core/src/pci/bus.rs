@@ -254,15 +254,15 @@ impl PciBus {
             self.unmap_bar(&mut slot.mem_handle[i], n, i);
             slot.decoded[i] = want;
             if let (Some(addr), Some(mut mem)) = (want, d.bar_memory(i)) {
-                mem.len = mem.len.min(spec.size);
+                mem.clip(spec.size);
                 for piece in mem.pieces() {
-                    // SAFETY: `bar_memory`'s contract keeps the host range
-                    // alive while the device is on the bus; we unmap before
-                    // dropping it. Each piece lies inside that range.
+                    // SAFETY: `BarMemory::new`'s contract keeps the host
+                    // range alive while the device is on the bus; we unmap
+                    // before dropping it. Each piece lies inside that range.
                     match unsafe {
                         self.platform.map_memory(
                             addr + piece.offset,
-                            mem.host_addr + piece.offset,
+                            mem.host_addr() + piece.offset,
                             piece.len,
                             piece.read_only,
                         )
@@ -514,9 +514,10 @@ mod tests {
         }
         fn bar_write(&mut self, _: usize, _: u64, _: &[u8]) {}
         fn bar_memory(&self, bar: usize) -> Option<BarMemory> {
-            (bar == 2).then(|| BarMemory {
-                read_only: self.read_only.clone(),
-                ..BarMemory::writable(0x7000_0000, 1 << 20)
+            (bar == 2).then(|| {
+                // SAFETY: the fake platform records the address, never maps it.
+                unsafe { BarMemory::new(0x7000_0000 as *mut u8, 1 << 20) }
+                    .with_read_only(self.read_only.clone())
             })
         }
     }

@@ -20,15 +20,19 @@ use crate::irq::IntxLine;
 /// Host memory that backs a BAR directly: mapped into the guest, so that
 /// reads and writes cause no exits, except writes to its read-only pieces,
 /// which exit and are dropped (KVM read-only memory slots).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+///
+/// Made only with the unsafe [`BarMemory::new`]: the bus gives the guest
+/// this host memory, so whoever names it promises it stays mapped. Safe
+/// code cannot name any host address:
+///
+/// ```compile_fail
+/// let m = vmm_core::pci::BarMemory::new(0x7f00_0000_0000 as *mut u8, 4096);
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct BarMemory {
-    /// Host virtual address of the first byte.
-    pub host_addr: u64,
-    /// Length in bytes (the BAR size).
-    pub len: u64,
-    /// Pieces of the BAR (offsets into it) the guest may read but not
-    /// write. Each is widened to whole pages; overlaps are allowed.
-    pub read_only: Vec<core::ops::Range<u64>>,
+    host_addr: u64,
+    len: u64,
+    read_only: Vec<core::ops::Range<u64>>,
 }
 
 /// One KVM memory slot of a [`BarMemory`], see [`BarMemory::pieces`].
@@ -44,12 +48,51 @@ pub struct BarPiece {
 
 impl BarMemory {
     /// `len` bytes at `host_addr`, all writable by the guest.
-    pub fn writable(host_addr: u64, len: u64) -> Self {
+    ///
+    /// # Safety
+    /// `host_addr..host_addr + len` must be memory of this process, mapped
+    /// readable and writable, that stays mapped for as long as a device
+    /// returning it from [`PciDevice::bar_memory`] is on a bus: the bus
+    /// maps it into the guest, which then reads and writes it at will.
+    pub unsafe fn new(host_addr: *mut u8, len: u64) -> Self {
         Self {
-            host_addr,
+            host_addr: host_addr as u64,
             len,
             read_only: Vec::new(),
         }
+    }
+
+    /// The same memory, with `ranges` (offsets into the BAR) readable but
+    /// not writable by the guest. Each is widened to whole pages and
+    /// clipped to the BAR; overlaps are allowed.
+    pub fn with_read_only(mut self, ranges: Vec<core::ops::Range<u64>>) -> Self {
+        self.read_only = ranges;
+        self
+    }
+
+    /// Host virtual address of the first byte.
+    pub fn host_addr(&self) -> u64 {
+        self.host_addr
+    }
+
+    /// Length in bytes.
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    /// True for an empty BAR memory.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The pieces the guest may read but not write, as given.
+    pub fn read_only(&self) -> &[core::ops::Range<u64>] {
+        &self.read_only
+    }
+
+    /// Only the first `len` bytes (no more than the BAR the bus decodes).
+    pub(crate) fn clip(&mut self, len: u64) {
+        self.len = self.len.min(len);
     }
 
     /// The BAR cut where writability changes, in order, covering it all:
@@ -111,9 +154,8 @@ pub trait PciDevice: Send {
     fn bar_read(&mut self, bar: usize, offset: u64, data: &mut [u8]);
     /// A guest write to a trapped BAR.
     fn bar_write(&mut self, bar: usize, offset: u64, data: &[u8]);
-    /// Host memory to map directly for BAR `bar`, or `None` to trap it.
-    ///
-    /// The memory must stay mapped for as long as the device is on a bus.
+    /// Host memory to map directly for BAR `bar`, or `None` to trap it
+    /// (see the promise [`BarMemory::new`] asks for).
     fn bar_memory(&self, _bar: usize) -> Option<BarMemory> {
         None
     }
@@ -172,19 +214,17 @@ mod tests {
 
     #[test]
     fn bar_pieces_cover_the_bar_in_order_and_widen_read_only_ones_to_pages() {
-        let all = BarMemory::writable(0, 0x10000);
+        // SAFETY: only cut into pieces, never mapped.
+        let all = unsafe { BarMemory::new(std::ptr::null_mut(), 0x10000) };
         assert_eq!(all.pieces(), [piece(0, 0x10000, false)]);
-        let mem = BarMemory {
-            // Unsorted, overlapping, unaligned, empty, and past the end.
-            read_only: vec![
-                0x8000..0x9000,
-                0x100..0x200,
-                0x8800..0xa000,
-                5..5,
-                0xf000..0x20000,
-            ],
-            ..all
-        };
+        // Unsorted, overlapping, unaligned, empty, and past the end.
+        let mem = all.with_read_only(vec![
+            0x8000..0x9000,
+            0x100..0x200,
+            0x8800..0xa000,
+            5..5,
+            0xf000..0x20000,
+        ]);
         assert_eq!(
             mem.pieces(),
             [
@@ -195,10 +235,9 @@ mod tests {
                 piece(0xf000, 0x1000, true),
             ]
         );
-        let whole = BarMemory {
-            read_only: vec![0..0x1000, 0x800..u64::MAX],
-            ..BarMemory::writable(0, 0x3000)
-        };
+        // SAFETY: as above.
+        let whole = unsafe { BarMemory::new(std::ptr::null_mut(), 0x3000) }
+            .with_read_only(vec![0..0x1000, 0x800..u64::MAX]);
         assert_eq!(whole.pieces(), [piece(0, 0x3000, true)]);
     }
 }

@@ -140,10 +140,11 @@ impl PciDevice for TestDevice {
         }
     }
     fn bar_memory(&self, bar: usize) -> Option<BarMemory> {
-        (bar == 2).then(|| BarMemory {
-            host_addr: self.shared.as_ptr() as u64,
-            len: SHARED_SIZE,
-            read_only: self.read_only.clone(),
+        (bar == 2).then(|| {
+            // SAFETY: `shared` is this device's own mapping of SHARED_SIZE
+            // bytes, alive as long as the device.
+            unsafe { BarMemory::new(self.shared.as_ptr(), SHARED_SIZE) }
+                .with_read_only(self.read_only.clone())
         })
     }
     fn bar_moved(&mut self, bar: usize, addr: Option<u64>) {
