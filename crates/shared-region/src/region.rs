@@ -36,7 +36,12 @@ pub enum Backing {
 ///
 /// The mapping is guarded ([`shrink_guard`]): if another process
 /// shrinks the backing, this process keeps running on a private copy and
-/// [`SharedRegion::lost`] turns true.
+/// [`SharedRegion::lost`] turns true. That covers this process's own
+/// accesses (SIGBUS); a guest's access through KVM makes `KVM_RUN` fail
+/// with `EFAULT` instead, and a VMM with its own vCPU loop calls
+/// [`shrink_guard::recover`] there and runs the vCPU again (vmm-core's loop
+/// does). Opening the first region installs a SIGBUS handler that passes
+/// faults elsewhere to the handler installed before it.
 pub struct SharedRegion {
     // Dropped before `map`: stop guarding, then unmap.
     guard: Option<Guarded>,
