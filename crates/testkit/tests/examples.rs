@@ -6,6 +6,7 @@
 
 use std::path::PathBuf;
 use std::process::Command;
+use std::sync::Mutex;
 
 use intervm_testkit::{missing, require_kvm};
 
@@ -25,10 +26,16 @@ fn example(name: &str) -> Option<PathBuf> {
     }
 }
 
+/// One example at a time: each is written as the only program on the
+/// host (the KVM ones keep vCPUs polling and use the probe's default peer
+/// timeout), not to share two CPUs with the others.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+
 /// Runs example `name` with `args` and checks it succeeded and printed
 /// every line of `expect` on stdout.
 fn runs(name: &str, args: &[&str], expect: &[&str]) {
     let Some(bin) = example(name) else { return };
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let out = Command::new(&bin).args(args).output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
