@@ -151,10 +151,16 @@ impl PciDevice for IvshmemPlain {
 
     fn bar_memory(&self, bar: usize) -> Option<BarMemory> {
         (bar == SHM_BAR).then(|| {
-            // SAFETY: the region's mapping lives as long as the Arc this device
-            // holds, so as long as the device is on a bus.
-            unsafe { BarMemory::new(self.region.host_addr(), self.region.size()) }
-                .with_read_only(self.read_only.clone())
+            // SAFETY: the region's mapping lives as long as its Arc, the
+            // owner.
+            unsafe {
+                BarMemory::new(
+                    self.region.clone(),
+                    self.region.host_addr(),
+                    self.region.size(),
+                )
+            }
+            .with_read_only(self.read_only.clone())
         })
     }
 }

@@ -7,7 +7,7 @@ use vm_device::bus::{MmioAddress, MmioAddressOffset, PioAddress, PioAddressOffse
 use vm_device::{DeviceMmio, DevicePio};
 
 use super::config::{command, BarKind, NUM_BARS};
-use super::{HostBridge, PciDevice};
+use super::{BarMemory, HostBridge, PciDevice};
 use crate::irq::{IntxLine, KvmIntxLine};
 use crate::layout;
 use crate::memory::MemorySlots;
@@ -92,6 +92,10 @@ struct Slot {
     decoded: [Option<u64>; NUM_BARS],
     /// The memory slots of each memory-backed BAR that is decoded.
     mem_handle: [Vec<u32>; NUM_BARS],
+    /// The host memory those slots map, kept (with its owner) until every
+    /// slot of the BAR is gone from KVM: the guest never reaches memory
+    /// its owner has unmapped.
+    mem_kept: [Vec<BarMemory>; NUM_BARS],
 }
 
 struct Windows {
@@ -149,6 +153,7 @@ impl PciBus {
             specs: [None; NUM_BARS],
             decoded: [None; NUM_BARS],
             mem_handle: Default::default(),
+            mem_kept: Default::default(),
         });
         bus
     }
@@ -218,6 +223,7 @@ impl PciBus {
             specs,
             decoded: [None; NUM_BARS],
             mem_handle: Default::default(),
+            mem_kept: Default::default(),
         });
         self.update_decoding(&mut st, n);
         Ok(info)
@@ -252,13 +258,19 @@ impl PciBus {
                 continue;
             }
             self.unmap_bar(&mut slot.mem_handle[i], n, i);
+            if slot.mem_handle[i].is_empty() {
+                slot.mem_kept[i].clear();
+            }
             slot.decoded[i] = want;
             if let (Some(addr), Some(mut mem)) = (want, d.bar_memory(i)) {
                 mem.clip(spec.size);
+                // Kept before KVM maps any of it.
+                slot.mem_kept[i].push(mem.clone());
                 for piece in mem.pieces() {
                     // SAFETY: `BarMemory::new`'s contract keeps the host
-                    // range alive while the device is on the bus; we unmap
-                    // before dropping it. Each piece lies inside that range.
+                    // range mapped while its owner lives, and `mem_kept`
+                    // holds the owner until KVM no longer maps any piece.
+                    // Each piece lies inside that range.
                     match unsafe {
                         self.platform.map_memory(
                             addr + piece.offset,
@@ -273,6 +285,9 @@ impl PciBus {
                                 "PCI 00:{n:02x}.0 BAR{i} at {addr:#x}: {e}; BAR not decoded"
                             );
                             self.unmap_bar(&mut slot.mem_handle[i], n, i);
+                            if slot.mem_handle[i].is_empty() {
+                                slot.mem_kept[i].clear();
+                            }
                             slot.decoded[i] = None;
                             break;
                         }
@@ -500,6 +515,8 @@ mod tests {
         config: PciConfiguration,
         reads: Vec<(usize, u64)>,
         read_only: Vec<std::ops::Range<u64>>,
+        /// What "keeps BAR2's memory mapped".
+        owner: Arc<()>,
     }
     impl PciDevice for Dev {
         fn config(&self) -> &PciConfiguration {
@@ -516,7 +533,7 @@ mod tests {
         fn bar_memory(&self, bar: usize) -> Option<BarMemory> {
             (bar == 2).then(|| {
                 // SAFETY: the fake platform records the address, never maps it.
-                unsafe { BarMemory::new(0x7000_0000 as *mut u8, 1 << 20) }
+                unsafe { BarMemory::new(self.owner.clone(), 0x7000_0000 as *mut u8, 1 << 20) }
                     .with_read_only(self.read_only.clone())
             })
         }
@@ -564,6 +581,7 @@ mod tests {
             config,
             reads: Vec::new(),
             read_only: Vec::new(),
+            owner: Arc::new(()),
         }));
         bus.add_device(dev.clone()).unwrap();
         (bus, log, dev, failing)
@@ -610,6 +628,7 @@ mod tests {
             config,
             reads: Vec::new(),
             read_only: Vec::new(),
+            owner: Arc::new(()),
         }));
         let info = bus.add_device(second).unwrap();
         let (a, b) = (bus.decoded_bar(1, 0).unwrap(), info.bars[0].unwrap().0);
@@ -702,6 +721,36 @@ mod tests {
         cfg_write(&io, 1, 0x04, 0);
         assert_eq!(bus.decoded_bar(1, 2), None);
         assert_eq!(tail(2), ["unmap 7", "unmap 8"]);
+    }
+
+    #[test]
+    fn bar_memory_stays_owned_while_kvm_maps_any_of_it() {
+        let (bus, _, dev, failing) = setup_failing();
+        let io = PciConfigIo(bus.clone());
+        let first = Arc::downgrade(&dev.lock().unwrap().owner);
+        // The device lets go of the memory it mapped: the bus still holds
+        // it, since KVM maps it into the guest.
+        dev.lock().unwrap().owner = Arc::new(());
+        assert!(first.upgrade().is_some(), "released while mapped");
+        // Decoding off, with an unmap that fails: still mapped, still held.
+        failing.store(1, Ordering::Relaxed);
+        cfg_write(&io, 1, 0x04, 0);
+        assert_eq!(bus.decoded_bar(1, 2), None);
+        assert!(first.upgrade().is_some(), "released while a slot maps it");
+        // Decoding on: the kept slot goes, then the new memory is mapped.
+        cfg_write(&io, 1, 0x04, 2);
+        assert!(first.upgrade().is_none(), "held after its last slot went");
+        let second = Arc::downgrade(&dev.lock().unwrap().owner);
+        dev.lock().unwrap().owner = Arc::new(());
+        assert!(second.upgrade().is_some());
+        cfg_write(&io, 1, 0x04, 0);
+        assert!(second.upgrade().is_none());
+        // And the bus going releases what it maps.
+        cfg_write(&io, 1, 0x04, 2);
+        let third = Arc::downgrade(&dev.lock().unwrap().owner);
+        dev.lock().unwrap().owner = Arc::new(());
+        drop((io, bus));
+        assert!(third.upgrade().is_none());
     }
 
     #[test]

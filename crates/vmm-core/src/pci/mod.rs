@@ -15,24 +15,40 @@ pub use bus::{KvmPciPlatform, PciBus, PciConfigIo, PciPlatform, PciWindowRouter,
 pub use config::{BarKind, BarSpec, PciConfiguration, PciIds};
 pub use msix::Msix;
 
+use std::any::Any;
+use std::sync::Arc;
+
 use crate::irq::IntxLine;
 
 /// Host memory that backs a BAR directly: mapped into the guest, so that
 /// reads and writes cause no exits, except writes to its read-only pieces,
 /// which exit and are dropped (KVM read-only memory slots).
 ///
-/// Made only with the unsafe [`BarMemory::new`]: the bus gives the guest
-/// this host memory, so whoever names it promises it stays mapped. Safe
-/// code cannot name any host address:
+/// Made only with the unsafe [`BarMemory::new`], which ties the memory to
+/// an owner that keeps it mapped; the bus keeps the value (and so the
+/// owner) for as long as KVM maps the memory into the guest. Safe code
+/// cannot name any host address:
 ///
 /// ```compile_fail
-/// let m = vmm_core::pci::BarMemory::new(0x7f00_0000_0000 as *mut u8, 4096);
+/// let m = vmm_core::pci::BarMemory::new(std::sync::Arc::new(()), 0x7f00_0000_0000 as *mut u8, 4096);
 /// ```
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone)]
 pub struct BarMemory {
     host_addr: u64,
     len: u64,
     read_only: Vec<core::ops::Range<u64>>,
+    /// Keeps the memory mapped while this value lives.
+    _owner: Arc<dyn Any + Send + Sync>,
+}
+
+impl std::fmt::Debug for BarMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BarMemory")
+            .field("host_addr", &format_args!("{:#x}", self.host_addr))
+            .field("len", &self.len)
+            .field("read_only", &self.read_only)
+            .finish_non_exhaustive()
+    }
 }
 
 /// One KVM memory slot of a [`BarMemory`], see [`BarMemory::pieces`].
@@ -47,18 +63,20 @@ pub struct BarPiece {
 }
 
 impl BarMemory {
-    /// `len` bytes at `host_addr`, all writable by the guest.
+    /// `len` bytes at `host_addr`, all writable by the guest, kept mapped
+    /// by `owner` (for example the `Arc` of the mapping itself).
     ///
     /// # Safety
     /// `host_addr..host_addr + len` must be memory of this process, mapped
-    /// readable and writable, that stays mapped for as long as a device
-    /// returning it from [`PciDevice::bar_memory`] is on a bus: the bus
-    /// maps it into the guest, which then reads and writes it at will.
-    pub unsafe fn new(host_addr: *mut u8, len: u64) -> Self {
+    /// readable and writable, that stays mapped for as long as `owner`
+    /// lives: a bus maps it into the guest, which then reads and writes it
+    /// at will, until the bus drops this value (and its `owner`).
+    pub unsafe fn new(owner: Arc<dyn Any + Send + Sync>, host_addr: *mut u8, len: u64) -> Self {
         Self {
             host_addr: host_addr as u64,
             len,
             read_only: Vec::new(),
+            _owner: owner,
         }
     }
 
@@ -215,7 +233,7 @@ mod tests {
     #[test]
     fn bar_pieces_cover_the_bar_in_order_and_widen_read_only_ones_to_pages() {
         // SAFETY: only cut into pieces, never mapped.
-        let all = unsafe { BarMemory::new(std::ptr::null_mut(), 0x10000) };
+        let all = unsafe { BarMemory::new(Arc::new(()), std::ptr::null_mut(), 0x10000) };
         assert_eq!(all.pieces(), [piece(0, 0x10000, false)]);
         // Unsorted, overlapping, unaligned, empty, and past the end.
         let mem = all.with_read_only(vec![
@@ -236,7 +254,7 @@ mod tests {
             ]
         );
         // SAFETY: as above.
-        let whole = unsafe { BarMemory::new(std::ptr::null_mut(), 0x3000) }
+        let whole = unsafe { BarMemory::new(Arc::new(()), std::ptr::null_mut(), 0x3000) }
             .with_read_only(vec![0..0x1000, 0x800..u64::MAX]);
         assert_eq!(whole.pieces(), [piece(0, 0x3000, true)]);
     }

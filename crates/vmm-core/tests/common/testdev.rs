@@ -23,7 +23,7 @@ pub struct TestDevice {
     scratch: u32,
     status: u32,
     intx: Option<Box<dyn IntxLine>>,
-    pub shared: MmapRegion<()>,
+    pub shared: Arc<MmapRegion<()>>,
     pub moves: Vec<(usize, Option<u64>)>,
     /// Pieces of BAR2 the guest may only read.
     pub read_only: Vec<std::ops::Range<u64>>,
@@ -71,7 +71,7 @@ impl TestDevice {
             .unwrap();
         let vecs = KvmMsiVectors::new(vm.gsi_router().clone(), vectors).unwrap();
         let msix = Msix::new(&mut config, Box::new(vecs), 1, 0, 0x800).unwrap();
-        let shared = MmapRegion::new(SHARED_SIZE as usize).unwrap();
+        let shared = Arc::new(MmapRegion::new(SHARED_SIZE as usize).unwrap());
         Arc::new(Mutex::new(Self {
             config,
             msix,
@@ -141,9 +141,9 @@ impl PciDevice for TestDevice {
     }
     fn bar_memory(&self, bar: usize) -> Option<BarMemory> {
         (bar == 2).then(|| {
-            // SAFETY: `shared` is this device's own mapping of SHARED_SIZE
-            // bytes, alive as long as the device.
-            unsafe { BarMemory::new(self.shared.as_ptr(), SHARED_SIZE) }
+            // SAFETY: `shared` is a mapping of SHARED_SIZE bytes, alive as
+            // long as its Arc, the owner.
+            unsafe { BarMemory::new(self.shared.clone(), self.shared.as_ptr(), SHARED_SIZE) }
                 .with_read_only(self.read_only.clone())
         })
     }
