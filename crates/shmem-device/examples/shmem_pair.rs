@@ -41,6 +41,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         vm.add_pci_device(Arc::new(Mutex::new(dev)))?;
         let mut task = ShmemTask::new(me, role, BYTES);
         task.seed = 42;
+        // How long the peer's heartbeat may stand still before it counts
+        // as gone: generous, for a busy host (only a hang trips it).
+        task.timeout_ms = 30_000;
         probe::load(&vm, probe_image::PROBE_ELF, &task.boot_info())?;
         // Joining starts this member's heartbeat; dropping it tells peers
         // the VM left.

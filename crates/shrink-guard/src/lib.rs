@@ -19,10 +19,11 @@
 //! channel lost; nothing else in the process is affected.
 //!
 //! The first [`guard`] installs a process-wide SIGBUS handler. A SIGBUS
-//! outside every guarded mapping goes to the handler that was installed
-//! before it (an embedding VMM's own), called with the same arguments
-//! (its `SA_RESETHAND`/`SA_NODEFER` flags are not replayed); without one,
-//! the default action ends the process, as without this crate. A handler
+//! outside every guarded mapping, or one sent rather than raised by a
+//! fault, goes to the handler that was installed before it (an embedding
+//! VMM's own), called with the same arguments (its flags and mask are not
+//! replayed); without one, the default action ends the process, as
+//! without this crate (a sent SIGBUS the process ignored stays ignored). A handler
 //! installed *after* the first [`guard`] replaces this one: chain to it
 //! from there, or guard nothing.
 //!
@@ -159,29 +160,59 @@ pub fn recover() -> bool {
         let needed = s.offset.load(Ordering::Relaxed) + len;
         if ok
             && (st.st_size as u64) < needed as u64
-            && replace(s.start.load(Ordering::Relaxed), len)
+            && take(s, s.start.load(Ordering::Relaxed), len)
         {
-            s.lost.store(true, Ordering::Release);
             any = true;
         }
     }
     any
 }
 
+/// Marks slot `s` lost and replaces its mapping, once: the first caller
+/// (a fault's handler or [`recover`]) does it, so a mapping is never
+/// replaced twice (which would zero what was written to the private copy
+/// in between). False when the replacement failed (the slot is then not
+/// lost) or another caller did it.
+fn take(s: &Slot, start: usize, len: usize) -> bool {
+    if s.lost
+        .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+        .is_err()
+    {
+        return false;
+    }
+    if replace(start, len) {
+        return true;
+    }
+    s.lost.store(false, Ordering::Release);
+    false
+}
+
 /// The SIGBUS action in place before [`install`]: where a fault outside
-/// every guarded mapping goes. Set right after the handler is installed;
-/// a fault in between sees `None` and takes the default action.
+/// every guarded mapping goes. Read and set before the handler is
+/// installed.
 static PREVIOUS: OnceLock<libc::sigaction> = OnceLock::new();
 
 extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
+    // SAFETY: errno is this thread's; saved and restored around the calls
+    // below, as a handler must.
+    let errno = unsafe { *libc::__errno_location() };
+    on_sigbus_inner(sig, info, ctx);
+    // SAFETY: as above.
+    unsafe { *libc::__errno_location() = errno };
+}
+
+fn on_sigbus_inner(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
     // SAFETY: the kernel passes a valid siginfo for an SA_SIGINFO handler.
-    let addr = unsafe { (*info).si_addr() } as usize;
-    for s in &SLOTS {
+    let (code, addr) = unsafe { ((*info).si_code, (*info).si_addr() as usize) };
+    // A fault has a positive code; kill(2), sigqueue(3) and friends do not,
+    // and their si_addr means nothing.
+    let fault = code > 0;
+    for s in SLOTS.iter().filter(|_| fault) {
         let len = s.len.load(Ordering::Acquire);
         let start = s.start.load(Ordering::Relaxed);
         if len != 0 && addr >= start && addr - start < len {
-            if replace(start, len) {
-                s.lost.store(true, Ordering::Release);
+            if take(s, start, len) || s.lost.load(Ordering::Acquire) {
+                // Replaced, here or by another thread: retry the access.
                 return;
             }
             break;
@@ -206,10 +237,23 @@ extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut 
             return;
         }
     }
-    // The default action, which the retried access then takes (an ignored
-    // SIGBUS from a fault would be retried for ever: it kills too).
-    // SAFETY: signal() is async-signal-safe; restores the default action.
-    unsafe { libc::signal(libc::SIGBUS, libc::SIG_DFL) };
+    let ignored = PREVIOUS
+        .get()
+        .is_some_and(|old| old.sa_sigaction == libc::SIG_IGN);
+    if !fault && ignored {
+        // A sent SIGBUS the process ignores: nothing to do.
+        return;
+    }
+    // The default action: a fault's retried access takes it (an ignored
+    // SIGBUS from a fault would be retried for ever: it kills too); a sent
+    // signal is raised again to take it.
+    // SAFETY: signal() and raise() are async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGBUS, libc::SIG_DFL);
+        if !fault {
+            libc::raise(libc::SIGBUS);
+        }
+    }
 }
 
 /// Installs the SIGBUS handler once, keeping the previous action for
@@ -217,27 +261,38 @@ extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut 
 fn install() -> bool {
     static OK: OnceLock<bool> = OnceLock::new();
     *OK.get_or_init(|| {
+        let fail = |what: &str| {
+            log::warn!(
+                "cannot handle SIGBUS ({what}: {}); a peer that shrinks a shared region will end \
+                 this process",
+                std::io::Error::last_os_error()
+            );
+            false
+        };
+        // The action now, kept before ours replaces it, so that a fault
+        // that is not ours finds it from the first moment.
+        // SAFETY: a zeroed sigaction for the kernel to fill.
+        let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
+        // SAFETY: reads the current action into `old`; changes nothing.
+        if unsafe { libc::sigaction(libc::SIGBUS, std::ptr::null(), &mut old) } != 0 {
+            return fail("reading the current action");
+        }
+        let _ = PREVIOUS.set(old);
         // SAFETY: a zeroed sigaction, filled in below.
         let mut sa: libc::sigaction = unsafe { std::mem::zeroed() };
         sa.sa_sigaction = on_sigbus as *const () as usize;
         sa.sa_flags = libc::SA_SIGINFO;
-        // SAFETY: a zeroed sigaction for the kernel to fill with the old one.
-        let mut old: libc::sigaction = unsafe { std::mem::zeroed() };
         // SAFETY: installs a handler that only touches atomics, makes
-        // async-signal-safe calls (mmap, signal) and calls the previous
-        // handler, which had to be async-signal-safe already.
+        // async-signal-safe calls (mmap, signal, raise), saves errno, and
+        // calls the previous handler, which had to be async-signal-safe
+        // already.
         let r = unsafe {
             libc::sigemptyset(&mut sa.sa_mask);
-            libc::sigaction(libc::SIGBUS, &sa, &mut old)
+            libc::sigaction(libc::SIGBUS, &sa, std::ptr::null_mut())
         };
         if r != 0 {
-            log::warn!(
-                "cannot handle SIGBUS ({}); a peer that shrinks a shared region will end this process",
-                std::io::Error::last_os_error()
-            );
-            return false;
+            return fail("installing the handler");
         }
-        let _ = PREVIOUS.set(old);
         true
     })
 }

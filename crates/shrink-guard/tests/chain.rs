@@ -77,6 +77,13 @@ fn a_fault_outside_guarded_mappings_reaches_the_handler_installed_before() {
     assert_eq!(CALLS.load(Ordering::SeqCst), 1);
     assert!(!g.lost(), "the guarded mapping was not touched");
 
+    // A SIGBUS sent (not a fault) is not the guard's either, even if it
+    // names no address at all.
+    // SAFETY: raise() on this thread; the handlers above return.
+    assert_eq!(unsafe { libc::raise(libc::SIGBUS) }, 0);
+    assert_eq!(CALLS.load(Ordering::SeqCst), 2);
+    assert!(!g.lost());
+
     // Our file shrinks: the guard handles it, not the embedder.
     ours_file.set_len(0).unwrap();
     // SAFETY: inside the guarded mapping (private after the guard's handler).
@@ -84,7 +91,7 @@ fn a_fault_outside_guarded_mappings_reaches_the_handler_installed_before() {
     assert!(g.lost());
     assert_eq!(
         CALLS.load(Ordering::SeqCst),
-        1,
+        2,
         "the embedder saw our fault"
     );
     drop(g);
