@@ -23,8 +23,10 @@ use std::time::{Duration, Instant};
 
 /// Bytes moved each way over each region.
 const SIZE: &str = "2M";
-/// How long the whole exchange may take (TCG boots in ~2 s here).
-const DEADLINE: Duration = Duration::from_secs(300);
+/// How long the whole exchange may take: only a hang reaches it (TCG boots
+/// in ~2 s here, and a host busy with other runs makes that several times
+/// longer).
+const DEADLINE: Duration = Duration::from_secs(900);
 
 /// Kills and reaps a child when dropped.
 struct Reaped(Child);
@@ -178,6 +180,9 @@ kind = "shmem"
 members = ["probe", "linux"]
 size = "4M"
 backing = {{ shm = "{plain}" }}
+# The probe's process watches the QEMU guest tool's heartbeat (a thread of
+# a TCG guest): only a hang may stop it this long.
+peer_timeout = "120s"
 
 [[channel]]
 name = "bell"
@@ -185,6 +190,7 @@ kind = "doorbell"
 members = ["probe", "linux"]
 size = "4M"
 backing = {bell_backing}
+peer_timeout = "120s"
 "#,
             kernel = guest.bzimage.display(),
             initrd = guest.initramfs_gz.display(),
@@ -196,7 +202,7 @@ backing = {bell_backing}
         Command::new(intervm)
             .arg("run")
             .arg(&cfg)
-            .args(["--vm", "probe", "--timeout", "280"])
+            .args(["--vm", "probe", "--timeout", "880"])
             .env("INTERVM_RUNTIME_DIR", &names.run)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
