@@ -544,6 +544,11 @@ pub struct ChannelSpec {
 /// dead member is reported within seconds.
 pub const DEFAULT_PEER_TIMEOUT_MS: u64 = 10_000;
 
+/// Default `peer_timeout` of a channel with a Linux member: its heartbeat
+/// is a thread of a guest program, which a guest kernel on PVM (emulated)
+/// on a busy host was seen to leave unscheduled for more than 10 s.
+pub const DEFAULT_LINUX_PEER_TIMEOUT_MS: u64 = 60_000;
+
 /// Default `join_timeout`.
 pub const DEFAULT_JOIN_TIMEOUT_MS: u64 = 120_000;
 
@@ -1424,8 +1429,15 @@ impl Config {
         let mut chan_names = HashSet::new();
         let mut channels = Vec::new();
         for (i, c) in raw.channel.iter().enumerate() {
-            let spec =
+            let mut spec =
                 channel_spec(i, c, &names, &mut chan_names, &channels, &resolve).map_err(err)?;
+            let linux_member = spec.members.iter().any(|m| {
+                vms.iter()
+                    .any(|v| &v.name == m && v.kernel != Kernel::Probe)
+            });
+            if c.peer_timeout.is_none() && linux_member {
+                spec.peer_timeout_ms = DEFAULT_LINUX_PEER_TIMEOUT_MS;
+            }
             channels.push(spec);
         }
         for (v, spec) in raw.vm.iter().zip(vms.iter_mut()) {
@@ -1560,6 +1572,21 @@ mod tests {
             (c.channels[1].peer_timeout_ms, c.channels[1].join_timeout_ms),
             (30_000, 300_000)
         );
+        // A Linux member's heartbeat is a guest thread: a longer default,
+        // unless the file says otherwise.
+        let linux = |extra: &str| {
+            parse(&format!(
+                "[[vm]]\nname = \"a\"\n[[vm]]\nname = \"b\"\nkernel = \"{}\"\n\
+                 [[channel]]\nname = \"c\"\nkind = \"shmem\"\nmembers = [\"a\", \"b\"]\n{extra}",
+                // Any file will do: parsing only checks that it exists.
+                concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml")
+            ))
+            .unwrap()
+            .channels[0]
+                .peer_timeout_ms
+        };
+        assert_eq!(linux(""), DEFAULT_LINUX_PEER_TIMEOUT_MS);
+        assert_eq!(linux("peer_timeout = \"5s\"\n"), 5_000);
     }
 
     #[test]

@@ -37,8 +37,10 @@ use crate::shmem::{Joined, Source};
 use crate::Error;
 
 /// How long a peer may show no heartbeat or progress before it counts as
-/// gone (as the launcher's default `peer_timeout`).
-pub const PEER_TIMEOUT: Duration = Duration::from_secs(10);
+/// gone (as the launcher's default `peer_timeout` for a channel with a
+/// Linux member: a peer may be a Linux guest program, whose heartbeat
+/// thread a busy PVM host can leave unscheduled for more than 10 s).
+pub const PEER_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How long [`Channel::open_pci`] waits for the region to be formatted.
 pub const OPEN_WAIT: Duration = Duration::from_secs(10);

@@ -222,8 +222,9 @@ struct Region {
 #[derive(Args, Clone)]
 struct Timing {
     /// Seconds without a heartbeat or progress after which the peer counts
-    /// as gone (the default of intervm's `peer_timeout`).
-    #[arg(long, default_value_t = 10.0)]
+    /// as gone (the default of intervm's `peer_timeout` for a channel with
+    /// a Linux member).
+    #[arg(long, default_value_t = 60.0)]
     timeout: f64,
     /// Seconds to wait for the peer to show up (the default of intervm's
     /// `join_timeout`).
