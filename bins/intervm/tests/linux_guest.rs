@@ -697,10 +697,21 @@ peer_timeout = "300s"
         },
     );
     let mut last = String::new();
+    let mut linux = linux;
     while completed < 3 {
         let o = common::spawn_vm(cfg, "probe").wait_with_output().unwrap();
         let (out, err) = common::text(&o);
-        assert!(o.status.success(), "{out}\n{err}");
+        if !o.status.success() {
+            // What the Linux side said explains a sender that failed.
+            let _ = linux.kill();
+            let l = linux.wait_with_output().unwrap();
+            let (lout, lerr) = common::text(&l);
+            panic!(
+                "sender ({completed} complete, {interrupted} cut before it):\n{out}\n{err}\n\
+                 --- linux:\n{lout}\n{lerr}\n--- now: {}",
+                intervm_testkit::pair_state(&region, 0, 1)
+            );
+        }
         last = out;
         completed += 1;
     }
