@@ -257,10 +257,7 @@ impl PciBus {
             if want == slot.decoded[i] {
                 continue;
             }
-            self.unmap_bar(&mut slot.mem_handle[i], n, i);
-            if slot.mem_handle[i].is_empty() {
-                slot.mem_kept[i].clear();
-            }
+            self.unmap_bar(&mut slot.mem_handle[i], &mut slot.mem_kept[i], n, i);
             slot.decoded[i] = want;
             if let (Some(addr), Some(mut mem)) = (want, d.bar_memory(i)) {
                 mem.clip(spec.size);
@@ -284,10 +281,7 @@ impl PciBus {
                             log::warn!(
                                 "PCI 00:{n:02x}.0 BAR{i} at {addr:#x}: {e}; BAR not decoded"
                             );
-                            self.unmap_bar(&mut slot.mem_handle[i], n, i);
-                            if slot.mem_handle[i].is_empty() {
-                                slot.mem_kept[i].clear();
-                            }
+                            self.unmap_bar(&mut slot.mem_handle[i], &mut slot.mem_kept[i], n, i);
                             slot.decoded[i] = None;
                             break;
                         }
@@ -301,8 +295,9 @@ impl PciBus {
 
     /// Removes the memory slots of BAR `i` of slot `n`. A slot that fails
     /// to unmap stays in `handles`, so that it is not forgotten while KVM
-    /// still maps it: the next change of that BAR tries again.
-    fn unmap_bar(&self, handles: &mut Vec<u32>, n: usize, i: usize) {
+    /// still maps it: the next change of that BAR tries again. Once none is
+    /// left, the memory they mapped (and its owner) in `kept` is let go.
+    fn unmap_bar(&self, handles: &mut Vec<u32>, kept: &mut Vec<BarMemory>, n: usize, i: usize) {
         handles.retain(|&h| match self.platform.unmap_memory(h) {
             Ok(()) => false,
             Err(e) => {
@@ -313,6 +308,9 @@ impl PciBus {
                 true
             }
         });
+        if handles.is_empty() {
+            kept.clear();
+        }
     }
 
     fn config_access(&self, write: Option<&[u8]>, read: Option<&mut [u8]>, port_off: u64) {
