@@ -156,13 +156,7 @@ impl IvshmemDoorbell {
         fast_path: bool,
     ) -> Result<Arc<Mutex<Self>>> {
         check_vectors(own.len())?;
-        let clones = own
-            .iter()
-            .map(|e| {
-                e.try_clone()
-                    .map_err(|e| Error::Io("duplicating a doorbell eventfd".into(), e))
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let clones = own.iter().map(dup_eventfd).collect::<Result<Vec<_>>>()?;
         let vecs = KvmMsiVectors::from_eventfds(vm.gsi_router().clone(), clones)
             .map_err(Error::Vectors)?;
         let ioevents: Option<Box<dyn IoEvents>> =
@@ -216,10 +210,7 @@ impl IvshmemDoorbell {
         // notices make this member its own peer).
         let mut self_ring = Vec::with_capacity(vectors_n);
         for e in &own {
-            self_ring.push(
-                e.try_clone()
-                    .map_err(|e| Error::Io("duplicating a doorbell eventfd".into(), e))?,
-            );
+            self_ring.push(dup_eventfd(e)?);
         }
         let msix = Msix::new(&mut config, vectors, 1, 0, PBA_OFFSET as u32).ok_or_else(|| {
             Error::Config("no room for the MSI-X capability in the device's config space".into())
@@ -283,13 +274,7 @@ impl IvshmemDoorbell {
 
     /// Clones of this member's receive eventfds, for peers to write to.
     pub fn own_eventfds(&self) -> Result<Vec<EventFd>> {
-        self.own
-            .iter()
-            .map(|e| {
-                e.try_clone()
-                    .map_err(|e| Error::Io("duplicating a doorbell eventfd".into(), e))
-            })
-            .collect()
+        self.own.iter().map(dup_eventfd).collect()
     }
 
     /// Peer `id` can now be rung on `evts.len()` vectors.
@@ -360,20 +345,20 @@ impl IvshmemDoorbell {
                 self.own.len()
             )));
         }
-        let dup = |e: &EventFd| {
-            e.try_clone()
-                .map_err(|e| Error::Io("duplicating a doorbell eventfd".into(), e))
-        };
         let mut previous = Vec::with_capacity(own.len());
         for (i, e) in own.into_iter().enumerate() {
             self.msix
                 .vectors_mut()
-                .replace_eventfd(i, dup(&e)?)
+                .replace_eventfd(i, dup_eventfd(&e)?)
                 .map_err(Error::Rejoin)?;
             previous.push(std::mem::replace(&mut self.own[i], e));
         }
         self.previous_own = previous;
-        let self_ring = self.own.iter().map(dup).collect::<Result<Vec<_>>>()?;
+        let self_ring = self
+            .own
+            .iter()
+            .map(dup_eventfd)
+            .collect::<Result<Vec<_>>>()?;
         self.peers = peers;
         self.peers.insert(id, self_ring);
         self.id = id;
@@ -402,10 +387,7 @@ impl IvshmemDoorbell {
         self.own
             .iter()
             .chain(&self.previous_own)
-            .map(|e| {
-                e.try_clone()
-                    .map_err(|e| Error::Io("duplicating a doorbell eventfd".into(), e))
-            })
+            .map(dup_eventfd)
             .collect()
     }
 
@@ -620,15 +602,11 @@ impl IvshmemDoorbell {
     /// [`IntxWatcher`]).
     pub fn intx_watcher(dev: &Arc<Mutex<Self>>) -> Result<IntxWatcher> {
         let g = dev.lock().map_err(|_| Error::Poisoned)?;
-        let dup = |e: &EventFd| {
-            e.try_clone()
-                .map_err(|e| Error::Io("duplicating a doorbell eventfd".into(), e))
-        };
         Ok(IntxWatcher {
             dev: Arc::downgrade(dev),
             stop: g.stop.clone(),
             intx_on: g.intx_on.clone(),
-            wake: dup(&g.mode_changed)?,
+            wake: dup_eventfd(&g.mode_changed)?,
             own: g.watched_eventfds()?,
             watching: false,
             generation: g.generation.clone(),
@@ -736,6 +714,13 @@ fn check_vectors(n: usize) -> Result<()> {
         return Err(Error::Config(format!("{n} vectors (1..={MAX_VECTORS})")));
     }
     Ok(())
+}
+
+/// Another descriptor of the same eventfd (each user of a doorbell's
+/// eventfd holds its own).
+pub(crate) fn dup_eventfd(e: &EventFd) -> Result<EventFd> {
+    e.try_clone()
+        .map_err(|e| Error::Io("duplicating a doorbell eventfd".into(), e))
 }
 
 /// Fresh receive eventfds for a member that is not given any by a server.

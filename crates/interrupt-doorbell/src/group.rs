@@ -23,10 +23,7 @@ pub fn wire(members: &[Arc<Mutex<IvshmemDoorbell>>]) -> Result<()> {
             if *id != me {
                 let clones = evts
                     .iter()
-                    .map(|e| {
-                        e.try_clone()
-                            .map_err(|e| Error::Io("duplicating a doorbell eventfd".into(), e))
-                    })
+                    .map(crate::device::dup_eventfd)
                     .collect::<Result<Vec<_>>>()?;
                 g.add_peer(*id, clones);
             }
