@@ -1065,6 +1065,7 @@ fn channel_spec(
     i: usize,
     c: &RawChannel,
     names: &HashSet<String>,
+    vms: &[VmSpec],
     chan_names: &mut HashSet<String>,
     earlier: &[ChannelSpec],
     resolve: &dyn Fn(&str) -> PathBuf,
@@ -1185,6 +1186,14 @@ fn channel_spec(
         ring_bytes,
         backing,
         peer_timeout_ms: match &c.peer_timeout {
+            // A Linux member's heartbeat is a guest program's thread.
+            None if c.members.iter().any(|m| {
+                vms.iter()
+                    .any(|v| &v.name == m && v.kernel != Kernel::Probe)
+            }) =>
+            {
+                DEFAULT_LINUX_PEER_TIMEOUT_MS
+            }
             None => DEFAULT_PEER_TIMEOUT_MS,
             Some(t) => parse_duration_ms(t).map_err(|m| format!("{}: {m}", key("peer_timeout")))?,
         },
@@ -1429,15 +1438,8 @@ impl Config {
         let mut chan_names = HashSet::new();
         let mut channels = Vec::new();
         for (i, c) in raw.channel.iter().enumerate() {
-            let mut spec =
-                channel_spec(i, c, &names, &mut chan_names, &channels, &resolve).map_err(err)?;
-            let linux_member = spec.members.iter().any(|m| {
-                vms.iter()
-                    .any(|v| &v.name == m && v.kernel != Kernel::Probe)
-            });
-            if c.peer_timeout.is_none() && linux_member {
-                spec.peer_timeout_ms = DEFAULT_LINUX_PEER_TIMEOUT_MS;
-            }
+            let spec = channel_spec(i, c, &names, &vms, &mut chan_names, &channels, &resolve)
+                .map_err(err)?;
             channels.push(spec);
         }
         for (v, spec) in raw.vm.iter().zip(vms.iter_mut()) {
