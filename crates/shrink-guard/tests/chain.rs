@@ -2,6 +2,8 @@
 //! had before the first guard (an embedding VMM's own). Its own test binary:
 //! the handler order is per process, and this one must install first.
 
+mod common;
+
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -31,23 +33,6 @@ extern "C" fn embedders_handler(_: libc::c_int, info: *mut libc::siginfo_t, _: *
     }
 }
 
-fn mapped(name: &str) -> (std::fs::File, *mut u8) {
-    let f = shrink_guard::memfd(name, LEN as u64).unwrap();
-    // SAFETY: maps the whole memfd shared where the kernel chooses.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            LEN,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            f.as_raw_fd(),
-            0,
-        )
-    };
-    assert_ne!(p, libc::MAP_FAILED);
-    (f, p as *mut u8)
-}
-
 #[test]
 fn a_fault_outside_guarded_mappings_reaches_the_handler_installed_before() {
     // SAFETY: a zeroed sigaction, filled in; the handler only touches
@@ -59,8 +44,8 @@ fn a_fault_outside_guarded_mappings_reaches_the_handler_installed_before() {
         libc::sigemptyset(&mut sa.sa_mask);
         assert_eq!(libc::sigaction(libc::SIGBUS, &sa, std::ptr::null_mut()), 0);
     }
-    let (ours_file, ours) = mapped("guarded");
-    let (theirs_file, theirs) = mapped("embedders");
+    let (ours_file, ours) = common::mapped("guarded", LEN);
+    let (theirs_file, theirs) = common::mapped("embedders", LEN);
     THEIRS.store(theirs as usize, Ordering::SeqCst);
     let g = shrink_guard::guard(ours, LEN, ours_file.as_raw_fd(), 0).unwrap();
 

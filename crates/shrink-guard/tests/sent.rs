@@ -3,6 +3,8 @@
 //! process as it would without the guard. Checked in a child process (this
 //! test binary run again), since the expected outcome is death by SIGBUS.
 
+mod common;
+
 use std::os::fd::AsRawFd;
 use std::os::unix::process::ExitStatusExt;
 use std::process::Command;
@@ -19,21 +21,8 @@ fn a_sent_sigbus_still_ends_the_process() {
         // the bug.
         // SAFETY: restores the default action; no handler is running.
         unsafe { libc::signal(libc::SIGBUS, libc::SIG_DFL) };
-        let f = shrink_guard::memfd("sent", 4096).unwrap();
-        // SAFETY: maps the memfd shared where the kernel chooses; the
-        // process ends before anything unmaps it.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                4096,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                f.as_raw_fd(),
-                0,
-            )
-        };
-        assert_ne!(p, libc::MAP_FAILED);
-        let _g = shrink_guard::guard(p.cast(), 4096, f.as_raw_fd(), 0).unwrap();
+        let (f, p) = common::mapped("sent", 4096);
+        let _g = shrink_guard::guard(p, 4096, f.as_raw_fd(), 0).unwrap();
         // SAFETY: raise() on this thread.
         unsafe { libc::raise(libc::SIGBUS) };
         println!("survived a sent SIGBUS");
