@@ -66,7 +66,11 @@ pub enum Error {
         source: intervm_protocol::ring::RingError,
     },
     /// The region was formatted for another number of members.
-    #[error("{path}: formatted for {found} members, this channel has {wanted}")]
+    #[error(
+        "{path}: in use, formatted for {found} members, this channel has {wanted} \
+         (members killed without leaving count as in use for {} s)",
+        transport::STALE_AFTER_MS / 1000
+    )]
     MemberMismatch {
         /// Backing path.
         path: String,
@@ -76,7 +80,11 @@ pub enum Error {
         wanted: u32,
     },
     /// The region, in use, was formatted with rings of another size.
-    #[error("{path}: in use with rings of {found} bytes, this channel asks for {wanted}")]
+    #[error(
+        "{path}: in use with rings of {found} bytes, this channel asks for {wanted} \
+         (members killed without leaving count as in use for {} s)",
+        transport::STALE_AFTER_MS / 1000
+    )]
     RingMismatch {
         /// Backing path.
         path: String,

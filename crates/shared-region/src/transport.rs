@@ -25,9 +25,14 @@ use intervm_protocol::ring::{self, Geometry, MemberState, RingError};
 
 use crate::{Error, Result, SharedRegion};
 
-/// A heartbeat older than this means its writer is dead (used only to decide
-/// whether a region left over from an earlier run may be formatted again).
-pub const STALE_AFTER_MS: u64 = 1000;
+/// A heartbeat older than this means its writer is dead. [`Transport::attach`]
+/// formats a region again only when no member's heartbeat moved for this
+/// long: a region left behind by processes that were killed is reused
+/// after this, and a live member whose heartbeat thread a busy host did
+/// not run for a while (seconds, on an overloaded host) never has its
+/// rings formatted away under it. The same as intervm's default
+/// `peer_timeout`.
+pub const STALE_AFTER_MS: u64 = 10_000;
 
 /// A region formatted (or checked) for one channel.
 #[derive(Debug, Clone)]
@@ -372,6 +377,42 @@ mod tests {
         let t3 = Transport::attach(r3, 2).unwrap();
         assert_eq!(t3.geometry().members, 2);
         assert_eq!(t3.member_state(0).unwrap(), MemberState::Absent);
+        let _ = std::fs::remove_file(format!("/dev/shm/{name}"));
+    }
+
+    #[test]
+    fn a_member_whose_heartbeat_a_busy_host_held_back_keeps_its_rings() {
+        // A member alive in another process (no Membership here: only its
+        // entry), whose heartbeat thread the host did not run for `age`.
+        let name = shm_name("late-beat");
+        let backing = Backing::Shm(name.clone());
+        let open = || Arc::new(SharedRegion::open(&backing, 1 << 20).unwrap());
+        let with_beat_aged = |age: u64| {
+            let t = Transport::attach(open(), 3).unwrap();
+            let (ring, geo) = (t.ring_region(), t.geometry());
+            ring.set_member_state(&geo, 1, MemberState::Alive).unwrap();
+            // The monotonic clock counts from boot: minutes by now.
+            ring.set_heartbeat(&geo, 1, monotonic_ms().saturating_sub(age))
+                .unwrap();
+            t
+        };
+        // Three seconds late is a slow host, not a death: the region is in
+        // use, and a member with another layout is refused instead of
+        // formatting the live member's rings away.
+        let t = with_beat_aged(3_000);
+        let err = Transport::attach(open(), 2).unwrap_err();
+        assert!(matches!(err, Error::MemberMismatch { .. }), "{err}");
+        assert!(
+            err.to_string().contains("count as in use for 10 s"),
+            "{err}"
+        );
+        assert_eq!(t.member_state(1).unwrap(), MemberState::Alive);
+        // Still for longer than STALE_AFTER_MS: its process is dead, and
+        // the region is formatted again for whoever comes.
+        with_beat_aged(STALE_AFTER_MS + 5_000);
+        let t = Transport::attach(open(), 2).unwrap();
+        assert_eq!(t.geometry().members, 2);
+        assert_eq!(t.member_state(1).unwrap(), MemberState::Absent);
         let _ = std::fs::remove_file(format!("/dev/shm/{name}"));
     }
 
