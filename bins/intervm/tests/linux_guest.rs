@@ -678,14 +678,18 @@ peer_timeout = "300s"
     let (_map, region) = common::watch_shm(&shm, 4 << 20);
     let whole = SIZE / (64 << 10) * intervm_protocol::ring::frame_bytes(64 << 10);
     let t0 = Instant::now();
-    let linux = common::spawn_vm(cfg, "linux");
     // The first sender waits for Linux to boot and the tool to start:
     // minutes on a busy host. The deadline only catches a hang.
+    const PATIENCE: u32 = 1200;
+    // This process lives through the whole test: the boot, every kill and
+    // restart of the sender, and three transfers; its `--timeout` (an hour)
+    // only catches a hang, like the test's own deadlines.
+    let linux = common::spawn_vm_for(cfg, "linux", &[], 3600);
     let plan = intervm_testkit::KillPlan {
         kills: KILLS,
         complete: 3,
         whole,
-        patience: Duration::from_secs(1200),
+        patience: Duration::from_secs(PATIENCE.into()),
     };
     let (interrupted, mut completed) = intervm_testkit::kill_mid_transfer(
         plan,

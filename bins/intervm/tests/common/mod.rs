@@ -32,15 +32,22 @@ pub fn text(o: &Output) -> (String, String) {
     )
 }
 
-/// Starts `intervm run CFG --vm VM` as its own process.
+/// Starts `intervm run CFG --vm VM` as its own process, stopped after
+/// 600 s (only a hang gets there).
 pub fn spawn_vm(cfg: &str, vm: &str) -> std::process::Child {
     spawn_vm_with(cfg, vm, &[])
 }
 
 /// Like [`spawn_vm`], with extra environment variables.
 pub fn spawn_vm_with(cfg: &str, vm: &str, env: &[(&str, &Path)]) -> std::process::Child {
+    spawn_vm_for(cfg, vm, env, 600)
+}
+
+/// Like [`spawn_vm_with`], stopped after `secs` seconds (`--timeout`): for
+/// a process that must outlive a whole test that takes longer.
+pub fn spawn_vm_for(cfg: &str, vm: &str, env: &[(&str, &Path)], secs: u32) -> std::process::Child {
     Command::new(env!("CARGO_BIN_EXE_intervm"))
-        .args(["run", cfg, "--vm", vm, "--timeout", "600"])
+        .args(["run", cfg, "--vm", vm, "--timeout", &secs.to_string()])
         .envs(env.iter().copied())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
