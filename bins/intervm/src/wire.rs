@@ -565,6 +565,9 @@ pub fn run(
             }
         }
         if left == 0 {
+            // One last look: a member that never came is named even when
+            // the guests gave up on it before this loop looked again.
+            waiting.check();
             break;
         }
         for c in waiting.check() {
