@@ -80,8 +80,11 @@ fn id_of(v: i64) -> Result<u16> {
 pub const JOIN_DEADLINE: Duration = Duration::from_secs(10);
 
 /// How long to wait for one more own eventfd once at least one has come:
-/// a server with fewer vectors than this device sends no more.
-const MORE_VECTORS_WAIT: Duration = Duration::from_millis(500);
+/// a server with fewer vectors than this device sends no more (the
+/// protocol has no end marker), and a join of such a device takes this
+/// much longer. A server sends its vectors in one burst, so only a server
+/// the host does not schedule for this long is cut short.
+const MORE_VECTORS_WAIT: Duration = Duration::from_secs(3);
 
 /// Connects to the server at `path` as a device with `vectors` vectors,
 /// within [`JOIN_DEADLINE`].

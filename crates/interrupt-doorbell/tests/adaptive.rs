@@ -213,17 +213,20 @@ fn ping_pong(mode: Notify, bytes: u64, rounds: u64) -> (BootInfo, BootInfo) {
 }
 
 #[test]
-fn a_ping_pong_that_rings_every_message_gets_an_interrupt_for_each() {
+fn a_ping_pong_that_rings_every_message_wakes_every_sleep() {
     require_kvm!();
     const ROUNDS: u64 = 500;
     let (a, b) = ping_pong(Notify::Always, 64, ROUNDS);
-    // Every message rang its receiver once, and each doorbell arrived
-    // (a side that waits sleeps at once, so it ends only if woken each
-    // time; the initiator compared every echo byte for byte). More
-    // interrupts may come: a peer's VMM wakes its guest when it leaves.
+    // Every message rang its receiver once, and every sleep was ended by
+    // an interrupt of its own (both sides ended, and the initiator
+    // compared every echo byte for byte). How many interrupts arrived is
+    // not counted against the doorbells: a side that finds the message
+    // before its interrupt lands does not sleep, and that interrupt may
+    // merge with the next one while still pending.
     for (side, i) in [("ping", &a), ("pong", &b)] {
         assert_eq!(i.results[results::SHM_DOORBELLS], ROUNDS, "{side}");
-        assert!(i.results[results::SHM_IRQS] >= ROUNDS, "{side}");
+        let (irqs, sleeps) = (i.results[results::SHM_IRQS], i.results[results::SHM_SLEEPS]);
+        assert!(irqs >= sleeps, "{side}: {irqs} interrupts, {sleeps} sleeps");
     }
 }
 

@@ -151,8 +151,8 @@ fn members_with_their_own_vector_counts_share_one_server() {
     require_kvm!();
     // The server hands out 4 vectors per peer; a member takes as many as
     // its device has (2 here) and ignores the rest. (One asking for more
-    // than the server has takes what comes within 500 ms of the last: not
-    // asserted here, as a loaded host may stall the server that long.)
+    // than the server has takes what comes within 3 s of the last: not
+    // asserted here, as it depends on when the host runs the server.)
     let srv = server("vectors", 4);
     let (vm, _c) = probe_vm_with("host", &BootInfo::new(Workload::Hello, 0, 0), 1, 16 << 20);
     let small = client::connect(&srv.path, 2).unwrap();
