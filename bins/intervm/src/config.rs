@@ -552,6 +552,12 @@ pub const DEFAULT_LINUX_PEER_TIMEOUT_MS: u64 = 60_000;
 /// Default `join_timeout`.
 pub const DEFAULT_JOIN_TIMEOUT_MS: u64 = 120_000;
 
+/// Default `join_timeout` of a channel with a Linux member: Linux boots in
+/// about 18 s on PVM and up to 5 times slower on a busy host, and each
+/// command of its guest program starts with an exec on emulated kernel
+/// code (`intervm-guest --join-timeout` has the same default).
+pub const DEFAULT_LINUX_JOIN_TIMEOUT_MS: u64 = 600_000;
+
 /// Parses a duration: a number with `ms`, `s` or `m`, from 1 ms to a day.
 pub fn parse_duration_ms(s: &str) -> Result<u64, String> {
     let t = s.trim();
@@ -1177,6 +1183,10 @@ fn channel_spec(
             ));
         }
     }
+    let has_linux = c.members.iter().any(|m| {
+        vms.iter()
+            .any(|v| &v.name == m && v.kernel != Kernel::Probe)
+    });
     let spec = ChannelSpec {
         name: c.name.clone(),
         kind,
@@ -1187,17 +1197,12 @@ fn channel_spec(
         backing,
         peer_timeout_ms: match &c.peer_timeout {
             // A Linux member's heartbeat is a guest program's thread.
-            None if c.members.iter().any(|m| {
-                vms.iter()
-                    .any(|v| &v.name == m && v.kernel != Kernel::Probe)
-            }) =>
-            {
-                DEFAULT_LINUX_PEER_TIMEOUT_MS
-            }
+            None if has_linux => DEFAULT_LINUX_PEER_TIMEOUT_MS,
             None => DEFAULT_PEER_TIMEOUT_MS,
             Some(t) => parse_duration_ms(t).map_err(|m| format!("{}: {m}", key("peer_timeout")))?,
         },
         join_timeout_ms: match &c.join_timeout {
+            None if has_linux => DEFAULT_LINUX_JOIN_TIMEOUT_MS,
             None => DEFAULT_JOIN_TIMEOUT_MS,
             Some(t) => parse_duration_ms(t).map_err(|m| format!("{}: {m}", key("join_timeout")))?,
         },
@@ -1574,8 +1579,8 @@ mod tests {
             (c.channels[1].peer_timeout_ms, c.channels[1].join_timeout_ms),
             (30_000, 300_000)
         );
-        // A Linux member's heartbeat is a guest thread: a longer default,
-        // unless the file says otherwise.
+        // A Linux member's heartbeat is a guest thread, and it boots and
+        // execs slowly: longer defaults, unless the file says otherwise.
         let linux = |extra: &str| {
             parse(&format!(
                 "[[vm]]\nname = \"a\"\n[[vm]]\nname = \"b\"\nkernel = \"{}\"\n\
@@ -1585,10 +1590,17 @@ mod tests {
             ))
             .unwrap()
             .channels[0]
-                .peer_timeout_ms
+                .clone()
         };
-        assert_eq!(linux(""), DEFAULT_LINUX_PEER_TIMEOUT_MS);
-        assert_eq!(linux("peer_timeout = \"5s\"\n"), 5_000);
+        let times = |c: ChannelSpec| (c.peer_timeout_ms, c.join_timeout_ms);
+        assert_eq!(
+            times(linux("")),
+            (DEFAULT_LINUX_PEER_TIMEOUT_MS, DEFAULT_LINUX_JOIN_TIMEOUT_MS)
+        );
+        assert_eq!(
+            times(linux("peer_timeout = \"5s\"\njoin_timeout = \"7s\"\n")),
+            (5_000, 7_000)
+        );
     }
 
     #[test]

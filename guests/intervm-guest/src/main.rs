@@ -227,8 +227,8 @@ struct Timing {
     #[arg(long, default_value_t = 60.0)]
     timeout: f64,
     /// Seconds to wait for the peer to show up (the default of intervm's
-    /// `join_timeout`).
-    #[arg(long, default_value_t = 120.0)]
+    /// `join_timeout` for a channel with a Linux member).
+    #[arg(long, default_value_t = 600.0)]
     join_timeout: f64,
 }
 
