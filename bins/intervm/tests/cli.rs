@@ -403,10 +403,11 @@ fn killing_a_member_process_is_reported_as_peer_gone() {
         out.contains("b: receive over c stopped: peer gone"),
         "{out}"
     );
-    // Noticed through the heartbeat (a 2 s timeout), long before the
-    // receiver's own --timeout would stop it; the bound only catches that.
+    // Noticed through the heartbeat (the default peer_timeout, 10 s), not
+    // by the receiver's own --timeout (600 s) stopping it; the bound, far
+    // from both, only tells the two apart.
     assert!(
-        t0.elapsed() < std::time::Duration::from_secs(60),
+        t0.elapsed() < std::time::Duration::from_secs(300),
         "took {:?}",
         t0.elapsed()
     );
